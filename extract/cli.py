@@ -1,0 +1,81 @@
+"""``extract``: run frozen encoders once over a dataset and write their features to the cache."""
+
+from __future__ import annotations
+
+import click
+
+from extract import datasets as D
+from extract import encoders as E
+from extract.run import extract
+from pipeline.cache import CacheError
+from pipeline.cli import build_config, config_options, friendly_errors
+from pipeline.config import parse_override
+
+
+def _list_encoders() -> None:
+    for name in E.list_encoders():
+        spec = E.REGISTRY[name]
+        click.echo(f"{name:24s} {spec.modality:5s} {spec.dim:5d}  {spec.pooling:5s} {spec.weights}")
+    for alias, target in sorted(E.ALIASES.items()):
+        click.echo(f"{alias:24s} -> {target}")
+    click.echo("Generic: hf-text:<hub id or path>, hf-image:<hub id or path>, torchvision:<model name>")
+
+
+def _encoder_options(values: tuple[str, ...]) -> dict | None:
+    """``("gpt2.pooling=last",)`` -> {"gpt2": {"pooling": "last"}}."""
+    if not values:
+        return None
+    out: dict = {}
+    for text in values:
+        keys, value = parse_override(text)
+        if len(keys) != 2:
+            raise click.UsageError(f"--encoder-option {text!r} must look like ENCODER.KEY=VALUE.")
+        out.setdefault(keys[0], {})[keys[1]] = value
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--encoder", "encoders", metavar="NAME[,NAME...]",
+              help="Encoders to run (registry names, see --list-encoders). [extract.encoders: resnet18,gpt2,dinov2]")
+@click.option("--dataset", help="Dataset format: flickr30k | coco | imagefolder | hf:<id or path>. [data.dataset]")
+@click.option("--data-dir", help="Folder holding the dataset files. [data.data_dir]")
+@click.option("--split", type=click.Choice(["train", "val", "test", "restval", "all"]),
+              help="Split to extract; all = every split the dataset has. [extract.split: all]")
+@click.option("--captions", type=click.Choice(D.CAPTION_POLICIES),
+              help="Caption policy: longest | first (one row per image) | all (ids <image>#k). [data.captions]")
+@click.option("--cache", help="Feature-cache folder. [data.cache: cache]")
+@click.option("--format", "fmt", type=click.Choice(["h5", "zarr"]), help="Format of new entries. [extract.format: h5]")
+@click.option("--batch-size", type=int, help="Items per forward pass. [extract.batch_size: 64]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Autocast precision; features are stored as float32. [extract.precision: fp32]")
+@click.option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N. [extract.device: auto]")
+@click.option("--workers", type=int, help="DataLoader workers; -1 = min(8, cores - 1). [extract.workers: -1]")
+@click.option("--layers", type=click.Choice(["last", "all"]),
+              help="all also stores every hidden layer's pooled features. [extract.layers: last]")
+@click.option("--on-error", type=click.Choice(["error", "skip"]),
+              help="Unreadable image: stop, or skip it (logged and recorded in the cache). [extract.on_error: error]")
+@click.option("--encoder-option", "encoder_options", multiple=True, metavar="ENCODER.KEY=VALUE",
+              help="Per-encoder option: pooling, image_size, max_tokens, weights (local path or hub id), "
+                   "revision; e.g. gpt2.pooling=last (repeatable).")
+@click.option("--force", is_flag=True, help="Recompute entries whose cached provenance differs (stale).")
+@click.option("--list-encoders", is_flag=True, help="List the registered encoders and exit.")
+@config_options
+@friendly_errors(D.DatasetError, CacheError, E.WeightsNotFoundError, KeyError, ValueError)
+def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, precision, device, workers,
+         layers, on_error, encoder_options, force, list_encoders, config_path, overrides, verbose):
+    """Run frozen encoders over an image-caption dataset and write features to the cache.
+
+    Example: extract --encoder resnet18,gpt2,dinov2 --data-dir data/flickr30k --split test
+    """
+    if list_encoders:
+        _list_encoders()
+        return
+    cfg = build_config(config_path, overrides, {
+        "extract.encoders": encoders, "data.dataset": dataset, "data.data_dir": data_dir,
+        "extract.split": split, "data.captions": captions, "data.cache": cache, "extract.format": fmt,
+        "extract.batch_size": batch_size, "extract.precision": precision, "extract.device": device,
+        "extract.workers": workers, "extract.layers": layers, "extract.on_error": on_error,
+        "extract.encoder_options": _encoder_options(encoder_options)}, verbose)
+    for entry in extract(cfg, force=force):
+        skipped = f", {len(entry.skipped)} skipped" if entry.skipped else ""
+        click.echo(f"{entry.name:24s} {entry.n:7d} x {entry.dim:<5d}{skipped}  {entry.path}")

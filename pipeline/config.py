@@ -1,0 +1,244 @@
+"""Configuration: one frozen dataclass per stage, mirrored by ``pipeline.toml``.
+
+The defaults below ARE the defaults of the tool (the original experiment: Flickr30k,
+ResNet-18, GPT-2, DINOv2). ``pipeline.toml`` repeats them with comments; a test checks
+that the two agree. Precedence, lowest first: these defaults, the TOML file
+(``--config PATH``, else ``./pipeline.toml`` when present), ``--set section.key=value``
+overrides, then explicit command-line options.
+
+Unknown keys and values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+DEFAULT_CONFIG_FILE = "pipeline.toml"  # looked up in the current directory
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "flickr30k"  # flickr30k | coco | imagefolder | hf:<hub id or saved path>
+    data_dir: str = "data/flickr30k"  # folder holding the dataset files (see README: data layout)
+    captions: str = "longest"  # caption policy: longest | first | all (one row per caption, ids <image>#k)
+    on_empty: str = "error"  # empty caption: error | skip (logged, recorded in the cache)
+    missing: str = "error"  # missing image file: error | skip (logged, recorded in the cache)
+    cache: str = "cache"  # feature-cache directory: <cache>/<dataset>/<split>/<entry>.h5|.zarr
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    encoders: tuple[str, ...] = ("resnet18", "gpt2", "dinov2")  # registry names (extract --list-encoders)
+    split: str = "all"  # train | val | test | all (= every split the dataset has)
+    format: str = "h5"  # cache format for new entries: h5 | zarr
+    batch_size: int = 64  # items per forward pass
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; features are stored as float32)
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    workers: int = -1  # DataLoader worker processes; -1 = min(8, CPU cores - 1)
+    chunk_rows: int = 1024  # rows per resumable chunk (a multiple of batch_size keeps batches aligned)
+    layers: str = "last"  # last | all (also store the pooled features of every hidden layer)
+    on_error: str = "error"  # unreadable image: error | skip (logged, recorded in the cache)
+    encoder_options: dict = field(default_factory=dict)  # per encoder: {"gpt2": {"pooling": "last"}}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    image: str = "resnet18"  # cache entry of the image modality
+    text: str = "gpt2"  # cache entry of the text modality
+    modalities: dict = field(default_factory=dict)  # more than two: {"audio": "clap"}; adds to image/text
+    adapter: str = "linear"  # linear (d -> dim) | mlp (d -> 1024 -> dim) | bottleneck (d -> 256 -> dim) | residual
+    dim: int = 768  # shared space dimension d_e
+    hidden: int = 1024  # hidden width of the mlp and residual adapters
+    bottleneck: int = 256  # width of the bottleneck adapter
+    depth: int = 2  # residual blocks of the residual adapter
+    dropout: float = 0.0  # dropout inside mlp/residual adapters
+    epochs: int = 50  # passes over the train split
+    batch_size: int = 64  # pairs per step (InfoNCE negatives = batch_size - 1)
+    lr: float = 1e-4  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    warmup_epochs: float = 0.0  # linear warm-up length in epochs
+    temperature: float = 0.07  # InfoNCE temperature tau (initial value when learnable)
+    learnable_temperature: bool = False  # learn log(1/tau), clamped at 1/tau <= 100 as CLIP does
+    mixup: float = 0.0  # latent mixup alpha (0 = off); one lambda ~ Beta(alpha, alpha) for both modalities
+    standardize: bool = True  # z-score inputs with train-split mean/std (saved with the adapters)
+    seed: int = 0  # seeds init, batch order and mixup
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    reference: str = "dinov2"  # cache entry used for the per-epoch CKA curve ("" = none)
+    name: str = ""  # run name; "" = <image>-<text>-<adapter>
+    eval_every: int = 1  # epochs between validation evaluations
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    split: str = "test"  # split the kernels are computed on
+    entries: tuple[str, ...] = ()  # cache entries to compare; () = every entry of the split
+    metrics: tuple[str, ...] = ("cka", "unbiased_cka", "mutual_knn")  # names in analyze.metrics.METRICS
+    k: int = 10  # neighbours for the kNN metrics
+    reference: str = "dinov2"  # reference model entry (the "performant" model)
+    bootstrap: int = 200  # bootstrap resamples for 95% confidence intervals
+    permutations: int = 200  # shuffled-pairing draws for the null distribution
+    max_rows: int = 0  # 0 = all rows; else a fixed random subset of this many rows
+    kernel_rows: int = 200  # rows shown in kernel heatmaps
+    seed: int = 0  # seeds subsets, bootstrap and permutations
+    out: str = "reports"  # folder for tables, figures and reports
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    source: str = "defaults"  # where the values came from (file path), for provenance
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (tuples become lists): goes into caches and run folders."""
+        return {s: _plain(dataclasses.asdict(getattr(self, s))) for s in SECTIONS}
+
+
+SECTIONS = ("data", "extract", "train", "analyze")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _unknown(kind: str, key: str, known: Iterable[str]) -> ConfigError:
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else f" Known: {', '.join(known)}."
+    return ConfigError(f"Unknown config {kind} {key!r}.{hint}")
+
+
+def _coerce(where: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation; convert lists to tuples, ints to floats."""
+    origin = typing.get_origin(annotation)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (str, int, float, bool):
+        if type(value) is annotation:
+            return value
+    elif origin is tuple:
+        (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
+        if isinstance(value, str):  # "a,b" from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(type(v) is item for v in value):
+            return tuple(value)
+    elif annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    else:  # pragma: no cover - schema error, not user error
+        raise TypeError(f"unsupported annotation {annotation} for {where}")
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"Config key {where!r} expects {name}, got {value!r} ({type(value).__name__}).")
+
+
+def _section_fields(section: str) -> dict[str, Any]:
+    cls = typing.get_type_hints(PipelineConfig)[section]
+    return typing.get_type_hints(cls)
+
+
+def _merge(base: PipelineConfig, tree: Mapping[str, Any], origin: str) -> PipelineConfig:
+    sections = {}
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise _unknown("section", section, SECTIONS)
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"Config section [{section}] in {origin} must be a table.")
+        hints = _section_fields(section)
+        updates = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise _unknown("key", f"{section}.{key}", [f"{section}.{k}" for k in hints])
+            updates[key] = _coerce(f"{section}.{key}", value, hints[key])
+        sections[section] = dataclasses.replace(getattr(base, section), **updates)
+    return dataclasses.replace(base, **sections)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). Values are read as TOML, else as strings."""
+    if "=" not in text:
+        raise ConfigError(f"Override {text!r} must look like section.key=value (e.g. train.lr=3e-4).")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError(f"Override {text!r} must name a section and a key, e.g. train.lr=3e-4.")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    for part in reversed(path):
+        value = {part: value}
+    return value
+
+
+def _deep_update(tree: dict, other: Mapping) -> dict:
+    for k, v in other.items():
+        if isinstance(v, Mapping) and isinstance(tree.get(k), dict):
+            tree[k] = _deep_update(dict(tree[k]), v)
+        else:
+            tree[k] = v
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                options: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """Build the configuration.
+
+    path: a TOML file; None = ``./pipeline.toml`` if it exists, else the built-in defaults.
+    overrides: ``section.key=value`` strings (``--set``); dict-valued keys accept deeper
+        paths, e.g. ``extract.encoder_options.gpt2.pooling=last``.
+    options: ``{"section.key": value}`` from explicit command-line options; None values are ignored.
+    """
+    config = PipelineConfig()
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        try:
+            tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {exc}") from None
+        config = dataclasses.replace(_merge(config, tree, str(path)), source=str(path))
+    extra: dict = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) > 2:  # a path into a dict-valued key: merge into the current dict
+            section, key = keys[0], keys[1]
+            hints = _section_fields(section) if section in SECTIONS else {}
+            if section in SECTIONS and key in hints and hints[key] is dict:
+                current = extra.get(section, {}).get(key, getattr(getattr(config, section), key))
+                value = _deep_update(dict(current), _nest(keys[2:], value))
+                keys = keys[:2]
+        _deep_update(extra, _nest(keys, value))
+    for key, value in (options or {}).items():
+        if value is not None:
+            _deep_update(extra, _nest(key.split("."), value))
+    return _merge(config, extra, "command-line options") if extra else config
+
+
+def defaults_tree() -> dict:
+    """The built-in defaults as a nested dict (what pipeline.toml must equal)."""
+    return PipelineConfig().to_dict()
