@@ -79,3 +79,7 @@ def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, p
     for entry in extract(cfg, force=force):
         skipped = f", {len(entry.skipped)} skipped" if entry.skipped else ""
         click.echo(f"{entry.name:24s} {entry.n:7d} x {entry.dim:<5d}{skipped}  {entry.path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -58,7 +58,8 @@ class _Rows(Dataset):
             image = self.split.load_image(i)
         except D.ImageError as exc:
             if not self.skip_errors:
-                raise D.ImageError(f"{exc} (use --on-error skip to leave it out, logged and recorded)") from None
+                raise D.ImageError(exc.sample_id, exc.path, f"{exc.reason} (use --on-error skip to leave "
+                                   "such images out, logged and recorded in the cache)") from None
             return i, str(exc)
         return i, {key: t(image) for key, t in self.transforms.items()}
 
@@ -150,7 +151,7 @@ def resolve_specs(cfg: PipelineConfig) -> list[EncoderSpec]:
 def splits_of(cfg: PipelineConfig) -> list[str]:
     if cfg.extract.split != "all":
         return [cfg.extract.split]
-    return D.available_splits(cfg.data.dataset, cfg.data.data_dir)
+    return D.available_splits(cfg.data.dataset, cfg.data.data_dir)  # noqa
 
 
 def extract(cfg: PipelineConfig, force: bool = False) -> list[Entry]:
@@ -183,12 +184,11 @@ def _extract_modality(cfg: PipelineConfig, split: D.Split, specs: list[EncoderSp
         input_key = repr(spec.prep) if is_image else spec.name
         jobs.append(_Job(spec, writer, set(writer.pending()), input_key))
     todo = sorted(set().union(*(j.pending for j in jobs)))
-    if todo:
-        _run_jobs(cfg, split, rows, [j for j in jobs if j.pending], todo, device, is_image)
+    timing = _run_jobs(cfg, split, rows, [j for j in jobs if j.pending], todo, device, is_image) if todo else {}
     out = []
-    skipped = [{"id": i, "reason": r} for i, r in getattr(split, "skipped", [])]
+    skipped = [{"id": i, "reason": r} for i, r in split.skipped]
     for job in jobs:
-        entry = job.writer.finalize(_provenance(cfg, split, device), skipped)
+        entry = job.writer.finalize({**_provenance(cfg, split, device), **timing}, skipped)
         if entry is None:
             raise RuntimeError(f"{job.spec.name}: chunks are still missing after extraction "
                                f"(another process may be writing them); rerun to finish.")
@@ -198,7 +198,8 @@ def _extract_modality(cfg: PipelineConfig, split: D.Split, specs: list[EncoderSp
 
 
 def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_Job], todo: list[int],
-              device: torch.device, is_image: bool) -> None:
+              device: torch.device, is_image: bool) -> dict:
+    """Compute the pending chunks of every job; returns timing facts for the provenance."""
     x = cfg.extract
     for job in jobs:
         job.encoder = load_encoder(job.spec, device)
@@ -239,7 +240,9 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
                     if chunk in job.pending:
                         _flush(job, chunk, skipped.get(chunk, {}), all_layers)
                 skipped.pop(chunk, None)
-    log.info("extracted %s on %s/%s in %.1fs", names, cfg.data.dataset, split.name, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    log.info("extracted %s on %s/%s in %.1fs", names, cfg.data.dataset, split.name, seconds)
+    return {"extract_seconds": seconds, "rows_computed": bar.n, "items_per_s": bar.n / max(seconds, 1e-9)}
 
 
 def _forward(job: _Job, batch, device: torch.device, precision: str, all_layers: bool):

@@ -1,0 +1,199 @@
+"""``analyze``: compare cached representations, test the Platonic hypothesis, write a report.
+
+Each subcommand parses options into the pipeline config and calls one library function:
+``cka`` -> analyze.compare.compare_entries, ``platonic`` -> analyze.platonic.platonic_test,
+``layers`` -> analyze.layers.compare_layers, ``pairs`` -> analyze.pairs.rank_pairs,
+``report`` -> analyze.report.build_report. Outputs go under ``<analyze.out>/<dataset>/<split>/``
+(layout in analyze.compare's docstring).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import click
+
+from analyze.compare import compare_entries
+from analyze.metrics import METRICS
+from analyze.layers import compare_layers
+from analyze.pairs import rank_pairs
+from analyze.platonic import SIDES, TERMS, platonic_test
+from analyze.report import build_report
+from pipeline.cache import CacheError
+from pipeline.cli import build_config, config_options, friendly_errors
+from pipeline.config import PipelineConfig
+from pipeline.join import JoinError
+
+ERRORS = (CacheError, JoinError, ValueError, FileNotFoundError)  # shown as one line, exit status 1
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _default(key: str) -> str:
+    """``"[analyze.k: 10]"``: the config key and its built-in default, for --help."""
+    section, name = key.split(".")
+    value = getattr(getattr(PipelineConfig(), section), name)
+    if isinstance(value, tuple):
+        value = ",".join(value) or "all"
+    return f"[{key}: {value}]"
+
+
+def _option(*decls: str, key: str, text: str, **kw) -> Callable:
+    return click.option(*decls, help=f"{text} {_default(key)}", **kw)
+
+
+def common_options(func: Callable) -> Callable:
+    """Options every analyze command accepts, then --config/--set/-v from pipeline.cli."""
+    func = config_options(func)
+    for opt in reversed([
+        _option("--cache", key="data.cache", text="Feature-cache folder."),
+        _option("--dataset", key="data.dataset", text="Dataset whose cache entries are read."),
+        _option("--split", key="analyze.split", text="Split the representations are compared on."),
+        _option("--metric", "--metrics", "metrics", metavar="NAME[,NAME...]", key="analyze.metrics",
+                text=f"Metrics, comma-separated: {', '.join(METRICS)}."),
+        _option("--k", type=int, key="analyze.k", text="Neighbours for the kNN metrics."),
+        _option("--max-rows", type=int, key="analyze.max_rows", text="Keep a fixed random subset of this many rows (0 = all)."),
+        _option("--seed", type=int, key="analyze.seed", text="Seeds row subsets, bootstrap and permutations."),
+        _option("--out", key="analyze.out", text="Output folder (files go under OUT/<dataset>/<split>/)."),
+    ]):
+        func = opt(func)
+    return func
+
+
+def _config(kw: dict, extra: dict) -> PipelineConfig:
+    """Build the config from the common options (popped from ``kw``) and command-specific ones."""
+    options = {"data.cache": kw.pop("cache"), "data.dataset": kw.pop("dataset"), "analyze.split": kw.pop("split"),
+               "analyze.metrics": kw.pop("metrics"), "analyze.k": kw.pop("k"), "analyze.max_rows": kw.pop("max_rows"),
+               "analyze.seed": kw.pop("seed"), "analyze.out": kw.pop("out"), **extra}
+    return build_config(kw.pop("config_path"), kw.pop("overrides"), options, kw.pop("verbose"))
+
+
+def _matrix(names: list[str], S) -> str:
+    width = max(8, *(len(n) for n in names))
+    lines = [" " * width + "".join(f"{n[:10]:>11}" for n in names)]
+    for name, row in zip(names, S):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>11.3f}" if v is not None else f"{'-':>11}" for v in row))
+    return "\n".join(lines)
+
+
+def _tolist(S):
+    return S.tolist() if hasattr(S, "tolist") else S
+
+
+@click.group(context_settings=CONTEXT)
+def main():
+    """Compare cached representations, test the Platonic hypothesis, write reports.
+
+    Every command reads pipeline.toml (or --config) and writes JSON/CSV tables and PNG figures
+    under <analyze.out>/<dataset>/<split>/. Run `analyze COMMAND --help` for its options.
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--entries", metavar="NAME[,NAME...]",
+              help=f"Cache entries to compare (default: every entry of the split). {_default('analyze.entries')}")
+@click.option("--kernels", is_flag=True, help="Also draw the kernels themselves on a sample of rows (kernels.png).")
+@_option("--kernel-rows", type=int, key="analyze.kernel_rows", text="Rows in the kernel heatmaps.")
+@_option("--reference", key="analyze.reference", text="Entry whose clustering orders the kernel heatmaps' rows.")
+@common_options
+@friendly_errors(*ERRORS)
+def cka(entries, kernels, kernel_rows, reference, **kw):
+    """Pairwise scores between cache entries (rows joined by sample id), as JSON/CSV and heatmaps.
+
+    Example: analyze cka --entries resnet18,gpt2,dinov2 --metric cka,mutual_knn --kernels
+    """
+    cfg = _config(kw, {"analyze.entries": entries, "analyze.kernel_rows": kernel_rows,
+                       "analyze.reference": reference})
+    res = compare_entries(cfg, kernels=kernels)
+    for m, S in res["scores"].items():
+        click.echo(f"{m} (n={res['n']}, {res['seconds'][m]:.1f} s)\n{_matrix(res['entries'], _tolist(S))}\n")
+    click.echo(f"wrote {res['out']}/scores.json, scores.csv and {len(res['figures'])} figures")
+
+
+@main.command(context_settings=CONTEXT)
+@_option("--reference", key="analyze.reference", text="Reference model's cache entry (K_ref).")
+@_option("--image", key="train.image", text="Image encoder entry (K_X); the run's aligned entry is IMAGE@RUN.")
+@_option("--text", key="train.text", text="Text encoder entry (K_Y); the run's aligned entry is TEXT@RUN.")
+@click.option("--run", help="fit-adapters run name (default: train.name, else <image>-<text>-<adapter>).")
+@_option("--bootstrap", type=int, key="analyze.bootstrap", text="Resamples for the 95% confidence intervals.")
+@_option("--permutations", type=int, key="analyze.permutations", text="Shuffled-pairing draws for the null.")
+@_option("--kernel-rows", type=int, key="analyze.kernel_rows", text="Rows in the kernel heatmaps.")
+@common_options
+@friendly_errors(*ERRORS)
+def platonic(reference, image, text, run, bootstrap, permutations, kernel_rows, **kw):
+    """The hypothesis test: is m(K_repr, K_ref) > mean(m(K_X, K_ref), m(K_Y, K_ref)) by more than chance?
+
+    Bootstrap CIs (kNN metrics: 80% subsamples without replacement), a shuffled-pairing null,
+    and a verdict per metric and side. Example:
+    analyze platonic --reference dinov2 --image resnet18 --text gpt2 --run RUN
+    """
+    cfg = _config(kw, {"analyze.reference": reference, "train.image": image, "train.text": text,
+                       "analyze.bootstrap": bootstrap, "analyze.permutations": permutations,
+                       "analyze.kernel_rows": kernel_rows})
+    res = platonic_test(cfg, run)
+    click.echo(f"run {res['run']}, n={res['n']}, reference {res['entries']['reference']} "
+               f"({res['bootstrap']} resamples, {res['permutations']} permutations, {res['seconds']:.1f} s)")
+    click.echo(f"{'metric':<16}" + "".join(f"{t:>14}" for t in TERMS) + "".join(f"{'delta ' + s:>14}" for s in SIDES))
+    for m, r in res["results"].items():
+        click.echo(f"{m:<16}" + "".join(f"{r['terms'][t]['score']:>14.3f}" for t in TERMS)
+                   + "".join(f"{r['delta'][s]['delta']:>+14.3f}" for s in SIDES))
+    for m, per_side in res["sentences"].items():
+        for s in SIDES:
+            click.echo(per_side[s])
+    click.echo(res["headline"])
+    click.echo(f"wrote {res['out']}/platonic.json, platonic.csv, platonic.png")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--pair", metavar="IMAGE_ENTRY,TEXT_ENTRY",
+              help="The two entries to compare layer by layer (default: train.image,train.text).")
+@common_options
+@friendly_errors(*ERRORS)
+def layers(pair, **kw):
+    """Layer x layer heatmap of each metric for two entries extracted with `extract --layers all`."""
+    cfg = _config(kw, {})
+    names = tuple(p.strip() for p in pair.split(",")) if pair else None
+    res = compare_layers(cfg, names)
+    for m, d in res["metrics"].items():
+        b, last = d["best"], d["last"]
+        click.echo(f"{m}: best layer pair ({b['layer_a']}, {b['layer_b']}) = {b['score']:.3f}; "
+                   f"last layer pair ({last['layer_a']}, {last['layer_b']}) = {last['score']:.3f}")
+    click.echo(next(iter(res["metrics"].values()))["note"])
+    click.echo(f"wrote {res['out']}")
+
+
+@main.command(context_settings=CONTEXT)
+@common_options
+@friendly_errors(*ERRORS)
+def pairs(**kw):
+    """Rank every (image, text) encoder pair of the split by the first metric, before training;
+    show test retrieval of existing fit-adapters runs next to it."""
+    cfg = _config(kw, {})
+    res = rank_pairs(cfg)
+    metrics = res["metrics"]
+    click.echo(f"{'rank':<5}{'image':<22}{'text':<22}" + "".join(f"{m:>14}" for m in metrics) + f"{'test mean_R':>13}")
+    for r in res["pairs"]:
+        best = r["best_test_mean_R"]
+        click.echo(f"{r['rank']:<5}{r['image']:<22}{r['text']:<22}" + "".join(f"{r[m]:>14.3f}" for m in metrics)
+                   + (f"{best:>13.3f}" if best is not None else f"{'-':>13}"))
+    click.echo(res["spearman_note"] + (f": rho = {res['spearman_rho']:.3f}" if res["spearman_rho"] is not None else ""))
+    click.echo(f"wrote {res['out']}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--run", help="fit-adapters run name (default: train.name, else <image>-<text>-<adapter>).")
+@_option("--reference", key="analyze.reference", text="Reference model's cache entry.")
+@_option("--image", key="train.image", text="Image encoder entry of the run.")
+@_option("--text", key="train.text", text="Text encoder entry of the run.")
+@_option("--bootstrap", type=int, key="analyze.bootstrap", text="Resamples for the 95% confidence intervals.")
+@_option("--permutations", type=int, key="analyze.permutations", text="Shuffled-pairing draws for the null.")
+@common_options
+@friendly_errors(*ERRORS)
+def report(run, reference, image, text, bootstrap, permutations, **kw):
+    """One Markdown and one self-contained HTML report of an experiment (runs analyze cka and
+    analyze platonic when their outputs are missing or were made with other settings)."""
+    cfg = _config(kw, {"analyze.reference": reference, "train.image": image, "train.text": text,
+                       "analyze.bootstrap": bootstrap, "analyze.permutations": permutations})
+    md = build_report(cfg, run)
+    click.echo(f"report: {md}")
+    click.echo(f"report: {md.with_suffix('.html')}")
+

@@ -1,0 +1,107 @@
+"""Ranking candidate (image, text) encoder pairs before any training (``analyze pairs``).
+
+Freeze-Align (CVPR 2025) picks the encoder pair to align by how similar their frozen
+representations already are on paired samples. Here every image entry is scored against
+every text entry of the split (aligned ``<entry>@<run>`` entries left out; modality from
+``Entry.key["encoder"]["modality"]``) with each metric of ``analyze.metrics``, ranked by the
+first. Where fit-adapters runs exist for a pair (``<cache>/runs/*/``), their test mean recall
+is shown next to the score, with the Spearman rank correlation over runs when there are >= 3.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from analyze import plots
+from analyze.compare import (AnalyzeError, check_k, header, list_runs, load_joined, metric_kwargs, output_dir,
+                             resolve_metrics, write_csv, write_json)
+from pipeline.cache import find_entry, list_entries
+from pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+MIN_RUNS_FOR_CORRELATION = 3  # Spearman's rho is reported only with at least this many runs
+
+
+def modality(entry) -> str | None:
+    """"image" | "text" from the extract stage's key (``key["encoder"]["modality"]``), else None."""
+    enc = entry.key.get("encoder") if isinstance(entry.key, dict) else None
+    return enc.get("modality") if isinstance(enc, dict) else None
+
+
+def candidates(cfg: PipelineConfig) -> tuple[list[str], list[str], list[str]]:
+    """(image entries, text entries, entries left out) of ``analyze.split`` (or ``analyze.entries``)."""
+    names = list(cfg.analyze.entries) or list_entries(cfg.data.cache, cfg.data.dataset, cfg.analyze.split)
+    images, texts, other = [], [], []
+    for name in names:
+        if "@" in name:  # aligned outputs of a run, not a candidate encoder
+            other.append(name)
+            continue
+        mod = modality(find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, name))
+        (images if mod == "image" else texts if mod == "text" else other).append(name)
+    if not images or not texts:
+        raise AnalyzeError(
+            f"analyze pairs needs at least one image and one text entry in {cfg.data.dataset}/{cfg.analyze.split} "
+            f"(found image: {images or 'none'}, text: {texts or 'none'}); extract both modalities first.")
+    return images, texts, other
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rank correlation, None when undefined (fewer than 2 points or a constant side)."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    rho = spearmanr(x, y).statistic
+    return float(rho) if math.isfinite(rho) else None
+
+
+def rank_pairs(cfg: PipelineConfig) -> dict:
+    """``analyze pairs``: score, rank and (where runs exist) relate to retrieval. Writes
+    ``pairs/pairs.json``, ``pairs/pairs.csv`` and, when runs exist, ``pairs/pairs.png``.
+    Returns the JSON document plus ``out``."""
+    a = cfg.analyze
+    images, texts, left_out = candidates(cfg)
+    metrics = resolve_metrics(a.metrics)
+    rank_by = next(iter(metrics))
+    joined = load_joined(cfg, images + texts)
+    check_k(metrics, a.k, joined.n)
+    F = joined.features
+    runs = [r for r in list_runs(cfg.data.cache)
+            if r.mean_R is not None and r.config.get("data", {}).get("dataset", cfg.data.dataset) == cfg.data.dataset]
+    rows = []
+    for im in images:
+        for tx in texts:
+            row = {"image": im, "text": tx}
+            for m, fn in metrics.items():
+                row[m] = float(fn(F[im], F[tx], **metric_kwargs(fn, a.k)))
+            matched = [r for r in runs if (r.image, r.text) == (im, tx)]
+            row["runs"] = [{"run": r.name, "test_mean_R": r.mean_R} for r in matched]
+            row["best_test_mean_R"] = max((r.mean_R for r in matched), default=None)
+            rows.append(row)
+    rows.sort(key=lambda r: -r[rank_by] if math.isfinite(r[rank_by]) else math.inf)
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    points = [(row[rank_by], run["test_mean_R"], run["run"]) for row in rows for run in row["runs"]]
+    rho = spearman([p[0] for p in points], [p[1] for p in points]) if len(points) >= MIN_RUNS_FOR_CORRELATION else None
+    out = output_dir(cfg, "pairs")
+    doc = {**header(cfg, "pairs"), "n": joined.n, "rank_by": rank_by, "metrics": list(metrics),
+           "images": images, "texts": texts, "left_out": left_out, "pairs": rows,
+           "runs_used": len(points), "spearman_rho": rho,
+           "spearman_note": (f"Spearman rank correlation between {rank_by} and test mean_R over {len(points)} runs"
+                             if rho is not None else
+                             f"rank correlation needs >= {MIN_RUNS_FOR_CORRELATION} runs with test metrics "
+                             f"(found {len(points)})"), "figure": None}
+    if points:
+        title = f"{rank_by} before training vs test mean recall after" + (f" (Spearman rho {rho:.2f})" if rho is not None else "")
+        doc["figure"] = plots.scatter([p[0] for p in points], [p[1] for p in points], [p[2] for p in points], title,
+                                      out / "pairs.png", xlabel=f"{rank_by}(image, text) on {a.split}",
+                                      ylabel="test mean_R").name
+    write_json(out / "pairs.json", doc)
+    write_csv(out / "pairs.csv", [{"rank": r["rank"], "image": r["image"], "text": r["text"],
+                                   **{m: r[m] for m in metrics},
+                                   "best_test_mean_R": r["best_test_mean_R"] if r["best_test_mean_R"] is not None else "",
+                                   "runs": " ".join(x["run"] for x in r["runs"])} for r in rows])
+    return {**doc, "out": out}
+

@@ -1,0 +1,120 @@
+"""Shared matplotlib helpers for the analyze figures (Agg backend: no display needed).
+
+Every function draws one figure, saves it as a PNG at ``path`` (parent folders created) and
+returns the path; figures are closed after saving so long runs do not accumulate memory.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+DPI = 110  # resolution of saved figures, dots per inch
+CELL_INCHES = 0.55  # side of one heatmap cell, inches (figures grow with the number of entries)
+ANNOTATE_MAX = 16  # heatmaps with at most this many rows and columns print the value in each cell
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
+            path: str | Path, *, xlabel: str = "", ylabel: str = "", vmin: float | None = None,
+            vmax: float | None = None, mark: Sequence[tuple[int, int, str]] = ()) -> Path:
+    """A labelled heatmap of ``matrix`` (r, c); NaN cells are left blank. Small matrices get the
+    value printed in each cell. ``mark``: (row, col, label) cells outlined and named in a legend
+    (e.g. the best and the last layer pair)."""
+    matrix = np.asarray(matrix, dtype=float)
+    r, c = matrix.shape
+    fig, ax = plt.subplots(figsize=(max(4.5, 2.5 + CELL_INCHES * c), max(3.5, 1.8 + CELL_INCHES * r)))
+    im = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(c), [str(s) for s in col_labels], rotation=45 if c > 3 else 0, ha="right" if c > 3 else "center")
+    ax.set_yticks(range(r), [str(s) for s in row_labels])
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if r <= ANNOTATE_MAX and c <= ANNOTATE_MAX:
+        lo, hi = np.nanmin(matrix) if np.isfinite(matrix).any() else 0, np.nanmax(matrix) if np.isfinite(matrix).any() else 1
+        mid = (lo + hi) / 2
+        for i in range(r):
+            for j in range(c):
+                if np.isfinite(matrix[i, j]):
+                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                            color="black" if matrix[i, j] > mid else "white")
+    for (i, j, label), color in zip(mark, ("red", "orange", "cyan", "magenta")):
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=color, lw=2.5, label=label))
+    if mark:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize=8)
+    return _save(fig, path)
+
+
+def kernel_panels(kernels: Mapping[str, np.ndarray], title: str, path: str | Path) -> Path:
+    """Side-by-side (m, m) kernel matrices, one panel per representation, each with its own
+    colour scale (the rows are expected to be in the same order in every panel)."""
+    names = list(kernels)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        im = ax.imshow(kernels[name], cmap="magma", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def grouped_bars(groups: Mapping[str, Sequence[dict]], title: str, path: str | Path) -> Path:
+    """One panel per group (e.g. per metric), one bar per item.
+
+    groups: {panel title: [{"label", "value", "lo", "hi", "null_q95" (optional), "color"
+    (optional)}, ...]}. Bars show ``value`` with error bars [lo, hi]; a black dash marks
+    ``null_q95`` (the null distribution's 95th percentile) over its bar."""
+    names = list(groups)
+    fig, axes = plt.subplots(1, len(names), figsize=(max(4.0, 1.1 * max(len(v) for v in groups.values())) * len(names) + 0.5,
+                                                     4.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        items = groups[name]
+        x = np.arange(len(items))
+        vals = np.array([it["value"] for it in items], dtype=float)
+        err = np.array([[v - it["lo"], it["hi"] - v] for v, it in zip(vals, items)], dtype=float).T
+        ax.bar(x, vals, yerr=np.clip(err, 0, None), capsize=4,
+               color=[it.get("color", "tab:blue") for it in items], alpha=0.85)
+        nulls = [(i, it["null_q95"]) for i, it in enumerate(items) if it.get("null_q95") is not None]
+        for n, (i, q) in enumerate(nulls):
+            ax.hlines(q, i - 0.4, i + 0.4, colors="black", linestyles="--", lw=1.5,
+                      label="shuffled-pairing null, 95th pct" if n == 0 else None)
+        ax.set_xticks(x, [it["label"] for it in items], rotation=30, ha="right", fontsize=8)
+        ax.set_title(name)
+        ax.axhline(0, color="grey", lw=0.5)
+        if nulls:
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def scatter(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title: str, path: str | Path,
+            *, xlabel: str, ylabel: str) -> Path:
+    """A labelled scatter plot (one point per item)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ax.scatter(x, y, color="tab:blue")
+    for xi, yi, label in zip(x, y, labels):
+        ax.annotate(str(label), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def png_base64(path: str | Path) -> str:
+    """``data:image/png;base64,...`` URI of a PNG file (for self-contained HTML)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")

@@ -1,0 +1,356 @@
+"""One report per experiment (``analyze report``): Markdown plus self-contained HTML.
+
+Written to ``<analyze.out>/<dataset>/<split>/runs/<run>/report.md`` and ``report.html``. The
+Markdown references PNG files copied next to it; the HTML embeds the same figures as base64
+PNG, so it can be mailed or archived alone. Sections: data (split sizes and fingerprints from
+the cache), encoders (provenance), training curves, test retrieval with baselines and chance
+level, metric heatmaps (from ``analyze cka``'s outputs, computed when absent or made with other
+settings) and the Platonic test (from ``platonic.json``, run when absent or stale). Each
+section says in one sentence what its numbers show; a section whose inputs do not exist says
+so instead of failing.
+
+Chance level of retrieval (a random ranking): text-to-image R@K = K / n_images; image-to-text
+R@K = 1 - C(n_texts - c, K) / C(n_texts, K) for c captions per image (any of the image's c
+captions in the top K), which is K / n_texts for one caption per image.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from analyze import plots
+from analyze.compare import RunInfo, compare_entries, find_run, load_scores, now, output_dir, run_name
+from analyze.pairs import modality
+from analyze.platonic import SIDES, TERMS, platonic_test
+from pipeline.cache import CacheError, Entry, find_entry, list_entries, list_splits
+from pipeline.config import PipelineConfig
+from pipeline.join import JoinError, image_id
+
+log = logging.getLogger(__name__)
+
+RECALL_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R")
+STALE_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations", "reference")  # analyze keys
+#   that must match for a saved platonic.json / scores.json to be reused
+
+
+# ----------------------------------------------------------------------------- document model
+@dataclass
+class Document:
+    """A report as a list of blocks, rendered to Markdown and to self-contained HTML."""
+
+    title: str
+    folder: Path
+    blocks: list[tuple] = field(default_factory=list)
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("h", level, text))
+
+    def para(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
+        self.blocks.append(("table", list(columns), [list(r) for r in rows]))
+
+    def figure(self, path: str | Path, caption: str, name: str | None = None) -> None:
+        """Copy the PNG next to the report (as ``name``) and show it."""
+        src = Path(path)
+        dest = self.folder / (name or src.name)
+        if src.resolve() != dest.resolve():
+            shutil.copyfile(src, dest)
+        self.blocks.append(("fig", dest, caption))
+
+    def markdown(self) -> str:
+        out = [f"# {self.title}", ""]
+        for b in self.blocks:
+            if b[0] == "h":
+                out += ["#" * b[1] + " " + b[2], ""]
+            elif b[0] == "p":
+                out += [b[1], ""]
+            elif b[0] == "table":
+                cell = lambda v: _cell(v).replace("|", "\\|")  # noqa: E731
+                out += ["| " + " | ".join(map(cell, b[1])) + " |", "|" + "---|" * len(b[1])]
+                out += ["| " + " | ".join(map(cell, r)) + " |" for r in b[2]] + [""]
+            elif b[0] == "fig":
+                out += [f"![{b[2]}]({b[1].name})", "", f"*{b[2]}*", ""]
+        return "\n".join(out)
+
+    def html(self) -> str:
+        e = html.escape
+        body = [f"<h1>{e(self.title)}</h1>"]
+        for b in self.blocks:
+            if b[0] == "h":
+                body.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                body.append(f"<p>{e(b[1])}</p>")
+            elif b[0] == "table":
+                head = "".join(f"<th>{e(_cell(c))}</th>" for c in b[1])
+                rows = "".join("<tr>" + "".join(f"<td>{e(_cell(v))}</td>" for v in r) + "</tr>" for r in b[2])
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            elif b[0] == "fig":
+                body.append(f'<figure><img src="{plots.png_base64(b[1])}" alt="{e(b[2])}">'
+                            f"<figcaption>{e(b[2])}</figcaption></figure>")
+        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45;color:#222}"
+                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+                 "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+                 "img{max-width:100%}figcaption{font-size:90%;color:#555}")
+        return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{e(self.title)}</title>"
+                f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "n/a" if not math.isfinite(v) else f"{v:.3f}"
+    return str(v)
+
+
+def _fmt(v) -> str:
+    return _cell(float(v)) if isinstance(v, (int, float)) else _cell(v)
+
+
+# ----------------------------------------------------------------------------- chance level
+def chance_recall(key: str, n_images: int, n_texts: int) -> float:
+    """Expected R@K of a random ranking (see the module docstring); ``mean_R`` averages them."""
+    way, k = key.split("_R@")
+    k = int(k)
+    if way == "t2i":
+        return min(1.0, k / n_images)
+    c = max(1, round(n_texts / n_images))
+    if k >= n_texts - c + 1:
+        return 1.0
+    miss = 1.0
+    for j in range(k):  # P(none of the c captions in the top k) = C(n-c, k) / C(n, k)
+        miss *= (n_texts - c - j) / (n_texts - j)
+    return 1.0 - miss
+
+
+# ----------------------------------------------------------------------------- sections
+def _entries_of(cfg: PipelineConfig, split: str) -> list[Entry]:
+    return [find_entry(cfg.data.cache, cfg.data.dataset, split, n)
+            for n in list_entries(cfg.data.cache, cfg.data.dataset, split)]
+
+
+def _span(values: Sequence[int]) -> str:
+    return "-" if not values else str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+def section_data(doc: Document, cfg: PipelineConfig) -> None:
+    doc.heading("Data")
+    splits = list_splits(cfg.data.cache, cfg.data.dataset)
+    if not splits:
+        doc.para(f"Nothing is cached for dataset {cfg.data.dataset!r} under {cfg.data.cache!r}.")
+        return
+    rows, mixed = [], []
+    for split in splits:
+        entries = [e for e in _entries_of(cfg, split) if "@" not in e.name]
+        texts = [e for e in entries if modality(e) == "text"]
+        per_image = [e.n / max(1, len({image_id(i) for i in e.ids})) for e in texts]
+        fps = sorted({str(e.key["fingerprint"]) for e in entries if e.key.get("fingerprint")})
+        if len(fps) > 1:
+            mixed.append(split)
+        rows.append([split, _span([e.n for e in entries if modality(e) == "image"]), _span([e.n for e in texts]),
+                     f"{max(per_image):.1f}" if per_image else "-", len(entries), ", ".join(f[:12] for f in fps) or "-"])
+    doc.table(["split", "images", "captions", "captions per image", "encoder entries", "fingerprint"], rows)
+    main = next((r for r in rows if r[0] == cfg.analyze.split), rows[0])
+    consistency = (f"splits {', '.join(mixed)} mix entries with different data fingerprints (extracted from "
+                   f"different data)" if mixed else "within each split every entry has the same data fingerprint")
+    doc.para(f"Dataset {cfg.data.dataset}: the {main[0]} split analysed here holds {main[1]} images and "
+             f"{main[2]} captions; {consistency}.")
+
+
+def section_encoders(doc: Document, cfg: PipelineConfig) -> None:
+    doc.heading("Encoders")
+    entries = [e for e in _entries_of(cfg, cfg.analyze.split) if "@" not in e.name]
+    if not entries:
+        doc.para(f"No encoder entries in split {cfg.analyze.split!r}.")
+        return
+    rows = []
+    for e in entries:
+        enc = e.key.get("encoder") if isinstance(e.key.get("encoder"), dict) else {}
+        rows.append([e.name, enc.get("modality", "-"), e.dim, enc.get("weights", "-"), enc.get("revision") or "-",
+                     enc.get("pooling", "-"), len(e.layers) or "-", e.n])
+    doc.table(["entry", "modality", "dim", "weights", "revision", "pooling", "layers stored", "rows"], rows)
+    roles = f"image encoder {cfg.train.image}, text encoder {cfg.train.text}, reference {cfg.analyze.reference}"
+    doc.para(f"{len(entries)} frozen encoders are cached for the {cfg.analyze.split} split; the experiment uses {roles}.")
+
+
+def _history(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _num(v) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def section_training(doc: Document, run: RunInfo | None) -> None:
+    doc.heading("Training")
+    if run is None:
+        doc.para("No run folder: train adapters with fit-adapters to get curves and retrieval numbers.")
+        return
+    if run.curves is not None:
+        doc.figure(run.curves, f"Training curves of run {run.name}", "curves.png")
+    if run.history is None:
+        doc.para(f"Run {run.name} has no history.csv (still training, or interrupted).")
+        return
+    hist = _history(run.history)
+    loss = [x for x in (_num(r.get("train_loss")) for r in hist) if x is not None]
+    val = [(_num(r.get("val_mean_R")), r.get("epoch")) for r in hist]
+    val = [(v, ep) for v, ep in val if v is not None]
+    text = f"Run {run.name} trained for {len(hist)} epochs"
+    if loss:
+        text += f"; the train loss went from {loss[0]:.3f} to {loss[-1]:.3f}"
+    if val:
+        best, ep = max(val)
+        text += f"; the best validation mean recall was {best:.3f} (epoch {ep})"
+    doc.para(text + ".")
+
+
+def _test_sizes(cfg: PipelineConfig, run: RunInfo) -> tuple[int, int] | None:
+    """(n_images, n_texts) of the test split: metrics.json "sizes", else the cache entries."""
+    sizes = run.metrics.get("sizes", {}).get("test", {}) if isinstance(run.metrics.get("sizes"), dict) else {}
+    if isinstance(sizes.get("image"), int) and isinstance(sizes.get("text"), int):
+        return sizes["image"], sizes["text"]
+    try:
+        img = find_entry(cfg.data.cache, cfg.data.dataset, "test", run.image or cfg.train.image)
+        txt = find_entry(cfg.data.cache, cfg.data.dataset, "test", run.text or cfg.train.text)
+    except CacheError:
+        return None
+    return img.n, txt.n
+
+
+def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunInfo | None) -> None:
+    doc.heading("Retrieval (test split)")
+    table = run.retrieval if run else {}
+    if not table:
+        doc.para("No test retrieval metrics (metrics.json) for this run yet.")
+        return
+    sizes = _test_sizes(cfg, run)
+    rows = [[method, *(vals.get(c) for c in RECALL_COLUMNS)] for method, vals in table.items()]
+    if sizes:
+        chance = {c: chance_recall(c, *sizes) for c in RECALL_COLUMNS if c != "mean_R"}
+        chance["mean_R"] = sum(chance.values()) / len(chance)
+        rows.append(["chance", *(chance[c] for c in RECALL_COLUMNS)])
+    doc.table(["method", *RECALL_COLUMNS], rows)
+    method = run.adapters_method
+    res = table[method]
+    text = f"The trained adapters ({method})"
+    if sizes and "i2t_R@10" in res and "t2i_R@10" in res:
+        text += (f": held-out image-to-text R@10 is {res['i2t_R@10']:.2f} against {chance['i2t_R@10']:.2f} by chance, "
+                 f"text-to-image R@10 {res['t2i_R@10']:.2f} against {chance['t2i_R@10']:.2f} "
+                 f"({sizes[0]} images, {sizes[1]} captions)")
+    others = {m: v.get("mean_R") for m, v in table.items() if m != method and v.get("mean_R") is not None}
+    if others and res.get("mean_R") is not None:
+        best = max(others, key=others.get)
+        word = "above" if res["mean_R"] > others[best] else "below"
+        text += f"; mean recall {res['mean_R']:.3f}, {word} the best baseline ({best}, {others[best]:.3f})"
+    doc.para(text + ". Chance: t2i R@K = K/n_images; i2t R@K = 1 - C(n_texts - c, K)/C(n_texts, K) for c captions per image.")
+
+
+def _fresh(saved: Mapping | None, cfg: PipelineConfig, keys: Sequence[str]) -> bool:
+    """A saved JSON output may be reused when it was made from the same cache, dataset, split
+    and analyze settings ``keys``."""
+    if not saved:
+        return False
+    want, have = cfg.to_dict()["analyze"], saved.get("config", {}).get("analyze", {})
+    return (saved.get("cache") == str(cfg.data.cache) and saved.get("dataset") == cfg.data.dataset
+            and saved.get("split") == cfg.analyze.split and all(have.get(k) == want[k] for k in keys))
+
+
+def section_heatmaps(doc: Document, cfg: PipelineConfig) -> None:
+    doc.heading("Representation similarity between cache entries")
+    saved = load_scores(cfg)
+    fresh = _fresh(saved, cfg, ("metrics", "k", "max_rows", "seed", "entries"))
+    try:
+        result = saved if fresh else compare_entries(cfg)
+    except (CacheError, JoinError, ValueError) as exc:
+        doc.para(f"Not available: {exc}")
+        return
+    folder = output_dir(cfg, "cka")
+    names = result["entries"]
+    for m, S in result["scores"].items():
+        doc.figure(folder / result["figures"][m], f"{m} between cache entries, n = {result['n']} rows", f"cka-{m}.png")
+        pairs = [(S[i][j], names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))
+                 if S[i][j] is not None]
+        if pairs:
+            hi, lo = max(pairs), min(pairs)
+            doc.para(f"{m}: the most similar entries are {hi[1]} and {hi[2]} ({hi[0]:.3f}), the least similar "
+                     f"{lo[1]} and {lo[2]} ({lo[0]:.3f}).")
+    if "kernels" in result.get("figures", {}):
+        doc.figure(folder / result["figures"]["kernels"], "Kernel heatmaps on a shared row sample", "cka-kernels.png")
+
+
+def section_platonic(doc: Document, cfg: PipelineConfig, run: str) -> None:
+    doc.heading("Platonic test: alignment to the reference")
+    path = output_dir(cfg, "runs", run) / "platonic.json"
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    fresh = _fresh(saved, cfg, STALE_KEYS) and saved.get("entries", {}).get("image") == cfg.train.image \
+        and saved.get("entries", {}).get("text") == cfg.train.text
+    try:
+        result = saved if fresh else platonic_test(cfg, run)
+    except (CacheError, JoinError, ValueError) as exc:
+        doc.para(f"Not available: {exc}")
+        return
+    e = result["entries"]
+    doc.para(f"Question: is m(K_repr, K_ref) above the mean of m(K_X, K_ref) and m(K_Y, K_ref) by more than "
+             f"chance? X = {e['image']}, Y = {e['text']}, repr = {e['image_aligned']} / {e['text_aligned']}, "
+             f"ref = {e['reference']}; n = {result['n']} test rows, {result['bootstrap']} resamples for 95% CIs, "
+             f"{result['permutations']} shuffled pairings for the null.")
+    rows = []
+    for m, r in result["results"].items():
+        t, d = r["terms"], r["delta"]
+        rows.append([m, *(f"{_fmt(t[x]['score'])} [{_fmt(t[x]['ci_lo'])}, {_fmt(t[x]['ci_hi'])}]" for x in TERMS),
+                     *(f"{_fmt(d[s]['delta'])} [{_fmt(d[s]['ci_lo'])}, {_fmt(d[s]['ci_hi'])}]" for s in SIDES),
+                     *(_fmt(t[f'after_{s}']['null_q95']) for s in SIDES),
+                     *(d[s]["verdict"] for s in SIDES)])
+    doc.table(["metric", *TERMS, "delta image", "delta text", "null q95 image", "null q95 text",
+               "verdict image", "verdict text"], rows)
+    folder = path.parent
+    doc.figure(folder / result["figures"]["bars"], "Scores with 95% CIs; dashes: 95th percentile of the "
+               "shuffled-pairing null", "platonic.png")
+    if "kernels" in result["figures"]:
+        doc.figure(folder / result["figures"]["kernels"], "K_X, K_Y, K_repr and K_ref on the same rows, same order",
+                   "kernels.png")
+    doc.para(result["headline"])
+    for m, per_side in result["sentences"].items():
+        for s in SIDES:
+            doc.para(per_side[s])
+
+
+# ----------------------------------------------------------------------------- the command
+def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
+    """``analyze report``: write report.md and report.html for one run (default: ``train.name``
+    or fit-adapters' default name); returns the Markdown path."""
+    run = run_name(cfg, run)
+    try:
+        info = find_run(cfg.data.cache, run)
+    except FileNotFoundError as exc:
+        log.warning("%s", exc)
+        info = None
+    folder = output_dir(cfg, "runs", run)
+    doc = Document(f"Experiment report: {cfg.data.dataset}, run {run}", folder)
+    doc.para(f"Generated {now()} by `analyze report` (config: {cfg.source}; cache: {cfg.data.cache}; "
+             f"analysis split: {cfg.analyze.split}; metrics: {', '.join(cfg.analyze.metrics)}).")
+    section_data(doc, cfg)
+    section_encoders(doc, cfg)
+    section_training(doc, info)
+    section_retrieval(doc, cfg, info)
+    section_heatmaps(doc, cfg)
+    section_platonic(doc, cfg, run)
+    md = folder / "report.md"
+    md.write_text(doc.markdown(), encoding="utf-8")
+    (folder / "report.html").write_text(doc.html(), encoding="utf-8")
+    return md

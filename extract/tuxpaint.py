@@ -1,0 +1,294 @@
+"""Turn the Debian package ``tuxpaint-stamps-default`` into an imagefolder image–caption dataset.
+
+The package (GPL-2, 161 MB, installable offline from the Debian archive) holds clip-art stamps under
+``usr/share/tuxpaint/stamps/<category>/...``: each ``NAME.png`` has a ``NAME.txt`` whose first line
+is an English description ("A Sumatran tiger.") and whose other lines are translations
+(``fr.utf8=...``). This gives about 538 real image–caption pairs (about 498 distinct captions).
+
+What :func:`prepare_tuxpaint` does:
+
+- unpacks the ``.deb`` with ``dpkg-deb -x`` into a temporary folder (or reads an unpacked tree);
+- takes every ``*.png`` outside ``symbols/`` (money, shapes, letters: not descriptive pictures) with a
+  non-empty English line; skipped and counted: PNGs without a ``.txt`` (mostly ``NAME_mirror.png``,
+  Tux Paint's pre-mirrored copy of ``NAME.png``), txt files with no English line, unreadable images;
+  a txt that is not UTF-8 is read as Latin-1 (counted);
+- images: composited on white (RGBA, LA, palette transparency), padded to a square with white,
+  downscaled to at most ``size`` px (default 256; never upscaled), saved as PNG;
+- split by image: the pairs are ordered by sha256("<seed>:<relative path>") and cut at the
+  fractions (exact sizes, independent of file-system listing order);
+- writes ``out_dir/{train,val,test}/<category>/.../NAME.png`` and one ``metadata.jsonl`` per split
+  (``file_name``, ``caption``), so ``load_split("imagefolder", out_dir, "train")`` reads it; image
+  ids are the stamp paths without extension, e.g. ``animals/mammals/tiger``;
+- writes the marker ``tuxpaint_dataset.json`` last (source, parameters, summary counts); a rerun
+  with the same source and parameters returns at once; changed parameters rebuild the folder.
+
+Command line: ``python -m extract.tuxpaint DEB_OR_DIR OUT [--seed 0] [--size 256]
+[--fractions 0.7 0.1 0.2] [--fetch]`` (``--fetch``: DEB_OR_DIR is a folder; the .deb is
+downloaded there with ``apt-get download`` when absent).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from extract.datasets import DatasetError, pad_square, to_rgb
+
+log = logging.getLogger(__name__)
+
+DEB_PACKAGE = "tuxpaint-stamps-default"  # Debian package name
+STAMPS_SUBDIR = "usr/share/tuxpaint/stamps"  # where the stamps live inside the package
+EXCLUDED_CATEGORIES = ("symbols",)  # top-level stamp folders left out (symbols, not pictures)
+DEFAULT_SIZE = 256  # px, maximum side of the square output images (smaller ones are not upscaled)
+DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test fractions of the pairs
+SPLIT_NAMES = ("train", "val", "test")
+MARKER = "tuxpaint_dataset.json"  # written last; records source, parameters and summary
+FORMAT_VERSION = 1  # bump when the output changes for the same inputs
+_TRANSLATION = re.compile(r"^[A-Za-z]{2,3}(_[A-Za-z]{2,3})?(@\w+)?\.utf-?8\s*=", re.IGNORECASE)
+
+
+def fetch_tuxpaint_deb(dest_dir: str | Path) -> Path:
+    """Return the newest ``tuxpaint-stamps-default_*.deb`` in dest_dir, downloading it with
+    ``apt-get download`` (no root, no installation) when there is none."""
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    debs = sorted(dest.glob(f"{DEB_PACKAGE}_*.deb"))
+    if debs:
+        return debs[-1]
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise RuntimeError(
+            f"apt-get not found: download {DEB_PACKAGE}_*.deb from a Debian mirror into {dest} by hand."
+        )
+    proc = subprocess.run([apt, "download", DEB_PACKAGE], cwd=dest, capture_output=True, text=True)
+    debs = sorted(dest.glob(f"{DEB_PACKAGE}_*.deb"))
+    if proc.returncode != 0 or not debs:
+        raise RuntimeError(
+            f"`apt-get download {DEB_PACKAGE}` in {dest} failed (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-500:]}. Run `apt-get update` first (as root), or download the .deb by hand."
+        )
+    return debs[-1]
+
+
+def read_description(txt: Path) -> tuple[str | None, bool]:
+    """The English description of a stamp: first line that is not blank, a '#' comment or a
+    translation (``xx.utf8=...``), with whitespace collapsed. Returns (text or None, latin1_fallback)."""
+    data = txt.read_bytes()
+    try:
+        text, fallback = data.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        text, fallback = data.decode("latin-1"), True
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if _TRANSLATION.match(line):  # translations begin: the English line is missing
+            return None, fallback
+        return " ".join(line.split()), fallback
+    return None, fallback
+
+
+def _find_stamps(root: Path) -> Path:
+    for cand in (root / STAMPS_SUBDIR, root / "stamps", root):
+        if cand.is_dir() and any(cand.rglob("*.png")):
+            return cand
+    raise DatasetError(
+        f"no Tux Paint stamps (*.png) under {root}; pass the .deb of {DEB_PACKAGE} or the folder it was "
+        f"unpacked into (holding {STAMPS_SUBDIR})."
+    )
+
+
+def _source_record(src: Path) -> dict:
+    """Identifies the input for the marker: name, size and sha256 of a .deb; a digest of the listing of a folder."""
+    h = hashlib.sha256()
+    if src.is_file():
+        with open(src, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return {"kind": "deb", "name": src.name, "bytes": src.stat().st_size, "sha256": h.hexdigest()}
+    stamps = _find_stamps(src)
+    for p in sorted(stamps.rglob("*")):
+        if p.suffix in (".png", ".txt") and p.is_file():
+            h.update(f"{p.relative_to(stamps).as_posix()}\0{p.stat().st_size}\n".encode())
+    return {"kind": "dir", "name": src.name, "listing_sha256": h.hexdigest()}
+
+
+def _collect(stamps: Path) -> tuple[list[tuple[str, Path, str]], Counter]:
+    """(relative path without .png, png path, caption) for every usable stamp, and skip counts."""
+    pairs, counts = [], Counter()
+    for png in sorted(stamps.rglob("*.png")):
+        rel = png.relative_to(stamps).with_suffix("").as_posix()
+        if rel.split("/")[0] in EXCLUDED_CATEGORIES:
+            counts["excluded category (symbols/)"] += 1
+            continue
+        txt = png.with_suffix(".txt")
+        if not txt.is_file():
+            reason = "mirror copy without txt (NAME_mirror.png)" if png.stem.endswith("_mirror") else "no txt"
+            counts[reason] += 1
+            log.info("skipping %s: %s", rel, reason)
+            continue
+        caption, latin1 = read_description(txt)
+        if latin1:
+            counts["txt read as Latin-1 (not UTF-8)"] += 1
+            log.warning("%s is not UTF-8; read as Latin-1", txt)
+        if not caption:
+            counts["no English line in txt"] += 1
+            log.warning("skipping %s: no English line in %s", rel, txt.name)
+            continue
+        pairs.append((rel, png, caption))
+    return pairs, counts
+
+
+def _assign_splits(rels: list[str], seed: int, fractions: tuple[float, float, float]) -> dict[str, str]:
+    """rel -> split: order by sha256("<seed>:<rel>") and cut at the fractions (round to whole images)."""
+    order = sorted(rels, key=lambda r: hashlib.sha256(f"{seed}:{r}".encode()).hexdigest())
+    n_train = round(len(order) * fractions[0])
+    n_val = round(len(order) * (fractions[0] + fractions[1])) - n_train
+    return {r: ("train" if i < n_train else "val" if i < n_train + n_val else "test") for i, r in enumerate(order)}
+
+
+def _convert(png: Path, size: int) -> Image.Image:
+    """RGB on white, padded square, at most size x size px (Lanczos downscale)."""
+    with Image.open(png) as im:
+        im.load()
+        img = pad_square(to_rgb(im))
+    if img.width > size:
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+    return img
+
+
+def _complete(out_dir: Path, marker: dict) -> bool:
+    return all((out_dir / s / "metadata.jsonl").is_file() for s in SPLIT_NAMES if marker["summary"]["splits"].get(s))
+
+
+def prepare_tuxpaint(
+    deb_or_dir: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    size: int | None = None,
+) -> Path:
+    """Build (or reuse) the Tux Paint imagefolder dataset; returns out_dir.
+
+    deb_or_dir: the tuxpaint-stamps-default .deb, or a folder it was unpacked into.
+    out_dir: output folder (created; must be empty or hold an earlier output of this function).
+    seed: split seed; fractions: (train, val, test), summing to 1; size: max side in px (None -> 256).
+    The summary (pairs, distinct captions, split sizes, skip counts) is logged and stored in the marker.
+    """
+    src, out_dir = Path(deb_or_dir).expanduser(), Path(out_dir).expanduser()
+    size = DEFAULT_SIZE if size is None else int(size)
+    if size < 1:
+        raise DatasetError(f"size must be a positive number of pixels, got {size}.")
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise DatasetError(f"fractions must be 3 non-negative numbers (train, val, test) summing to 1, got {fractions}.")
+    if not src.exists():
+        raise DatasetError(f"{src} does not exist; pass the {DEB_PACKAGE} .deb (see fetch_tuxpaint_deb) or its unpacked folder.")
+
+    source = _source_record(src)
+    params = {"seed": seed, "fractions": list(fractions), "size": size, "version": FORMAT_VERSION}
+    marker_path = out_dir / MARKER
+    if marker_path.is_file():
+        old = json.loads(marker_path.read_text(encoding="utf-8"))
+        if old.get("source") == source and old.get("params") == params and _complete(out_dir, old):
+            log.info("%s is up to date (%d pairs); nothing to do", out_dir, old["summary"]["pairs"])
+            return out_dir
+        log.warning("%s was built from another source or with other parameters; rebuilding", out_dir)
+        shutil.rmtree(out_dir)
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise DatasetError(f"{out_dir} is not empty and holds no {MARKER}; choose an empty or new folder.")
+
+    with tempfile.TemporaryDirectory(prefix="tuxpaint-") as tmp:
+        if src.is_file():
+            dpkg = shutil.which("dpkg-deb")
+            if dpkg is None:
+                raise RuntimeError(f"dpkg-deb not found: install dpkg, or unpack {src.name} elsewhere and pass the folder.")
+            proc = subprocess.run([dpkg, "-x", str(src), tmp], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise DatasetError(f"`dpkg-deb -x {src}` failed: {proc.stderr.strip()[-500:]}. Is it a valid .deb?")
+            stamps = _find_stamps(Path(tmp))
+        else:
+            stamps = _find_stamps(src)
+        pairs, skipped = _collect(stamps)
+        if not pairs:
+            raise DatasetError(f"no usable stamp (PNG with an English description) under {stamps}.")
+        split_of = _assign_splits([r for r, _, _ in pairs], seed, fractions)
+
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            rows: dict[str, list[dict]] = {s: [] for s in SPLIT_NAMES}
+            for rel, png, caption in pairs:
+                try:
+                    img = _convert(png, size)
+                except Exception as exc:
+                    skipped["unreadable image"] += 1
+                    log.warning("skipping %s: %s: %s", rel, type(exc).__name__, exc)
+                    continue
+                split = split_of[rel]
+                dest = build / split / f"{rel}.png"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                img.save(dest)
+                rows[split].append({"file_name": f"{rel}.png", "caption": caption})
+            for split, split_rows in rows.items():
+                if split_rows:
+                    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows)
+                    (build / split / "metadata.jsonl").write_text(lines, encoding="utf-8")
+            captions = [r["caption"] for rs in rows.values() for r in rs]
+            summary = {
+                "pairs": len(captions),
+                "distinct_captions": len(set(captions)),
+                "splits": {s: len(rs) for s, rs in rows.items()},
+                "skipped": dict(sorted(skipped.items())),
+            }
+            marker = {"source": source, "params": params, "summary": summary, "package": DEB_PACKAGE}
+            (build / MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked above)
+            os.replace(build, out_dir)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+    log.info("Tux Paint dataset in %s: %s", out_dir, json.dumps(summary))
+    return out_dir
+
+
+def read_summary(out_dir: str | Path) -> dict:
+    """The summary stored by prepare_tuxpaint: pairs, distinct_captions, splits, skipped."""
+    return json.loads((Path(out_dir) / MARKER).read_text(encoding="utf-8"))["summary"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m extract.tuxpaint DEB_OR_DIR OUT``: build the dataset and print its summary as JSON."""
+    ap = argparse.ArgumentParser(prog="python -m extract.tuxpaint", description=__doc__.split("\n\n")[0])
+    ap.add_argument("deb_or_dir", help=f"the {DEB_PACKAGE} .deb, its unpacked folder, or (--fetch) a download folder")
+    ap.add_argument("out_dir", help="output imagefolder dataset (train/ val/ test/ with metadata.jsonl)")
+    ap.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    ap.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"max image side in px (default {DEFAULT_SIZE})")
+    ap.add_argument("--fractions", type=float, nargs=3, default=DEFAULT_FRACTIONS, metavar=("TRAIN", "VAL", "TEST"))
+    ap.add_argument("--fetch", action="store_true", help="download the .deb into DEB_OR_DIR with apt-get if absent")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        src = fetch_tuxpaint_deb(args.deb_or_dir) if args.fetch else Path(args.deb_or_dir)
+        out = prepare_tuxpaint(src, args.out_dir, seed=args.seed, fractions=tuple(args.fractions), size=args.size)
+    except (DatasetError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(read_summary(out), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The extract stage end to end on generated fixtures and tiny random encoders."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from extract import datasets as D
+from extract.cli import main as extract_cli
+from extract.encoders import get_spec, image_transform, load_encoder
+from extract.run import extract
+from pipeline.cache import EntryWriter, StaleCacheError, find_entry
+from pipeline.config import load_config
+from pipeline.join import join_pairs
+from tests.fixtures import make_flickr30k, make_imagefolder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def flickr(tmp_path_factory):
+    return make_flickr30k(tmp_path_factory.mktemp("flickr"), n_per_split=(6, 3, 5))
+
+
+def _cfg(data_dir, cache, encoders=("tiny-resnet", "tiny-gpt2"), **extract_opts):
+    opts = {"data.data_dir": str(data_dir), "data.cache": str(cache), "data.dataset": "flickr30k",
+            "extract.encoders": tuple(encoders), "extract.split": "test", "extract.workers": 0,
+            "extract.batch_size": 2, "extract.chunk_rows": 4}
+    opts.update({f"extract.{k}": v for k, v in extract_opts.items()})
+    return load_config(ROOT / "pipeline.toml", options=opts)
+
+
+@pytest.mark.parametrize("fmt", ["h5", "zarr"])
+def test_features_match_direct_forward_by_id(flickr, tmp_path, fmt):
+    """Rows land under the right ids: each row equals the encoder run on that sample alone."""
+    cfg = _cfg(flickr, tmp_path, ("tiny-resnet", "tiny-dinov2", "tiny-gpt2"), format=fmt)
+    entries = {e.name: e for e in extract(cfg)}
+    split = D.load_split("flickr30k", flickr, "test")
+    assert list(entries["tiny-resnet"].ids) == [it.id for it in split.items]
+    for name in ("tiny-resnet", "tiny-dinov2"):
+        enc = load_encoder(get_spec(name))
+        tf = image_transform(enc.spec.prep)
+        with torch.inference_mode():
+            direct = enc(torch.stack([tf(split.load_image(i)) for i in range(len(split))])).numpy()
+        np.testing.assert_allclose(entries[name].features(), direct, rtol=1e-4, atol=1e-5)
+    rows = split.caption_rows("longest")
+    text = entries["tiny-gpt2"]
+    assert list(text.ids) == [r.id for r in rows]
+    enc = load_encoder(get_spec("tiny-gpt2"))
+    with torch.inference_mode():
+        one = enc(enc.tokenize([rows[3].text])).numpy()
+    np.testing.assert_allclose(text.features()[3], one[0], rtol=1e-4, atol=1e-5)
+    key = text.key
+    assert key["captions"] == "longest" and key["split"] == "test" and key["fingerprint"] == split.fingerprint()
+    assert text.provenance["versions"]["torch"] and text.provenance["items_per_s"] > 0
+
+
+def test_image_encoders_share_one_decoding_pass(flickr, tmp_path, monkeypatch):
+    calls = []
+    original = D.Split.load_image
+
+    def counting(self, i):
+        calls.append(i)
+        return original(self, i)
+
+    monkeypatch.setattr(D.Split, "load_image", counting)
+    extract(_cfg(flickr, tmp_path, ("tiny-resnet", "tiny-dinov2", "tiny-clip-image")))
+    assert sorted(calls) == list(range(5))
+
+
+def test_caption_policy_all_and_join(flickr, tmp_path):
+    cfg = _cfg(flickr, tmp_path)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, captions="all"))
+    img, txt = extract(cfg)
+    assert txt.n == 25 and txt.ids[0].endswith("#0") and txt.key["captions"] == "all"
+    pairs = join_pairs(img, txt)
+    assert len(pairs.image_rows) == 5 and np.bincount(pairs.text_to_image).tolist() == [5] * 5
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_extraction_resumes_to_the_same_result(flickr, tmp_path, monkeypatch):
+    full = {e.name: e.features() for e in extract(_cfg(flickr, tmp_path / "a", chunk_rows=2, batch_size=1))}
+    original = EntryWriter.write_chunk
+    written = []
+
+    def crash_after_two(self, *args, **kwargs):
+        if len(written) == 2:
+            raise _Interrupt()
+        written.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EntryWriter, "write_chunk", crash_after_two)
+    with pytest.raises(_Interrupt):
+        extract(_cfg(flickr, tmp_path / "b", chunk_rows=2, batch_size=1))
+    monkeypatch.setattr(EntryWriter, "write_chunk", original)
+    resumed = {e.name: e.features() for e in extract(_cfg(flickr, tmp_path / "b", chunk_rows=2, batch_size=1))}
+    for name in full:
+        np.testing.assert_array_equal(resumed[name], full[name])
+
+
+@pytest.mark.slow
+def test_kill_9_mid_extraction_then_resume(tmp_path):
+    """A real SIGKILL while chunks are being written; the rerun finishes and equals a clean run."""
+    data = make_flickr30k(tmp_path / "data", n_per_split=(2, 2, 60))
+    args = [sys.executable, "-m", "extract.cli", "--encoder", "tiny-resnet", "--data-dir", str(data),
+            "--split", "test", "--workers", "0", "--batch-size", "1", "--set", "extract.chunk_rows=1"]
+    staging = tmp_path / "b" / "flickr30k" / "test" / "tiny-resnet.h5.partial"
+    proc = subprocess.Popen(args + ["--cache", str(tmp_path / "b")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(staging.glob("chunk-*.npz"))) < 3:
+        assert proc.poll() is None, "extraction exited before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(staging.glob("chunk-*.npz")))
+    assert 3 <= done_before < 60, "the kill should land mid-extraction"
+    subprocess.run(args + ["--cache", str(tmp_path / "b")], cwd=ROOT, check=True)
+    subprocess.run(args + ["--cache", str(tmp_path / "a")], cwd=ROOT, check=True)
+    a = find_entry(tmp_path / "a", "flickr30k", "test", "tiny-resnet")
+    b = find_entry(tmp_path / "b", "flickr30k", "test", "tiny-resnet")
+    assert list(a.ids) == list(b.ids)
+    np.testing.assert_array_equal(a.features(), b.features())
+
+
+def test_stale_cache_refused_then_forced(flickr, tmp_path):
+    extract(_cfg(flickr, tmp_path, ("tiny-gpt2",)))
+    other = _cfg(flickr, tmp_path, ("tiny-gpt2",), encoder_options={"tiny-gpt2": {"pooling": "last"}})
+    with pytest.raises(StaleCacheError, match="--force"):
+        extract(other)
+    (entry,) = extract(other, force=True)
+    assert entry.key["encoder"]["pooling"] == "last"
+
+
+def test_layers_all(flickr, tmp_path):
+    (entry,) = extract(_cfg(flickr, tmp_path, ("tiny-gpt2",), layers="all"))
+    enc = load_encoder(get_spec("tiny-gpt2"))
+    assert len(entry.layers) == enc.num_layers and entry.features(layer=entry.layers[-1]).shape[0] == 5
+
+
+def _corrupt_one(folder: Path) -> str:
+    split = D.load_split("flickr30k", folder, "test")
+    victim = Path(split.items[1].image)
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated JPEG
+    return split.items[1].id
+
+
+def test_corrupt_image_errors_or_is_skipped_and_recorded(tmp_path):
+    data = make_flickr30k(tmp_path / "data", n_per_split=(2, 2, 5))
+    bad = _corrupt_one(data)
+    with pytest.raises(D.ImageError, match=f"{bad}.*--on-error skip"):
+        extract(_cfg(data, tmp_path / "c1"))
+    img, txt = extract(_cfg(data, tmp_path / "c2", on_error="skip"))
+    assert bad not in img.ids and img.n == 4 and txt.n == 5
+    assert [s["id"] for s in img.skipped] == [bad]
+    pairs = join_pairs(img, txt)  # the skip is recorded, so the join drops the caption with a warning
+    assert len(pairs.text_rows) == 4
+
+
+def test_empty_caption_error_and_skip(tmp_path):
+    data = make_imagefolder(tmp_path / "data", splits=("test",), n=4)
+    meta = data / "test" / "metadata.jsonl"
+    lines = meta.read_text().splitlines()
+    import json
+    row = json.loads(lines[2])
+    row["caption"] = "   "
+    lines[2] = json.dumps(row)
+    meta.write_text("\n".join(lines) + "\n")
+    base = {"data.dataset": "imagefolder", "data.data_dir": str(data), "extract.split": "test",
+            "extract.encoders": ("tiny-resnet", "tiny-bert"), "extract.workers": 0}
+    with pytest.raises(D.DatasetError, match="empty"):
+        extract(load_config(ROOT / "pipeline.toml", options={**base, "data.cache": str(tmp_path / "c1")}))
+    img, txt = extract(load_config(ROOT / "pipeline.toml", options={
+        **base, "data.cache": str(tmp_path / "c2"), "data.on_empty": "skip"}))
+    assert txt.n == 3 and len(txt.skipped) == 1 and len(join_pairs(img, txt).image_rows) == 3
+
+
+def test_cli_end_to_end_and_errors(flickr, tmp_path):
+    runner = CliRunner()
+    base = ["--data-dir", str(flickr), "--cache", str(tmp_path), "--split", "val", "--workers", "0"]
+    res = runner.invoke(extract_cli, ["--encoder", "tiny-resnet,tiny-bert", *base])
+    assert res.exit_code == 0, res.output
+    assert "tiny-resnet" in res.output and find_entry(tmp_path, "flickr30k", "val", "tiny-bert").n == 3
+    res = runner.invoke(extract_cli, ["--encoder", "resnet-18", *base])
+    assert res.exit_code != 0 and "resnet18" in res.output
+    res = runner.invoke(extract_cli, ["--encoder", "tiny-resnet", "--set", "extract.batchsize=3", *base])
+    assert res.exit_code != 0 and "extract.batch_size" in res.output
+    res = runner.invoke(extract_cli, ["--list-encoders"])
+    assert res.exit_code == 0 and "dinov2-base" in res.output and "gpt2" in res.output
+    res = runner.invoke(extract_cli, ["--help"])
+    assert "--encoder" in res.output and "--precision" in res.output
+
+
+def test_split_all_extracts_every_split(flickr, tmp_path):
+    cfg = _cfg(flickr, tmp_path, ("tiny-resnet",), split="all")
+    names = sorted((e.key["split"], e.n) for e in extract(cfg))
+    assert names == [("test", 5), ("train", 6), ("val", 3)]
+
+
+def test_bf16_features_agree_with_fp32(flickr, tmp_path):
+    from analyze.metrics import cka
+
+    a = extract(_cfg(flickr, tmp_path / "a", ("tiny-resnet",)))[0].features()
+    b = extract(_cfg(flickr, tmp_path / "b", ("tiny-resnet",), precision="bf16"))[0].features()
+    assert cka(a, b) > 0.95

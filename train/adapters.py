@@ -1,0 +1,113 @@
+"""Adapters: small trainable maps from a frozen encoder's features into the shared space.
+
+Every adapter maps (batch, d_in) -> (batch, dim). The kinds (``ADAPTERS``):
+
+* ``linear``      d_in -> dim (the methods draft's default)
+* ``mlp``         d_in -> hidden -> dim, GELU in between
+* ``bottleneck``  d_in -> bottleneck -> dim, GELU in between
+* ``residual``    d_in -> dim, then ``depth`` pre-norm residual MLP blocks
+                  (x + W2 GELU(W1 LayerNorm(x)), width ``hidden``), as in FuseMix / Freeze-Align
+
+``AlignModel`` holds one adapter per modality and the InfoNCE temperature.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig
+
+MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learnable logit scale 1/tau (so tau >= 0.01)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm residual MLP block: (batch, dim) -> (batch, dim)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def _linear(d_in: int, cfg: TrainConfig) -> nn.Module:
+    return nn.Linear(d_in, cfg.dim)
+
+
+def _two_layer(width: int) -> Callable[[int, TrainConfig], nn.Module]:
+    def build(d_in: int, cfg: TrainConfig) -> nn.Module:
+        w = cfg.hidden if width == 0 else cfg.bottleneck
+        return nn.Sequential(nn.Linear(d_in, w), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(w, cfg.dim))
+    return build
+
+
+def _residual(d_in: int, cfg: TrainConfig) -> nn.Module:
+    blocks = [ResidualBlock(cfg.dim, cfg.hidden, cfg.dropout) for _ in range(cfg.depth)]
+    return nn.Sequential(nn.Linear(d_in, cfg.dim), *blocks)
+
+
+# name -> builder(d_in, TrainConfig) -> module mapping (batch, d_in) -> (batch, cfg.dim)
+ADAPTERS: dict[str, Callable[[int, TrainConfig], nn.Module]] = {
+    "linear": _linear,
+    "mlp": _two_layer(0),
+    "bottleneck": _two_layer(1),
+    "residual": _residual,
+}
+
+
+def check_adapter_name(name: str) -> None:
+    if name not in ADAPTERS:
+        close = difflib.get_close_matches(name, list(ADAPTERS), n=2)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"Unknown adapter {name!r}.{hint} Choose one of: {', '.join(ADAPTERS)}.")
+
+
+def build_adapter(d_in: int, cfg: TrainConfig) -> nn.Module:
+    """An adapter of kind ``cfg.adapter`` mapping (batch, d_in) -> (batch, cfg.dim)."""
+    check_adapter_name(cfg.adapter)
+    return ADAPTERS[cfg.adapter](d_in, cfg)
+
+
+class AlignModel(nn.Module):
+    """One adapter per modality plus the temperature.
+
+    ``log_scale`` holds log(1/tau); it is a parameter only when the temperature is learnable
+    (then clamped to 1/tau <= ``MAX_LOGIT_SCALE`` after each step, as CLIP does).
+    """
+
+    def __init__(self, dims: Mapping[str, int], cfg: TrainConfig):
+        super().__init__()
+        self.adapters = nn.ModuleDict({m: build_adapter(d, cfg) for m, d in dims.items()})
+        init = torch.tensor(math.log(1.0 / cfg.temperature), dtype=torch.float32)
+        if cfg.learnable_temperature:
+            self.log_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("log_scale", init)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.adapters)
+
+    def logit_scale(self) -> torch.Tensor:
+        """Scalar tensor 1/tau (never above ``MAX_LOGIT_SCALE``)."""
+        return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def temperature(self) -> float:
+        """Current tau = 1 / logit scale."""
+        return float(1.0 / self.logit_scale().detach())
+
+    def clamp_temperature(self) -> None:
+        """CLIP's in-place clamp of the learnable scale to [1, MAX_LOGIT_SCALE]."""
+        with torch.no_grad():
+            self.log_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+
+    def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """(batch, d_modality) -> (batch, dim), not normalised."""
+        return self.adapters[modality](x)

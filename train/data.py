@@ -1,0 +1,198 @@
+"""Reading the cached features of every modality, joining them by sample id, and moving
+them to the training device once.
+
+Shapes: each modality ``m`` of a split keeps *all* rows of its cache entry as a float32 tensor
+``features[m]`` (n_m, d_m) on the training device (standardised with train-split statistics),
+and ``pairs`` (n_pairs, M) says which row of each modality forms pair ``p``:
+
+* two modalities (image, text): one pair per caption row, ``join_pairs`` style. With the
+  ``all`` caption policy an image appears in five pairs (once per caption).
+* more than two modalities: one pair per image (``join_rows``; caption entries contribute
+  their first caption).
+
+Training batches index these device tensors with a device permutation: no disk reads and no
+host-to-device copies per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheError, Entry, find_entry
+from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.join import join_pairs, join_rows
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")  # train: fit; val: choose the epoch; test: final numbers
+STD_FLOOR = 1e-6  # feature std below this is treated as constant (divided by 1 instead)
+
+
+class TrainError(RuntimeError):
+    """A problem with the training inputs or the run (message says what to do)."""
+
+
+def modality_entries(tc: TrainConfig) -> dict[str, str]:
+    """Ordered {modality name: cache entry}: image, text, then ``tc.modalities`` (which may
+    also replace ``image`` or ``text``)."""
+    out = {"image": tc.image, "text": tc.text}
+    out.update({str(k): str(v) for k, v in tc.modalities.items()})
+    return out
+
+
+def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
+    """The cache entry of one split, with an error naming the split and the command to run."""
+    try:
+        e = find_entry(cfg.data.cache, cfg.data.dataset, split, entry)
+    except CacheError as exc:
+        raise TrainError(
+            f"fit-adapters needs entry {entry!r} for the {split!r} split of dataset "
+            f"{cfg.data.dataset!r} in cache {cfg.data.cache!r}. Run `extract --cache {cfg.data.cache} "
+            f"--encoder {entry.split('@')[0]} --split {split}` first. ({exc})") from None
+    if e.n == 0:
+        raise TrainError(f"Cache entry {entry!r} of split {split!r} ({e.path}) is empty (0 rows); "
+                         f"re-extract it (`extract --encoder {entry.split('@')[0]} --split {split} --force`).")
+    return e
+
+
+def read_features(entry: Entry) -> np.ndarray:
+    """(n, d) float32 features of an entry; NaN/inf is an error naming the first bad row id."""
+    x = entry.features()
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise TrainError(
+            f"Cache entry {entry.name!r} ({entry.path}) has non-finite features (NaN or inf) in "
+            f"{int((~finite).sum())} rows; first row id {entry.ids[bad]!r}. Re-extract it with "
+            f"--force (and --precision fp32).")
+    return x
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Rows of the retrieval protocol for one pair of modalities (a, b).
+
+    rows_a: (n_a,) entry rows of modality a (one per image); rows_b: (n_b,) entry rows of
+    modality b (one per caption); b_to_a: (n_b,) index into ``rows_a`` of each caption's image.
+    """
+
+    rows_a: torch.Tensor
+    rows_b: torch.Tensor
+    b_to_a: torch.Tensor
+
+
+@dataclass
+class SplitData:
+    """One split on the training device.
+
+    features: modality -> (n_m, d_m) float32, standardised, every row of the source entry.
+    pairs: (n_pairs, M) long, the entry row of each modality (column order = ``modalities``).
+    retrieval: (modality a, modality b) -> Retrieval rows for every pair of modalities.
+    entries: modality -> source cache Entry.
+    """
+
+    name: str
+    modalities: list[str]
+    features: dict[str, torch.Tensor]
+    pairs: torch.Tensor
+    retrieval: dict[tuple[str, str], Retrieval]
+    entries: dict[str, Entry]
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.pairs.shape[0])
+
+
+@dataclass
+class Stats:
+    """Per-modality standardisation from the train split: x' = (x - mean) / std.
+
+    mean, std: modality -> (d_m,) float32 numpy arrays (mean 0, std 1 when disabled).
+    """
+
+    mean: dict[str, np.ndarray]
+    std: dict[str, np.ndarray]
+
+    def apply(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """(n, d_m) -> (n, d_m) standardised, on x's device."""
+        mean = torch.as_tensor(self.mean[modality], device=x.device)
+        std = torch.as_tensor(self.std[modality], device=x.device)
+        return (x - mean) / std
+
+
+@dataclass
+class TrainData:
+    """Every split plus the train-split statistics. dims: modality -> input dimension."""
+
+    splits: dict[str, SplitData]
+    stats: Stats
+    dims: dict[str, int]
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.dims)
+
+
+def _join(entries: Mapping[str, Entry]) -> tuple[np.ndarray, dict[tuple[str, str], tuple]]:
+    """(n_pairs, M) entry rows per pair, and retrieval rows (numpy) per modality pair."""
+    mods = list(entries)
+    if len(mods) == 2:
+        p = join_pairs(entries[mods[0]], entries[mods[1]])
+        pairs = np.stack([p.image_rows[p.text_to_image], p.text_rows], axis=1)
+        return pairs, {(mods[0], mods[1]): (p.image_rows, p.text_rows, p.text_to_image)}
+    _, rows = join_rows([entries[m] for m in mods])
+    pairs = np.stack(rows, axis=1)
+    n = len(pairs)
+    retrieval = {(a, b): (rows[i], rows[j], np.arange(n))
+                 for i, a in enumerate(mods) for j, b in enumerate(mods) if i < j}
+    return pairs, retrieval
+
+
+def _stats(features: Mapping[str, np.ndarray], used_rows: Mapping[str, np.ndarray], standardize: bool) -> Stats:
+    mean, std = {}, {}
+    for m, x in features.items():
+        rows = x[np.unique(used_rows[m])].astype(np.float64)
+        if standardize:
+            mu, sd = rows.mean(0), rows.std(0)
+            sd = np.where(sd < STD_FLOOR, 1.0, sd)
+        else:
+            mu, sd = np.zeros(x.shape[1]), np.ones(x.shape[1])
+        mean[m], std[m] = mu.astype(np.float32), sd.astype(np.float32)
+    return Stats(mean, std)
+
+
+def _check_dims(split: str, feats: Mapping[str, np.ndarray], dims: Mapping[str, int], entries) -> None:
+    for m, x in feats.items():
+        if x.shape[1] != dims[m]:
+            raise TrainError(f"Entry {entries[m].name!r} has {x.shape[1]}-d features in split {split!r} but "
+                             f"{dims[m]}-d in 'train'; the splits were extracted with different encoders. "
+                             f"Re-extract with --force.")
+
+
+def load_data(cfg: PipelineConfig, device: torch.device) -> TrainData:
+    """Open, check, join and standardise every split; features end up on ``device``."""
+    names = modality_entries(cfg.train)
+    entries = {s: {m: open_entry_for(cfg, s, e) for m, e in names.items()} for s in SPLITS}
+    raw, joined = {}, {}
+    for s in SPLITS:
+        raw[s] = {m: read_features(e) for m, e in entries[s].items()}
+        joined[s] = _join(entries[s])
+    dims = {m: x.shape[1] for m, x in raw["train"].items()}
+    train_pairs = joined["train"][0]
+    stats = _stats(raw["train"], {m: train_pairs[:, j] for j, m in enumerate(names)}, cfg.train.standardize)
+    splits = {}
+    for s in SPLITS:
+        _check_dims(s, raw[s], dims, entries[s])
+        pairs, retrieval = joined[s]
+        feats = {m: stats.apply(m, torch.from_numpy(x).to(device)) for m, x in raw[s].items()}
+        ret = {k: Retrieval(*(torch.as_tensor(np.asarray(r), dtype=torch.long, device=device) for r in v))
+               for k, v in retrieval.items()}
+        splits[s] = SplitData(s, list(names), feats, torch.as_tensor(pairs, dtype=torch.long, device=device),
+                              ret, entries[s])
+        del raw[s]
+    return TrainData(splits, stats, dims)

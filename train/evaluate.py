@@ -1,0 +1,100 @@
+"""Evaluation during and after training: embeddings, retrieval recall, and linear CKA against
+a reference model's features."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheError, find_entry
+from pipeline.config import PipelineConfig
+from pipeline.join import join_rows
+from train.adapters import AlignModel
+from train.data import SplitData, TrainData, TrainError, read_features
+from train.retrieval import recall_at_k
+
+log = logging.getLogger(__name__)
+
+EMBED_BLOCK = 8192  # rows embedded at once (bounds activation memory at evaluation)
+
+
+@torch.no_grad()
+def embed(model: AlignModel, modality: str, x: torch.Tensor) -> torch.Tensor:
+    """(n, d_modality) standardised features -> (n, dim) adapter outputs (not normalised)."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(modality, x[s:s + EMBED_BLOCK]) for s in range(0, max(1, x.shape[0]), EMBED_BLOCK)])
+    model.train(was_training)
+    return out
+
+
+def check_finite(model: AlignModel) -> bool:
+    """True when every parameter and buffer is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in list(model.parameters()) + list(model.buffers()))
+
+
+def retrieval_metrics(model: AlignModel, split: SplitData) -> dict[str, float]:
+    """Recall of the primary pair (first two modalities) on one split; with more than two
+    modalities also ``<a>-<b>/<key>`` for every other pair."""
+    out: dict[str, float] = {}
+    for n, ((a, b), r) in enumerate(split.retrieval.items()):
+        ea = embed(model, a, split.features[a][r.rows_a])
+        eb = embed(model, b, split.features[b][r.rows_b])
+        res = recall_at_k(ea, eb, r.b_to_a)
+        out.update(res if n == 0 else {f"{a}-{b}/{k}": v for k, v in res.items()})
+    return out
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of (n, d_x) and (n, d_y) features (Kornblith et al. 2019), feature-space form:
+    ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc; float64."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    num = torch.linalg.matrix_norm(y.T @ x) ** 2
+    den = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    return float(num / den) if den > 0 else float("nan")
+
+
+@dataclass
+class Reference:
+    """A reference model's val features lined up with the first two modalities, one row per image.
+
+    features: (n, d_ref) on the training device; rows: modality -> (n,) entry rows of that
+    modality; raw_cka: modality -> CKA of the unaligned (standardised) features with the reference.
+    """
+
+    name: str
+    features: torch.Tensor
+    rows: dict[str, torch.Tensor]
+    raw_cka: dict[str, float]
+
+    def cka(self, model: AlignModel, split: SplitData) -> dict[str, float]:
+        """modality -> linear CKA(aligned embeddings, reference) on this split's rows."""
+        return {m: linear_cka(embed(model, m, split.features[m][r]), self.features) for m, r in self.rows.items()}
+
+
+def load_reference(cfg: PipelineConfig, data: TrainData, required: bool) -> Reference | None:
+    """The reference entry on the val split, or None (with one warning) when it is not cached
+    and not ``required``. Empty ``cfg.train.reference`` means no reference."""
+    name = cfg.train.reference
+    if not name:
+        return None
+    val = data.splits["val"]
+    try:
+        ref = find_entry(cfg.data.cache, cfg.data.dataset, "val", name)
+    except CacheError as exc:
+        if required:
+            raise TrainError(f"Reference entry {name!r} is not in the cache for the val split: {exc} "
+                             f"Extract it (`extract --encoder {name} --split val`) or pass --reference ''.") from None
+        log.warning("reference entry %r not cached for %s/val: skipping the CKA curve", name, cfg.data.dataset)
+        return None
+    mods = val.modalities[:2]
+    _, rows = join_rows([val.entries[m] for m in mods] + [ref])
+    dev = val.pairs.device
+    ref_x = torch.from_numpy(read_features(ref)[rows[-1]]).to(dev)
+    mod_rows = {m: torch.as_tensor(r, device=dev) for m, r in zip(mods, rows)}
+    raw = {m: linear_cka(val.features[m][r], ref_x) for m, r in mod_rows.items()}
+    return Reference(name, ref_x, mod_rows, raw)

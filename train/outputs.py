@@ -1,0 +1,126 @@
+"""The run folder (``<cache>/runs/<name>``) and the aligned entries written back to the cache.
+
+Run folder files:
+    adapters.safetensors, adapters.json   best-epoch adapters + sources + statistics (train.api)
+    config.json                           the resolved pipeline configuration
+    history.csv                           one row per epoch: loss, lr, temperature, val recall, val CKA
+    metrics.json                          test recall of the adapters and baselines, best epoch, sizes
+    curves.png                            loss, recall and CKA curves over epochs
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from pipeline.cache import entry_filename, entry_path, write_entry
+from pipeline.config import PipelineConfig
+from train.adapters import AlignModel
+from train.data import TrainData
+from train.evaluate import embed
+
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+CURVES = "curves.png"
+CONFIG = "config.json"
+
+
+def default_run_name(cfg: PipelineConfig) -> str:
+    """``cfg.train.name``, else ``<image>-<text>[-<extra>...]-<adapter>``."""
+    tc = cfg.train
+    if tc.name:
+        return tc.name
+    from train.data import modality_entries
+
+    return "-".join([*modality_entries(tc).values(), tc.adapter])
+
+
+def run_dir_for(cfg: PipelineConfig, name: str) -> Path:
+    return Path(cfg.data.cache) / "runs" / entry_filename(name)
+
+
+def write_json(path: Path, doc: Mapping) -> None:
+    path.write_text(json.dumps(doc, indent=1, sort_keys=False, default=str) + "\n")
+
+
+def write_history(run_dir: Path, history: Sequence[Mapping]) -> None:
+    """history.csv: one row per epoch; columns = union of the keys, in first-seen order."""
+    fields: list[str] = []
+    for row in history:
+        fields += [k for k in row if k not in fields]
+    with open(run_dir / HISTORY, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(history)
+
+
+def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str, float] | None) -> Path:
+    """curves.png: train loss; val recall; val CKA with the reference (dashed: unaligned features)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(epochs, [r["train_loss"] for r in history])
+    axes[0].set(title="train loss (symmetric InfoNCE)", xlabel="epoch", ylabel="loss")
+    for key in ("val_mean_R", "val_i2t_R@1", "val_t2i_R@1", "val_i2t_R@10", "val_t2i_R@10"):
+        pts = [(e, r[key]) for e, r in zip(epochs, history) if key in r and not math.isnan(r[key])]
+        if pts:
+            axes[1].plot(*zip(*pts), marker=".", label=key[4:])
+    axes[1].set(title="val retrieval", xlabel="epoch", ylabel="recall", ylim=(0, 1))
+    axes[1].legend(fontsize=8)
+    cka_keys = [k for k in (history[0] if history else {}) if k.startswith("val_cka_")]
+    for key in cka_keys:
+        pts = [(e, r[key]) for e, r in zip(epochs, history) if not math.isnan(r[key])]
+        line = axes[2].plot(*zip(*pts), marker=".", label=f"aligned {key[8:]}")[0] if pts else None
+        raw = (raw_cka or {}).get(key[8:])
+        if raw is not None and line is not None:
+            axes[2].axhline(raw, ls="--", color=line.get_color(), label=f"raw {key[8:]}")
+    axes[2].set(title="val linear CKA with reference" if cka_keys else "no reference entry", xlabel="epoch")
+    if cka_keys:
+        axes[2].legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    path = run_dir / CURVES
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_aligned_entries(cfg: PipelineConfig, run_name: str, run_dir: Path, model: AlignModel,
+                          data: TrainData, adapter_sha256: str) -> dict[str, dict[str, str]]:
+    """Embed every row of every split's source entries and write ``<entry>@<run>`` entries
+    next to them (same format); returns {split: {modality: entry name}}."""
+    written: dict[str, dict[str, str]] = {}
+    for split, sd in data.splits.items():
+        for m, entry in sd.entries.items():
+            name = f"{entry.name}@{run_name}"
+            emb = embed(model, m, sd.features[m]).cpu().numpy().astype(np.float32)
+            fmt = entry.path.suffix.lstrip(".")
+            key = {"entry": name, "run": run_name, "source": entry.key, "adapter_sha256": adapter_sha256,
+                   "dataset": cfg.data.dataset, "split": split}
+            prov = {"run_dir": str(run_dir.resolve()), "source_entry": entry.name, "source_path": str(entry.path),
+                    "modality": m, "adapter": cfg.train.adapter, "normalised": False}
+            write_entry(entry_path(cfg.data.cache, cfg.data.dataset, split, name, fmt), name, entry.ids, emb,
+                        key, prov)
+            written.setdefault(split, {})[m] = name
+    return written
+
+
+def summary_table(test: Mapping[str, Mapping[str, float]]) -> str:
+    """Plain-text table: one row per method, recall in percent."""
+    cols = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R"]
+    lines = [f"{'method':<12}" + "".join(f"{c:>10}" for c in cols)]
+    for method, res in test.items():
+        lines.append(f"{method:<12}" + "".join(f"{100 * res.get(c, float('nan')):>10.2f}" for c in cols))
+    return "\n".join(lines)
