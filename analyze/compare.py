@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 RUNS_FOLDER = "runs"  # fit-adapters run folders live in <cache>/runs/<run>/
 RECALL_PREFIXES = ("i2t_R@", "t2i_R@")  # retrieval keys in a run's metrics.json (train.retrieval)
+ASYMMETRIC = {"cycle_knn", "cknna"}  # registry metrics whose value depends on the argument order (a test
+#                             sweeps METRICS to check that every other one is symmetric)
 ADAPTER_METHODS = ("infonce", "adapters")  # names of the trained adapters' row in metrics.json "test"
 
 
@@ -154,11 +156,11 @@ def check_paired(features: Mapping[str, np.ndarray]) -> int:
 # ----------------------------------------------------------------------------- pairwise scores
 def pairwise_scores(features: Mapping[str, np.ndarray], metrics: Mapping[str, Callable], k: int
                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Score every ordered pair of representations with every metric.
+    """Score every pair of representations with every metric.
 
     features: {name: (n, d_name)}, rows paired. Returns ({metric: (e, e) matrix, entry [i, j] =
-    metric(features[i], features[j])}, {metric: seconds}). All ordered pairs are computed, so
-    asymmetric metrics (cycle_knn) are shown correctly."""
+    metric(features[i], features[j])}, {metric: seconds}). Symmetric metrics are computed for
+    i <= j and mirrored; those in ``ASYMMETRIC`` for every ordered pair."""
     n = check_paired(features)
     check_k(metrics, k, n)
     names = list(features)
@@ -168,7 +170,10 @@ def pairwise_scores(features: Mapping[str, np.ndarray], metrics: Mapping[str, Ca
         S = np.full((len(names), len(names)), np.nan)
         for i, a in enumerate(names):
             for j, b in enumerate(names):
-                S[i, j] = fn(features[a], features[b], **metric_kwargs(fn, k))
+                if j >= i or m in ASYMMETRIC:
+                    S[i, j] = fn(features[a], features[b], **metric_kwargs(fn, k))
+                else:
+                    S[i, j] = S[j, i]
         out[m], seconds[m] = S, time.perf_counter() - t0
     return out, seconds
 

@@ -104,7 +104,7 @@ class ScaledSqDist:
     """
 
     def __init__(self, X: torch.Tensor, scale: float = 1.0):
-        sq = (X * X).sum(dim=1, keepdim=True)
+        sq = sq_row_norms(X)[:, None]
         one = torch.ones_like(sq)
         self.sq_norms = sq[:, 0]  # (n,) squared row norms
         self.P = torch.cat([X, sq, one], dim=1)
@@ -118,6 +118,11 @@ class ScaledSqDist:
         if I == J:
             D.fill_diagonal_(0.0)
         return D
+
+
+def sq_row_norms(X: torch.Tensor) -> torch.Tensor:
+    """(n,) squared row norms of X: (n, d), without an (n, d) temporary."""
+    return torch.linalg.vector_norm(X, dim=1) ** 2
 
 
 def centered(X: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from analyze.kernels import (ScaledSqDist, as_features, centered, resolve_device, resolve_sigma,
-                             tile_size, upper_tiles)
+                             sq_row_norms, tile_size, upper_tiles)
 
 DEFAULT_K = 10  # neighbours per sample for the kNN metrics (Huh et al. 2024)
 DEFAULT_SVCCA_DIM = 10  # top singular directions kept per side by svcca (Raghu et al. 2017)
@@ -135,7 +135,7 @@ def _linear_sums(X: torch.Tensor, Y: torch.Tensor) -> _GramSums:
         return torch.linalg.matrix_norm(A.T @ B) ** 2
 
     return _GramSums(sq_frob(X, Y), sq_frob(X, X), sq_frob(Y, Y), zeros, zeros,
-                     (X * X).sum(dim=1), (Y * Y).sum(dim=1))
+                     sq_row_norms(X), sq_row_norms(Y))
 
 
 def _rbf_sums(X: torch.Tensor, Y: torch.Tensor, sigma_x: float, sigma_y: float, b: int) -> _GramSums:

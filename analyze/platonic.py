@@ -67,6 +67,7 @@ SUBSAMPLE_FRACTION = 0.8  # kNN metrics: rows kept per subsample (m-out-of-n, wi
 FAST_MAX_ROWS = 4096  # fast paths hold five (n, n) float64 matrices (5 x 128 MiB at this n)
 FAST_TOLERANCE = 1e-6  # a fast path must reproduce the library metric to this absolute error ...
 CHECK_ROWS = 128  # ... on this many rows, checked before each use
+SLOW_WARNING_S = 60.0  # warn (with the estimate) when a metric without a fast path will take longer, seconds
 TERMS = ("before_image", "before_text", "after_image", "after_text")
 SIDES = ("image", "text")
 TERM_COLORS = {"before_image": "#9ecae1", "before_text": "#fdae6b", "after_image": "#3182bd", "after_text": "#e6550d"}
@@ -340,7 +341,13 @@ def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray
         t0 = time.perf_counter()
         kwargs = metric_kwargs(fn, k)
         engine = _engine(name, fn, kwargs, reps, ref, use_fast)
+        t1 = time.perf_counter()
         point = engine.resample(np.arange(n)[None])[0]  # the full-sample estimates
+        eta = (time.perf_counter() - t1) * (bootstrap + permutations)
+        if isinstance(engine, _Generic) and eta > SLOW_WARNING_S:
+            log.warning("%s has no fast path: about %.0f s for %d resamples + %d permutations at n=%d; lower "
+                        "--bootstrap/--permutations or --max-rows for a quicker answer", name, eta, bootstrap,
+                        permutations, n)
         knn = accepts_k(fn)
         rows, scale = (sub_rows, math.sqrt(m_sub / max(1, n - m_sub))) if knn else (boot_rows, 1.0)
         boot, null = engine.resample(rows), engine.permuted(perms)

@@ -108,9 +108,9 @@ class _Job:
     spec: EncoderSpec
     writer: EntryWriter
     pending: set[int]
-    input_key: str  # which collated input this encoder reads
     encoder: torch.nn.Module | None = None
     buffers: dict | None = None  # chunk -> list of (features, layers)
+    input_key: str = ""  # which collated input this encoder reads (set once loaded)
 
 
 def _key(spec: EncoderSpec, cfg: PipelineConfig, split: D.Split, modality_fields: dict) -> dict:
@@ -181,8 +181,7 @@ def _extract_modality(cfg: PipelineConfig, split: D.Split, specs: list[EncoderSp
     for spec in specs:
         path = entry_path(cfg.data.cache, cfg.data.dataset, split.name, spec.name, x.format)
         writer = EntryWriter(path, spec.name, ids, _key(spec, cfg, split, extra), x.chunk_rows, force)
-        input_key = repr(spec.prep) if is_image else spec.name
-        jobs.append(_Job(spec, writer, set(writer.pending()), input_key))
+        jobs.append(_Job(spec, writer, set(writer.pending())))
     todo = sorted(set().union(*(j.pending for j in jobs)))
     timing = _run_jobs(cfg, split, rows, [j for j in jobs if j.pending], todo, device, is_image) if todo else {}
     out = []
@@ -204,9 +203,11 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
     for job in jobs:
         job.encoder = load_encoder(job.spec, device)
         job.buffers = {}
+        # generic encoders settle their preprocessing at load time: read it from the loaded spec
+        job.input_key = repr(job.encoder.spec.prep) if is_image else job.spec.name
     chunk_ranges = [jobs[0].writer.rows(c) for c in todo]
     if is_image:
-        transforms = {j.input_key: image_transform(j.spec.prep) for j in jobs}
+        transforms = {j.input_key: image_transform(j.encoder.spec.prep) for j in jobs}
         collate = _Collate()
     else:
         transforms = {}

@@ -330,3 +330,12 @@ def test_chance_levels_and_retrieval_table():
                              "val_best": {"mean_R": 0.9}})
     assert table == {"infonce": {"i2t_R@1": 0.5, "mean_R": 0.4}, "cca": {"mean_R": 0.2}}
     assert compare.retrieval_table({"i2t_R@1": 0.1}) == {"adapters": {"i2t_R@1": 0.1}}
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_metric_symmetry_matches_what_pairwise_scores_assumes(name):
+    rng = np.random.default_rng(2)
+    X, Y = rng.normal(size=(40, 6)), rng.normal(size=(40, 9)) + 0.5 * rng.normal(size=(40, 1))
+    kw = {"k": 5} if compare.accepts_k(METRICS[name]) else {}
+    symmetric = METRICS[name](X, Y, **kw) == pytest.approx(METRICS[name](Y, X, **kw), abs=1e-9)
+    assert symmetric == (name not in compare.ASYMMETRIC)

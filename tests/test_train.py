@@ -202,6 +202,18 @@ def test_baselines_beat_chance_on_linear_data(fit):
     assert res["mean_R"] > 0.5
 
 
+def test_val_cka_helper_matches_feature_space_formula():
+    from train.evaluate import linear_cka
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(50, 7, generator=g), torch.randn(50, 4, generator=g)
+    y[:, 0] += 2 * x[:, 0]
+    xc, yc = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    expected = (torch.linalg.matrix_norm(yc.T @ xc) ** 2
+                / (torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc)))
+    assert linear_cka(x, y) == pytest.approx(float(expected), rel=1e-9)
+
+
 # ----------------------------------------------------------------------------- fit
 def test_fit_reaches_high_recall_and_beats_chance(trained):
     test = trained.metrics["test"]

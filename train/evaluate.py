@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from analyze.metrics import cka
 from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig
 from pipeline.join import join_rows
@@ -49,13 +49,10 @@ def retrieval_metrics(model: AlignModel, split: SplitData) -> dict[str, float]:
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of (n, d_x) and (n, d_y) features (Kornblith et al. 2019), feature-space form:
-    ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc; float64."""
-    x = x.double() - x.double().mean(0)
-    y = y.double() - y.double().mean(0)
-    num = torch.linalg.matrix_norm(y.T @ x) ** 2
-    den = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    return float(num / den) if den > 0 else float("nan")
+    """Linear CKA of paired (n, d_x) and (n, d_y) features (Kornblith et al. 2019), computed in
+    float64 on x's device by ``analyze.metrics.cka`` (feature-space form, no n x n matrix):
+    ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc."""
+    return cka(x, y, kernel="linear", device=x.device)
 
 
 @dataclass

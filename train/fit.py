@@ -241,8 +241,20 @@ def _evaluate(model, data: TrainData, reference: Reference | None) -> dict[str, 
     return row
 
 
-def _train(model, data, reference, tc, run_dir, name, progress, save) -> tuple[list[dict], _Best]:
+@dataclass
+class _RunIO:
+    """Where a run writes while training: name, folder, checkpoint writer, progress-bar switch."""
+
+    name: str
+    run_dir: Path
+    save: Callable[[_Best], str]
+    progress: bool | None
+
+
+def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: TrainConfig,
+           io: _RunIO) -> tuple[list[dict], _Best]:
     """The epoch loop: returns the history rows and the best (by val mean recall) epoch."""
+    run_dir = io.run_dir
     train = data.splits["train"]
     trainer = Trainer(model, train, tc)
     gen = torch.Generator(device=train.pairs.device).manual_seed(tc.seed)
@@ -250,8 +262,8 @@ def _train(model, data, reference, tc, run_dir, name, progress, save) -> tuple[l
     history: list[dict] = []
     best, first = _Best(), None
     skipped = {k: float("nan") for k in _evaluate(model, data, reference)}  # columns of epochs without eval
-    bar = tqdm(range(1, tc.epochs + 1), desc=f"fit {name}", unit="epoch",
-               disable=None if progress is None else not progress)
+    bar = tqdm(range(1, tc.epochs + 1), desc=f"fit {io.name}", unit="epoch",
+               disable=None if io.progress is None else not io.progress)
     for epoch in bar:
         t0 = time.perf_counter()
         loss = float(trainer.epoch(gen, rng))
@@ -272,7 +284,7 @@ def _train(model, data, reference, tc, run_dir, name, progress, save) -> tuple[l
             if row["val_mean_R"] > best.score:
                 best = _Best(epoch, row["val_mean_R"], {k: v.detach().clone() for k, v in model.state_dict().items()},
                              {k[4:]: v for k, v in row.items() if k.startswith("val_")})
-                save(best)
+                io.save(best)
         else:
             row.update(skipped)
         row["time_s"] = time.perf_counter() - t0
@@ -330,14 +342,14 @@ def fit_adapters(cfg: PipelineConfig, *, require_reference: bool | None = None,
     def save(best: _Best) -> str:
         return save_adapters(run_dir, model, tc, sources, {**meta, "best_epoch": best.epoch, "val": best.val})
 
-    history, best = _train(model, data, reference, tc, run_dir, name, progress, save)
+    history, best = _train(model, data, reference, tc, _RunIO(name, run_dir, save, progress))
     train_time = time.perf_counter() - t_start
     model.load_state_dict(best.state)
     sha = save(best)
     test = {"infonce": retrieval_metrics(model, data.splits["test"]), **baseline_metrics(data, tc.dim)}
     metrics = {**meta, "run_dir": str(run_dir), "best_epoch": best.epoch, "epochs_run": len(history),
                "test": test, "val_best": best.val, "sizes": _sizes(data), "device": str(device),
-               "temperature": model.temperature(), "time_s": train_time,
+               "temperature": model.temperature(), "train_time_s": train_time,
                "reference": None if reference is None else
                {"entry": reference.name, "split": "val", "raw_cka": reference.raw_cka,
                 "aligned_cka": {m: best.val.get(f"cka_{m}") for m in reference.rows}}}

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.cache import entry_filename, entry_path, write_entry
 from pipeline.config import PipelineConfig
 from train.adapters import AlignModel
-from train.data import TrainData
+from train.data import TrainData, modality_entries
 from train.evaluate import embed
 
 HISTORY = "history.csv"
@@ -35,8 +35,6 @@ def default_run_name(cfg: PipelineConfig) -> str:
     tc = cfg.train
     if tc.name:
         return tc.name
-    from train.data import modality_entries
-
     return "-".join([*modality_entries(tc).values(), tc.adapter])
 
 
