@@ -313,12 +313,6 @@ def compare_entries(cfg: PipelineConfig, kernels: bool = False) -> dict:
     return {**doc, "out": out}
 
 
-def load_scores(cfg: PipelineConfig) -> dict | None:
-    """The saved ``cka/scores.json`` for this dataset/split, or None."""
-    path = Path(cfg.analyze.out) / entry_filename(cfg.data.dataset) / cfg.analyze.split / "cka" / "scores.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 # ----------------------------------------------------------------------------- run folders
 @dataclass
 class RunInfo:

@@ -61,8 +61,9 @@ def as_features(X, name: str = "X", device: str | torch.device = "auto") -> torc
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
     t = t.to(device=resolve_device(device), dtype=torch.float64)
-    finite = torch.isfinite(t).all(dim=1)
-    if not bool(finite.all()):
+    # One reduction, no (n, d) temporary: the sum is finite when every entry is (the row-wise
+    # check below runs only if it is not, which overflow alone can also cause).
+    if not torch.isfinite(t.sum()) and not bool((finite := torch.isfinite(t).all(dim=1)).all()):
         bad = torch.nonzero(~finite).flatten()
         raise ValueError(
             f"{name} contains NaN or inf in {bad.numel()} row(s), first at row {int(bad[0])};"

@@ -50,21 +50,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
 from analyze import plots
 from analyze.compare import (AnalyzeError, accepts_k, check_k, check_paired, header, kernel_figure, load_joined,
                              metric_kwargs, output_dir, resolve_metrics, run_name, write_csv, write_json)
-from pipeline.cache import CacheError
+from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05  # significance level: 95% intervals, and p <= ALPHA to beat the null
 SUBSAMPLE_FRACTION = 0.8  # kNN metrics: rows kept per subsample (m-out-of-n, without replacement)
-FAST_MAX_ROWS = 4096  # fast paths hold five (n, n) float64 matrices (5 x 128 MiB at this n)
+GRAM_MAX_ROWS = 4096  # the CKA fast path holds five (n, n) float64 Grams (5 x 128 MiB at this n)
 FAST_TOLERANCE = 1e-6  # a fast path must reproduce the library metric to this absolute error ...
 CHECK_ROWS = 128  # ... on this many rows, checked before each use
 SLOW_WARNING_S = 60.0  # warn (with the estimate) when a metric without a fast path will take longer, seconds
@@ -244,19 +244,26 @@ class _MutualKnn:
         return np.array(out).reshape(-1, 4)
 
 
-FAST_PATHS: dict[str, Callable] = {  # metric name -> engine(reps, ref, k); checked against the library
-    "cka": lambda reps, ref, k: _LinearCKA(reps, ref, unbiased=False),
-    "unbiased_cka": lambda reps, ref, k: _LinearCKA(reps, ref, unbiased=True),
-    "mutual_knn": lambda reps, ref, k: _MutualKnn(reps, ref, k),
+class FastPath(NamedTuple):
+    """build(reps, ref, k) -> engine; max_rows: largest n it is used for (None = any)."""
+
+    build: Callable
+    max_rows: int | None
+
+
+FAST_PATHS: dict[str, FastPath] = {  # metric name -> fast engine, checked against the library before use
+    "cka": FastPath(lambda reps, ref, k: _LinearCKA(reps, ref, unbiased=False), GRAM_MAX_ROWS),
+    "unbiased_cka": FastPath(lambda reps, ref, k: _LinearCKA(reps, ref, unbiased=True), GRAM_MAX_ROWS),
+    "mutual_knn": FastPath(lambda reps, ref, k: _MutualKnn(reps, ref, k), None),  # memory O(n k)
 }
 
 
 def _engine(name: str, fn: Callable, kwargs: dict, reps: list[np.ndarray], ref: np.ndarray, use_fast: bool):
     """The fast path for ``name`` when there is one (after checking it against the library
     metric on the first ``CHECK_ROWS`` rows), else the generic engine."""
-    n = ref.shape[0]
-    if use_fast and name in FAST_PATHS and n <= FAST_MAX_ROWS:
-        engine = FAST_PATHS[name](reps, ref, kwargs.get("k"))
+    n, fast = ref.shape[0], FAST_PATHS.get(name)
+    if use_fast and fast and (fast.max_rows is None or n <= fast.max_rows):
+        engine = fast.build(reps, ref, kwargs.get("k"))
         rows = np.arange(min(n, CHECK_ROWS))
         want = [fn(A[rows], ref[rows], **kwargs) for A in reps]
         got = engine.resample(rows[None])[0]
@@ -264,18 +271,29 @@ def _engine(name: str, fn: Callable, kwargs: dict, reps: list[np.ndarray], ref: 
             return engine
         log.warning("fast path for %s disagrees with analyze.metrics (%s vs %s); using the library metric",
                     name, got, want)
-    elif name in FAST_PATHS and n > FAST_MAX_ROWS:
+    elif use_fast and fast:
         log.warning("n=%d > %d rows: %s uses the slow path (one library call per draw); "
-                    "set analyze.max_rows to subsample", n, FAST_MAX_ROWS, name)
+                    "set analyze.max_rows to subsample", n, fast.max_rows, name)
     return _Generic(fn, kwargs, reps, ref)
 
 
 # ----------------------------------------------------------------------------- statistics
 def _interval(theta: np.ndarray, draws: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Re-centred percentile interval: theta (...,) and draws (B, ...) -> (lo, hi)."""
+    """Re-centred percentile interval: theta (...,) and draws (B, ...) -> (lo, hi); NaN when B = 0."""
+    if len(draws) == 0:
+        return np.full(theta.shape, np.nan), np.full(theta.shape, np.nan)
     shifted = theta + scale * (draws - draws.mean(axis=0))
     lo, hi = np.percentile(shifted, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)], axis=0)
     return lo, hi
+
+
+def _null(point: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(p-value, 95th percentile, mean) of the null draws (P, 4) per term; NaN when P = 0.
+    p = (1 + #{null >= observed}) / (1 + P)."""
+    if len(null) == 0:
+        return (np.full(point.shape, np.nan),) * 3
+    return ((1 + (null >= point).sum(axis=0)) / (1 + len(null)), np.percentile(null, 100 * (1 - ALPHA), axis=0),
+            null.mean(axis=0))
 
 
 def _deltas(scores: np.ndarray) -> np.ndarray:
@@ -284,9 +302,10 @@ def _deltas(scores: np.ndarray) -> np.ndarray:
     return np.stack([scores[..., 2] - before, scores[..., 3] - before], axis=-1)
 
 
-def verdict(delta_lo: float | None, delta_hi: float | None, p_after: float | None) -> tuple[str, str]:
-    """(verdict, reason): supported | not supported | inconclusive; see the module docstring."""
-    if delta_lo is None or p_after is None:
+def verdict(delta_lo: float, delta_hi: float, p_after: float) -> tuple[str, str]:
+    """(verdict, reason): supported | not supported | inconclusive; see the module docstring.
+    NaN inputs (no resamples or no permutations) give inconclusive."""
+    if not all(math.isfinite(x) for x in (delta_lo, delta_hi, p_after)):
         return "inconclusive", "no confidence interval or null (bootstrap or permutations set to 0)"
     if delta_hi < 0:
         return "not supported", "the 95% CI of the difference lies below 0: alignment to the reference fell"
@@ -350,23 +369,20 @@ def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray
                         permutations, n)
         knn = accepts_k(fn)
         rows, scale = (sub_rows, math.sqrt(m_sub / max(1, n - m_sub))) if knn else (boot_rows, 1.0)
-        boot, null = engine.resample(rows), engine.permuted(perms)
-        lo, hi = _interval(point, boot, scale) if bootstrap else (np.full(4, np.nan), np.full(4, np.nan))
+        boot = engine.resample(rows) if bootstrap else np.zeros((0, 4))
+        null = engine.permuted(perms) if permutations else np.zeros((0, 4))
+        lo, hi = _interval(point, boot, scale)
         delta = _deltas(point)
-        dlo, dhi = _interval(delta, _deltas(boot), scale) if bootstrap else (np.full(2, np.nan), np.full(2, np.nan))
-        pval = (1 + (null >= point).sum(axis=0)) / (1 + permutations) if permutations else np.full(4, np.nan)
-        q95 = np.percentile(null, 100 * (1 - ALPHA), axis=0) if permutations else np.full(4, np.nan)
-        res = {"terms": {}, "delta": {}, "seconds": 0.0, "engine": type(engine).__name__.lstrip("_"),
-               "k": k if knn else None,
+        dlo, dhi = _interval(delta, _deltas(boot), scale)
+        pval, q95, null_mean = _null(point, null)
+        res = {"terms": {}, "delta": {}, "engine": type(engine).__name__.lstrip("_"), "k": k if knn else None,
                "resampling": (f"subsampling without replacement, {m_sub} of {n} rows, spread scaled by "
                               f"sqrt(m/(n-m)) = {scale:.2f}") if knn else f"bootstrap, {n} rows with replacement"}
         for t, term in enumerate(TERMS):
-            res["terms"][term] = {"score": point[t], "ci_lo": lo[t], "ci_hi": hi[t],
-                                  "null_mean": float(null[:, t].mean()) if permutations else None,
+            res["terms"][term] = {"score": point[t], "ci_lo": lo[t], "ci_hi": hi[t], "null_mean": null_mean[t],
                                   "null_q95": q95[t], "p_value": pval[t]}
         for s, side in enumerate(SIDES):
-            ok = bootstrap and permutations
-            v, why = verdict(dlo[s] if ok else None, dhi[s] if ok else None, pval[2 + s] if ok else None)
+            v, why = verdict(dlo[s], dhi[s], pval[2 + s])
             res["delta"][side] = {"delta": delta[s], "ci_lo": dlo[s], "ci_hi": dhi[s], "verdict": v, "reason": why}
         res["seconds"] = time.perf_counter() - t0
         out[name] = res
@@ -378,8 +394,8 @@ def headline(results: Mapping[str, Mapping]) -> str:
     verdicts = {(m, s): r["delta"][s]["verdict"] for m, r in results.items() for s in SIDES}
     n_sup = sum(v == "supported" for v in verdicts.values())
     n_not = sum(v == "not supported" for v in verdicts.values())
-    overall = ("supported" if n_sup == len(verdicts) else "not supported" if n_not == len(verdicts) else
-               "partly supported" if n_sup else "inconclusive" if not n_not else "not supported")
+    overall = ("supported" if n_sup == len(verdicts) else "partly supported" if n_sup else
+               "not supported" if n_not else "inconclusive")
     detail = "; ".join(f"{m}: image {r['delta']['image']['verdict']}, text {r['delta']['text']['verdict']}"
                        for m, r in results.items())
     return f"Platonic hypothesis {overall} ({n_sup} of {len(verdicts)} metric x side tests supported): {detail}."
@@ -401,14 +417,13 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
     if a.reference in (tc.image, tc.text):
         log.warning("the reference %r is also the %s encoder: its before-score is trivially 1",
                     a.reference, "image" if a.reference == tc.image else "text")
-    try:
-        joined = load_joined(cfg, names)
-    except CacheError as exc:
-        if "@" in str(exc) and (ri in str(exc) or rt in str(exc)):
-            raise CacheError(f"{exc} The aligned entries of run {run!r} are written by "
-                             f"`fit-adapters --image {tc.image} --text {tc.text} --name {run}`; "
-                             f"pass --run to pick another run.") from None
-        raise
+    for name in (ri, rt):
+        try:
+            find_entry(cfg.data.cache, cfg.data.dataset, a.split, name)
+        except CacheError as exc:
+            raise CacheError(f"{exc} The aligned entries of run {run!r} are written by `fit-adapters --image "
+                             f"{tc.image} --text {tc.text} --name {run}`; pass --run to pick another run.") from None
+    joined = load_joined(cfg, names)
     metrics = resolve_metrics(a.metrics)
     F = joined.features
     t0 = time.perf_counter()
@@ -426,15 +441,13 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
     rows = []
     for m, r in results.items():
         for term, t in r["terms"].items():
-            rows.append({"metric": m, "term": term, **{k: v for k, v in t.items()}})
+            rows.append({"metric": m, "term": term, **t})
         for side, d in r["delta"].items():
             rows.append({"metric": m, "term": f"delta_{side}", "score": d["delta"], "ci_lo": d["ci_lo"],
                          "ci_hi": d["ci_hi"], "verdict": d["verdict"]})
-    groups = {m: [{"label": term.replace("_", " "), "value": t["score"],
-                   "lo": t["ci_lo"] if t["ci_lo"] is not None and math.isfinite(t["ci_lo"]) else t["score"],
-                   "hi": t["ci_hi"] if t["ci_hi"] is not None and math.isfinite(t["ci_hi"]) else t["score"],
-                   "null_q95": t["null_q95"] if t["null_q95"] is not None and math.isfinite(t["null_q95"]) else None,
-                   "color": TERM_COLORS[term]} for term, t in r["terms"].items()] for m, r in results.items()}
+    groups = {m: [{"label": term.replace("_", " "), "value": t["score"], "lo": t["ci_lo"], "hi": t["ci_hi"],
+                   "null_q95": t["null_q95"], "color": TERM_COLORS[term]} for term, t in r["terms"].items()]
+              for m, r in results.items()}
     doc["figures"]["bars"] = plots.grouped_bars(
         groups, f"Alignment to {a.reference} before/after run {run} (n={joined.n}; bars: 95% CI; "
                 f"dashes: shuffled-pairing null, 95th pct)", out / "platonic.png").name

@@ -79,7 +79,8 @@ def grouped_bars(groups: Mapping[str, Sequence[dict]], title: str, path: str | P
 
     groups: {panel title: [{"label", "value", "lo", "hi", "null_q95" (optional), "color"
     (optional)}, ...]}. Bars show ``value`` with error bars [lo, hi]; a black dash marks
-    ``null_q95`` (the null distribution's 95th percentile) over its bar."""
+    ``null_q95`` (the null distribution's 95th percentile) over its bar. NaN or None bounds
+    draw no error bar / dash."""
     names = list(groups)
     fig, axes = plt.subplots(1, len(names), figsize=(max(4.0, 1.1 * max(len(v) for v in groups.values())) * len(names) + 0.5,
                                                      4.0), squeeze=False)
@@ -87,10 +88,12 @@ def grouped_bars(groups: Mapping[str, Sequence[dict]], title: str, path: str | P
         items = groups[name]
         x = np.arange(len(items))
         vals = np.array([it["value"] for it in items], dtype=float)
-        err = np.array([[v - it["lo"], it["hi"] - v] for v, it in zip(vals, items)], dtype=float).T
+        bounds = np.array([[_num(it.get("lo")), _num(it.get("hi"))] for it in items], dtype=float)
+        err = np.nan_to_num(np.stack([vals - bounds[:, 0], bounds[:, 1] - vals]), nan=0.0)
         ax.bar(x, vals, yerr=np.clip(err, 0, None), capsize=4,
                color=[it.get("color", "tab:blue") for it in items], alpha=0.85)
-        nulls = [(i, it["null_q95"]) for i, it in enumerate(items) if it.get("null_q95") is not None]
+        nulls = [(i, _num(it.get("null_q95"))) for i, it in enumerate(items)]
+        nulls = [(i, q) for i, q in nulls if np.isfinite(q)]
         for n, (i, q) in enumerate(nulls):
             ax.hlines(q, i - 0.4, i + 0.4, colors="black", linestyles="--", lw=1.5,
                       label="shuffled-pairing null, 95th pct" if n == 0 else None)
@@ -101,6 +104,10 @@ def grouped_bars(groups: Mapping[str, Sequence[dict]], title: str, path: str | P
             ax.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def scatter(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title: str, path: str | Path,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from analyze import plots
-from analyze.compare import RunInfo, compare_entries, find_run, load_scores, now, output_dir, run_name
+from analyze.compare import RunInfo, compare_entries, default_entries, find_run, now, output_dir, run_name
 from analyze.pairs import modality
 from analyze.platonic import SIDES, TERMS, platonic_test
 from pipeline.cache import CacheError, Entry, find_entry, list_entries, list_splits
@@ -37,8 +37,8 @@ from pipeline.join import JoinError, image_id
 log = logging.getLogger(__name__)
 
 RECALL_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R")
-STALE_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations", "reference")  # analyze keys
-#   that must match for a saved platonic.json / scores.json to be reused
+PLATONIC_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations")  # analyze settings that
+#   must match for a saved platonic.json to be reused (the entries are compared too)
 
 
 # ----------------------------------------------------------------------------- document model
@@ -260,26 +260,34 @@ def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunInfo | None) -
     doc.para(text + ". Chance: t2i R@K = K/n_images; i2t R@K = 1 - C(n_texts - c, K)/C(n_texts, K) for c captions per image.")
 
 
-def _fresh(saved: Mapping | None, cfg: PipelineConfig, keys: Sequence[str]) -> bool:
-    """A saved JSON output may be reused when it was made from the same cache, dataset, split
-    and analyze settings ``keys``."""
-    if not saved:
-        return False
+def _reusable(path: Path, cfg: PipelineConfig, keys: Sequence[str], entries: Sequence[str]) -> dict | None:
+    """The saved JSON output at ``path`` when it may be reused: made from the same cache,
+    dataset, split, analyze settings ``keys`` and ``entries`` (in order), and newer than every
+    entry's file (a retrained run rewrites its aligned entries). None otherwise."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
     want, have = cfg.to_dict()["analyze"], saved.get("config", {}).get("analyze", {})
-    return (saved.get("cache") == str(cfg.data.cache) and saved.get("dataset") == cfg.data.dataset
-            and saved.get("split") == cfg.analyze.split and all(have.get(k) == want[k] for k in keys))
+    names = saved.get("entries")
+    same = (saved.get("cache") == str(cfg.data.cache) and saved.get("dataset") == cfg.data.dataset
+            and saved.get("split") == cfg.analyze.split and all(have.get(k) == want[k] for k in keys)
+            and list(names.values() if isinstance(names, dict) else names or []) == list(entries))
+    try:
+        files = [find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, e).path for e in entries]
+    except CacheError:
+        return None
+    return saved if same and all(f.stat().st_mtime <= path.stat().st_mtime for f in files) else None
 
 
 def section_heatmaps(doc: Document, cfg: PipelineConfig) -> None:
     doc.heading("Representation similarity between cache entries")
-    saved = load_scores(cfg)
-    fresh = _fresh(saved, cfg, ("metrics", "k", "max_rows", "seed", "entries"))
+    folder = output_dir(cfg, "cka")
     try:
-        result = saved if fresh else compare_entries(cfg)
+        result = (_reusable(folder / "scores.json", cfg, ("metrics", "k", "max_rows", "seed"), default_entries(cfg))
+                  or compare_entries(cfg))
     except (CacheError, JoinError, ValueError) as exc:
         doc.para(f"Not available: {exc}")
         return
-    folder = output_dir(cfg, "cka")
     names = result["entries"]
     for m, S in result["scores"].items():
         doc.figure(folder / result["figures"][m], f"{m} between cache entries, n = {result['n']} rows", f"cka-{m}.png")
@@ -295,12 +303,11 @@ def section_heatmaps(doc: Document, cfg: PipelineConfig) -> None:
 
 def section_platonic(doc: Document, cfg: PipelineConfig, run: str) -> None:
     doc.heading("Platonic test: alignment to the reference")
-    path = output_dir(cfg, "runs", run) / "platonic.json"
-    saved = json.loads(path.read_text()) if path.is_file() else None
-    fresh = _fresh(saved, cfg, STALE_KEYS) and saved.get("entries", {}).get("image") == cfg.train.image \
-        and saved.get("entries", {}).get("text") == cfg.train.text
+    folder = output_dir(cfg, "runs", run)
+    tc = cfg.train
+    entries = [tc.image, tc.text, f"{tc.image}@{run}", f"{tc.text}@{run}", cfg.analyze.reference]
     try:
-        result = saved if fresh else platonic_test(cfg, run)
+        result = _reusable(folder / "platonic.json", cfg, PLATONIC_KEYS, entries) or platonic_test(cfg, run)
     except (CacheError, JoinError, ValueError) as exc:
         doc.para(f"Not available: {exc}")
         return
@@ -318,7 +325,6 @@ def section_platonic(doc: Document, cfg: PipelineConfig, run: str) -> None:
                      *(d[s]["verdict"] for s in SIDES)])
     doc.table(["metric", *TERMS, "delta image", "delta text", "null q95 image", "null q95 text",
                "verdict image", "verdict text"], rows)
-    folder = path.parent
     doc.figure(folder / result["figures"]["bars"], "Scores with 95% CIs; dashes: 95th percentile of the "
                "shuffled-pairing null", "platonic.png")
     if "kernels" in result["figures"]:

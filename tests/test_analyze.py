@@ -217,7 +217,7 @@ def test_fast_paths_equal_the_library_metric_on_resamples_and_permutations(name)
     X, Y, R, noise, ref = _data(n=60)
     reps, fn = [X, Y, R, noise], METRICS[name]
     kw = {"k": 5} if name == "mutual_knn" else {}
-    engine = platonic.FAST_PATHS[name](reps, ref, 5)
+    engine = platonic.FAST_PATHS[name].build(reps, ref, 5)
     rng = np.random.default_rng(3)
     idx = np.sort(rng.choice(60, 48, replace=False)) if kw else rng.integers(0, 60, 60)  # with duplicates for CKA
     perm = rng.permutation(60)
@@ -238,7 +238,7 @@ def test_verdict_rules():
     assert platonic.verdict(0.1, 0.2, 0.5)[0] == "inconclusive"
     assert platonic.verdict(-0.1, 0.2, 0.01)[0] == "inconclusive"
     assert platonic.verdict(-0.3, -0.1, 0.01)[0] == "not supported"
-    assert platonic.verdict(None, None, None)[0] == "inconclusive"
+    assert platonic.verdict(float("nan"), float("nan"), float("nan"))[0] == "inconclusive"
 
 
 # ----------------------------------------------------------------------------- analyze platonic
@@ -339,3 +339,73 @@ def test_metric_symmetry_matches_what_pairwise_scores_assumes(name):
     kw = {"k": 5} if compare.accepts_k(METRICS[name]) else {}
     symmetric = METRICS[name](X, Y, **kw) == pytest.approx(METRICS[name](Y, X, **kw), abs=1e-9)
     assert symmetric == (name not in compare.ASYMMETRIC)
+
+
+def test_mutual_knn_fast_path_on_small_subsamples_uses_exact_fallback():
+    X, Y, R, noise, ref = _data(n=200)
+    engine = platonic.FAST_PATHS["mutual_knn"].build([X, Y, R, noise], ref, 5)
+    rows = np.sort(np.random.default_rng(4).choice(200, 15, replace=False))  # few kept rows per neighbour list
+    np.testing.assert_allclose(engine.resample(rows[None])[0],
+                               [METRICS["mutual_knn"](A[rows], ref[rows], k=5) for A in (X, Y, R, noise)], atol=1e-12)
+
+
+def test_zero_draws_give_inconclusive_without_intervals():
+    X, Y, R, noise, ref = _data(n=30)
+    res = platonic.hypothesis_test(X, Y, R, noise, ref, METRIC3, k=5, bootstrap=0, permutations=0)
+    for r in res.values():
+        assert all(r["delta"][s]["verdict"] == "inconclusive" for s in ("image", "text"))
+        assert np.isnan(r["terms"]["after_image"]["ci_lo"]) and np.isnan(r["terms"]["after_image"]["p_value"])
+
+
+def test_end_to_end_fit_adapters_then_platonic_pairs_and_report(tmp_path, monkeypatch):
+    """Real entry points: a synthetic cache -> fit-adapters -> analyze platonic/pairs/report with
+    the run name and entries taken from the config (as `make demo` does)."""
+    from train.cli import main as fit_main
+
+    rng = np.random.default_rng(5)
+    cache = tmp_path / "cache"
+    for split, n in {"train": 160, "val": 40, "test": 60}.items():
+        ids = [f"{split}{i:04d}" for i in range(n)]
+        Z = rng.normal(size=(n, 6))
+        mix = np.random.default_rng(9)  # the same encoders on every split
+        enc = {name: mix.normal(size=(6, d)) for name, d in (("resnet18", 24), ("gpt2", 20), ("dinov2", 12))}
+        _write(cache, split, "resnet18", ids, Z @ enc["resnet18"] + 0.5 * rng.normal(size=(n, 24)), "image")
+        _write(cache, split, "gpt2", [f"{i}#{k}" for i in ids for k in range(2)],
+               np.repeat(Z @ enc["gpt2"], 2, axis=0) + 0.5 * rng.normal(size=(2 * n, 20)), "text")
+        _write(cache, split, "dinov2", ids, Z @ enc["dinov2"] + 0.1 * rng.normal(size=(n, 12)), "image")
+    (tmp_path / "pipeline.toml").write_text(
+        f'[data]\ndataset = "{DATASET}"\ncache = "{cache}"\n[train]\nepochs = 4\ndim = 16\nbatch_size = 32\n'
+        f'lr = 3e-3\ndevice = "cpu"\n[analyze]\nk = 5\nbootstrap = 40\npermutations = 40\nkernel_rows = 30\n'
+        f'out = "{tmp_path / "reports"}"\n')
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(fit_main, ["--no-progress"])
+    assert res.exit_code == 0, res.output
+    for args in (["platonic"], ["pairs", "--metric", "cka"], ["report"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+    folder = tmp_path / "reports" / DATASET / "test" / "runs" / "resnet18-gpt2-linear"
+    doc = json.loads((folder / "platonic.json").read_text())
+    assert doc["entries"]["image_aligned"] == "resnet18@resnet18-gpt2-linear" and doc["n"] == 60
+    pairs = json.loads((tmp_path / "reports" / DATASET / "test" / "pairs" / "pairs.json").read_text())
+    trained = next(r for r in pairs["pairs"] if (r["image"], r["text"]) == ("resnet18", "gpt2"))
+    assert [r["run"] for r in trained["runs"]] == ["resnet18-gpt2-linear"] and pairs["runs_used"] == 1
+    md = (folder / "report.md").read_text()
+    assert "infonce" in md and "| chance |" in md and "curves.png" in md and doc["headline"] in md
+
+
+def test_report_reuses_saved_results_until_inputs_change(cache):
+    import os
+
+    path = _reports(cache) / "runs" / "good" / "platonic.json"
+    _ok(cache, "report", "--run", "good")
+    first = path.stat().st_mtime_ns
+    _ok(cache, "report", "--run", "good")
+    assert path.stat().st_mtime_ns == first  # same settings, same entries: reused
+    aligned = cache.parent / "cache" / DATASET / "test" / "resnet18@good.h5"
+    earlier = aligned.stat().st_mtime - 10
+    os.utime(path, (earlier, earlier))  # the aligned entry is now newer, as if the run had been retrained
+    _ok(cache, "report", "--run", "good")
+    assert path.stat().st_mtime > aligned.stat().st_mtime
+    second = path.stat().st_mtime_ns
+    _ok(cache, "report", "--run", "good", "--bootstrap", "30")  # other settings: recomputed
+    assert path.stat().st_mtime_ns != second and json.loads(path.read_text())["bootstrap"] == 30
