@@ -7,7 +7,8 @@ and ``get_metric(name)`` looks one up.
 
 Computation: float64 torch on ``device`` ("auto" = CUDA when present, else CPU), in float64 on
 every device so CPU and GPU agree to ~1e-12 and the fast paths can be tested against the
-dense definitions. Nothing builds an n x n matrix:
+dense definitions (float32 would be faster, most on consumer GPUs, but is not offered).
+Nothing builds an n x n matrix (``kernel_cka`` takes precomputed kernels, for small n):
 
 * linear CKA (biased and unbiased), CCA, SVCCA, Procrustes work in feature space, O(n d^2);
 * RBF CKA and the kNN metrics stream b x b tiles of the upper triangle of the n x n kernel /
@@ -299,9 +300,8 @@ def _sparse_kernel(rows, cols, vals, n: int) -> scipy.sparse.csr_matrix:
 def _sparse_hsic(A: scipy.sparse.csr_matrix, B: scipy.sparse.csr_matrix) -> float:
     """Song's unbiased HSIC of sparse, possibly non-symmetric (n, n) kernels with zero
     diagonal, exactly as Huh et al. apply it: tr(AB) = sum(A * B'), 1'AB1 = (1'A).(B1)."""
-    trace = A.multiply(B.T).sum()
-    return _song_hsic(trace, A.sum(), B.sum(), np.asarray(A.sum(axis=0)).ravel() @ np.asarray(B.sum(axis=1)).ravel(),
-                      A.shape[0])
+    col_a, row_b = np.asarray(A.sum(axis=0)).ravel(), np.asarray(B.sum(axis=1)).ravel()
+    return _song_hsic(A.multiply(B.T).sum(), A.sum(), B.sum(), col_a @ row_b, A.shape[0])
 
 
 def cknna(X, Y, k: int = DEFAULT_K, *, device: str = "auto", block_rows: int | None = None) -> float:
@@ -311,8 +311,9 @@ def cknna(X, Y, k: int = DEFAULT_K, *, device: str = "auto", block_rows: int | N
     metric) and M_ij = 1 iff j is among the k nearest neighbours of i in both X and Y (self
     excluded), CKNNA = h(M*K, M*L) / sqrt(h(Mx*K, Mx*K) h(My*L, My*L)), where h is Song's
     unbiased HSIC and Mx, My are the kNN masks of X and Y alone (their reference code).
-    The masked kernels have <= k entries per row and are handled as sparse matrices.
-    Returns 0.0 when the product of the self terms is <= 0. Needs n >= 4.
+    The masked kernels have <= k entries per row and are handled as sparse matrices. They
+    are not symmetric, so 1'AB1 != 1'BA1 and CKNNA is not exactly symmetric in X and Y (as
+    in the reference). Returns 0.0 when the product of the self terms is <= 0. Needs n >= 4.
     """
     (ix, vx), (iy, vy) = _neighbour_pair(X, Y, k, device, block_rows, min_rows=4)
     ix, vx, iy, vy = (t.cpu().numpy() for t in (ix, vx, iy, vy))

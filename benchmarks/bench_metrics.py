@@ -88,16 +88,18 @@ def measure(device: torch.device):
         out["peak_mib"] = max(0, peak - base) / MIB
 
 
-def best_time(fn, repeats: int) -> tuple[float, float]:
-    """(minimum wall seconds over ``repeats`` calls, value of the last call)."""
-    times = []
+def best_times(fns, repeats: int) -> list[tuple[float, float]]:
+    """(minimum wall seconds over ``repeats`` calls, value) for each function. The calls are
+    interleaved (f1, f2, f1, f2, ...) so that a noisy, shared machine slows all of them alike."""
+    times, values = [[] for _ in fns], [None] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        value = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times), value
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            values[i] = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - t0)
+    return [(min(t), v) for t, v in zip(times, values)]
 
 
 # ----------------------------------------------------------------------------- data and baseline
@@ -137,8 +139,9 @@ def bench_linear(n: int, d: int, device: torch.device, repeats: int) -> None:
           f"best of {repeats}")
     print(f"{'estimator':<10} {'feature s':>10} {'naive s':>10} {'speed-up':>9} {'|diff|':>10} {'value':>10}")
     for unbiased in (False, True):
-        t_fast, v_fast = best_time(lambda: cka(X, Y, unbiased=unbiased, device=device), repeats)
-        t_naive, v_naive = best_time(lambda: naive_linear_cka(X, Y, unbiased, device), repeats)
+        (t_fast, v_fast), (t_naive, v_naive) = best_times(
+            [lambda: cka(X, Y, unbiased=unbiased, device=device),
+             lambda: naive_linear_cka(X, Y, unbiased, device)], repeats)
         name = "unbiased" if unbiased else "biased"
         print(f"{name:<10} {t_fast:>10.3f} {t_naive:>10.3f} {t_naive / t_fast:>8.1f}x "
               f"{abs(v_fast - v_naive):>10.1e} {v_fast:>10.6f}")
@@ -172,7 +175,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: --n 2000 --full-n 4000")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated registry names")
-    p.add_argument("--repeats", type=int, default=3, help="timing repeats in part 1 (best is shown)")
+    p.add_argument("--repeats", type=int, default=5, help="timing repeats in part 1 (best is shown)")
     p.add_argument("--skip-naive", action="store_true", help="skip part 1")
     p.add_argument("--skip-full", action="store_true", help="skip part 2")
     args = p.parse_args(argv)
