@@ -501,12 +501,12 @@ def list_encoders(include_tiny: bool = True) -> list[str]:
 
 
 # --------------------------------------------------------------------------- preprocessing
-def image_transform(prep: ImagePrep) -> Callable:
-    """PIL RGB image -> normalised float32 tensor (3, prep.crop, prep.crop).
+def image_pixels(prep: ImagePrep) -> Callable:
+    """PIL RGB image -> uint8 tensor (3, prep.crop, prep.crop): the CPU half of preprocessing.
 
-    Resize (shorter side to prep.resize, antialiased) -> CenterCrop(prep.crop) ->
-    ToImage -> ToDtype(float32, scale to [0, 1]) -> Normalize(prep.mean, prep.std).
-    The returned transform is picklable (safe in DataLoader workers).
+    Resize (shorter side to prep.resize, antialiased) -> CenterCrop(prep.crop) -> ToImage.
+    DataLoader workers run this; sending uint8 keeps inter-process traffic 4x smaller than
+    float32, and ``normalize_pixels`` finishes on the model's device. Picklable.
     """
     from torchvision.transforms import InterpolationMode, v2
 
@@ -516,9 +516,33 @@ def image_transform(prep: ImagePrep) -> Callable:
         v2.Resize(prep.resize, interpolation=modes[prep.interpolation], antialias=True),
         v2.CenterCrop(prep.crop),
         v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(prep.mean), list(prep.std)),
     ])
+
+
+def normalize_pixels(pixels: torch.Tensor, prep: ImagePrep) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 scaled to [0, 1] and normalised with prep.mean/std."""
+    mean = torch.tensor(prep.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(prep.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return (pixels.to(torch.float32) / 255.0 - mean) / std
+
+
+class _ImageTransform:
+    """Picklable composition of ``image_pixels`` and ``normalize_pixels`` for one image."""
+
+    def __init__(self, prep: ImagePrep):
+        self.prep, self.pixels = prep, image_pixels(prep)
+
+    def __call__(self, image) -> torch.Tensor:
+        return normalize_pixels(self.pixels(image), self.prep)
+
+
+def image_transform(prep: ImagePrep) -> Callable:
+    """PIL RGB image -> normalised float32 tensor (3, prep.crop, prep.crop).
+
+    Resize (shorter side to prep.resize, antialiased) -> CenterCrop(prep.crop) -> scale to
+    [0, 1] -> Normalize(prep.mean, prep.std). The returned transform is picklable.
+    """
+    return _ImageTransform(prep)
 
 
 def _prep_from_enum(enum) -> ImagePrep:
