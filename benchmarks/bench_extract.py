@@ -32,7 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyze.metrics import cka  # noqa: E402
-from extract.encoders import get_spec, load_encoder  # noqa: E402
+from extract.encoders import (REGISTRY, ImagePrep, get_spec, load_encoder, register,  # noqa: E402
+                              IMAGENET_MEAN, IMAGENET_STD)
 from extract.run import extract  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runtime import autocast, resolve_device  # noqa: E402
@@ -89,9 +90,27 @@ def pipeline(name: str, data_dir: Path, cache: Path, batch_size: int, precision:
     return entry.provenance["items_per_s"], entry.features()
 
 
+def register_random_dinov2_base() -> str:
+    """``random-dinov2-base``: DINOv2-base's architecture and preprocessing (768-d, 12 layers,
+    patch 14, 224 px) with random weights, for timing a realistically sized model without a
+    download. Features are meaningless; throughput is what it measures."""
+    import dataclasses
+
+    tiny = REGISTRY["tiny-dinov2"]
+    register(dataclasses.replace(
+        tiny, name="random-dinov2-base", dim=768,
+        prep=ImagePrep(256, 224, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+        config=(("model_config_class", "Dinov2Config"),
+                ("model_config", (("hidden_size", 768), ("num_hidden_layers", 12), ("num_attention_heads", 12),
+                                  ("image_size", 224), ("patch_size", 14)))),
+        description="benchmark only: DINOv2-base architecture, random weights"))
+    return "random-dinov2-base"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--image", default="mobilenet_v2", help="image encoder (default: mobilenet_v2)")
+    ap.add_argument("--image", default="mobilenet_v2",
+                    help="image encoder (default: mobilenet_v2; random-dinov2-base = DINOv2-base size, random weights)")
     ap.add_argument("--text", default="all-minilm-l6-v2", help="text encoder (default: all-minilm-l6-v2)")
     ap.add_argument("--images", type=int, default=256, help="dataset size (default: 256)")
     ap.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
@@ -99,6 +118,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list (default: fp32,bf16)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     args = ap.parse_args()
+    if args.image == "random-dinov2-base":
+        register_random_dinov2_base()
     device = resolve_device(args.device)
     print(f"device={device} threads={torch.get_num_threads()} images={args.images} batch={args.batch_size}")
     with tempfile.TemporaryDirectory() as tmp:

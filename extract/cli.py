@@ -1,4 +1,8 @@
-"""``extract``: run frozen encoders once over a dataset and write their features to the cache."""
+"""``extract``: run frozen encoders once over a dataset and write their features to the cache.
+
+Multi-process: ``torchrun --nproc-per-node 8 -m extract.cli ...`` (ranks share the chunks, rank 0
+assembles), or independent jobs ``extract --shard K/N ...`` then ``extract --merge ...``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import click
 
 from extract import datasets as D
 from extract import encoders as E
-from extract.run import extract
+from extract.run import Shard, extract, merge, torchrun_shard
 from pipeline.cache import CacheError
 from pipeline.cli import build_config, config_options, friendly_errors
 from pipeline.config import parse_override
@@ -58,27 +62,51 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
               help="Per-encoder option: pooling, image_size, max_tokens, weights (local path or hub id), "
                    "revision; e.g. gpt2.pooling=last (repeatable).")
 @click.option("--force", is_flag=True, help="Recompute entries whose cached provenance differs (stale).")
+@click.option("--shard", "shard_text", metavar="K/N",
+              help="Compute only shard K of N (0-based): chunks c with c % N == K of every entry; the last "
+                   "shard to finish (or --merge) assembles the entries. SLURM arrays: "
+                   "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (array 0-(N-1)). Not under torchrun.")
+@click.option("--merge", "merge_only", is_flag=True,
+              help="Compute nothing: assemble the entries staged by --shard runs (same options otherwise); "
+                   "fails naming the missing chunks and the shard to rerun.")
 @click.option("--list-encoders", is_flag=True, help="List the registered encoders and exit.")
 @config_options
 @friendly_errors(D.DatasetError, CacheError, E.WeightsNotFoundError, KeyError, ValueError)
 def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, precision, device, workers,
-         layers, on_error, encoder_options, force, list_encoders, config_path, overrides, verbose):
+         layers, on_error, encoder_options, force, shard_text, merge_only, list_encoders, config_path, overrides,
+         verbose):
     """Run frozen encoders over an image-caption dataset and write features to the cache.
 
     Example: extract --encoder resnet18,gpt2,dinov2 --data-dir data/flickr30k --split test
+
+    On 8 GPUs: torchrun --nproc-per-node 8 -m extract.cli --encoder ... (each rank takes every 8th
+    chunk on cuda:LOCAL_RANK; rank 0 assembles the entries).
     """
     if list_encoders:
         _list_encoders()
         return
+    if merge_only and (shard_text or force):
+        raise click.UsageError("--merge computes nothing: drop --shard/--force (run the shards first).")
+    try:
+        shard = Shard.parse(shard_text) if shard_text else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shard") from None
     cfg = build_config(config_path, overrides, {
         "extract.encoders": encoders, "data.dataset": dataset, "data.data_dir": data_dir,
         "extract.split": split, "data.captions": captions, "data.cache": cache, "extract.format": fmt,
         "extract.batch_size": batch_size, "extract.precision": precision, "extract.device": device,
         "extract.workers": workers, "extract.layers": layers, "extract.on_error": on_error,
         "extract.encoder_options": _encoder_options(encoder_options)}, verbose)
-    for entry in extract(cfg, force=force):
+    entries = merge(cfg) if merge_only else extract(cfg, force=force, shard=shard)
+    ranked = torchrun_shard()
+    if ranked is not None and ranked.index != 0:
+        return  # torchrun: rank 0 prints the table
+    for entry in entries:
         skipped = f", {len(entry.skipped)} skipped" if entry.skipped else ""
         click.echo(f"{entry.name:24s} {entry.n:7d} x {entry.dim:<5d}{skipped}  {entry.path}")
+    if shard is not None and shard.count > 1:
+        click.echo(f"shard {shard}: its chunks are staged; {len(entries)} entries were finished here. The last "
+                   "shard to finish assembles the rest; `extract --merge` (same options) checks and finishes.")
 
 
 if __name__ == "__main__":

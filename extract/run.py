@@ -10,15 +10,34 @@
 4. stages each finished chunk of rows, so an interrupted run resumes where it stopped and gives
    the same result as an uninterrupted one (batches never straddle chunks, so every row is
    computed in the same batch either way).
+
+Several processes can share one extraction. A ``Shard(index, count)`` computes only the chunks
+c with ``c % count == index`` of every entry (round-robin: near-equal shares, and each chunk is
+batched exactly as in a single run, so the result is identical):
+
+- torchrun (``WORLD_SIZE > 1`` in the environment): rank r of w is Shard(r, w) on device
+  cuda:LOCAL_RANK (when CUDA is present and the device is auto/cuda); torch.distributed (NCCL on
+  GPUs, gloo on CPU) only provides barriers: after computing, rank 0 assembles and checks every
+  entry once, the other ranks wait and return the finished entries;
+- ``extract(cfg, shard=Shard(k, n))`` (``extract --shard K/N``, e.g. one SLURM array task):
+  independent processes that never talk; the last one to finish assembles, or ``merge(cfg)``
+  (``extract --merge``) does, and names the missing chunks and the shard to rerun if any.
+
+Each process records a note (shard, host, device, timing) beside the staged chunks; they end up
+in the entry's provenance under ``shards``. A rerun of any process computes only what is missing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import logging
+import os
 import platform
+import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +45,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from extract import datasets as D
-from extract.encoders import EncoderSpec, get_spec, image_transform, load_encoder
-from pipeline.cache import Entry, EntryWriter, entry_path
+from extract.encoders import EncoderSpec, get_spec, image_pixels, load_encoder, normalize_pixels
+from pipeline.cache import PARTIAL_SUFFIX, CacheError, Entry, EntryWriter, entry_path, open_entry
 from pipeline.config import PipelineConfig
 from pipeline.runtime import autocast, default_workers, resolve_device, versions
 
@@ -35,6 +54,54 @@ log = logging.getLogger(__name__)
 
 ON_ERROR = ("error", "skip")
 LAYERS = ("last", "all")
+DIST_TIMEOUT_S = 6 * 3600  # seconds a torchrun rank may wait at a barrier for the slowest rank
+MAX_LISTED = 5  # how many missing chunk ranges / shards an incomplete-merge error names
+
+
+class IncompleteExtractionError(CacheError):
+    """``merge`` found entries whose chunks are not all staged (a shard failed or never ran)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Process ``index`` (0-based) of ``count`` processes sharing one extraction.
+
+    Shard k of n computes chunk c of every cache entry iff ``c % n == k`` (chunks of
+    ``extract.chunk_rows`` rows, in the split's row order).
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"Shard {self.index}/{self.count} is invalid: need 0 <= K < N (K is 0-based), "
+                             f"e.g. --shard 0/{max(self.count, 2)}.")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """``"K/N"`` -> Shard(K, N), e.g. ``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``."""
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if not m:
+            raise ValueError(f"--shard {text!r} must look like K/N with 0 <= K < N, e.g. 0/4.")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    def owns(self, chunk: int) -> bool:
+        return chunk % self.count == self.index
+
+    @property
+    def name(self) -> str:
+        """Name of this shard's note in a staging folder: ``shard-K-of-N``."""
+        return f"shard-{self.index}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def torchrun_shard() -> Shard | None:
+    """Shard(RANK, WORLD_SIZE) when launched by torchrun with WORLD_SIZE > 1, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return Shard(int(os.environ.get("RANK", "0")), world) if world > 1 else None
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -119,7 +186,7 @@ def _key(spec: EncoderSpec, cfg: PipelineConfig, split: D.Split, modality_fields
             "layers": cfg.extract.layers, **modality_fields}
 
 
-def _provenance(cfg: PipelineConfig, split: D.Split, device: torch.device) -> dict:
+def _provenance(cfg: PipelineConfig, split: D.Split, device: torch.device | str) -> dict:
     return {"versions": versions(), "config": cfg.to_dict(), "config_source": cfg.source,
             "host": platform.node(), "device": str(device), "source": split.source,
             "batch_size": cfg.extract.batch_size}
@@ -154,52 +221,242 @@ def splits_of(cfg: PipelineConfig) -> list[str]:
     return D.available_splits(cfg.data.dataset, cfg.data.data_dir)  # noqa
 
 
-def extract(cfg: PipelineConfig, force: bool = False) -> list[Entry]:
-    """Extract every requested encoder over every requested split; returns the finished entries."""
+@dataclass
+class _Team:
+    """The processes running one extraction: this one is ``shard``; ``distributed`` when they are
+    torchrun ranks joined by torch.distributed (then rank 0 finalizes), else they never talk."""
+
+    shard: Shard
+    device: torch.device
+    distributed: bool = False
+
+    @property
+    def leader(self) -> bool:
+        return self.shard.index == 0
+
+    @property
+    def label(self) -> str:
+        """Prefix of progress bars and log lines ("" for a single process)."""
+        if self.shard.count == 1:
+            return ""
+        return f"{'rank' if self.distributed else 'shard'} {self.shard} "
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+
+
+@contextlib.contextmanager
+def _team(cfg: PipelineConfig, shard: Shard | None) -> Iterator[_Team]:
+    """Set up this process's share: torchrun rank (process group + cuda:LOCAL_RANK), an explicit
+    shard, or the whole job. The process group is destroyed at the end if we created it."""
+    ranked = torchrun_shard()
+    device = resolve_device(cfg.extract.device)
+    if ranked is None:
+        yield _Team(shard or Shard(), device)
+        return
+    if shard is not None and shard.count > 1:
+        raise ValueError(f"--shard {shard} under torchrun (WORLD_SIZE={ranked.count}): both split the work; "
+                         "use torchrun alone, or --shard without torchrun.")
+    import torch.distributed as dist
+
+    if device.type == "cuda" and cfg.extract.device in ("auto", "cuda"):  # one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=_dt.timedelta(seconds=DIST_TIMEOUT_S))
+    try:
+        yield _Team(Shard(dist.get_rank(), dist.get_world_size()), device, distributed=True)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def extract(cfg: PipelineConfig, force: bool = False, shard: Shard | None = None) -> list[Entry]:
+    """Extract every requested encoder over every requested split; returns the finished entries.
+
+    shard: compute only this share of the chunks (``extract --shard K/N``); entries are assembled
+    only if all their chunks are staged by then (the last shard to finish does it, else run
+    ``merge``), so a shard may return fewer entries than requested. Under torchrun
+    (WORLD_SIZE > 1) the shard is the rank and every rank returns every finished entry.
+    """
     _check(cfg)
     specs = resolve_specs(cfg)
-    device = resolve_device(cfg.extract.device)
+    if force and shard is not None and shard.count > 1:
+        raise ValueError(f"--force with --shard {shard} would let each shard discard the chunks of the others. "
+                         "Delete the stale entries (the error without --force names them) before starting "
+                         "the shards, or use torchrun, where only rank 0 discards.")
     entries = []
+    with _team(cfg, shard) as team:
+        for split_name in splits_of(cfg):
+            split = D.load_split(cfg.data.dataset, cfg.data.data_dir, split_name,
+                                 on_empty=cfg.data.on_empty, missing=cfg.data.missing)
+            for modality in ("image", "text"):
+                chosen = [s for s in specs if s.modality == modality]
+                if chosen:
+                    entries += _extract_modality(cfg, split, chosen, team, force)
+    return entries
+
+
+def merge(cfg: PipelineConfig) -> list[Entry]:
+    """Assemble the entries whose chunks ``extract --shard K/N`` runs have staged (same config).
+
+    Entries already finished are returned as they are. Raises IncompleteExtractionError naming,
+    per entry, the missing chunks (and rows) and the shard(s) that must be rerun; the complete
+    entries are assembled first either way.
+    """
+    _check(cfg)
+    specs = resolve_specs(cfg)
+    entries, problems = [], []
     for split_name in splits_of(cfg):
         split = D.load_split(cfg.data.dataset, cfg.data.data_dir, split_name,
                              on_empty=cfg.data.on_empty, missing=cfg.data.missing)
         for modality in ("image", "text"):
-            chosen = [s for s in specs if s.modality == modality]
-            if chosen:
-                entries += _extract_modality(cfg, split, chosen, device, force)
+            for spec in (s for s in specs if s.modality == modality):
+                path, ids, key = _entry_request(cfg, split, spec)
+                where = f"{cfg.data.dataset}/{split.name}/{spec.name}"
+                if not path.exists() and not path.with_name(path.name + PARTIAL_SUFFIX).exists():
+                    problems.append(f"{where}: nothing staged at {path}{PARTIAL_SUFFIX}; run the shards "
+                                    "(extract --shard K/N with the same options) first.")
+                    continue
+                writer = EntryWriter(path, spec.name, ids, key, cfg.extract.chunk_rows)
+                notes = writer.notes()
+                entry = writer.finalize(_multi_provenance(cfg, split, notes), _skipped(split))
+                if entry is None:
+                    problems.append(f"{where}: {_describe_missing(writer, writer.pending(), notes)}")
+                else:
+                    entries.append(entry)
+    if problems:
+        raise IncompleteExtractionError("Cannot merge, chunks are missing:\n  " + "\n  ".join(problems)
+                                        + "\nRerun the named shard(s), then extract --merge again.")
     return entries
 
 
-def _extract_modality(cfg: PipelineConfig, split: D.Split, specs: list[EncoderSpec],
-                      device: torch.device, force: bool) -> list[Entry]:
+def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec):
+    """(path, row ids, key) of one encoder's entry for one split."""
+    if spec.modality == "image":
+        rows, extra = split.items, {}
+    else:
+        rows, extra = split.caption_rows(cfg.data.captions), {"captions": cfg.data.captions}
+    path = entry_path(cfg.data.cache, cfg.data.dataset, split.name, spec.name, cfg.extract.format)
+    return path, [r.id for r in rows], _key(spec, cfg, split, extra)
+
+
+def _skipped(split: D.Split) -> list[dict]:
+    return [{"id": i, "reason": r} for i, r in split.skipped]
+
+
+def _extract_modality(cfg: PipelineConfig, split: D.Split, specs: list[EncoderSpec], team: _Team,
+                      force: bool) -> list[Entry]:
     x = cfg.extract
     is_image = specs[0].modality == "image"
     rows = split.items if is_image else split.caption_rows(cfg.data.captions)
-    ids = [r.id for r in rows]
-    extra = {} if is_image else {"captions": cfg.data.captions}
+    if not team.leader:
+        team.barrier()  # torchrun: rank 0 first sets up (and under --force discards) the entries
     jobs = []
     for spec in specs:
-        path = entry_path(cfg.data.cache, cfg.data.dataset, split.name, spec.name, x.format)
-        writer = EntryWriter(path, spec.name, ids, _key(spec, cfg, split, extra), x.chunk_rows, force)
-        jobs.append(_Job(spec, writer, set(writer.pending())))
+        path, ids, key = _entry_request(cfg, split, spec)
+        writer = EntryWriter(path, spec.name, ids, key, x.chunk_rows, force and team.leader)
+        jobs.append(_Job(spec, writer, {c for c in writer.pending() if team.shard.owns(c)}))
+    if team.leader:
+        team.barrier()
     todo = sorted(set().union(*(j.pending for j in jobs)))
-    timing = _run_jobs(cfg, split, rows, [j for j in jobs if j.pending], todo, device, is_image) if todo else {}
+    multi = team.shard.count > 1
+    note = {"shard": str(team.shard), "host": platform.node(), "pid": os.getpid(), "device": str(team.device),
+            "started": _now(), "chunks": len(todo)}
+    if multi:
+        for job in jobs:
+            job.writer.write_note(team.shard.name, {**note, "state": "running"})
+    timing = _run_jobs(cfg, split, rows, [j for j in jobs if j.pending], todo, team) if todo else {}
+    if multi:
+        for job in jobs:
+            job.writer.write_note(team.shard.name, {**note, "rows_computed": 0, "extract_seconds": 0.0, **timing,
+                                                    "state": "done", "finished": _now()})
+    team.barrier()  # torchrun: every rank has staged its chunks
+    if team.distributed and not team.leader:
+        team.barrier()  # rank 0 assembles the entries
+        return [open_entry(job.writer.path) for job in jobs]
     out = []
-    skipped = [{"id": i, "reason": r} for i, r in split.skipped]
     for job in jobs:
-        entry = job.writer.finalize({**_provenance(cfg, split, device), **timing}, skipped)
+        if multi:
+            provenance = _multi_provenance(cfg, split, job.writer.notes(), team.device)
+        else:
+            provenance = {**_provenance(cfg, split, team.device), **timing}
+        entry = job.writer.finalize(provenance, _skipped(split))
         if entry is None:
-            raise RuntimeError(f"{job.spec.name}: chunks are still missing after extraction "
-                               f"(another process may be writing them); rerun to finish.")
+            missing = job.writer.pending()
+            if not multi:
+                raise RuntimeError(f"{job.spec.name}: chunks are still missing after extraction "
+                                   f"(another process may be writing them); rerun to finish.")
+            if team.distributed:
+                raise RuntimeError(f"{job.spec.name}: after every rank finished, "
+                                   f"{_describe_missing(job.writer, missing, job.writer.notes())}.")
+            log.info("%s%s: %d chunks wait for other shards; the last shard or extract --merge assembles it",
+                     team.label, job.spec.name, len(missing))
+            continue
         log.info("%s/%s/%s: %d rows -> %s", cfg.data.dataset, split.name, job.spec.name, entry.n, entry.path)
         out.append(entry)
+    team.barrier()  # torchrun: the entries are finished
     return out
 
 
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _multi_provenance(cfg: PipelineConfig, split: D.Split, notes: dict, device: torch.device | None = None) -> dict:
+    """Provenance of an entry computed by several processes: their notes under ``shards`` and
+    totals (rows computed by all, wall time of the slowest, items/s = rows / that time)."""
+    shards = [n for _, n in sorted(notes.items())]
+    rows = sum(n.get("rows_computed", 0) for n in shards)
+    seconds = max([n.get("extract_seconds", 0.0) for n in shards] or [0.0])
+    devices = sorted({n["device"] for n in shards if "device" in n}) or [str(device)]
+    return {**_provenance(cfg, split, ",".join(devices)), "shards": shards, "rows_computed": rows,
+            "extract_seconds": seconds, "items_per_s": rows / seconds if seconds else 0.0}
+
+
+def _describe_missing(writer: EntryWriter, missing: Sequence[int], notes: dict) -> str:
+    """"chunks 1, 3-4 of 6 (rows 4-7, 12-19) are missing; they belong to shard 1/2 (started on
+    host h at t, did not finish): rerun extract --shard 1/2" (as far as the notes tell)."""
+    runs: list[list[int]] = []
+    for c in sorted(missing):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    more = f" and {len(runs) - MAX_LISTED} more ranges" if len(runs) > MAX_LISTED else ""
+    chunks = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:MAX_LISTED]) + more
+    spans = [(writer.rows(a)[0], writer.rows(b)[-1]) for a, b in runs[:MAX_LISTED]]
+    rows = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans) + more
+    text = f"{len(missing)} of {writer.num_chunks} chunks missing: chunks {chunks} (rows {rows})"
+    counts = sorted({int(n["shard"].split("/")[1]) for n in notes.values() if "/" in str(n.get("shard"))})
+    if not counts:
+        return text + "; no shard left a record: rerun extract (--shard K/N computes chunks c with c % N == K)"
+    owners = []
+    for count in counts:
+        for index in sorted({c % count for c in missing}):
+            shard = Shard(index, count)
+            n = notes.get(shard.name)
+            state = ("never started" if n is None else
+                     f"started on {n.get('host')} at {n.get('started')}, did not finish" if n.get("state") != "done"
+                     else f"finished on {n.get('host')} at {n.get('finished')}, but its chunks are gone")
+            owners.append(f"--shard {shard} ({state})")
+    extra = len(owners) - MAX_LISTED
+    listed = "; ".join(owners[:MAX_LISTED]) + (f"; and {extra} more" if extra > 0 else "")
+    return f"{text}; rerun extract {listed}"
+
+
 def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_Job], todo: list[int],
-              device: torch.device, is_image: bool) -> dict:
-    """Compute the pending chunks of every job; returns timing facts for the provenance."""
+              team: _Team) -> dict:
+    """Compute chunks ``todo`` of every job (each job only its pending ones); returns timing facts
+    for the provenance."""
     x = cfg.extract
+    device = team.device
+    is_image = jobs[0].spec.modality == "image"
     for job in jobs:
         job.encoder = load_encoder(job.spec, device)
         job.buffers = {}
@@ -207,12 +464,12 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
         job.input_key = repr(job.encoder.spec.prep) if is_image else job.spec.name
     chunk_ranges = [jobs[0].writer.rows(c) for c in todo]
     if is_image:
-        transforms = {j.input_key: image_transform(j.encoder.spec.prep) for j in jobs}
+        transforms = {j.input_key: image_pixels(j.encoder.spec.prep) for j in jobs}  # uint8
         collate = _Collate()
     else:
         transforms = {}
         collate = _Collate({j.input_key: j.encoder.tokenizer for j in jobs})
-    workers = default_workers() if x.workers < 0 else x.workers
+    workers = _workers(x.workers)
     loader = DataLoader(_Rows(split, rows, transforms, x.on_error == "skip"),
                         batch_sampler=_ChunkBatches(chunk_ranges, x.batch_size), collate_fn=collate,
                         num_workers=workers, pin_memory=device.type == "cuda",
@@ -221,9 +478,11 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
     names = ",".join(j.spec.name for j in jobs)
     all_layers = x.layers == "all"
     started = time.perf_counter()
-    with tqdm(total=sum(len(r) for r in chunk_ranges), desc=f"{split.name} {names}",
-              unit="img" if is_image else "txt", dynamic_ncols=True) as bar, torch.inference_mode():
+    with tqdm(total=sum(len(r) for r in chunk_ranges), desc=f"{team.label}{split.name} {names}",
+              unit="img" if is_image else "txt", dynamic_ncols=True,
+              disable=team.distributed and not team.leader) as bar, torch.inference_mode():
         skipped: dict[int, dict[str, str]] = {}
+        done = 0  # rows computed (bar.n stays 0 when the bar is disabled)
         for batch_rows, inputs, batch_skipped in loader:
             first = batch_rows[0] if batch_rows else next(iter(batch_skipped))
             chunk = first // x.chunk_rows
@@ -235,6 +494,7 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
                     job.buffers.setdefault(chunk, []).append(
                         _forward(job, inputs[job.input_key], device, x.precision, all_layers))
             bar.update(len(batch_rows) + len(batch_skipped))
+            done += len(batch_rows) + len(batch_skipped)
             last_row = max(batch_rows + list(batch_skipped))
             if last_row == jobs[0].writer.rows(chunk)[-1]:  # chunk complete: stage it
                 for job in jobs:
@@ -242,15 +502,28 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
                         _flush(job, chunk, skipped.get(chunk, {}), all_layers)
                 skipped.pop(chunk, None)
     seconds = time.perf_counter() - started
-    log.info("extracted %s on %s/%s in %.1fs", names, cfg.data.dataset, split.name, seconds)
-    return {"extract_seconds": seconds, "rows_computed": bar.n, "items_per_s": bar.n / max(seconds, 1e-9)}
+    log.info("%sextracted %s on %s/%s in %.1fs", team.label, names, cfg.data.dataset, split.name, seconds)
+    return {"extract_seconds": seconds, "rows_computed": done, "items_per_s": done / max(seconds, 1e-9)}
+
+
+def _workers(configured: int) -> int:
+    """DataLoader workers per process: the configured number, or for -1 ``default_workers()``
+    (min(8, cores - 1)); under torchrun min(8, cores / LOCAL_WORLD_SIZE - 1), the machine's cores
+    shared by its ranks (e.g. 8 per rank on 96 cores and 8 GPUs, 1 on 16 cores)."""
+    if configured >= 0:
+        return configured
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    if local == 1:
+        return default_workers()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // local - 1))
 
 
 def _forward(job: _Job, batch, device: torch.device, precision: str, all_layers: bool):
     if isinstance(batch, dict):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    else:
-        batch = batch.to(device, non_blocking=True)
+    else:  # uint8 pixels from the workers: scale and normalise on the model's device
+        batch = normalize_pixels(batch.to(device, non_blocking=True), job.encoder.spec.prep)
     with autocast(device, precision):
         features = job.encoder(batch)
         layers = job.encoder(batch, all_layers=True) if all_layers else []

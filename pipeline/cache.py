@@ -16,7 +16,8 @@ Writing is resumable and safe under kill -9 and concurrent writers: ``EntryWrite
 each chunk of rows as its own file in ``<entry>.partial/`` (written to a temporary name,
 flushed, fsynced, then renamed, so a chunk exists only once complete) and assembles the final
 file under a lock into a temporary name that is atomically renamed. Separate processes may
-write disjoint chunks of one entry (multi-process extraction). A finished entry is never
+write disjoint chunks of one entry (multi-process extraction) and leave small JSON notes
+(``note-<name>.json``, e.g. which shard ran where) beside them. A finished entry is never
 modified in place.
 
 Readers open the file per call and keep no handle, so an ``Entry`` can be passed to
@@ -32,6 +33,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("h5", "zarr")  # file extensions of the two backends
 PARTIAL_SUFFIX = ".partial"  # staging folder of an unfinished entry
+_NOTE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # allowed names of EntryWriter.write_note records
 
 
 class CacheError(RuntimeError):
@@ -442,6 +445,27 @@ class EntryWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+    def write_note(self, name: str, data: Mapping) -> bool:
+        """Store a small JSON record as ``<staging>/note-<name>.json`` (atomically; replaces an
+        older note of that name). Multi-process extraction uses it to say which shard staged
+        what, with its host and timing. Notes are ignored by everything else and vanish with
+        the staging folder. Returns False (and writes nothing) once the entry is finished."""
+        if not _NOTE_NAME.fullmatch(name):
+            raise CacheError(f"Note name {name!r} must match {_NOTE_NAME.pattern}.")
+        with _locked(self.path):  # finalize removes the staging folder under this lock
+            if self.done or self._finished() or not self.staging.is_dir():
+                return False
+            _atomic_write_bytes(self.staging / f"note-{name}.json", (_json(dict(data)) + "\n").encode())
+        return True
+
+    def notes(self) -> dict[str, dict]:
+        """{name: record} of the notes in the staging folder (empty when there is none)."""
+        out = {}
+        for p in sorted(self.staging.glob("note-*.json")) if self.staging.is_dir() else ():
+            with contextlib.suppress(OSError, ValueError):
+                out[p.stem[len("note-"):]] = json.loads(p.read_text())
+        return out
 
     def _read_chunk(self, chunk: int) -> dict:
         with np.load(self._chunk_file(chunk), allow_pickle=False) as z:
