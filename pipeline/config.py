@@ -78,6 +78,9 @@ class TrainConfig:
     reference: str = "dinov2"  # cache entry used for the per-epoch CKA curve ("" = none)
     name: str = ""  # run name; "" = <image>-<text>-<adapter>
     eval_every: int = 1  # epochs between validation evaluations
+    max_rows_in_memory: int = 0  # train pairs held at once; 0 = all in memory, > 0 = stream the train split
+    #   from the cache when it has more pairs (two windows of max_rows_in_memory / 2: training + prefetch)
+    stream_block: int = 1024  # pairs per cache read when streaming (rounded up to a multiple of batch_size)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ memory is O(d^2) beyond the features themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -44,29 +45,48 @@ class Alignment:
     b: LinearMap
 
 
-def _moments(xa: torch.Tensor, xb: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor):
-    """Means and covariances of the paired rows (xa[ia[p]], xb[ib[p]]), in float64.
+@dataclass(frozen=True)
+class Moments:
+    """First and second moments of paired rows (a_p, b_p), float64: n pairs, mean_a (d_a,),
+    mean_b (d_b,), covariances c_aa (d_a, d_a), c_bb (d_b, d_b), c_ab (d_a, d_b) (divisor n - 1)."""
 
-    xa: (n_a, d_a), xb: (n_b, d_b), ia, ib: (n_pairs,). Returns mean_a (d_a,), mean_b (d_b,),
-    C_aa (d_a, d_a), C_bb (d_b, d_b), C_ab (d_a, d_b).
-    """
-    n = ia.shape[0]
-    kw = {"dtype": torch.float64, "device": xa.device}
-    sa, sb = torch.zeros(xa.shape[1], **kw), torch.zeros(xb.shape[1], **kw)
-    saa = torch.zeros(xa.shape[1], xa.shape[1], **kw)
-    sbb = torch.zeros(xb.shape[1], xb.shape[1], **kw)
-    sab = torch.zeros(xa.shape[1], xb.shape[1], **kw)
-    for s in range(0, n, MOMENT_BLOCK):
-        a, b = xa[ia[s:s + MOMENT_BLOCK]].double(), xb[ib[s:s + MOMENT_BLOCK]].double()
-        sa += a.sum(0)
-        sb += b.sum(0)
-        saa += a.T @ a
-        sbb += b.T @ b
-        sab += a.T @ b
+    n: int
+    mean_a: torch.Tensor
+    mean_b: torch.Tensor
+    c_aa: torch.Tensor
+    c_bb: torch.Tensor
+    c_ab: torch.Tensor
+
+
+def accumulate_moments(blocks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Moments:
+    """Moments from blocks of paired rows (a (k, d_a), b (k, d_b)), summed in float64; the
+    blocks may come from memory or be streamed from the cache."""
+    n, sums = 0, None
+    for a, b in blocks:
+        a, b = a.double(), b.double()
+        if sums is None:
+            sums = [torch.zeros(a.shape[1], dtype=a.dtype, device=a.device),
+                    torch.zeros(b.shape[1], dtype=a.dtype, device=a.device),
+                    torch.zeros(a.shape[1], a.shape[1], dtype=a.dtype, device=a.device),
+                    torch.zeros(b.shape[1], b.shape[1], dtype=a.dtype, device=a.device),
+                    torch.zeros(a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)]
+        for acc, term in zip(sums, (a.sum(0), b.sum(0), a.T @ a, b.T @ b, a.T @ b)):
+            acc += term
+        n += a.shape[0]
+    if sums is None:
+        raise ValueError("The baselines need at least one train pair.")
+    sa, sb, saa, sbb, sab = sums
     ma, mb = sa / n, sb / n
     denom = max(n - 1, 1)
-    return (ma, mb, (saa - n * torch.outer(ma, ma)) / denom, (sbb - n * torch.outer(mb, mb)) / denom,
-            (sab - n * torch.outer(ma, mb)) / denom)
+    return Moments(n, ma, mb, (saa - n * torch.outer(ma, ma)) / denom, (sbb - n * torch.outer(mb, mb)) / denom,
+                   (sab - n * torch.outer(ma, mb)) / denom)
+
+
+def pair_moments(xa: torch.Tensor, xb: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor) -> Moments:
+    """Moments of the pairs (xa[ia[p]], xb[ib[p]]); xa: (n_a, d_a), xb: (n_b, d_b), ia, ib: (n_pairs,)."""
+    n = ia.shape[0]
+    return accumulate_moments((xa[ia[s:s + MOMENT_BLOCK]], xb[ib[s:s + MOMENT_BLOCK]])
+                              for s in range(0, n, MOMENT_BLOCK))
 
 
 def _inv_sqrt(c: torch.Tensor) -> torch.Tensor:
@@ -79,14 +99,13 @@ def _ridge(c: torch.Tensor) -> torch.Tensor:
     return c + CCA_RIDGE * c.diagonal().mean().clamp_min(1e-12) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
 
 
-def fit_cca(xa, xb, ia, ib, dim: int) -> Alignment:
-    """Regularised CCA on the pairs (xa[ia], xb[ib]); see the module docstring."""
-    ma, mb, caa, cbb, cab = _moments(xa, xb, ia, ib)
-    wa, wb = _inv_sqrt(_ridge(caa)), _inv_sqrt(_ridge(cbb))
-    u, rho, vh = torch.linalg.svd(wa @ cab @ wb)
-    k = min(dim, xa.shape[1], xb.shape[1], max(ia.shape[0] - 1, 1))
+def cca_from_moments(mom: Moments, dim: int) -> Alignment:
+    """Regularised CCA from the train moments; see the module docstring."""
+    wa, wb = _inv_sqrt(_ridge(mom.c_aa)), _inv_sqrt(_ridge(mom.c_bb))
+    u, rho, vh = torch.linalg.svd(wa @ mom.c_ab @ wb)
+    k = min(dim, mom.c_aa.shape[0], mom.c_bb.shape[0], max(mom.n - 1, 1))
     scale = rho[:k]
-    return Alignment("cca", LinearMap(ma, wa @ u[:, :k] * scale), LinearMap(mb, wb @ vh[:k].T * scale))
+    return Alignment("cca", LinearMap(mom.mean_a, wa @ u[:, :k] * scale), LinearMap(mom.mean_b, wb @ vh[:k].T * scale))
 
 
 def _pca(c: torch.Tensor, p: int) -> torch.Tensor:
@@ -95,13 +114,23 @@ def _pca(c: torch.Tensor, p: int) -> torch.Tensor:
     return v[:, torch.argsort(w, descending=True)[:p]]
 
 
-def fit_procrustes(xa, xb, ia, ib, dim: int) -> Alignment:
+def procrustes_from_moments(mom: Moments, dim: int) -> Alignment:
     """PCA to a common dimension, then orthogonal Procrustes from side a to side b."""
-    ma, mb, caa, cbb, cab = _moments(xa, xb, ia, ib)
-    p = min(dim, xa.shape[1], xb.shape[1], max(ia.shape[0] - 1, 1))
-    pa, pb = _pca(caa, p), _pca(cbb, p)
-    u, _, vh = torch.linalg.svd(pa.T @ cab @ pb)  # cross-covariance of the PCA coordinates
-    return Alignment("procrustes", LinearMap(ma, pa @ u @ vh), LinearMap(mb, pb))
+    p = min(dim, mom.c_aa.shape[0], mom.c_bb.shape[0], max(mom.n - 1, 1))
+    pa, pb = _pca(mom.c_aa, p), _pca(mom.c_bb, p)
+    u, _, vh = torch.linalg.svd(pa.T @ mom.c_ab @ pb)  # cross-covariance of the PCA coordinates
+    return Alignment("procrustes", LinearMap(mom.mean_a, pa @ u @ vh), LinearMap(mom.mean_b, pb))
+
+
+def fit_cca(xa, xb, ia, ib, dim: int) -> Alignment:
+    """Regularised CCA on the pairs (xa[ia], xb[ib])."""
+    return cca_from_moments(pair_moments(xa, xb, ia, ib), dim)
+
+
+def fit_procrustes(xa, xb, ia, ib, dim: int) -> Alignment:
+    """PCA + orthogonal Procrustes on the pairs (xa[ia], xb[ib])."""
+    return procrustes_from_moments(pair_moments(xa, xb, ia, ib), dim)
 
 
 BASELINES = {"cca": fit_cca, "procrustes": fit_procrustes}  # name -> fit(xa, xb, ia, ib, dim)
+FROM_MOMENTS = {"cca": cca_from_moments, "procrustes": procrustes_from_moments}  # name -> fit(Moments, dim)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from pipeline.cache import CacheError
@@ -50,16 +52,23 @@ def _modalities(values: tuple[str, ...]) -> dict | None:
 @click.option("--name", help="Run name; default <image>-<text>-<adapter>. Output: <cache>/runs/<name> [config: train.name].")
 @click.option("--reference", help="Cache entry for the per-epoch val CKA curve ('' = none); an explicit entry "
                                    "must exist, the default is skipped with a warning when absent [config: train.reference].")
+@click.option("--max-rows-in-memory", type=int, metavar="PAIRS",
+              help="Train pairs held in memory at once; a larger train split is streamed from the cache in "
+                   "shuffled windows of PAIRS/2 (0 = load everything) [config: train.max_rows_in_memory].")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML configuration file (default: ./pipeline.toml when present).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set train.weight_decay=0.01 (repeatable).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: only on a terminal).")
 def main(cache, dataset, image, text, modalities, adapter, dim, epochs, batch_size, lr, schedule, warmup_epochs,
-         temperature, learnable_temperature, mixup, seed, device, name, reference, config_path, overrides, progress):
+         temperature, learnable_temperature, mixup, seed, device, name, reference, max_rows_in_memory, config_path,
+         overrides, progress):
     """Train adapters that align cached image and text features with symmetric InfoNCE,
     pick the epoch with the best val recall, and report test recall next to CCA and
-    Procrustes baselines. Writes <cache>/runs/<name> and aligned cache entries <entry>@<name>."""
+    Procrustes baselines. Writes <cache>/runs/<name> and aligned cache entries <entry>@<name>.
+
+    Several GPUs (or CPU processes): torchrun --nproc-per-node N -m train.cli [OPTIONS]
+    (DistributedDataParallel; --batch-size is the global batch, a multiple of N)."""
     from train.fit import fit_adapters
 
     options = {"data.cache": cache, "data.dataset": dataset, "train.image": image, "train.text": text,
@@ -68,12 +77,14 @@ def main(cache, dataset, image, text, modalities, adapter, dim, epochs, batch_si
                "train.schedule": schedule, "train.warmup_epochs": warmup_epochs,
                "train.temperature": temperature, "train.learnable_temperature": learnable_temperature,
                "train.mixup": mixup, "train.seed": seed, "train.device": device, "train.name": name,
-               "train.reference": reference}
+               "train.reference": reference, "train.max_rows_in_memory": max_rows_in_memory}
     try:
         cfg = load_config(config_path, overrides=overrides, options=options)
         result = fit_adapters(cfg, require_reference=True if reference else None, progress=progress)
     except (ConfigError, TrainError, CacheError, JoinError) as exc:
         raise click.ClickException(str(exc)) from None
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     click.echo(f"test retrieval (%), best epoch {result.best_epoch} of {result.metrics['epochs_run']}:")
     click.echo(summary_table(result.metrics["test"]))
     click.echo(f"run folder: {result.run_dir}")

@@ -12,13 +12,22 @@ and ``pairs`` (n_pairs, M) says which row of each modality forms pair ``p``:
 
 Training batches index these device tensors with a device permutation: no disk reads and no
 host-to-device copies per step.
+
+When ``train.max_rows_in_memory`` is > 0 and the train split has more pairs than that, the train
+split is a ``train.stream.StreamSplit`` instead: its features are read from the cache in
+windows during training (see that module). Val and test stay in memory (they are small:
+about 1,000 images each for Flickr30k and COCO's Karpathy split).
+
+Standardisation statistics (per-column mean and std over the distinct rows each modality
+contributes to the train pairs) are accumulated exactly in float64 over blocks of
+``train.stream_block`` entry rows, in both paths alike, so both give the same numbers.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -26,6 +35,7 @@ import torch
 from pipeline.cache import CacheError, Entry, find_entry
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.join import join_pairs, join_rows
+from train.stream import RunningMoments, StreamSplit, plan_stream, read_rows, used_row_blocks
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +117,18 @@ class SplitData:
     def n_pairs(self) -> int:
         return int(self.pairs.shape[0])
 
+    @property
+    def device(self) -> torch.device:
+        return self.pairs.device
+
+    def windows(self):
+        """The trainer's view of an epoch: one window holding every pair, (n_pairs, M) rows
+        into ``features`` (the streaming split yields several)."""
+        yield self.pairs
+
+    def close(self) -> None:
+        """Nothing to release (the streaming split stops its reader here)."""
+
 
 @dataclass
 class Stats:
@@ -137,6 +159,16 @@ class TrainData:
     def modalities(self) -> list[str]:
         return list(self.dims)
 
+    @property
+    def streaming(self) -> bool:
+        """True when the train split is streamed from the cache."""
+        return isinstance(self.splits.get("train"), StreamSplit)
+
+    def close(self) -> None:
+        """Stop background readers (streaming)."""
+        for sd in self.splits.values():
+            sd.close()
+
 
 def _join(entries: Mapping[str, Entry]) -> tuple[np.ndarray, dict[tuple[str, str], tuple]]:
     """(n_pairs, M) entry rows per pair, and retrieval rows (numpy) per modality pair."""
@@ -153,46 +185,82 @@ def _join(entries: Mapping[str, Entry]) -> tuple[np.ndarray, dict[tuple[str, str
     return pairs, retrieval
 
 
-def _stats(features: Mapping[str, np.ndarray], used_rows: Mapping[str, np.ndarray], standardize: bool) -> Stats:
+def _stats(blocks: Mapping[str, Iterable[np.ndarray]], dims: Mapping[str, int], standardize: bool) -> Stats:
+    """Per-modality statistics from blocks of train rows (``used_row_blocks``): exact float64
+    mean and population std; a std below ``STD_FLOOR`` becomes 1. Disabled: mean 0, std 1."""
     mean, std = {}, {}
-    for m, x in features.items():
-        rows = x[np.unique(used_rows[m])].astype(np.float64)
+    for m, d in dims.items():
         if standardize:
-            mu, sd = rows.mean(0), rows.std(0)
-            sd = np.where(sd < STD_FLOOR, 1.0, sd)
+            acc = RunningMoments(d)
+            for x in blocks[m]:
+                acc.add(x)
+            mu, sd = acc.mean, np.where(acc.std < STD_FLOOR, 1.0, acc.std)
         else:
-            mu, sd = np.zeros(x.shape[1]), np.ones(x.shape[1])
+            mu, sd = np.zeros(d), np.ones(d)
         mean[m], std[m] = mu.astype(np.float32), sd.astype(np.float32)
     return Stats(mean, std)
 
 
-def _check_dims(split: str, feats: Mapping[str, np.ndarray], dims: Mapping[str, int], entries) -> None:
-    for m, x in feats.items():
-        if x.shape[1] != dims[m]:
-            raise TrainError(f"Entry {entries[m].name!r} has {x.shape[1]}-d features in split {split!r} but "
+def _used_mask(n: int, rows: np.ndarray) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    return mask
+
+
+def _check_dims(split: str, entries: Mapping[str, Entry], dims: Mapping[str, int]) -> None:
+    for m, e in entries.items():
+        if e.dim != dims[m]:
+            raise TrainError(f"Entry {e.name!r} has {e.dim}-d features in split {split!r} but "
                              f"{dims[m]}-d in 'train'; the splits were extracted with different encoders. "
                              f"Re-extract with --force.")
 
 
-def load_data(cfg: PipelineConfig, device: torch.device) -> TrainData:
-    """Open, check, join and standardise every split; features end up on ``device``."""
-    names = modality_entries(cfg.train)
-    entries = {s: {m: open_entry_for(cfg, s, e) for m, e in names.items()} for s in SPLITS}
-    raw, joined = {}, {}
-    for s in SPLITS:
-        raw[s] = {m: read_features(e) for m, e in entries[s].items()}
-        joined[s] = _join(entries[s])
-    dims = {m: x.shape[1] for m, x in raw["train"].items()}
+def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, ...] = SPLITS,
+              stream: bool | None = None) -> TrainData:
+    """Open, check, join and standardise ``splits`` (must include train); features end up on
+    ``device``, except a streamed train split (read during training).
+
+    stream: None = stream the train split when ``train.max_rows_in_memory`` > 0 and the split
+    has more pairs than that; True/False forces it (True needs max_rows_in_memory > 0).
+    """
+    tc = cfg.train
+    names = modality_entries(tc)
+    entries = {s: {m: open_entry_for(cfg, s, e) for m, e in names.items()} for s in splits}
+    joined = {s: _join(entries[s]) for s in splits}
+    dims = {m: e.dim for m, e in entries["train"].items()}
+    for s in splits:
+        _check_dims(s, entries[s], dims)
     train_pairs = joined["train"][0]
-    stats = _stats(raw["train"], {m: train_pairs[:, j] for j, m in enumerate(names)}, cfg.train.standardize)
-    splits = {}
-    for s in SPLITS:
-        _check_dims(s, raw[s], dims, entries[s])
+    if stream is None:
+        stream = 0 < tc.max_rows_in_memory < len(train_pairs)
+    if stream and tc.max_rows_in_memory <= 0:
+        raise TrainError("Streaming the train split needs train.max_rows_in_memory > 0 (pairs held at once).")
+    used = {m: _used_mask(entries["train"][m].n, train_pairs[:, j]) for j, m in enumerate(names)}
+    block = max(1, tc.stream_block)
+    raw = {s: None if (s == "train" and stream) else {m: read_features(e) for m, e in entries[s].items()}
+           for s in splits}
+
+    def train_blocks(m: str) -> Iterable[np.ndarray]:  # lazy: nothing is read unless standardising
+        e = entries["train"][m]
+        read = (lambda lo, hi: read_rows(e, lo, hi)) if stream else (lambda lo, hi: raw["train"][m][lo:hi])
+        return used_row_blocks(read, e.n, used[m], max(1, tc.stream_block))
+
+    stats = _stats({m: train_blocks(m) for m in names}, dims, tc.standardize)
+    out = {}
+    for s in splits:
         pairs, retrieval = joined[s]
+        if s == "train" and stream:
+            ret = {k: Retrieval(*(torch.as_tensor(np.asarray(r), dtype=torch.long) for r in v))
+                   for k, v in retrieval.items()}
+            plan = plan_stream(tc, len(pairs))
+            log.info("streaming the train split: %d pairs, windows of %d pairs in blocks of %d (cap %d)",
+                     len(pairs), plan.window_pairs, plan.block, plan.cap)
+            out[s] = StreamSplit(s, list(names), entries[s], pairs, ret, stats, device, plan, tc.seed)
+            continue
         feats = {m: stats.apply(m, torch.from_numpy(x).to(device)) for m, x in raw[s].items()}
         ret = {k: Retrieval(*(torch.as_tensor(np.asarray(r), dtype=torch.long, device=device) for r in v))
                for k, v in retrieval.items()}
-        splits[s] = SplitData(s, list(names), feats, torch.as_tensor(pairs, dtype=torch.long, device=device),
-                              ret, entries[s])
-        del raw[s]
-    return TrainData(splits, stats, dims)
+        out[s] = SplitData(s, list(names), feats, torch.as_tensor(pairs, dtype=torch.long, device=device),
+                           ret, entries[s])
+        raw[s] = None
+    return TrainData(out, stats, dims)

@@ -4,6 +4,11 @@ Trains one adapter per modality with symmetric InfoNCE (mean over modality pairs
 split, evaluates val retrieval (and, with a reference entry, val linear CKA) every
 ``eval_every`` epochs, keeps the epoch with the best val mean recall, then reports test
 recall next to the closed-form baselines and writes the run folder and the aligned entries.
+
+Scale: a train split with more pairs than ``train.max_rows_in_memory`` is streamed from the
+cache in shuffled windows (``train.stream``); under ``torchrun`` the run uses
+DistributedDataParallel, each rank embedding a shard of every global batch
+(``train.distributed``); only rank 0 evaluates and writes, the other ranks wait on a barrier.
 """
 
 from __future__ import annotations
@@ -18,17 +23,20 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import PipelineConfig, TrainConfig
 from train import outputs
 from train.adapters import AlignModel, check_adapter_name
 from train.api import describe_sources, save_adapters
-from train.baselines import BASELINES
-from train.data import SplitData, TrainData, TrainError, load_data
+from train.baselines import FROM_MOMENTS, accumulate_moments, pair_moments
+from train.data import SPLITS, SplitData, TrainData, TrainError, load_data
+from train.distributed import Dist, gather_with_grad, setup
 from train.evaluate import Reference, check_finite, load_reference, retrieval_metrics
 from train.losses import multi_info_nce
 from train.retrieval import recall_at_k
+from train.stream import StreamSplit
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +86,8 @@ def check_config(tc: TrainConfig) -> None:
              ("dim", tc.dim >= 1), ("temperature", tc.temperature > 0), ("mixup", tc.mixup >= 0),
              ("eval_every", tc.eval_every >= 1), ("warmup_epochs", tc.warmup_epochs >= 0),
              ("weight_decay", tc.weight_decay >= 0), ("dropout", 0 <= tc.dropout < 1),
-             ("hidden", tc.hidden >= 1), ("bottleneck", tc.bottleneck >= 1), ("depth", tc.depth >= 0)]
+             ("hidden", tc.hidden >= 1), ("bottleneck", tc.bottleneck >= 1), ("depth", tc.depth >= 0),
+             ("max_rows_in_memory", tc.max_rows_in_memory >= 0), ("stream_block", tc.stream_block >= 1)]
     for key, ok in rules:
         if not ok:
             raise TrainError(f"train.{key} = {getattr(tc, key)!r} is out of range.")
@@ -116,40 +125,90 @@ def lr_schedule(tc: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]
 
 
 # ----------------------------------------------------------------------------- training
+class _Embed(nn.Module):
+    """All modalities in one forward call (what DDP wraps): list of (b, d_m) inputs ->
+    (list of (b, dim) embeddings, logit scale)."""
+
+    def __init__(self, model: AlignModel, modalities: list[str]):
+        super().__init__()
+        self.model, self.modalities = model, list(modalities)
+
+    def forward(self, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return [self.model(m, x) for m, x in zip(self.modalities, xs)], self.model.logit_scale()
+
+
 class Trainer:
     """Optimisation steps of one model on one train split.
 
-    Each step gathers a batch of pairs from the device-resident features (rows copied into a
-    static (batch, M) buffer), optionally mixes it (FuseMix latent mixup), computes the mean
-    pairwise InfoNCE, back-propagates, applies AdamW and clamps a learnable temperature.
-    On CUDA that whole step is captured once as a CUDA graph and replayed: with batch 64 the
-    step is a few hundred microseconds of GPU work, and launching its ~100 kernels one by one
-    from Python would cost several times more. Elsewhere (and with ``graph=False``) the same
-    code runs eagerly. The loss is accumulated on the device and read once per epoch.
+    ``split`` is a ``SplitData`` (every pair on the device) or a ``StreamSplit`` (windows read
+    from the cache); both expose ``features`` (modality -> (rows, d_m) device tensor) and
+    ``windows()`` (an epoch's (k, M) pair rows into ``features``). Each step gathers a batch of
+    pairs (rows copied into a static (batch, M) buffer), optionally mixes it (FuseMix latent
+    mixup), computes the mean pairwise InfoNCE, back-propagates, applies AdamW and clamps a
+    learnable temperature. On CUDA that whole step is captured once as a CUDA graph and
+    replayed: with batch 64 the step is a few hundred microseconds of GPU work, and launching
+    its ~100 kernels one by one from Python would cost several times more. Elsewhere (and with
+    ``graph=False``) the same code runs eagerly. The loss is accumulated on the device and read
+    once per epoch.
+
+    dist: with several processes, the model is wrapped in DistributedDataParallel, rank r
+    embeds rows [r b/N, (r+1) b/N) of each global batch of b pairs and the embeddings are
+    all-gathered (see ``train.distributed``); CUDA graphs are off (DDP's gradient hooks and
+    NCCL calls inside a captured graph would need static-graph DDP and a captured warm-up).
     """
 
-    def __init__(self, model: AlignModel, split: SplitData, tc: TrainConfig, graph: bool | None = None):
+    def __init__(self, model: AlignModel, split: SplitData | StreamSplit, tc: TrainConfig,
+                 graph: bool | None = None, dist: Dist | None = None):
         self.model, self.split, self.tc = model, split, tc
+        self.dist = dist or Dist()
         self.batch = min(tc.batch_size, split.n_pairs)
+        if self.batch % self.dist.world_size:
+            raise TrainError(f"train.batch_size = {self.batch} (the global batch) is not divisible by the "
+                             f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}.")
+        shard = self.batch // self.dist.world_size
+        self.shard = (self.dist.rank * shard, (self.dist.rank + 1) * shard)  # this rank's rows of a batch
         self.steps_per_epoch = split.n_pairs // self.batch
-        device = split.pairs.device
-        self.graph = device.type == "cuda" if graph is None else graph
+        self.device = split.device
+        self.features = split.features  # modality -> device tensor the batch rows index
+        embed = _Embed(model, split.modalities)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+            embed = DistributedDataParallel(embed, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                            forward_sync_buffers=False)
+        self.embed = embed
+        self.graph = (self.device.type == "cuda" and not self.dist.enabled) if graph is None else graph
+        if self.graph and self.dist.enabled:
+            raise TrainError("CUDA graphs are not supported with several processes; use graph=False.")
         self.opt = make_optimizer(model, tc, capturable=self.graph)
         self.lr_at = lr_schedule(tc, self.steps_per_epoch)
         self.step_count = 0
-        self.rows = split.pairs[:self.batch].clone()  # (batch, M) static batch buffer
-        self.perm = torch.arange(self.batch, device=device)  # (batch,) mixup partner rows
-        self.lam = torch.ones((), device=device)  # mixup lambda
-        self.total = torch.zeros((), device=device)  # summed loss of the current epoch
+        self.rows = torch.zeros((self.batch, len(split.modalities)), dtype=torch.long,
+                                device=self.device)  # (batch, M) static batch buffer
+        self.perm = torch.arange(self.batch, device=self.device)  # (batch,) mixup partner rows
+        self.lam = torch.ones((), device=self.device)  # mixup lambda
+        self.total = torch.zeros((), device=self.device)  # summed loss of the current epoch
         self._graph = self._capture() if self.graph else None
+
+    def batch_loss(self) -> torch.Tensor:
+        """Forward on the batch in the static buffers: the InfoNCE loss of the whole global
+        batch (the same value on every rank), differentiable w.r.t. this rank's shard."""
+        lo, hi = self.shard
+        xs = []
+        for j, m in enumerate(self.split.modalities):
+            f = self.features[m]
+            x = f[self.rows[lo:hi, j]]  # (batch / N, d_m)
+            if self.tc.mixup > 0:  # one lambda and one permutation of the global batch for every modality
+                x = self.lam * x + (1.0 - self.lam) * f[self.rows[self.perm[lo:hi], j]]
+            xs.append(x)
+        zs, scale = self.embed(xs)
+        if self.dist.enabled:
+            zs = [gather_with_grad(z) for z in zs]  # (batch, dim): every rank sees all negatives
+        return multi_info_nce(zs, scale)
 
     def _body(self) -> None:
         """Forward, backward and update on the static buffers (also what the graph records)."""
-        mods = self.split.modalities
-        xs = [self.split.features[m][self.rows[:, j]] for j, m in enumerate(mods)]  # M x (batch, d_m)
-        if self.tc.mixup > 0:  # one lambda and one permutation shared by every modality
-            xs = [self.lam * x + (1.0 - self.lam) * x[self.perm] for x in xs]
-        loss = multi_info_nce([self.model(m, x) for m, x in zip(mods, xs)], self.model.logit_scale())
+        loss = self.batch_loss()
         loss.backward()
         self.opt.step()
         if self.tc.learnable_temperature:
@@ -193,7 +252,7 @@ class Trainer:
         return self.lr_at(max(0, self.step_count - 1))
 
     def step(self, rows: torch.Tensor, gen: torch.Generator, rng: np.random.Generator) -> None:
-        """One update on the pairs ``rows`` (batch, M) (entry row of each modality)."""
+        """One update on the global batch of pairs ``rows`` (batch, M) (rows into ``features``)."""
         self._set_lr(self.lr_at(self.step_count))
         self.rows.copy_(rows)
         if self.tc.mixup > 0:
@@ -207,17 +266,18 @@ class Trainer:
         self.step_count += 1
 
     def epoch(self, gen: torch.Generator, rng: np.random.Generator) -> torch.Tensor:
-        """One pass over a device permutation of the train pairs (full batches only).
-
-        Returns the mean loss as a 0-d device tensor (no host sync inside the epoch).
-        """
-        n, b = self.split.n_pairs, self.batch
-        order = self.split.pairs[torch.randperm(n, device=self.split.pairs.device, generator=gen)]  # (n, M)
+        """One pass over the train pairs: per window (one in memory), a device permutation of
+        its pairs, in full batches. Returns the mean loss as a 0-d device tensor (no host sync
+        inside the epoch)."""
+        b, steps = self.batch, 0
         self.total.zero_()
         self.model.train()
-        for s in range(self.steps_per_epoch):
-            self.step(order[s * b:(s + 1) * b], gen, rng)
-        return self.total / self.steps_per_epoch
+        for pairs in self.split.windows():
+            order = pairs[torch.randperm(pairs.shape[0], device=pairs.device, generator=gen)]  # (k, M)
+            for s in range(pairs.shape[0] // b):
+                self.step(order[s * b:(s + 1) * b], gen, rng)
+                steps += 1
+        return self.total / max(steps, 1)
 
 
 def _diverged(loss: float, first: float | None, batch: int) -> bool:
@@ -252,18 +312,24 @@ class _RunIO:
 
 
 def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: TrainConfig,
-           io: _RunIO) -> tuple[list[dict], _Best]:
-    """The epoch loop: returns the history rows and the best (by val mean recall) epoch."""
+           io: _RunIO, dist: Dist | None = None) -> tuple[list[dict], _Best]:
+    """The epoch loop: returns the history rows and the best (by val mean recall) epoch.
+
+    With several processes every rank trains; rank 0 alone evaluates, keeps the best state and
+    writes, while the others wait on a barrier (the loss and the weights are the same on every
+    rank, so every rank takes the same decisions)."""
+    dist = dist or Dist()
     run_dir = io.run_dir
     train = data.splits["train"]
-    trainer = Trainer(model, train, tc)
-    gen = torch.Generator(device=train.pairs.device).manual_seed(tc.seed)
+    trainer = Trainer(model, train, tc, dist=dist)
+    gen = torch.Generator(device=trainer.device).manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     history: list[dict] = []
     best, first = _Best(), None
-    skipped = {k: float("nan") for k in _evaluate(model, data, reference)}  # columns of epochs without eval
+    skipped = ({k: float("nan") for k in _evaluate(model, data, reference)}  # columns of epochs without eval
+               if dist.is_main else {})
     bar = tqdm(range(1, tc.epochs + 1), desc=f"fit {io.name}", unit="epoch",
-               disable=None if io.progress is None else not io.progress)
+               disable=(None if io.progress is None else not io.progress) if dist.is_main else True)
     for epoch in bar:
         t0 = time.perf_counter()
         loss = float(trainer.epoch(gen, rng))
@@ -271,7 +337,8 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
                "temperature": model.temperature()}
         if _diverged(loss, first, min(tc.batch_size, train.n_pairs)) or not check_finite(model):
             history.append(row)
-            outputs.write_history(run_dir, history)
+            if dist.is_main:
+                outputs.write_history(run_dir, history)
             kept = (f"the last good checkpoint (epoch {best.epoch}) is kept in {run_dir}" if best.state
                     else f"no checkpoint was written (history in {run_dir})")
             raise TrainingDiverged(
@@ -279,6 +346,10 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
                 f"{kept}. Lower --lr (now {tc.lr:g}), raise --temperature, or add warm-up "
                 f"(--set train.warmup_epochs=1).")
         first = loss if first is None else first
+        if not dist.is_main:
+            dist.barrier()  # rank 0 evaluates and writes
+            history.append(row)
+            continue
         if epoch % tc.eval_every == 0 or epoch == tc.epochs:
             row.update(_evaluate(model, data, reference))
             if row["val_mean_R"] > best.score:
@@ -291,17 +362,23 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
         history.append(row)
         outputs.write_history(run_dir, history)
         bar.set_postfix(loss=f"{loss:.3f}", val_R=f"{row.get('val_mean_R', float('nan')):.3f}")
+        dist.barrier()
     return history, best
 
 
 # ----------------------------------------------------------------------------- final metrics
 def baseline_metrics(data: TrainData, dim: int) -> dict[str, dict[str, float]]:
-    """Test recall of each closed-form baseline, fitted on the train pairs of the first two modalities."""
+    """Test recall of each closed-form baseline, fitted on the train pairs of the first two
+    modalities (their moments accumulated over blocks, streamed when the train split is)."""
     train, test = data.splits["train"], data.splits["test"]
     (a, b), r = next(iter(test.retrieval.items()))
+    if isinstance(train, StreamSplit):
+        mom = accumulate_moments(train.iter_pairs([a, b]))
+    else:
+        mom = pair_moments(train.features[a], train.features[b], train.pairs[:, 0], train.pairs[:, 1])
     out = {}
-    for name, fit in BASELINES.items():
-        al = fit(train.features[a], train.features[b], train.pairs[:, 0], train.pairs[:, 1], dim)
+    for name, fit in FROM_MOMENTS.items():
+        al = fit(mom, dim)
         out[name] = recall_at_k(al.a(test.features[a][r.rows_a]), al.b(test.features[b][r.rows_b]), r.b_to_a)
     return out
 
@@ -321,39 +398,67 @@ def fit_adapters(cfg: PipelineConfig, *, require_reference: bool | None = None,
     require_reference: error (instead of warn and skip) when ``cfg.train.reference`` is not
         cached; None = only when it differs from the built-in default.
     progress: tqdm bar over epochs; None = only on a terminal.
+
+    Under torchrun (or inside an initialised process group) every rank calls this; all of them
+    return rank 0's RunResult.
     """
     tc = cfg.train
     check_config(tc)
-    device = resolve_device(tc.device)
+    dist, device = setup(tc.device, resolve_device)
+    try:
+        return _fit(cfg, dist, device, require_reference, progress)
+    finally:
+        dist.close()
+
+
+def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_reference: bool | None,
+         progress: bool | None) -> RunResult:
+    tc = cfg.train
     if require_reference is None:
         require_reference = tc.reference != TrainConfig().reference
     t_start = time.perf_counter()
-    data = load_data(cfg, device)
-    reference = load_reference(cfg, data, require_reference)
-    name = outputs.default_run_name(cfg)
-    run_dir = outputs.run_dir_for(cfg, name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    outputs.write_json(run_dir / outputs.CONFIG, {"source": cfg.source, **cfg.to_dict()})
-    torch.manual_seed(tc.seed)
-    model = AlignModel(data.dims, tc).to(device)
-    sources = describe_sources(data.splits["train"].entries, data.stats)
-    meta = {"run": name, "dataset": cfg.data.dataset}
+    data = load_data(cfg, device, splits=SPLITS if dist.is_main else ("train",))
+    try:
+        reference = load_reference(cfg, data, require_reference) if dist.is_main else None
+        name = outputs.default_run_name(cfg)
+        run_dir = outputs.run_dir_for(cfg, name)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            outputs.write_json(run_dir / outputs.CONFIG, {"source": cfg.source, **cfg.to_dict()})
+        torch.manual_seed(tc.seed)
+        model = AlignModel(data.dims, tc).to(device)
+        sources = describe_sources(data.splits["train"].entries, data.stats)
+        meta = {"run": name, "dataset": cfg.data.dataset}
+        if dist.enabled:
+            meta["processes"] = dist.world_size
 
-    def save(best: _Best) -> str:
-        return save_adapters(run_dir, model, tc, sources, {**meta, "best_epoch": best.epoch, "val": best.val})
+        def save(best: _Best) -> str:
+            return save_adapters(run_dir, model, tc, sources, {**meta, "best_epoch": best.epoch, "val": best.val})
 
-    history, best = _train(model, data, reference, tc, _RunIO(name, run_dir, save, progress))
+        history, best = _train(model, data, reference, tc, _RunIO(name, run_dir, save, progress), dist)
+        data.splits["train"].close()  # stop reading ahead; free the streaming buffers
+        result = _finish(cfg, data, reference, model, history, best, meta, save, run_dir, device, t_start) \
+            if dist.is_main else None
+    finally:
+        data.close()
+    dist.barrier()  # the other ranks wait here while rank 0 writes
+    return dist.broadcast(result)
+
+
+def _finish(cfg, data, reference, model, history, best, meta, save, run_dir, device, t_start) -> RunResult:
+    """Rank 0 after training: best weights, test metrics, baselines, run folder, aligned entries."""
+    tc = cfg.train
     train_time = time.perf_counter() - t_start
     model.load_state_dict(best.state)
     sha = save(best)
     test = {"infonce": retrieval_metrics(model, data.splits["test"]), **baseline_metrics(data, tc.dim)}
     metrics = {**meta, "run_dir": str(run_dir), "best_epoch": best.epoch, "epochs_run": len(history),
                "test": test, "val_best": best.val, "sizes": _sizes(data), "device": str(device),
-               "temperature": model.temperature(), "train_time_s": train_time,
+               "streamed": data.streaming, "temperature": model.temperature(), "train_time_s": train_time,
                "reference": None if reference is None else
                {"entry": reference.name, "split": "val", "raw_cka": reference.raw_cka,
                 "aligned_cka": {m: best.val.get(f"cka_{m}") for m in reference.rows}}}
     outputs.write_json(run_dir / outputs.METRICS, metrics)
     outputs.plot_curves(run_dir, history, reference.raw_cka if reference else None)
-    entries = outputs.write_aligned_entries(cfg, name, run_dir, model, data, sha)
-    return RunResult(name, run_dir, best.epoch, history, metrics, entries)
+    entries = outputs.write_aligned_entries(cfg, meta["run"], run_dir, model, data, sha)
+    return RunResult(meta["run"], run_dir, best.epoch, history, metrics, entries)

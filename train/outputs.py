@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,6 +24,7 @@ from pipeline.config import PipelineConfig
 from train.adapters import AlignModel
 from train.data import TrainData, modality_entries
 from train.evaluate import embed
+from train.stream import StreamSplit
 
 HISTORY = "history.csv"
 METRICS = "metrics.json"
@@ -103,16 +105,34 @@ def write_aligned_entries(cfg: PipelineConfig, run_name: str, run_dir: Path, mod
     for split, sd in data.splits.items():
         for m, entry in sd.entries.items():
             name = f"{entry.name}@{run_name}"
-            emb = embed(model, m, sd.features[m]).cpu().numpy().astype(np.float32)
             fmt = entry.path.suffix.lstrip(".")
             key = {"entry": name, "run": run_name, "source": entry.key, "adapter_sha256": adapter_sha256,
                    "dataset": cfg.data.dataset, "split": split}
             prov = {"run_dir": str(run_dir.resolve()), "source_entry": entry.name, "source_path": str(entry.path),
                     "modality": m, "adapter": cfg.train.adapter, "normalised": False}
-            write_entry(entry_path(cfg.data.cache, cfg.data.dataset, split, name, fmt), name, entry.ids, emb,
-                        key, prov)
+            path = entry_path(cfg.data.cache, cfg.data.dataset, split, name, fmt)
+            if isinstance(sd, StreamSplit):
+                _write_streamed(path, name, entry, sd, m, model, cfg.train.dim, key, prov, run_dir)
+            else:
+                emb = embed(model, m, sd.features[m]).cpu().numpy().astype(np.float32)
+                write_entry(path, name, entry.ids, emb, key, prov)
             written.setdefault(split, {})[m] = name
     return written
+
+
+def _write_streamed(path: Path, name: str, entry, sd: StreamSplit, modality: str, model: AlignModel, dim: int,
+                    key: dict, prov: dict, run_dir: Path) -> None:
+    """The aligned entry of a streamed split: source blocks are read, embedded and written to a
+    disk-backed (n, dim) array (np.memmap in the run folder, deleted afterwards), which
+    ``write_entry`` then copies into the cache; resident memory stays one block plus pages the
+    kernel can drop."""
+    with tempfile.TemporaryDirectory(prefix=".aligned-", dir=run_dir) as tmp:
+        emb = np.lib.format.open_memmap(Path(tmp) / "emb.npy", mode="w+", dtype=np.float32, shape=(entry.n, dim))
+        for start, x in sd.iter_rows(modality):
+            emb[start:start + x.shape[0]] = embed(model, modality, x).cpu().numpy()
+        emb.flush()
+        write_entry(path, name, entry.ids, emb, key, prov)
+        del emb
 
 
 def summary_table(test: Mapping[str, Mapping[str, float]]) -> str:
