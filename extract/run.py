@@ -483,6 +483,7 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
               disable=team.distributed and not team.leader) as bar, torch.inference_mode():
         skipped: dict[int, dict[str, str]] = {}
         done = 0  # rows computed (bar.n stays 0 when the bar is disabled)
+        warm = None  # (time, rows) once the first batch is through: start-up excluded from steady rate
         for batch_rows, inputs, batch_skipped in loader:
             first = batch_rows[0] if batch_rows else next(iter(batch_skipped))
             chunk = first // x.chunk_rows
@@ -495,6 +496,7 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
                         _forward(job, inputs[job.input_key], device, x.precision, all_layers))
             bar.update(len(batch_rows) + len(batch_skipped))
             done += len(batch_rows) + len(batch_skipped)
+            warm = warm or (time.perf_counter(), done)
             last_row = max(batch_rows + list(batch_skipped))
             if last_row == jobs[0].writer.rows(chunk)[-1]:  # chunk complete: stage it
                 for job in jobs:
@@ -503,7 +505,9 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
                 skipped.pop(chunk, None)
     seconds = time.perf_counter() - started
     log.info("%sextracted %s on %s/%s in %.1fs", team.label, names, cfg.data.dataset, split.name, seconds)
-    return {"extract_seconds": seconds, "rows_computed": done, "items_per_s": done / max(seconds, 1e-9)}
+    steady = (done - warm[1]) / max(time.perf_counter() - warm[0], 1e-9) if warm and done > warm[1] else 0.0
+    return {"extract_seconds": seconds, "rows_computed": done, "items_per_s": done / max(seconds, 1e-9),
+            "steady_items_per_s": steady}
 
 
 def _workers(configured: int) -> int:

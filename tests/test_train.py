@@ -458,3 +458,11 @@ def test_cuda_graph_step_matches_eager(cache_all, opts):
     assert l_graph == pytest.approx(l_eager, rel=1e-4)
     for k in w_eager:
         torch.testing.assert_close(w_graph[k], w_eager[k], rtol=1e-4, atol=1e-5)
+
+
+def test_high_but_finite_first_epoch_is_not_divergence():
+    from train.fit import _diverged
+
+    assert not _diverged(20.0, None, 16)  # epoch 1 sets the scale (low temperature, random init)
+    assert _diverged(float("nan"), None, 16)
+    assert _diverged(100.0, 20.0, 16) and not _diverged(30.0, 20.0, 16)

@@ -41,7 +41,7 @@ from train.stream import StreamSplit
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "cosine")  # learning-rate shape after the linear warm-up
-DIVERGE_FACTOR = 3.0  # an epoch loss above DIVERGE_FACTOR * max(log(batch), first-epoch loss) is "exploding"
+DIVERGE_FACTOR = 3.0  # after epoch 1, a loss above DIVERGE_FACTOR * max(log(batch), first-epoch loss) is "exploding"
 
 
 class TrainingDiverged(TrainError):
@@ -281,9 +281,10 @@ class Trainer:
 
 
 def _diverged(loss: float, first: float | None, batch: int) -> bool:
+    """Non-finite, or (after the first epoch, which sets the scale) exploding."""
     if not math.isfinite(loss):
         return True
-    return loss > DIVERGE_FACTOR * max(math.log(batch), first if first is not None else 0.0)
+    return first is not None and loss > DIVERGE_FACTOR * max(math.log(batch), first)
 
 
 @dataclass
