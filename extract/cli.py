@@ -53,7 +53,7 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Autocast precision; features are stored as float32. [extract.precision: fp32]")
 @click.option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N. [extract.device: auto]")
-@click.option("--workers", type=int, help="DataLoader workers; -1 = min(8, cores - 1). [extract.workers: -1]")
+@click.option("--workers", type=int, help="DataLoader workers; -1 = min(8, cores - 1), 0 for text on CPU. [extract.workers: -1]")
 @click.option("--layers", type=click.Choice(["last", "all"]),
               help="all also stores every hidden layer's pooled features. [extract.layers: last]")
 @click.option("--on-error", type=click.Choice(["error", "skip"]),

@@ -469,7 +469,7 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
     else:
         transforms = {}
         collate = _Collate({j.input_key: j.encoder.tokenizer for j in jobs})
-    workers = _workers(x.workers)
+    workers = _workers(x.workers, text_on_cpu=not is_image and device.type == "cpu")
     loader = DataLoader(_Rows(split, rows, transforms, x.on_error == "skip"),
                         batch_sampler=_ChunkBatches(chunk_ranges, x.batch_size), collate_fn=collate,
                         num_workers=workers, pin_memory=device.type == "cuda",
@@ -510,12 +510,16 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
             "steady_items_per_s": steady}
 
 
-def _workers(configured: int) -> int:
+def _workers(configured: int, text_on_cpu: bool = False) -> int:
     """DataLoader workers per process: the configured number, or for -1 ``default_workers()``
     (min(8, cores - 1)); under torchrun min(8, cores / LOCAL_WORLD_SIZE - 1), the machine's cores
-    shared by its ranks (e.g. 8 per rank on 96 cores and 8 GPUs, 1 on 16 cores)."""
+    shared by its ranks (e.g. 8 per rank on 96 cores and 8 GPUs, 1 on 16 cores). Text on a CPU
+    model gets 0: tokenising is cheap, and a worker process would take cores from the model
+    (measured with benchmarks/bench_extract.py on 2 cores: 0.91 of the bare forward vs 0.77)."""
     if configured >= 0:
         return configured
+    if text_on_cpu:
+        return 0
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     if local == 1:
         return default_workers()

@@ -45,7 +45,7 @@ class ExtractConfig:
     batch_size: int = 64  # items per forward pass
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; features are stored as float32)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
-    workers: int = -1  # DataLoader worker processes; -1 = min(8, CPU cores - 1)
+    workers: int = -1  # DataLoader worker processes; -1 = min(8, CPU cores - 1), 0 for text on CPU
     chunk_rows: int = 1024  # rows per resumable chunk (a multiple of batch_size keeps batches aligned)
     layers: str = "last"  # last | all (also store the pooled features of every hidden layer)
     on_error: str = "error"  # unreadable image: error | skip (logged, recorded in the cache)
