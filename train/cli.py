@@ -7,7 +7,7 @@ import os
 import click
 
 from pipeline.cache import CacheError
-from pipeline.config import ConfigError, load_config
+from pipeline.cli import build_config, config_options, friendly_errors
 from pipeline.join import JoinError
 from train.adapters import ADAPTERS
 from train.data import TrainError
@@ -55,14 +55,12 @@ def _modalities(values: tuple[str, ...]) -> dict | None:
 @click.option("--max-rows-in-memory", type=int, metavar="PAIRS",
               help="Train pairs held in memory at once; a larger train split is streamed from the cache in "
                    "shuffled windows of PAIRS/2 (0 = load everything) [config: train.max_rows_in_memory].")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML configuration file (default: ./pipeline.toml when present).")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override any config key, e.g. --set train.weight_decay=0.01 (repeatable).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: only on a terminal).")
+@config_options
+@friendly_errors(TrainError, CacheError, JoinError)
 def main(cache, dataset, image, text, modalities, adapter, dim, epochs, batch_size, lr, schedule, warmup_epochs,
-         temperature, learnable_temperature, mixup, seed, device, name, reference, max_rows_in_memory, config_path,
-         overrides, progress):
+         temperature, learnable_temperature, mixup, seed, device, name, reference, max_rows_in_memory, progress,
+         config_path, overrides, verbose):
     """Train adapters that align cached image and text features with symmetric InfoNCE,
     pick the epoch with the best val recall, and report test recall next to CCA and
     Procrustes baselines. Writes <cache>/runs/<name> and aligned cache entries <entry>@<name>.
@@ -78,11 +76,8 @@ def main(cache, dataset, image, text, modalities, adapter, dim, epochs, batch_si
                "train.temperature": temperature, "train.learnable_temperature": learnable_temperature,
                "train.mixup": mixup, "train.seed": seed, "train.device": device, "train.name": name,
                "train.reference": reference, "train.max_rows_in_memory": max_rows_in_memory}
-    try:
-        cfg = load_config(config_path, overrides=overrides, options=options)
-        result = fit_adapters(cfg, require_reference=True if reference else None, progress=progress)
-    except (ConfigError, TrainError, CacheError, JoinError) as exc:
-        raise click.ClickException(str(exc)) from None
+    cfg = build_config(config_path, overrides, options, verbose)
+    result = fit_adapters(cfg, require_reference=True if reference else None, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
     click.echo(f"test retrieval (%), best epoch {result.best_epoch} of {result.metrics['epochs_run']}:")
