@@ -24,7 +24,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # Real image-caption pairs: the Debian package tuxpaint-stamps-default (downloaded, never installed).
 $(TUX_DEB):
 	mkdir -p data
-	cd data && apt-get download tuxpaint-stamps-default
+	cd data && (apt-get download tuxpaint-stamps-default || (apt-get update -qq && apt-get download tuxpaint-stamps-default))
 	mv data/tuxpaint-stamps-default_*.deb $@
 
 test: install $(TUX_DEB)

@@ -331,7 +331,9 @@ def sentence(metric: str, side: str, r: Mapping) -> str:
             f"[{_fmt(t['before_text']['ci_lo'])}, {_fmt(t['before_text']['ci_hi'])}]) to {after['score']:.3f} "
             f"[{_fmt(after['ci_lo'])}, {_fmt(after['ci_hi'])}]; difference {d['delta']:+.3f} "
             f"(95% CI {_fmt(d['ci_lo'])} to {_fmt(d['ci_hi'])}); the shuffled-pairing null's 95th percentile is "
-            f"{_fmt(after['null_q95'])} (p = {_fmt(after['p_value'])}): {d['reason']}.")
+            f"{_fmt(after['null_q95'])} (p = {_fmt(after['p_value'])}): {d['reason']}. "
+            f"Against the {side} encoder alone before training ({_fmt(t[f'before_{side}']['score'])}) "
+            f"the aligned {side} embedding moved by {after['score'] - t[f'before_{side}']['score']:+.3f}.")
 
 
 def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray, ref: np.ndarray,
