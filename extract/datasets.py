@@ -928,6 +928,17 @@ def available_splits(dataset: str, data_dir: str | Path, **options: Any) -> list
 # --------------------------------------------------------------------------- entry point
 
 
+_WHAT_TO_GET = {  # shown when the data folder is missing
+    "flickr30k": "It needs the Karpathy split file dataset_flickr30k.json (from Karpathy's caption_datasets.zip) "
+                 "and the images in flickr30k-images/ (the Flickr30k request form, or the Hugging Face dataset "
+                 "nlphuji/flickr30k via --dataset hf:nlphuji/flickr30k on a machine with network).",
+    "coco": "It needs the Karpathy split file dataset_coco.json (caption_datasets.zip) and the COCO 2014 image "
+            "folders train2014/ and val2014/ (cocodataset.org).",
+    "imagefolder": "It needs train/ val/ test/ folders of images, each with metadata.jsonl or metadata.csv "
+                   "(columns file_name and caption).",
+}
+
+
 def load_split(dataset: str, data_dir: str | Path, split: str, **options: Any) -> Split:
     """Read one split of an image–caption dataset.
 
@@ -966,7 +977,8 @@ def load_split(dataset: str, data_dir: str | Path, split: str, **options: Any) -
             raise DatasetError("dataset 'hf:' needs a hub id or a local path, e.g. 'hf:nlphuji/flickr30k'.")
         return _load_hf(spec, data_dir, split, opts)
     if not data_dir.is_dir():
-        raise DatasetError(f"data_dir {data_dir} is not a folder; pass the folder that holds the {dataset} files.")
+        raise DatasetError(f"data_dir {data_dir} is not a folder; pass the folder that holds the {dataset} files "
+                           f"(--data-dir). {_WHAT_TO_GET[kind]}")
     if kind == "imagefolder":
         return _load_imagefolder(data_dir, split, opts)
     return _load_karpathy_family(kind, data_dir, split, opts)
