@@ -668,13 +668,17 @@ class Encoder(torch.nn.Module):
 
     def forward(self, batch, all_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Pooled features (B, dim) float32, or with all_layers=True a list of num_layers (B, d_l) tensors."""
+        final, layers = self.encode(batch, all_layers)
+        return layers if all_layers else final
+
+    def encode(self, batch, all_layers: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """One forward pass: (features (B, dim) float32, list of num_layers (B, d_l) or None)."""
         batch = self._check_batch(batch)
         with torch.no_grad():
             final, layers = self._encode(batch, all_layers)
-        if all_layers:
-            return [t.float() for t in layers]
         final = final.float()
-        return F.normalize(final, dim=-1) if self.spec.normalize else final
+        final = F.normalize(final, dim=-1) if self.spec.normalize else final
+        return final, [t.float() for t in layers] if all_layers else None
 
     def _check_batch(self, batch):
         if self.spec.modality == "image":

@@ -533,9 +533,8 @@ def _forward(job: _Job, batch, device: torch.device, precision: str, all_layers:
     else:  # uint8 pixels from the workers: scale and normalise on the model's device
         batch = normalize_pixels(batch.to(device, non_blocking=True), job.encoder.spec.prep)
     with autocast(device, precision):
-        features = job.encoder(batch)
-        layers = job.encoder(batch, all_layers=True) if all_layers else []
-    return features.float().cpu().numpy(), [layer.float().cpu().numpy() for layer in layers]
+        features, layers = job.encoder.encode(batch, all_layers)
+    return features.cpu().numpy(), [layer.cpu().numpy() for layer in layers or []]
 
 
 def _flush(job: _Job, chunk: int, skipped: dict[str, str], all_layers: bool) -> None:
