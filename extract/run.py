@@ -218,7 +218,7 @@ def resolve_specs(cfg: PipelineConfig) -> list[EncoderSpec]:
 def splits_of(cfg: PipelineConfig) -> list[str]:
     if cfg.extract.split != "all":
         return [cfg.extract.split]
-    return D.available_splits(cfg.data.dataset, cfg.data.data_dir)  # noqa
+    return D.available_splits(cfg.data.dataset, cfg.data.data_dir)
 
 
 @dataclass
