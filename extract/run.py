@@ -30,6 +30,7 @@ in the entry's provenance under ``shards``. A rerun of any process computes only
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
 import os
@@ -207,12 +208,17 @@ def _check(cfg: PipelineConfig) -> None:
 
 
 def resolve_specs(cfg: PipelineConfig) -> list[EncoderSpec]:
-    """The requested encoders with their per-encoder options applied (unknown names fail here)."""
+    """The requested encoders with their per-encoder options applied (unknown names fail here).
+
+    Each keeps the name it was asked for, which names its cache entry: ``dinov2`` (an alias of
+    ``dinov2-base``) is cached as ``dinov2``, so later stages refer to it the same way; the
+    entry's key records the resolved weights."""
     options = cfg.extract.encoder_options
     unknown = set(options) - set(cfg.extract.encoders)
     if unknown:
         raise ValueError(f"extract.encoder_options names encoders not being extracted: {sorted(unknown)}.")
-    return [get_spec(name, **options.get(name, {})) for name in cfg.extract.encoders]
+    specs = [(name, get_spec(name, **options.get(name, {}))) for name in cfg.extract.encoders]
+    return [spec if spec.name == name else dataclasses.replace(spec, name=name) for name, spec in specs]
 
 
 def splits_of(cfg: PipelineConfig) -> list[str]:

@@ -213,3 +213,14 @@ def test_bf16_features_agree_with_fp32(flickr, tmp_path):
     a = extract(_cfg(flickr, tmp_path / "a", ("tiny-resnet",)))[0].features()
     b = extract(_cfg(flickr, tmp_path / "b", ("tiny-resnet",), precision="bf16"))[0].features()
     assert cka(a, b) > 0.95
+
+
+def test_alias_keeps_the_requested_name_as_entry(flickr, tmp_path, monkeypatch):
+    """`extract --encoder dinov2` is cached as `dinov2`, so `--reference dinov2` finds it later."""
+    from extract import encoders as E
+
+    monkeypatch.setitem(E.ALIASES, "tiny-alias", "tiny-resnet")
+    (entry,) = extract(_cfg(flickr, tmp_path, ("tiny-alias",)))
+    assert entry.name == "tiny-alias" and entry.path.name == "tiny-alias.h5"
+    assert entry.key["encoder"]["weights"] == E.REGISTRY["tiny-resnet"].weights
+    assert find_entry(tmp_path, "flickr30k", "test", "tiny-alias").n == 5
