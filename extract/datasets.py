@@ -364,8 +364,14 @@ class Split:
     def fingerprint(self) -> str:
         """sha256 hex of canonical JSON of (dataset, split, [(id, relative image name, captions)...]).
 
-        Independent of absolute paths, mtimes and the machine.
+        Independent of absolute paths, mtimes and the machine. Computed once per Split (items
+        do not change after loading); every entry extracted from the split asks for it.
         """
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         payload = {
             "dataset": self.dataset,
             "split": self.name,
