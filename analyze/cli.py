@@ -24,7 +24,6 @@ from pipeline.cli import build_config, config_options, friendly_errors
 from pipeline.config import PipelineConfig
 from pipeline.join import JoinError
 
-ERRORS = (CacheError, JoinError, ValueError, FileNotFoundError)  # shown as one line, exit status 1
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
@@ -95,7 +94,7 @@ def main():
 @_option("--kernel-rows", type=int, key="analyze.kernel_rows", text="Rows in the kernel heatmaps.")
 @_option("--reference", key="analyze.reference", text="Entry whose clustering orders the kernel heatmaps' rows.")
 @common_options
-@friendly_errors(*ERRORS)
+@friendly_errors
 def cka(entries, kernels, kernel_rows, reference, **kw):
     """Pairwise scores between cache entries (rows joined by sample id), as JSON/CSV and heatmaps.
 
@@ -118,7 +117,7 @@ def cka(entries, kernels, kernel_rows, reference, **kw):
 @_option("--permutations", type=int, key="analyze.permutations", text="Shuffled-pairing draws for the null.")
 @_option("--kernel-rows", type=int, key="analyze.kernel_rows", text="Rows in the kernel heatmaps.")
 @common_options
-@friendly_errors(*ERRORS)
+@friendly_errors
 def platonic(reference, image, text, run, bootstrap, permutations, kernel_rows, **kw):
     """The hypothesis test: is m(K_repr, K_ref) > mean(m(K_X, K_ref), m(K_Y, K_ref)) by more than chance?
 
@@ -147,7 +146,7 @@ def platonic(reference, image, text, run, bootstrap, permutations, kernel_rows, 
 @click.option("--pair", metavar="IMAGE_ENTRY,TEXT_ENTRY",
               help="The two entries to compare layer by layer (default: train.image,train.text).")
 @common_options
-@friendly_errors(*ERRORS)
+@friendly_errors
 def layers(pair, **kw):
     """Layer x layer heatmap of each metric for two entries extracted with `extract --layers all`."""
     cfg = _config(kw, {})
@@ -163,7 +162,7 @@ def layers(pair, **kw):
 
 @main.command(context_settings=CONTEXT)
 @common_options
-@friendly_errors(*ERRORS)
+@friendly_errors
 def pairs(**kw):
     """Rank every (image, text) encoder pair of the split by the first metric, before training;
     show test retrieval of existing fit-adapters runs next to it."""
@@ -187,7 +186,7 @@ def pairs(**kw):
 @_option("--bootstrap", type=int, key="analyze.bootstrap", text="Resamples for the 95% confidence intervals.")
 @_option("--permutations", type=int, key="analyze.permutations", text="Shuffled-pairing draws for the null.")
 @common_options
-@friendly_errors(*ERRORS)
+@friendly_errors
 def report(run, reference, image, text, bootstrap, permutations, **kw):
     """One Markdown and one self-contained HTML report of an experiment (runs analyze cka and
     analyze platonic when their outputs are missing or were made with other settings)."""

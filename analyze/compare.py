@@ -37,6 +37,7 @@ from analyze.metrics import METRICS, get_metric
 from pipeline.cache import Entry, entry_filename, find_entry, list_entries
 from pipeline.config import PipelineConfig
 from pipeline.join import join_rows
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ ASYMMETRIC = {"cycle_knn", "cknna"}  # registry metrics whose value depends on t
 ADAPTER_METHODS = ("infonce", "adapters")  # names of the trained adapters' row in metrics.json "test"
 
 
-class AnalyzeError(ValueError):
+class AnalyzeError(PipelineError, ValueError):
     """Input that cannot be analysed as asked (too few rows, bad option values, missing layers)."""
 
 

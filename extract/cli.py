@@ -71,7 +71,7 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
                    "fails naming the missing chunks and the shard to rerun.")
 @click.option("--list-encoders", is_flag=True, help="List the registered encoders and exit.")
 @config_options
-@friendly_errors(D.DatasetError, CacheError, E.WeightsNotFoundError, KeyError, ValueError)
+@friendly_errors
 def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, precision, device, workers,
          layers, on_error, encoder_options, force, shard_text, merge_only, list_encoders, config_path, overrides,
          verbose):

@@ -77,6 +77,7 @@ from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ _warned_truncated = False  # LOAD_TRUNCATED_IMAGES warning given once per proces
 # --------------------------------------------------------------------------- errors
 
 
-class DatasetError(ValueError):
+class DatasetError(PipelineError, ValueError):
     """Bad dataset input; the message names the file, line/row or id, and how to fix it."""
 
 

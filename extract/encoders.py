@@ -90,6 +90,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from pipeline.errors import PipelineError
 
 # --------------------------------------------------------------------------- defaults
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # per-channel RGB mean of ImageNet, on [0, 1] pixels
@@ -224,14 +225,14 @@ def _pairs(mapping: Mapping) -> tuple:
 
 
 # --------------------------------------------------------------------------- errors
-class UnknownEncoderError(KeyError):
+class UnknownEncoderError(PipelineError, KeyError):
     """An encoder name that is neither registered, an alias nor a generic ``family:<id>`` name."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
 
 
-class WeightsNotFoundError(RuntimeError):
+class WeightsNotFoundError(PipelineError, RuntimeError):
     """Weights are not on this machine and could not be fetched; the message says how to get them."""
 
 

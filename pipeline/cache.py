@@ -42,6 +42,7 @@ from typing import Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ PARTIAL_SUFFIX = ".partial"  # staging folder of an unfinished entry
 _NOTE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # allowed names of EntryWriter.write_note records
 
 
-class CacheError(RuntimeError):
+class CacheError(PipelineError, RuntimeError):
     """A cache entry that is missing, malformed or unusable."""
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 
 import click
 
+from pipeline.errors import PipelineError
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
 
@@ -33,15 +34,14 @@ def build_config(config_path: str | None, overrides: tuple[str, ...], options: M
         raise click.UsageError(str(exc)) from None
 
 
-def friendly_errors(*types: type[BaseException]) -> Callable:
-    """Turn the library's expected errors (bad input, stale cache, missing weights) into a
-    one-line ``Error: ...`` and exit status 1 instead of a traceback."""
-    def decorate(func: Callable) -> Callable:
-        @functools.wraps(func)
-        def wrapper(*args, **kwargs):
-            try:
-                return func(*args, **kwargs)
-            except types as exc:
-                raise click.ClickException(str(exc)) from None
-        return wrapper
-    return decorate
+def friendly_errors(func: Callable) -> Callable:
+    """Show the library's expected errors (every :class:`PipelineError`: bad input, stale cache,
+    missing weights, bad config values) as one line ``Error: ...`` with exit status 1. Anything
+    else is a bug and raises with its traceback."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except PipelineError as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper

@@ -19,11 +19,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from pipeline.errors import PipelineError
 
 DEFAULT_CONFIG_FILE = "pipeline.toml"  # looked up in the current directory
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A config file or override that does not fit the schema."""
 
 

@@ -18,11 +18,12 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.cache import Entry
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 
-class JoinError(ValueError):
+class JoinError(PipelineError, ValueError):
     """Entries whose ids do not join."""
 
 

@@ -1,44 +1,152 @@
-"""Small runtime helpers shared by the stages: device choice, autocast, provenance facts."""
+"""Runtime helpers shared by every stage, each written once: device choice, autocast, CPU count,
+UTC timestamps, atomic file writes, JSON with one convention for non-finite values, finite-row
+checks and provenance facts."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
+import json
+import math
 import os
 import platform
 import sys
+import tempfile
 from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
+
+from pipeline.errors import PipelineError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU; anything else is passed to torch.device."""
-    if device == "auto":
+class DeviceError(PipelineError, ValueError):
+    """A device name that does not exist or cannot be used on this machine."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU; any other name must be a usable torch device.
+
+    Raises DeviceError for names torch does not know (``"tpu"``) and for CUDA without CUDA.
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    elif str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    else:
+        try:
+            dev = torch.device(str(device))
+        except (RuntimeError, ValueError):
+            raise DeviceError(f"Unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Device {device!r} was asked for but CUDA is not available; use --device cpu or auto.")
+        raise DeviceError(f"Device {str(device)!r} was asked for but CUDA is not available; use auto or cpu.")
+    if dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise DeviceError(f"Device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N.")
     return dev
 
 
 def autocast(device: torch.device, precision: str):
     """Autocast context for ``precision`` (fp32 = no autocast). fp16 on CPU is refused."""
     if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
+        raise DeviceError(f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
     if device.type == "cpu" and dtype is torch.float16:
-        raise ValueError("fp16 autocast is not supported on CPU; use bf16 or fp32.")
+        raise DeviceError("fp16 autocast is not supported on CPU; use bf16 or fp32.")
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use (the affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_workers() -> int:
     """DataLoader workers when the config says -1: min(8, CPU cores - 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, cpu_count() - 1))
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 with seconds, e.g. ``2026-11-28T19:10:14+00:00``."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write(path: str | Path, write: Callable[[str], Any] | bytes | str) -> Path:
+    """Write ``path`` atomically: to a temporary file in the same folder, fsync, then rename.
+
+    ``write`` is the content (bytes or str, UTF-8) or a function that writes a file at the
+    temporary path it is given (e.g. ``safetensors.torch.save_file(tensors, tmp)``). Readers see
+    the old file or the new one, never a part.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if callable(write):
+            os.close(fd)
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        else:
+            data = write.encode("utf-8") if isinstance(write, str) else write
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def jsonable(obj: Any) -> Any:
+    """The project's JSON convention: NaN/inf -> null, numpy scalars/arrays -> Python values,
+    paths -> str, tuples -> lists, anything else unknown -> str."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (int, str)):
+        return obj
+    return str(obj)
+
+
+def dumps_json(doc: Any, indent: int | None = 1, sort_keys: bool = False) -> str:
+    """Strict JSON text of ``doc`` under the :func:`jsonable` convention (never NaN tokens)."""
+    return json.dumps(jsonable(doc), indent=indent, sort_keys=sort_keys, allow_nan=False, ensure_ascii=False)
+
+
+def write_json(path: str | Path, doc: Any, indent: int | None = 1) -> Path:
+    """Write ``doc`` as strict JSON (non-finite -> null), atomically, with a trailing newline."""
+    return atomic_write(path, dumps_json(doc, indent=indent) + "\n")
+
+
+def finite_rows(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Boolean mask (n,) of the rows of a 2-D array or tensor whose entries are all finite."""
+    if isinstance(x, torch.Tensor):
+        return torch.isfinite(x).all(dim=1).cpu().numpy()
+    return np.isfinite(np.asarray(x)).all(axis=1)
+
+
+def first_nonfinite_row(x: np.ndarray | torch.Tensor) -> int | None:
+    """Index of the first row holding NaN or inf, or None when every entry is finite."""
+    bad = np.flatnonzero(~finite_rows(x))
+    return int(bad[0]) if bad.size else None
 
 
 def versions() -> dict:

@@ -57,7 +57,7 @@ def _modalities(values: tuple[str, ...]) -> dict | None:
                    "shuffled windows of PAIRS/2 (0 = load everything) [config: train.max_rows_in_memory].")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: only on a terminal).")
 @config_options
-@friendly_errors(TrainError, CacheError, JoinError)
+@friendly_errors
 def main(cache, dataset, image, text, modalities, adapter, dim, epochs, batch_size, lr, schedule, warmup_epochs,
          temperature, learnable_temperature, mixup, seed, device, name, reference, max_rows_in_memory, progress,
          config_path, overrides, verbose):

@@ -36,6 +36,7 @@ from pipeline.cache import CacheError, Entry, find_entry
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.join import join_pairs, join_rows
 from train.stream import RunningMoments, StreamSplit, plan_stream, read_rows, used_row_blocks
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ SPLITS = ("train", "val", "test")  # train: fit; val: choose the epoch; test: fi
 STD_FLOOR = 1e-6  # feature std below this is treated as constant (divided by 1 instead)
 
 
-class TrainError(RuntimeError):
+class TrainError(PipelineError, RuntimeError):
     """A problem with the training inputs or the run (message says what to do)."""
 
 
