@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import click
 
 from pipeline.errors import PipelineError
-from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.config import CHOICES, ConfigError, PipelineConfig, config_default, load_config
 
 
 def config_options(func: Callable) -> Callable:
@@ -20,6 +20,28 @@ def config_options(func: Callable) -> Callable:
                         help="Config file (default: ./pipeline.toml if present, else built-in defaults).")(func)
     func = click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")(func)
     return func
+
+
+def config_option(key: str, *param_decls: str, help: str, **kwargs) -> Callable:
+    """A click option that overrides the config key ``key`` (``"section.name"``).
+
+    Its help text ends with ``[config: key; default: D]`` read from ``pipeline/config.py``, its
+    choices are ``pipeline.config.CHOICES[key]`` when the key has fixed choices, and its value
+    reaches the command as the keyword ``section__name``: :func:`config_values` turns those
+    back into ``{"section.name": value}`` for :func:`build_config`. So help texts, choices and
+    defaults cannot drift from the config.
+    """
+    default = config_default(key)  # raises for a key the config does not have
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    if key in CHOICES and "type" not in kwargs:
+        kwargs["type"] = click.Choice(CHOICES[key])
+    name = key.replace(".", "__")
+    return click.option(*param_decls, name, help=f"{help} [config: {key}; default: {shown!r}]", **kwargs)
+
+
+def config_values(kwargs: dict) -> dict[str, Any]:
+    """Pop the ``section__name`` keywords of :func:`config_option` options into ``{"section.name": v}``."""
+    return {k.replace("__", "."): kwargs.pop(k) for k in [k for k in kwargs if "__" in k]}
 
 
 def build_config(config_path: str | None, overrides: tuple[str, ...], options: Mapping[str, Any],

@@ -12,14 +12,14 @@ Unknown keys and values of the wrong type are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
-from pipeline.errors import PipelineError
+
+from pipeline.errors import PipelineError, did_you_mean
 
 DEFAULT_CONFIG_FILE = "pipeline.toml"  # looked up in the current directory
 
@@ -114,6 +114,20 @@ class PipelineConfig:
 
 SECTIONS = ("data", "extract", "train", "analyze")
 
+# Keys whose value is one of a fixed set; checked when the config is built, before any work starts.
+# (Names that live in a registry of a stage above pipeline/ -- encoders, adapters, metrics, datasets --
+# are checked by that stage before it starts.)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.captions": ("longest", "first", "all"),
+    "data.on_empty": ("error", "skip"),
+    "data.missing": ("error", "skip"),
+    "extract.format": ("h5", "zarr"),
+    "extract.precision": ("fp32", "bf16", "fp16"),
+    "extract.layers": ("last", "all"),
+    "extract.on_error": ("error", "skip"),
+    "train.schedule": ("constant", "cosine"),
+}
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
@@ -125,9 +139,15 @@ def _plain(value: Any) -> Any:
 
 def _unknown(kind: str, key: str, known: Iterable[str]) -> ConfigError:
     known = list(known)
-    close = difflib.get_close_matches(key, known, n=3)
-    hint = f" Did you mean: {', '.join(close)}?" if close else f" Known: {', '.join(known)}."
+    hint = did_you_mean(key, known) or f" Known: {', '.join(known)}."
     return ConfigError(f"Unknown config {kind} {key!r}.{hint}")
+
+
+def _check_choice(where: str, value: Any) -> None:
+    choices = CHOICES.get(where)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"Config key {where!r} must be one of {', '.join(choices)}; got {value!r}."
+                          f"{did_you_mean(value, choices)}")
 
 
 def _coerce(where: str, value: Any, annotation: Any) -> Any:
@@ -171,6 +191,7 @@ def _merge(base: PipelineConfig, tree: Mapping[str, Any], origin: str) -> Pipeli
             if key not in hints:
                 raise _unknown("key", f"{section}.{key}", [f"{section}.{k}" for k in hints])
             updates[key] = _coerce(f"{section}.{key}", value, hints[key])
+            _check_choice(f"{section}.{key}", updates[key])
         sections[section] = dataclasses.replace(getattr(base, section), **updates)
     return dataclasses.replace(base, **sections)
 
@@ -241,6 +262,17 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
         if value is not None:
             _deep_update(extra, _nest(key.split("."), value))
     return _merge(config, extra, "command-line options") if extra else config
+
+
+def config_default(key: str) -> Any:
+    """The built-in default of ``"section.name"``; a ConfigError with close matches if unknown."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        raise _unknown("section", section, SECTIONS)
+    values = getattr(PipelineConfig(), section)
+    if name not in _section_fields(section):
+        raise _unknown("key", key, [f"{section}.{k}" for k in _section_fields(section)])
+    return getattr(values, name)
 
 
 def defaults_tree() -> dict:
