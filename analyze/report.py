@@ -24,7 +24,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from analyze import plots
 from analyze.compare import compare_entries, default_entries, output_dir

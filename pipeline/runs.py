@@ -149,8 +149,9 @@ class RunMetrics:
 
     @property
     def mean_R(self) -> float | None:
-        """Test mean recall of the trained adapters."""
-        return (self.adapters or {}).get("mean_R")
+        """Test mean recall of the trained adapters; None when absent or not finite."""
+        value = (self.adapters or {}).get("mean_R")
+        return value if value is not None and math.isfinite(value) else None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

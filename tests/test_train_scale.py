@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 import train.fit as fit_mod
 import train.stream as stream_mod
-from pipeline.cache import entry_path, find_entry, write_entry
+from pipeline.cache import find_entry, write_entry
 from pipeline.runs import aligned_name
 from tests.test_train import SIZES, make_cache, tiny_cfg
 from train.adapters import AlignModel

@@ -24,7 +24,7 @@ boundary) is read. Steps per epoch equal the in-memory run's, n_pairs // batch, 
 block but the split's last holds a multiple of the batch.
 
 ``StreamSplit.held`` counts the feature rows alive at any moment (weak-reference finalisers
-on every window array), so tests can check the bound.
+on every window array); ``close`` logs the peak against the cap, and tests check the bound.
 """
 
 from __future__ import annotations
@@ -306,6 +306,8 @@ class StreamSplit:
         buffers; a later ``windows()`` starts again (with new buffers)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            log.info("streamed %s: at most %d feature rows held per modality (cap %d)", self.name,
+                     self.held.peak, self.plan.cap)
         self._pool = self._next = self._sequence = None
         if self._features is not None:
             for m, buf in self._features.items():
