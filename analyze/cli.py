@@ -14,15 +14,13 @@ from typing import Callable
 import click
 
 from analyze.compare import compare_entries
-from analyze.metrics import METRICS
 from analyze.layers import compare_layers
 from analyze.pairs import rank_pairs
 from analyze.platonic import SIDES, TERMS, platonic_test
 from analyze.report import build_report
-from pipeline.cache import CacheError
 from pipeline.cli import build_config, config_options, friendly_errors
 from pipeline.config import PipelineConfig
-from pipeline.join import JoinError
+from similarity.metrics import METRICS
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 

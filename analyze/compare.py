@@ -1,5 +1,6 @@
 """Pairwise comparison of cache entries (``analyze cka``), and the input helpers every analyze
-command shares: reading and joining entries, choosing metrics, run folders, output files.
+command shares: reading and joining entries, choosing metrics, output files. Run folders and
+aligned entry names come from ``pipeline.runs``.
 
 Rows: entries are joined by sample id with ``pipeline.join.join_rows`` (one row per image; a
 caption entry contributes each image's first caption), the design's rule for kernel metrics.
@@ -19,33 +20,28 @@ Output layout, under ``<analyze.out>/<dataset>/<split>/``:
 from __future__ import annotations
 
 import csv
-import datetime as _dt
-import difflib
 import inspect
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from analyze import plots
-from analyze.metrics import METRICS, get_metric
 from pipeline.cache import Entry, entry_filename, find_entry, list_entries
 from pipeline.config import PipelineConfig
-from pipeline.join import join_rows
 from pipeline.errors import PipelineError
+from pipeline.join import join_rows
+from pipeline.runtime import finite_rows, utc_now, write_json
+from similarity.metrics import METRICS, get_metric
 
 log = logging.getLogger(__name__)
 
-RUNS_FOLDER = "runs"  # fit-adapters run folders live in <cache>/runs/<run>/
-RECALL_PREFIXES = ("i2t_R@", "t2i_R@")  # retrieval keys in a run's metrics.json (train.retrieval)
 ASYMMETRIC = {"cycle_knn", "cknna"}  # registry metrics whose value depends on the argument order (a test
 #                             sweeps METRICS to check that every other one is symmetric)
-ADAPTER_METHODS = ("infonce", "adapters")  # names of the trained adapters' row in metrics.json "test"
 
 
 class AnalyzeError(PipelineError, ValueError):
@@ -54,8 +50,8 @@ class AnalyzeError(PipelineError, ValueError):
 
 # ----------------------------------------------------------------------------- metrics
 def resolve_metrics(names: Sequence[str]) -> dict[str, Callable[..., float]]:
-    """{name: metric} for registry names (``analyze.metrics.METRICS``); an unknown name is a
-    ValueError naming close matches."""
+    """{name: metric} for registry names (``similarity.metrics.METRICS``); an unknown name is a
+    MetricError (a PipelineError) naming close matches."""
     if not names:
         raise AnalyzeError(f"No metric asked for; pass --metric NAME[,NAME...] (available: {', '.join(METRICS)}).")
     return {name: get_metric(name) for name in names}
@@ -111,7 +107,7 @@ def subset_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
 
 def check_finite(name: str, X: np.ndarray, ids: Sequence[str]) -> None:
     """An entry's features must be finite; name the first bad sample otherwise."""
-    bad = ~np.isfinite(X).all(axis=1)
+    bad = ~finite_rows(X)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise AnalyzeError(f"Entry {name!r} has NaN or inf in {int(bad.sum())} rows (first: sample id {ids[first]!r}). "
@@ -223,29 +219,6 @@ def output_dir(cfg: PipelineConfig, *parts: str) -> Path:
     return path
 
 
-def _jsonable(obj: Any) -> Any:
-    """NaN/inf -> None (strict JSON), numpy scalars/arrays -> Python, Paths -> str."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | Path, doc: Mapping) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    return path
-
-
 def write_csv(path: str | Path, rows: Sequence[Mapping]) -> Path:
     """Rows of dicts; columns = union of keys in first-seen order; floats with 6 decimals."""
     path = Path(path)
@@ -261,14 +234,10 @@ def write_csv(path: str | Path, rows: Sequence[Mapping]) -> Path:
     return path
 
 
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def header(cfg: PipelineConfig, command: str) -> dict:
     """Provenance fields shared by every JSON output."""
     a = cfg.analyze
-    return {"command": f"analyze {command}", "created": now(), "dataset": cfg.data.dataset, "split": a.split,
+    return {"command": f"analyze {command}", "created": utc_now(), "dataset": cfg.data.dataset, "split": a.split,
             "cache": str(cfg.data.cache), "max_rows": a.max_rows, "seed": a.seed, "k": a.k,
             "config_source": cfg.source, "config": cfg.to_dict()}
 
@@ -312,117 +281,3 @@ def compare_entries(cfg: PipelineConfig, kernels: bool = False) -> dict:
     write_json(out / "scores.json", doc)
     write_csv(out / "scores.csv", rows)
     return {**doc, "out": out}
-
-
-# ----------------------------------------------------------------------------- run folders
-@dataclass
-class RunInfo:
-    """What analyze reads from a fit-adapters run folder ``<cache>/runs/<run>/``.
-
-    config: the resolved pipeline config (config.json), metrics: metrics.json (empty if
-    absent), image/text: the train entries, curves/history: paths or None."""
-
-    name: str
-    path: Path
-    config: dict
-    metrics: dict
-    image: str | None
-    text: str | None
-    curves: Path | None
-    history: Path | None
-
-    @property
-    def retrieval(self) -> dict[str, dict[str, float]]:
-        return retrieval_table(self.metrics)
-
-    @property
-    def adapters_method(self) -> str | None:
-        """The retrieval-table row of the trained adapters (``infonce``; else the first row)."""
-        table = self.retrieval
-        return next((m for m in ADAPTER_METHODS if m in table), next(iter(table), None))
-
-    @property
-    def mean_R(self) -> float | None:
-        """Test mean recall of the trained adapters."""
-        method = self.adapters_method
-        return self.retrieval[method].get("mean_R") if method else None
-
-
-def run_name(cfg: PipelineConfig, run: str | None = None) -> str:
-    """``run`` if given, else ``train.name``, else fit-adapters' default ``<image>-<text>-<adapter>``."""
-    if run:
-        return run
-    from train.outputs import default_run_name
-
-    return default_run_name(cfg)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return {}
-
-
-def read_run(path: str | Path) -> RunInfo:
-    """Read a run folder, tolerating missing files (a run still training has no metrics.json)."""
-    path = Path(path)
-    config = _read_json(path / "config.json")
-    train = config.get("train", config) if isinstance(config, dict) else {}
-    metrics = _read_json(path / "metrics.json")
-    pngs = sorted(path.glob("*.png"))
-    curves = path / "curves.png" if (path / "curves.png").is_file() else (pngs[0] if pngs else None)
-    history = path / "history.csv" if (path / "history.csv").is_file() else None
-    return RunInfo(path.name, path, config, metrics, train.get("image"), train.get("text"), curves, history)
-
-
-def list_runs(cache: str | Path) -> list[RunInfo]:
-    """Every run folder under ``<cache>/runs/`` (folders with a config.json or metrics.json)."""
-    root = Path(cache) / RUNS_FOLDER
-    if not root.is_dir():
-        return []
-    return [read_run(p) for p in sorted(root.iterdir())
-            if p.is_dir() and ((p / "config.json").is_file() or (p / "metrics.json").is_file())]
-
-
-def find_run(cache: str | Path, name: str) -> RunInfo:
-    """The run folder ``<cache>/runs/<name>``; FileNotFoundError naming close matches otherwise."""
-    path = Path(cache) / RUNS_FOLDER / entry_filename(name)
-    if path.is_dir():
-        return read_run(path)
-    known = [r.name for r in list_runs(cache)]
-    close = difflib.get_close_matches(entry_filename(name), known, n=3)
-    hint = f" Did you mean: {', '.join(close)}?" if close else (f" Runs: {', '.join(known)}." if known else
-                                                                 " No runs yet: run fit-adapters first.")
-    raise FileNotFoundError(f"No run folder {str(path)!r}.{hint}")
-
-
-def _recall_keys(d: Mapping) -> bool:
-    return any(str(k).startswith(RECALL_PREFIXES) or k == "mean_R" for k in d)
-
-
-def retrieval_table(metrics: Mapping) -> dict[str, dict[str, float]]:
-    """{method: {"i2t_R@1": ..., "mean_R": ...}} from a run's metrics.json, tolerant of its
-    nesting: uses the ``test`` section when present; a mapping that holds recall keys is a
-    method (named by its key; top-level recall keys are the adapters), searched two levels deep."""
-    node = metrics.get("test", metrics) if isinstance(metrics, Mapping) else {}
-    if not isinstance(node, Mapping):
-        return {}
-    table: dict[str, dict[str, float]] = {}
-
-    def recalls(d: Mapping) -> dict[str, float]:
-        return {k: float(v) for k, v in d.items()
-                if (str(k).startswith(RECALL_PREFIXES) or k == "mean_R") and isinstance(v, (int, float))}
-
-    if _recall_keys(node):
-        table["adapters"] = recalls(node)
-    for key, value in node.items():
-        if isinstance(value, Mapping):
-            if _recall_keys(value):
-                table[str(key)] = recalls(value)
-            else:
-                for sub, v in value.items():
-                    if isinstance(v, Mapping) and _recall_keys(v):
-                        table[str(sub)] = recalls(v)
-    return table

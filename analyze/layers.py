@@ -17,9 +17,11 @@ import numpy as np
 
 from analyze import plots
 from analyze.compare import (AnalyzeError, check_k, header, load_joined, metric_kwargs, output_dir, read_rows,
-                             resolve_metrics, write_csv, write_json)
+                             resolve_metrics, write_csv)
 from pipeline.cache import Entry
 from pipeline.config import PipelineConfig
+from pipeline.runs import source_of
+from pipeline.runtime import write_json
 
 MAX_NOTE = ("The best pair is a maximum over {pairs} layer pairs, which inflates it (more so for deeper "
             "encoders); the last pair is the unselected comparison.")
@@ -43,7 +45,7 @@ def _need_layers(entry: Entry) -> list[int]:
     if not entry.layers:
         raise AnalyzeError(
             f"Entry {entry.name!r} ({entry.path}) has no per-layer features. Re-extract it with every hidden "
-            f"layer: `extract --encoder {entry.name.split('@')[0]} --layers all --split <split> --force`.")
+            f"layer: `extract --encoder {source_of(entry.name)[0]} --layers all --split <split> --force`.")
     return list(entry.layers)
 
 

@@ -14,10 +14,12 @@ import logging
 import math
 
 from analyze import plots
-from analyze.compare import (AnalyzeError, check_k, header, list_runs, load_joined, metric_kwargs, output_dir,
-                             resolve_metrics, write_csv, write_json)
+from analyze.compare import (AnalyzeError, check_k, header, load_joined, metric_kwargs, output_dir,
+                             resolve_metrics, write_csv)
 from pipeline.cache import find_entry, list_entries
 from pipeline.config import PipelineConfig
+from pipeline.runs import is_aligned, list_runs
+from pipeline.runtime import write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ def candidates(cfg: PipelineConfig) -> tuple[list[str], list[str], list[str]]:
     names = list(cfg.analyze.entries) or list_entries(cfg.data.cache, cfg.data.dataset, cfg.analyze.split)
     images, texts, other = [], [], []
     for name in names:
-        if "@" in name:  # aligned outputs of a run, not a candidate encoder
+        if is_aligned(name):  # aligned outputs of a run, not a candidate encoder
             other.append(name)
             continue
         mod = modality(find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, name))
@@ -69,7 +71,7 @@ def rank_pairs(cfg: PipelineConfig) -> dict:
     check_k(metrics, a.k, joined.n)
     F = joined.features
     runs = [r for r in list_runs(cfg.data.cache)
-            if r.mean_R is not None and r.config.get("data", {}).get("dataset", cfg.data.dataset) == cfg.data.dataset]
+            if r.mean_R is not None and (r.dataset or cfg.data.dataset) == cfg.data.dataset]
     rows = []
     for im in images:
         for tx in texts:

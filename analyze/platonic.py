@@ -56,9 +56,11 @@ import numpy as np
 
 from analyze import plots
 from analyze.compare import (AnalyzeError, accepts_k, check_k, check_paired, header, kernel_figure, load_joined,
-                             metric_kwargs, output_dir, resolve_metrics, run_name, write_csv, write_json)
+                             metric_kwargs, output_dir, resolve_metrics, write_csv)
 from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig
+from pipeline.runs import aligned_name, run_name
+from pipeline.runtime import write_json
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def _song(trace, total_k, total_l, cross, m: int):
 
 
 def _ratio(kl, kk, ll) -> np.ndarray:
-    """kl / sqrt(kk ll) elementwise, 0.0 where kk ll <= 0 (as analyze.metrics does)."""
+    """kl / sqrt(kk ll) elementwise, 0.0 where kk ll <= 0 (as similarity.metrics does)."""
     kl, prod = np.asarray(kl, dtype=float), np.asarray(kk * ll, dtype=float)
     return np.where(prod > 0, kl / np.sqrt(np.where(prod > 0, prod, 1.0)), 0.0)
 
@@ -269,7 +271,7 @@ def _engine(name: str, fn: Callable, kwargs: dict, reps: list[np.ndarray], ref: 
         got = engine.resample(rows[None])[0]
         if np.allclose(got, want, rtol=0, atol=FAST_TOLERANCE):
             return engine
-        log.warning("fast path for %s disagrees with analyze.metrics (%s vs %s); using the library metric",
+        log.warning("fast path for %s disagrees with similarity.metrics (%s vs %s); using the library metric",
                     name, got, want)
     elif use_fast and fast:
         log.warning("n=%d > %d rows: %s uses the slow path (one library call per draw); "
@@ -413,8 +415,8 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
     ``platonic.csv``, ``platonic.png`` (bars with 95% CIs and the null's 95th percentile)
     and, with ``kernels``, ``kernels.png``. Returns the JSON document plus ``out``."""
     a, tc = cfg.analyze, cfg.train
-    run = run_name(cfg, run)
-    ri, rt = f"{tc.image}@{run}", f"{tc.text}@{run}"
+    run = run_name(tc, run)
+    ri, rt = aligned_name(tc.image, run), aligned_name(tc.text, run)
     names = [tc.image, tc.text, ri, rt, a.reference]
     if a.reference in (tc.image, tc.text):
         log.warning("the reference %r is also the %s encoder: its before-score is trivially 1",

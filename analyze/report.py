@@ -24,19 +24,20 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from analyze import plots
-from analyze.compare import RunInfo, compare_entries, default_entries, find_run, now, output_dir, run_name
+from analyze.compare import compare_entries, default_entries, output_dir
 from analyze.pairs import modality
 from analyze.platonic import SIDES, TERMS, platonic_test
 from pipeline.cache import CacheError, Entry, find_entry, list_entries, list_splits
 from pipeline.config import PipelineConfig
 from pipeline.join import JoinError, image_id
+from pipeline.runs import (ADAPTERS_METHOD, RECALL_COLUMNS, RunFolder, RunNotFoundError, aligned_name, find_run,
+                           is_aligned, run_name)
+from pipeline.runtime import utc_now
 
 log = logging.getLogger(__name__)
-
-RECALL_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R")
 PLATONIC_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations")  # analyze settings that
 #   must match for a saved platonic.json to be reused (the entries are compared too)
 
@@ -151,7 +152,7 @@ def section_data(doc: Document, cfg: PipelineConfig) -> None:
         return
     rows, mixed = [], []
     for split in splits:
-        entries = [e for e in _entries_of(cfg, split) if "@" not in e.name]
+        entries = [e for e in _entries_of(cfg, split) if not is_aligned(e.name)]
         texts = [e for e in entries if modality(e) == "text"]
         per_image = [e.n / max(1, len({image_id(i) for i in e.ids})) for e in texts]
         fps = sorted({str(e.key["fingerprint"]) for e in entries if e.key.get("fingerprint")})
@@ -169,7 +170,7 @@ def section_data(doc: Document, cfg: PipelineConfig) -> None:
 
 def section_encoders(doc: Document, cfg: PipelineConfig) -> None:
     doc.heading("Encoders")
-    entries = [e for e in _entries_of(cfg, cfg.analyze.split) if "@" not in e.name]
+    entries = [e for e in _entries_of(cfg, cfg.analyze.split) if not is_aligned(e.name)]
     if not entries:
         doc.para(f"No encoder entries in split {cfg.analyze.split!r}.")
         return
@@ -196,7 +197,7 @@ def _num(v) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def section_training(doc: Document, run: RunInfo | None) -> None:
+def section_training(doc: Document, run: RunFolder | None) -> None:
     doc.heading("Training")
     if run is None:
         doc.para("No run folder: train adapters with fit-adapters to get curves and retrieval numbers.")
@@ -219,9 +220,9 @@ def section_training(doc: Document, run: RunInfo | None) -> None:
     doc.para(text + ".")
 
 
-def _test_sizes(cfg: PipelineConfig, run: RunInfo) -> tuple[int, int] | None:
-    """(n_images, n_texts) of the test split: metrics.json "sizes", else the cache entries."""
-    sizes = run.metrics.get("sizes", {}).get("test", {}) if isinstance(run.metrics.get("sizes"), dict) else {}
+def _test_sizes(cfg: PipelineConfig, run: RunFolder) -> tuple[int, int] | None:
+    """(n_images, n_texts) of the test split: the run's recorded sizes, else the cache entries."""
+    sizes = run.metrics.sizes.get("test", {}) if run.metrics else {}
     if isinstance(sizes.get("image"), int) and isinstance(sizes.get("text"), int):
         return sizes["image"], sizes["text"]
     try:
@@ -232,9 +233,9 @@ def _test_sizes(cfg: PipelineConfig, run: RunInfo) -> tuple[int, int] | None:
     return img.n, txt.n
 
 
-def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunInfo | None) -> None:
+def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunFolder | None) -> None:
     doc.heading("Retrieval (test split)")
-    table = run.retrieval if run else {}
+    table = run.metrics.test if run and run.metrics else {}
     if not table:
         doc.para("No test retrieval metrics (metrics.json) for this run yet.")
         return
@@ -245,15 +246,18 @@ def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunInfo | None) -
         chance["mean_R"] = sum(chance.values()) / len(chance)
         rows.append(["chance", *(chance[c] for c in RECALL_COLUMNS)])
     doc.table(["method", *RECALL_COLUMNS], rows)
-    method = run.adapters_method
-    res = table[method]
-    text = f"The trained adapters ({method})"
+    res = run.metrics.adapters
+    if res is None:
+        doc.para(f"The run's metrics have no {ADAPTERS_METHOD!r} row (the trained adapters); only baselines are shown.")
+        return
+    text = f"The trained adapters ({ADAPTERS_METHOD})"
     if sizes and "i2t_R@10" in res and "t2i_R@10" in res:
         text += (f": held-out image-to-text R@10 is {res['i2t_R@10']:.2f} against {chance['i2t_R@10']:.2f} by chance, "
                  f"text-to-image R@10 {res['t2i_R@10']:.2f} against {chance['t2i_R@10']:.2f} "
                  f"({sizes[0]} images, {sizes[1]} captions)")
-    others = {m: v.get("mean_R") for m, v in table.items() if m != method and v.get("mean_R") is not None}
-    if others and res.get("mean_R") is not None:
+    others = {m: v.get("mean_R") for m, v in table.items()
+              if m != ADAPTERS_METHOD and v.get("mean_R") is not None and math.isfinite(v["mean_R"])}
+    if others and res.get("mean_R") is not None and math.isfinite(res["mean_R"]):
         best = max(others, key=others.get)
         word = "above" if res["mean_R"] > others[best] else "below"
         text += f"; mean recall {res['mean_R']:.3f}, {word} the best baseline ({best}, {others[best]:.3f})"
@@ -305,7 +309,7 @@ def section_platonic(doc: Document, cfg: PipelineConfig, run: str) -> None:
     doc.heading("Platonic test: alignment to the reference")
     folder = output_dir(cfg, "runs", run)
     tc = cfg.train
-    entries = [tc.image, tc.text, f"{tc.image}@{run}", f"{tc.text}@{run}", cfg.analyze.reference]
+    entries = [tc.image, tc.text, aligned_name(tc.image, run), aligned_name(tc.text, run), cfg.analyze.reference]
     try:
         result = _reusable(folder / "platonic.json", cfg, PLATONIC_KEYS, entries) or platonic_test(cfg, run)
     except (CacheError, JoinError, ValueError) as exc:
@@ -340,15 +344,15 @@ def section_platonic(doc: Document, cfg: PipelineConfig, run: str) -> None:
 def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
     """``analyze report``: write report.md and report.html for one run (default: ``train.name``
     or fit-adapters' default name); returns the Markdown path."""
-    run = run_name(cfg, run)
+    run = run_name(cfg.train, run)
     try:
         info = find_run(cfg.data.cache, run)
-    except FileNotFoundError as exc:
+    except RunNotFoundError as exc:
         log.warning("%s", exc)
         info = None
     folder = output_dir(cfg, "runs", run)
     doc = Document(f"Experiment report: {cfg.data.dataset}, run {run}", folder)
-    doc.para(f"Generated {now()} by `analyze report` (config: {cfg.source}; cache: {cfg.data.cache}; "
+    doc.para(f"Generated {utc_now()} by `analyze report` (config: {cfg.source}; cache: {cfg.data.cache}; "
              f"analysis split: {cfg.analyze.split}; metrics: {', '.join(cfg.analyze.metrics)}).")
     section_data(doc, cfg)
     section_encoders(doc, cfg)

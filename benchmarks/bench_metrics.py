@@ -1,4 +1,4 @@
-"""Benchmark of analyze.metrics.
+"""Benchmark of similarity.metrics.
 
 1. Linear CKA (biased and unbiased) by the feature-space path, O(n d^2), against the naive
    n x n kernel formulas, O(n^2 d) time and O(n^2) memory, at n = --n (default 8,000), d = 768:
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analyze.kernels import resolve_device  # noqa: E402
-from analyze.metrics import METRICS, cka  # noqa: E402
+from pipeline.runtime import resolve_device  # noqa: E402
+from similarity.metrics import METRICS, cka  # noqa: E402
 
 MIB = 2**20
 

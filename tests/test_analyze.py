@@ -20,11 +20,12 @@ from click.testing import CliRunner
 
 from analyze import compare, platonic
 from analyze.cli import main
-from analyze.compare import AnalyzeError, pairwise_scores, retrieval_table
+from analyze.compare import AnalyzeError, pairwise_scores
 from analyze.layers import best_and_last, layer_scores
-from analyze.metrics import METRICS
 from analyze.report import chance_recall
-from pipeline.cache import entry_path, write_entry
+from pipeline.cache import entry_path, find_entry, write_entry
+from pipeline.runs import aligned_name, is_aligned
+from similarity.metrics import METRICS
 
 N = 120  # images in the test split
 DATASET = "toy"
@@ -86,9 +87,10 @@ def cache(tmp_path_factory) -> Path:
     W = rng.normal(size=(32, 16))
     for run, order in (("good", np.arange(N)), ("shuf", rng.permutation(N))):
         aligned = (ref @ W)[order]
-        _write(cache, "test", f"resnet18@{run}", ids, aligned, key={"entry": f"resnet18@{run}", "run": run})
-        _write(cache, "test", f"gpt2@{run}", cap_ids, np.repeat(aligned, 2, axis=0) + 0.05 * noise(16, 2 * N),
-               key={"entry": f"gpt2@{run}", "run": run})
+        ri, rt = aligned_name("resnet18", run), aligned_name("gpt2", run)
+        _write(cache, "test", ri, ids, aligned, key={"entry": ri, "run": run})
+        _write(cache, "test", rt, cap_ids, np.repeat(aligned, 2, axis=0) + 0.05 * noise(16, 2 * N),
+               key={"entry": rt, "run": run})
     _run_folder(cache, "good", "resnet18", "gpt2", 0.6)
     _run_folder(cache, "vit-bert", "vit", "bert", 0.3)
     _run_folder(cache, "resnet-bert", "resnet18", "bert", 0.2)
@@ -126,11 +128,12 @@ def _reports(config) -> Path:
 
 # ----------------------------------------------------------------------------- analyze cka
 def test_cka_command_writes_tables_and_heatmaps(cache):
-    out = _ok(cache, "cka", "--entries", "resnet18,gpt2,dinov2,resnet18@good", "--metric", "cka,mutual_knn", "--kernels")
+    good = aligned_name("resnet18", "good")
+    out = _ok(cache, "cka", "--entries", f"resnet18,gpt2,dinov2,{good}", "--metric", "cka,mutual_knn", "--kernels")
     assert "cka (n=120" in out
     folder = _reports(cache) / "cka"
     doc = json.loads((folder / "scores.json").read_text())
-    assert doc["entries"] == ["resnet18", "gpt2", "dinov2", "resnet18@good"] and doc["n"] == N
+    assert doc["entries"] == ["resnet18", "gpt2", "dinov2", good] and doc["n"] == N
     S = np.array(doc["scores"]["cka"])
     assert S.shape == (4, 4) and np.allclose(np.diag(S), 1.0) and np.allclose(S, S.T)
     assert S[2, 3] > 0.8 > S[0, 1]  # the aligned entry is a linear map of the reference
@@ -148,7 +151,7 @@ def test_cka_defaults_to_every_entry_of_the_configured_split(cache, tmp_path, mo
     res = CliRunner().invoke(main, ["cka", "--metric", "cka"])
     assert res.exit_code == 0, res.output
     doc = json.loads((_reports(cache) / "cka" / "scores.json").read_text())
-    assert len(doc["entries"]) == 9 and "gpt2@shuf" in doc["entries"]
+    assert len(doc["entries"]) == 9 and aligned_name("gpt2", "shuf") in doc["entries"]
 
 
 def test_pairwise_scores_match_metrics_and_refuse_unpaired_rows():
@@ -246,7 +249,7 @@ def test_platonic_command_supported_for_a_linear_map_of_the_reference(cache):
     out = _ok(cache, "platonic", "--run", "good", *FAST)
     folder = _reports(cache) / "runs" / "good"
     doc = json.loads((folder / "platonic.json").read_text())
-    assert doc["entries"]["image_aligned"] == "resnet18@good" and doc["n"] == N
+    assert doc["entries"]["image_aligned"] == aligned_name("resnet18", "good") and doc["n"] == N
     for m in ("cka", "unbiased_cka", "mutual_knn"):
         for side in ("image", "text"):
             assert doc["results"][m]["delta"][side]["verdict"] == "supported", doc["sentences"][m][side]
@@ -293,7 +296,7 @@ def test_pairs_ranks_encoder_pairs_and_relates_runs(cache):
     folder = _reports(cache) / "pairs"
     doc = json.loads((folder / "pairs.json").read_text())
     assert sorted(doc["images"]) == ["dinov2", "resnet18", "vit"] and sorted(doc["texts"]) == ["bert", "gpt2"]
-    assert not any("@" in r["image"] or "@" in r["text"] for r in doc["pairs"]) and len(doc["pairs"]) == 6
+    assert not any(is_aligned(r["image"]) or is_aligned(r["text"]) for r in doc["pairs"]) and len(doc["pairs"]) == 6
     scores = [r["cka"] for r in doc["pairs"]]
     assert scores == sorted(scores, reverse=True) and [r["rank"] for r in doc["pairs"]] == list(range(1, 7))
     good = next(r for r in doc["pairs"] if (r["image"], r["text"]) == ("resnet18", "gpt2"))
@@ -322,14 +325,10 @@ def test_report_without_run_folder_still_writes(cache):
     assert "No run folder" in md and "image side: supported" not in md
 
 
-def test_chance_levels_and_retrieval_table():
+def test_chance_levels():
     assert chance_recall("t2i_R@10", 1000, 5000) == pytest.approx(0.01)
     assert chance_recall("i2t_R@1", 1000, 1000) == pytest.approx(0.001)
     assert chance_recall("i2t_R@10", 1000, 5000) == pytest.approx(1 - (1 - 10 / 5000) ** 5, rel=1e-2)
-    table = retrieval_table({"test": {"infonce": {"i2t_R@1": 0.5, "mean_R": 0.4}, "cca": {"mean_R": 0.2}},
-                             "val_best": {"mean_R": 0.9}})
-    assert table == {"infonce": {"i2t_R@1": 0.5, "mean_R": 0.4}, "cca": {"mean_R": 0.2}}
-    assert compare.retrieval_table({"i2t_R@1": 0.1}) == {"adapters": {"i2t_R@1": 0.1}}
 
 
 @pytest.mark.parametrize("name", sorted(METRICS))
@@ -385,7 +384,7 @@ def test_end_to_end_fit_adapters_then_platonic_pairs_and_report(tmp_path, monkey
         assert res.exit_code == 0, res.output
     folder = tmp_path / "reports" / DATASET / "test" / "runs" / "resnet18-gpt2-linear"
     doc = json.loads((folder / "platonic.json").read_text())
-    assert doc["entries"]["image_aligned"] == "resnet18@resnet18-gpt2-linear" and doc["n"] == 60
+    assert doc["entries"]["image_aligned"] == aligned_name("resnet18", "resnet18-gpt2-linear") and doc["n"] == 60
     pairs = json.loads((tmp_path / "reports" / DATASET / "test" / "pairs" / "pairs.json").read_text())
     trained = next(r for r in pairs["pairs"] if (r["image"], r["text"]) == ("resnet18", "gpt2"))
     assert [r["run"] for r in trained["runs"]] == ["resnet18-gpt2-linear"] and pairs["runs_used"] == 1
@@ -401,7 +400,7 @@ def test_report_reuses_saved_results_until_inputs_change(cache):
     first = path.stat().st_mtime_ns
     _ok(cache, "report", "--run", "good")
     assert path.stat().st_mtime_ns == first  # same settings, same entries: reused
-    aligned = cache.parent / "cache" / DATASET / "test" / "resnet18@good.h5"
+    aligned = find_entry(cache.parent / "cache", DATASET, "test", aligned_name("resnet18", "good")).path
     earlier = aligned.stat().st_mtime - 10
     os.utime(path, (earlier, earlier))  # the aligned entry is now newer, as if the run had been retrained
     _ok(cache, "report", "--run", "good")

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from analyze.cli import main as analyze_cli
 from extract.cli import main as extract_cli
 from pipeline.cache import find_entry
+from pipeline.runs import aligned_name
 from tests.fixtures import make_flickr30k
 from train.cli import main as fit_cli
 
@@ -56,7 +57,7 @@ out = "{tmp_path / 'reports'}"
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "cache" / "runs" / "e2e" / "metrics.json").read_text())
     assert {"infonce", "cca", "procrustes"} <= set(metrics["test"])
-    aligned = find_entry(tmp_path / "cache", "flickr30k", "test", "tiny-resnet@e2e")
+    aligned = find_entry(tmp_path / "cache", "flickr30k", "test", aligned_name("tiny-resnet", "e2e"))
     assert list(aligned.ids) == list(find_entry(tmp_path / "cache", "flickr30k", "test", "tiny-resnet").ids)
 
     for command in (["cka"], ["platonic"], ["report"]):

@@ -1,4 +1,4 @@
-"""Tests for analyze.metrics and analyze.kernels.
+"""Tests for similarity.metrics and similarity.kernels (re-exported as analyze.metrics, analyze.kernels).
 
 The fast (feature-space / blockwise) paths are checked against literal dense n x n
 implementations written here, independently of the library's shared sufficient statistics.
@@ -14,10 +14,10 @@ import scipy.linalg
 import torch
 from scipy.spatial.distance import pdist
 
-from analyze import kernels, metrics
-from analyze.kernels import (cosine_kernel, linear_kernel, median_pairwise_distance,
-                             polynomial_kernel, rbf_kernel)
-from analyze.metrics import METRICS, cka, get_metric, kernel_cka, nearest_neighbours
+from similarity import kernels, metrics
+from similarity.kernels import (cosine_kernel, linear_kernel, median_pairwise_distance,
+                                polynomial_kernel, rbf_kernel)
+from similarity.metrics import METRICS, cka, get_metric, kernel_cka, nearest_neighbours
 
 KNN_METRICS = ["mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna"]
 
@@ -369,3 +369,20 @@ def test_error_unknown_names():
         cka(X0, Y0, kernel="rbf", sigma=-1.0)
     with pytest.raises(ValueError, match="median pairwise distance is 0"):
         cka(np.ones((10, 2)), Y0[:10], kernel="rbf")
+
+
+def test_old_import_paths_reexport_the_same_objects():
+    import analyze.kernels
+    import analyze.metrics
+
+    assert analyze.metrics.get_metric is get_metric and analyze.metrics.METRICS is METRICS
+    assert analyze.metrics.cka is cka and analyze.kernels.rbf_kernel is rbf_kernel
+
+
+def test_metric_errors_are_pipeline_errors():
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="Did you mean: cka"):
+        get_metric("ckaa")
+    with pytest.raises(PipelineError, match="n >= 4"):
+        cka(X0[:3], Y0[:3], unbiased=True)

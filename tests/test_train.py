@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 from pipeline.cache import entry_path, find_entry, write_entry
 from pipeline.config import load_config
 from pipeline.join import JoinError
+from pipeline.runs import aligned_name
 from train import fit as fit_mod
 from train.adapters import ADAPTERS, AlignModel, build_adapter
-from train.api import AdapterMismatchError, load_run
-from train.baselines import fit_cca, fit_procrustes
+from train.api import AdapterMismatchError, load_run, save_adapters
+from train.baselines import FROM_MOMENTS, pair_moments
 from train.cli import main
-from train.data import TrainError
+from train.errors import TrainError
 from train.fit import TrainingDiverged, fit_adapters
 from train.losses import info_nce, multi_info_nce
 from train.retrieval import recall_at_k
@@ -187,15 +188,15 @@ def test_recall_rejects_degenerate_inputs():
 
 
 # ----------------------------------------------------------------------------- baselines
-@pytest.mark.parametrize("fit", [fit_cca, fit_procrustes])
-def test_baselines_beat_chance_on_linear_data(fit):
+@pytest.mark.parametrize("name", sorted(FROM_MOMENTS))
+def test_baselines_beat_chance_on_linear_data(name):
     g = torch.Generator().manual_seed(4)
     n = 400
     x = torch.randn(n, D_IMG, generator=g)
     y = x @ torch.as_tensor(REL, dtype=torch.float32) + 0.3 * torch.randn(n, D_TXT, generator=g)
     x, y = (x - x.mean(0)) / x.std(0), (y - y.mean(0)) / y.std(0)
     idx = torch.arange(300)
-    al = fit(x, y, idx, idx, 16)
+    al = FROM_MOMENTS[name](pair_moments(x, y, idx, idx), 16)
     test = torch.arange(300, n)
     res = recall_at_k(al.a(x[test]), al.b(y[test]), torch.arange(100))
     assert res["t2i_R@1"] > 10 * (1 / 100)  # chance R@1 = 1/100
@@ -216,7 +217,7 @@ def test_val_cka_helper_matches_feature_space_formula():
 
 # ----------------------------------------------------------------------------- fit
 def test_fit_reaches_high_recall_and_beats_chance(trained):
-    test = trained.metrics["test"]
+    test = trained.metrics.test
     assert set(test) == {"infonce", "cca", "procrustes"}
     assert test["infonce"]["mean_R"] > 0.8
     assert test["infonce"]["t2i_R@1"] > 0.5  # chance: 1/30
@@ -251,7 +252,7 @@ def test_aligned_entries_match_load_run(trained, cache_all):
     for split in ("train", "val", "test"):
         for modality, source in (("image", "resnet18"), ("text", "gpt2")):
             name = trained.entries[split][modality]
-            assert name == f"{source}@base"
+            assert name == aligned_name(source, "base")
             aligned = find_entry(cache_all, "fake", split, name)
             src = find_entry(cache_all, "fake", split, source)
             assert list(aligned.ids) == list(src.ids) and aligned.dim == 16
@@ -281,6 +282,57 @@ def test_load_run_detects_other_encoder(trained, cache_all, tmp_path):
         load_run(mixed)
 
 
+def _sources(dims):
+    """adapters.json "modalities" for features of the given widths (no cache needed)."""
+    return {m: {"entry": f"enc-{m}", "dim": d, "key": {"encoder": f"enc-{m}"}, "fingerprint": None,
+                "mean": [0.5] * d, "std": [2.0] * d} for m, d in dims.items()}
+
+
+def test_adapter_settings_round_trip_without_a_key_list(tmp_path):
+    """Every [train] setting is stored with the run and the model is rebuilt from it: a residual
+    adapter with non-default width, depth, dropout and a learnable temperature loads back exactly."""
+    tc = load_config(None, options={"train.adapter": "residual", "train.hidden": 7, "train.depth": 3,
+                                    "train.dropout": 0.25, "train.dim": 6, "train.learnable_temperature": True,
+                                    "train.temperature": 0.2}).train
+    dims = {"image": 5, "text": 4}
+    torch.manual_seed(0)
+    model = AlignModel(dims, tc)
+    save_adapters(tmp_path, model, tc, _sources(dims), {"run": "r"})
+    run = load_run(tmp_path)
+    assert run.train == tc
+    assert len(run.model.adapters["image"]) == 1 + 3 and run.model.adapters["image"][1].mlp[0].out_features == 7
+    x = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+    with torch.no_grad():
+        want = model.eval()("image", (torch.from_numpy(x) - 0.5) / 2.0).numpy()
+    np.testing.assert_allclose(run.embed("image", x), want, rtol=1e-6)
+
+
+def test_runs_written_by_format_1_still_load(tmp_path):
+    """adapters.json of format 1 held a "model" dict of selected settings instead of "train"."""
+    tc = load_config(None, options={"train.adapter": "mlp", "train.hidden": 9, "train.dim": 6}).train
+    dims = {"image": 5, "text": 4}
+    save_adapters(tmp_path, AlignModel(dims, tc), tc, _sources(dims), {})
+    doc = json.loads((tmp_path / "adapters.json").read_text())
+    old_keys = ("adapter", "dim", "hidden", "bottleneck", "depth", "dropout", "temperature",
+                "learnable_temperature", "standardize")
+    doc["format"], doc["model"] = 1, {k: doc["train"].pop(k) for k in old_keys}
+    del doc["train"]
+    (tmp_path / "adapters.json").write_text(json.dumps(doc))
+    run = load_run(tmp_path)
+    assert run.train.hidden == 9 and run.embed("text", np.ones((2, 4))).shape == (2, 6)
+
+
+@pytest.mark.parametrize("setting, message", [("train.adapter=cnn", "Unknown adapter train.adapter = 'cnn'"),
+                                              ("train.adapter=linaer", "Did you mean: linear"),
+                                              ("train.device=tpu", "Unknown device 'tpu'"),
+                                              ("train.schedule=cosin", "Did you mean: cosine")])
+def test_cli_bad_names_in_config_are_one_line_errors_before_any_work(tmp_path, setting, message):
+    result = CliRunner().invoke(main, ["--cache", str(tmp_path / "none"), "--set", setting, "--no-progress"])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "none").exists()  # checked before reading the cache or creating the run folder
+
+
 def test_same_seed_same_adapters_on_cpu(cache_all):
     w = [load_file(str(fit_adapters(tiny_cfg(cache_all, epochs=2, name=f"det{i}", mixup=0.5),
                                     progress=False).run_dir / "adapters.safetensors")) for i in range(2)]
@@ -306,8 +358,8 @@ def test_more_than_two_modalities(tmp_path):
     cache = make_cache(tmp_path, extra={"audio": "clap"})
     res = fit_adapters(tiny_cfg(cache, epochs=2, name="three", modalities={"audio": "clap"}), progress=False)
     assert set(res.entries["test"]) == {"image", "text", "audio"}
-    assert res.metrics["sizes"]["train"]["pairs"] == SIZES["train"]  # one row per image
-    assert "val_image-audio/mean_R" in res.history[0] and "text-audio/t2i_R@1" in res.metrics["test"]["infonce"]
+    assert res.metrics.sizes["train"]["pairs"] == SIZES["train"]  # one row per image
+    assert "val_image-audio/mean_R" in res.history[0] and "text-audio/t2i_R@1" in res.metrics.test["infonce"]
     assert load_run(res.run_dir).modalities == ["image", "text", "audio"]
 
 
@@ -316,8 +368,8 @@ def test_missing_default_reference_warns_and_skips(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         res = fit_adapters(tiny_cfg(cache, epochs=1), progress=False)
     assert sum("reference entry 'dinov2'" in r.message for r in caplog.records) == 1
-    assert not any(k.startswith("val_cka") for k in res.history[0]) and res.metrics["reference"] is None
-    assert find_entry(cache, "fake", "val", "gpt2@resnet18-gpt2-linear").path.suffix == ".zarr"
+    assert not any(k.startswith("val_cka") for k in res.history[0]) and res.metrics.reference is None
+    assert find_entry(cache, "fake", "val", aligned_name("gpt2", "resnet18-gpt2-linear")).path.suffix == ".zarr"
     with pytest.raises(TrainError, match="Reference entry 'dinov2'"):
         fit_adapters(tiny_cfg(cache, epochs=1), require_reference=True, progress=False)
 
@@ -335,7 +387,7 @@ def test_cli_end_to_end(tmp_path, policy):
     assert json.loads((run / "config.json").read_text())["train"]["weight_decay"] == 0.01
     assert json.loads((run / "metrics.json").read_text())["test"]["cca"]["mean_R"] > 0.3
     for split, n in SIZES.items():
-        text = find_entry(cache, "fake", split, "gpt2@cli")
+        text = find_entry(cache, "fake", split, aligned_name("gpt2", "cli"))
         assert text.n == (3 * n if policy == "all" else n)
         assert list(text.ids) == list(find_entry(cache, "fake", split, "gpt2").ids)
 
@@ -349,7 +401,7 @@ def test_cli_defaults_run_configured_experiment(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     run = cache / "runs" / "resnet18-gpt2-linear"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 50 and find_entry(cache, "flickr30k", "test", "resnet18@resnet18-gpt2-linear").dim == 768
+    assert metrics["epochs_run"] == 50 and find_entry(cache, "flickr30k", "test", aligned_name("resnet18", "resnet18-gpt2-linear")).dim == 768
 
 
 def test_cli_help_documents_every_option():

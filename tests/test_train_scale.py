@@ -29,13 +29,15 @@ from safetensors.torch import load_file
 
 import train.fit as fit_mod
 import train.stream as stream_mod
-from pipeline.cache import entry_path, find_entry, write_entry
+from pipeline.cache import find_entry, write_entry
+from pipeline.runs import aligned_name
 from tests.test_train import SIZES, make_cache, tiny_cfg
 from train.adapters import AlignModel
 from train.api import load_run
 from train.cli import main
-from train.data import TrainError, load_data
+from train.data import load_data
 from train.distributed import Dist
+from train.errors import TrainError
 from train.fit import Trainer, fit_adapters
 from train.stream import RunningMoments, StreamSplit, plan_stream
 
@@ -130,16 +132,16 @@ def test_whole_split_window_is_bit_identical_to_in_memory(cache, monkeypatch):
     plan = plan_stream(cfg.train, N_PAIRS)
     assert plan.block >= N_PAIRS and plan.window == 1  # one block, one window: the whole split in its order
     st = fit_adapters(cfg, progress=False)
-    assert st.metrics["streamed"] and not mem.metrics["streamed"]
+    assert st.metrics.streamed and not mem.metrics.streamed
     wm, ws = weights(mem.run_dir), weights(st.run_dir)
     assert all(torch.equal(wm[k], ws[k]) for k in wm)
     assert [r["train_loss"] for r in mem.history] == [r["train_loss"] for r in st.history]
-    assert mem.metrics["test"]["infonce"] == st.metrics["test"]["infonce"]
+    assert mem.metrics.test["infonce"] == st.metrics.test["infonce"]
     for base in ("cca", "procrustes"):  # moments summed over other blocks: float64 rounding only
-        assert mem.metrics["test"][base] == pytest.approx(st.metrics["test"][base], abs=1e-9)
-    assert mem.metrics["sizes"] == st.metrics["sizes"]
+        assert mem.metrics.test[base] == pytest.approx(st.metrics.test[base], abs=1e-9)
+    assert mem.metrics.sizes == st.metrics.sizes
     for m in ("resnet18", "gpt2"):  # the streamed train split's aligned entries are written block by block
-        a, b = find_entry(cache, "fake", "train", f"{m}@mem"), find_entry(cache, "fake", "train", f"{m}@st")
+        a, b = (find_entry(cache, "fake", "train", aligned_name(m, run)) for run in ("mem", "st"))
         assert list(a.ids) == list(b.ids)
         np.testing.assert_allclose(a.features(), b.features(), rtol=1e-5, atol=1e-6)
 
@@ -169,11 +171,11 @@ def test_small_windows_still_train_to_high_recall(cache, monkeypatch):
     # windows of 64 pairs (2 blocks of 32) out of 360: ~6 windows per epoch, each shuffled inside
     res = fit_adapters(tiny_cfg(cache, epochs=8, name="small", max_rows_in_memory=128, stream_block=32),
                        progress=False)
-    assert res.metrics["streamed"]
-    assert res.metrics["test"]["infonce"]["mean_R"] > 0.8 and res.metrics["test"]["infonce"]["t2i_R@1"] > 0.4
+    assert res.metrics.streamed
+    assert res.metrics.test["infonce"]["mean_R"] > 0.8 and res.metrics.test["infonce"]["t2i_R@1"] > 0.4
     assert res.history[-1]["train_loss"] < 0.5 * res.history[0]["train_loss"]
     run = load_run(res.run_dir)
-    src, al = find_entry(cache, "fake", "train", "gpt2"), find_entry(cache, "fake", "train", "gpt2@small")
+    src, al = find_entry(cache, "fake", "train", "gpt2"), find_entry(cache, "fake", "train", aligned_name("gpt2", "small"))
     np.testing.assert_allclose(run.embed_entry(src), al.features(), rtol=1e-4, atol=1e-5)
 
 
@@ -210,8 +212,8 @@ def test_stream_more_modalities_zarr_and_one_caption(tmp_path, monkeypatch):
     cache = make_cache(tmp_path, policy="one", fmt="zarr", extra={"audio": "clap"})
     res = fit_adapters(tiny_cfg(cache, epochs=2, name="z", modalities={"audio": "clap"}, max_rows_in_memory=64,
                                 stream_block=32), progress=False)
-    assert res.metrics["streamed"] and res.metrics["sizes"]["train"]["pairs"] == SIZES["train"]
-    assert find_entry(cache, "fake", "train", "clap@z").path.suffix == ".zarr"
+    assert res.metrics.streamed and res.metrics.sizes["train"]["pairs"] == SIZES["train"]
+    assert find_entry(cache, "fake", "train", aligned_name("clap", "z")).path.suffix == ".zarr"
 
 
 def test_stream_nan_names_the_row(tmp_path):
@@ -272,7 +274,7 @@ def _ddp_worker(rank: int, world: int, init: str, cache: str, out: str) -> None:
     try:
         for name, opts in DDP_RUNS.items():
             res = fit_adapters(tiny_cfg(Path(cache), name=f"ddp-{name}", **opts), progress=False)
-            assert res.name == f"ddp-{name}" and res.metrics["processes"] == world  # rank 0's result on every rank
+            assert res.name == f"ddp-{name}" and res.metrics.processes == world  # rank 0's result on every rank
         grads = batch_gradients(Path(cache), Dist(rank, world))
         if rank == 0:
             torch.save(grads, Path(out) / "grads.pt")
@@ -326,4 +328,4 @@ def test_torchrun_cli_matches_single_process(tmp_path):
     w1, w2 = weights(cache / "runs" / "one"), weights(cache / "runs" / "tr")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
-    assert find_entry(cache, "fake", "test", "resnet18@tr").n == SIZES["test"]
+    assert find_entry(cache, "fake", "test", aligned_name("resnet18", "tr")).n == SIZES["test"]

@@ -13,7 +13,6 @@ Every adapter maps (batch, d_in) -> (batch, dim). The kinds (``ADAPTERS``):
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Callable, Mapping
 
@@ -21,6 +20,8 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.errors import did_you_mean
+from train.errors import ConfigValueError
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learnable logit scale 1/tau (so tau >= 0.01)
 
@@ -63,10 +64,10 @@ ADAPTERS: dict[str, Callable[[int, TrainConfig], nn.Module]] = {
 
 
 def check_adapter_name(name: str) -> None:
+    """ConfigValueError (a PipelineError and ValueError) for a name not in ``ADAPTERS``."""
     if name not in ADAPTERS:
-        close = difflib.get_close_matches(name, list(ADAPTERS), n=2)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(f"Unknown adapter {name!r}.{hint} Choose one of: {', '.join(ADAPTERS)}.")
+        raise ConfigValueError(f"Unknown adapter train.adapter = {name!r}.{did_you_mean(name, ADAPTERS, n=2)} "
+                               f"Choose one of: {', '.join(ADAPTERS)}.")
 
 
 def build_adapter(d_in: int, cfg: TrainConfig) -> nn.Module:

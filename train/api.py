@@ -1,10 +1,13 @@
 """Saved adapters: writing them to a run folder and loading them back to embed new features.
 
-A run folder holds ``adapters.safetensors`` (the AlignModel state dict: ``adapters.<modality>.*``
-and ``log_scale``) and ``adapters.json``: the adapter settings, and per modality the source cache
-entry (name, input dim, key, dataset fingerprint) and the train-split standardisation
-statistics (mean, std). ``load_run`` checks the weights against that description, and
-``Run.embed`` / ``Run.embed_entry`` refuse features from another encoder.
+A run folder (layout: ``pipeline.runs``) holds ``adapters.safetensors`` (the AlignModel state
+dict: ``adapters.<modality>.*`` and ``log_scale``) and ``adapters.json``: the whole ``[train]``
+section the adapters were built from (``"train"``), and per modality the source cache entry
+(name, input dim, key, dataset fingerprint) and the train-split standardisation statistics
+(mean, std). ``load_run`` rebuilds the model from that section, so a new adapter hyperparameter
+needs only its ``TrainConfig`` field and its use in ``train.adapters``. It checks the weights
+against the description, and ``Run.embed`` / ``Run.embed_entry`` refuse features from another
+encoder. Format 1 files (a ``"model"`` dict of selected settings) still load.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -24,18 +26,16 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.cache import Entry
 from pipeline.config import TrainConfig
+from pipeline.runs import ADAPTER_JSON, ADAPTER_WEIGHTS
+from pipeline.runtime import atomic_write, write_json
 from train.adapters import AlignModel
-from train.data import Stats, TrainError
+from train.data import Stats
+from train.errors import AdapterMismatchError, TrainError
 
-ADAPTER_FILE = "adapters.safetensors"  # weights
-ADAPTER_JSON = "adapters.json"  # settings, sources, standardisation statistics
-FORMAT_VERSION = 1
-MODEL_KEYS = ("adapter", "dim", "hidden", "bottleneck", "depth", "dropout", "temperature",
-              "learnable_temperature", "standardize")  # TrainConfig fields that define the model
+log = logging.getLogger(__name__)
 
-
-class AdapterMismatchError(TrainError):
-    """Adapters applied to features (or a cache entry) they were not trained for."""
+FORMAT_VERSION = 2  # 2: "train" = every [train] setting; 1: "model" = a hand-picked subset
+READABLE_FORMATS = (1, 2)
 
 
 def _fingerprint(entry: Entry) -> str | None:
@@ -52,35 +52,41 @@ def describe_sources(entries: Mapping[str, Entry], stats: Stats) -> dict:
                 "mean": stats.mean[m].tolist(), "std": stats.std[m].tolist()} for m, e in entries.items()}
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_adapters(run_dir: Path, model: AlignModel, tc: TrainConfig, sources: dict, extra: Mapping) -> str:
-    """Write the weights and their description atomically; returns the weights' sha256."""
+    """Write the weights and their description (``tc`` in full) atomically; returns the
+    weights' sha256."""
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(run_dir / ADAPTER_FILE, lambda p: save_file(state, p, metadata={"format": str(FORMAT_VERSION)}))
-    sha = hashlib.sha256((run_dir / ADAPTER_FILE).read_bytes()).hexdigest()
-    doc = {"format": FORMAT_VERSION, "model": {k: getattr(tc, k) for k in MODEL_KEYS},
-           "modalities": sources, "sha256": sha, **extra}
-    _atomic(run_dir / ADAPTER_JSON, lambda p: Path(p).write_text(json.dumps(doc, indent=1, default=str)))
+    weights = atomic_write(run_dir / ADAPTER_WEIGHTS,
+                           lambda p: save_file(state, p, metadata={"format": str(FORMAT_VERSION)}))
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    doc = {"format": FORMAT_VERSION, "train": dataclasses.asdict(tc), "modalities": sources, "sha256": sha, **extra}
+    write_json(run_dir / ADAPTER_JSON, doc)
     return sha
+
+
+def train_config_of(doc: Mapping, where: str = ADAPTER_JSON) -> TrainConfig:
+    """The TrainConfig an adapters.json document was written with: its ``"train"`` section
+    (format 2) or ``"model"`` subset (format 1), over the defaults. Keys this version does not
+    know are ignored with a warning (the weight check in ``load_run`` catches a real mismatch)."""
+    stored = doc.get("train") if doc.get("format") == 2 else doc.get("model")
+    if not isinstance(stored, Mapping):
+        raise TrainError(f"{where!r} has no adapter settings ('train' or 'model'); it is not a fit-adapters file.")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        log.warning("%s: ignoring settings this version does not know: %s", where, ", ".join(unknown))
+    return dataclasses.replace(TrainConfig(), **{k: v for k, v in stored.items() if k in known})
 
 
 @dataclass
 class Run:
-    """Loaded adapters. ``config``: the adapters.json document."""
+    """Loaded adapters. ``config``: the adapters.json document; ``train``: the [train] settings
+    the model was rebuilt from."""
 
     run_dir: Path
     config: dict
+    train: TrainConfig
     model: AlignModel
     stats: Stats
 
@@ -140,14 +146,15 @@ class Run:
 def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     """Load the adapters of a run folder (written by fit-adapters)."""
     run_dir = Path(run_dir)
-    cfg_path, w_path = run_dir / ADAPTER_JSON, run_dir / ADAPTER_FILE
+    cfg_path, w_path = run_dir / ADAPTER_JSON, run_dir / ADAPTER_WEIGHTS
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise TrainError(f"{str(p)!r} not found: {str(run_dir)!r} is not a finished fit-adapters run folder.")
     doc = json.loads(cfg_path.read_text())
-    if doc.get("format") != FORMAT_VERSION:
-        raise TrainError(f"{str(cfg_path)!r} has format {doc.get('format')!r}; this version reads {FORMAT_VERSION}.")
-    tc = dataclasses.replace(TrainConfig(), **doc["model"])
+    if doc.get("format") not in READABLE_FORMATS:
+        raise TrainError(f"{str(cfg_path)!r} has format {doc.get('format')!r}; this version reads "
+                         f"{', '.join(map(str, READABLE_FORMATS))}.")
+    tc = train_config_of(doc, str(cfg_path))
     mods = doc["modalities"]
     model = AlignModel({m: s["dim"] for m, s in mods.items()}, tc)
     state = load_file(str(w_path))
@@ -159,4 +166,4 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
                                    f"{dims}): the weights come from another run or encoder. {exc}") from None
     stats = Stats({m: np.asarray(s["mean"], np.float32) for m, s in mods.items()},
                   {m: np.asarray(s["std"], np.float32) for m, s in mods.items()})
-    return Run(run_dir, doc, model.to(device).eval(), stats)
+    return Run(run_dir, doc, tc, model.to(device).eval(), stats)

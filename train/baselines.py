@@ -122,15 +122,4 @@ def procrustes_from_moments(mom: Moments, dim: int) -> Alignment:
     return Alignment("procrustes", LinearMap(mom.mean_a, pa @ u @ vh), LinearMap(mom.mean_b, pb))
 
 
-def fit_cca(xa, xb, ia, ib, dim: int) -> Alignment:
-    """Regularised CCA on the pairs (xa[ia], xb[ib])."""
-    return cca_from_moments(pair_moments(xa, xb, ia, ib), dim)
-
-
-def fit_procrustes(xa, xb, ia, ib, dim: int) -> Alignment:
-    """PCA + orthogonal Procrustes on the pairs (xa[ia], xb[ib])."""
-    return procrustes_from_moments(pair_moments(xa, xb, ia, ib), dim)
-
-
-BASELINES = {"cca": fit_cca, "procrustes": fit_procrustes}  # name -> fit(xa, xb, ia, ib, dim)
 FROM_MOMENTS = {"cca": cca_from_moments, "procrustes": procrustes_from_moments}  # name -> fit(Moments, dim)

@@ -6,11 +6,9 @@ import os
 
 import click
 
-from pipeline.cache import CacheError
 from pipeline.cli import build_config, config_options, friendly_errors
-from pipeline.join import JoinError
 from train.adapters import ADAPTERS
-from train.data import TrainError
+from train.fit import fit_adapters
 from train.outputs import summary_table
 
 
@@ -67,8 +65,6 @@ def main(cache, dataset, image, text, modalities, adapter, dim, epochs, batch_si
 
     Several GPUs (or CPU processes): torchrun --nproc-per-node N -m train.cli [OPTIONS]
     (DistributedDataParallel; --batch-size is the global batch, a multiple of N)."""
-    from train.fit import fit_adapters
-
     options = {"data.cache": cache, "data.dataset": dataset, "train.image": image, "train.text": text,
                "train.modalities": _modalities(modalities), "train.adapter": adapter, "train.dim": dim,
                "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
@@ -80,8 +76,8 @@ def main(cache, dataset, image, text, modalities, adapter, dim, epochs, batch_si
     result = fit_adapters(cfg, require_reference=True if reference else None, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
-    click.echo(f"test retrieval (%), best epoch {result.best_epoch} of {result.metrics['epochs_run']}:")
-    click.echo(summary_table(result.metrics["test"]))
+    click.echo(f"test retrieval (%), best epoch {result.best_epoch} of {result.metrics.epochs_run}:")
+    click.echo(summary_table(result.metrics.test))
     click.echo(f"run folder: {result.run_dir}")
 
 

@@ -33,27 +33,17 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheError, Entry, find_entry
-from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.config import PipelineConfig
 from pipeline.join import join_pairs, join_rows
-from train.stream import RunningMoments, StreamSplit, plan_stream, read_rows, used_row_blocks
-from pipeline.errors import PipelineError
+from pipeline.runs import modality_entries, source_of
+from train.errors import TrainError
+from train.stream import (RunningMoments, StreamSplit, check_finite_rows, plan_stream, read_rows,
+                          used_row_blocks)
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")  # train: fit; val: choose the epoch; test: final numbers
 STD_FLOOR = 1e-6  # feature std below this is treated as constant (divided by 1 instead)
-
-
-class TrainError(PipelineError, RuntimeError):
-    """A problem with the training inputs or the run (message says what to do)."""
-
-
-def modality_entries(tc: TrainConfig) -> dict[str, str]:
-    """Ordered {modality name: cache entry}: image, text, then ``tc.modalities`` (which may
-    also replace ``image`` or ``text``)."""
-    out = {"image": tc.image, "text": tc.text}
-    out.update({str(k): str(v) for k, v in tc.modalities.items()})
-    return out
 
 
 def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
@@ -64,24 +54,19 @@ def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
         raise TrainError(
             f"fit-adapters needs entry {entry!r} for the {split!r} split of dataset "
             f"{cfg.data.dataset!r} in cache {cfg.data.cache!r}. Run `extract --cache {cfg.data.cache} "
-            f"--encoder {entry.split('@')[0]} --split {split}` first. ({exc})") from None
+            f"--encoder {source_of(entry)[0]} --split {split}` first. ({exc})") from None
     if e.n == 0:
         raise TrainError(f"Cache entry {entry!r} of split {split!r} ({e.path}) is empty (0 rows); "
-                         f"re-extract it (`extract --encoder {entry.split('@')[0]} --split {split} --force`).")
+                         f"re-extract it (`extract --encoder {source_of(entry)[0]} --split {split} --force`).")
     return e
 
 
 def read_features(entry: Entry) -> np.ndarray:
     """(n, d) float32 features of an entry; NaN/inf is an error naming the first bad row id."""
     x = entry.features()
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
-        raise TrainError(
-            f"Cache entry {entry.name!r} ({entry.path}) has non-finite features (NaN or inf) in "
-            f"{int((~finite).sum())} rows; first row id {entry.ids[bad]!r}. Re-extract it with "
-            f"--force (and --precision fp32).")
+    check_finite_rows(entry, x)
     return x
+
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.runtime import resolve_device
+from train.errors import TrainError
+
 TIMEOUT = datetime.timedelta(hours=2)  # how long ranks wait for rank 0 (evaluation, writing outputs)
 
 
@@ -70,18 +73,16 @@ def _env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(device_name: str, resolve) -> tuple[Dist, torch.device]:
+def setup(device_name: str) -> tuple[Dist, torch.device]:
     """Join (or create, under torchrun) the process group and pick this rank's device.
 
-    device_name: ``train.device``; resolve: name -> torch.device for the single-process case.
+    device_name: ``train.device`` (one process: ``pipeline.runtime.resolve_device``).
     With several processes, ``auto``/``cuda`` mean ``cuda:LOCAL_RANK`` (NCCL) when CUDA is
     present, else CPU (gloo); a fixed ``cuda:N`` is refused (every rank would use one GPU).
     """
-    from train.data import TrainError  # noqa: PLC0415
-
     initialised = dist.is_available() and dist.is_initialized()
     if not initialised and _env_world() <= 1:
-        return Dist(), resolve(device_name)
+        return Dist(), resolve_device(device_name)
     if not dist.is_available():
         raise TrainError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process.")
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -92,7 +93,7 @@ def setup(device_name: str, resolve) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
-        device = resolve("cpu" if device_name == "auto" else device_name)
+        device = resolve_device("cpu" if device_name == "auto" else device_name)
     owns = False
     if not initialised:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from analyze.metrics import cka
 from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig
 from pipeline.join import join_rows
+from similarity.metrics import cka
 from train.adapters import AlignModel
-from train.data import SplitData, TrainData, TrainError, read_features
+from train.data import SplitData, TrainData, read_features
+from train.errors import TrainError
 from train.retrieval import recall_at_k
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def retrieval_metrics(model: AlignModel, split: SplitData) -> dict[str, float]:
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of paired (n, d_x) and (n, d_y) features (Kornblith et al. 2019), computed in
-    float64 on x's device by ``analyze.metrics.cka`` (feature-space form, no n x n matrix):
+    float64 on x's device by ``similarity.metrics.cka`` (feature-space form, no n x n matrix):
     ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc."""
     return cka(x, y, kernel="linear", device=x.device)
 

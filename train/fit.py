@@ -13,7 +13,6 @@ DistributedDataParallel, each rank embedding a shard of every global batch
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import time
@@ -26,13 +25,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline import runs
 from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.errors import did_you_mean
+from pipeline.runs import RunMetrics
+from pipeline.runtime import resolve_device, write_json
 from train import outputs
 from train.adapters import AlignModel, check_adapter_name
 from train.api import describe_sources, save_adapters
 from train.baselines import FROM_MOMENTS, accumulate_moments, pair_moments
-from train.data import SPLITS, SplitData, TrainData, TrainError, load_data
+from train.data import SPLITS, SplitData, TrainData, load_data
 from train.distributed import Dist, gather_with_grad, setup
+from train.errors import ConfigValueError, TrainError, TrainingDiverged
 from train.evaluate import Reference, check_finite, load_reference, retrieval_metrics
 from train.losses import multi_info_nce
 from train.retrieval import recall_at_k
@@ -44,44 +48,27 @@ SCHEDULES = ("constant", "cosine")  # learning-rate shape after the linear warm-
 DIVERGE_FACTOR = 3.0  # after epoch 1, a loss above DIVERGE_FACTOR * max(log(batch), first-epoch loss) is "exploding"
 
 
-class TrainingDiverged(TrainError):
-    """The loss became non-finite or exploded; the last good checkpoint is kept."""
-
-
 @dataclass
 class RunResult:
     """What a run produced. history: one dict per epoch (the rows of history.csv); metrics: the
-    content of metrics.json; entries: {split: {modality: aligned cache entry name}}."""
+    record written to metrics.json; entries: {split: {modality: aligned cache entry name}}."""
 
     name: str
     run_dir: Path
     best_epoch: int
     history: list[dict]
-    metrics: dict
+    metrics: RunMetrics
     entries: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- setup
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; an unusable name is a TrainError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise TrainError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"Device {name!r} requested but CUDA is not available; use --device cpu.")
-    return dev
-
-
 def check_config(tc: TrainConfig) -> None:
-    """Range and name checks of the [train] section."""
+    """Name, range and device checks of the [train] section, before any data is read."""
     check_adapter_name(tc.adapter)
     if tc.schedule not in SCHEDULES:
-        close = difflib.get_close_matches(tc.schedule, SCHEDULES, n=1)
-        hint = f" Did you mean: {close[0]}?" if close else ""
-        raise TrainError(f"Unknown schedule {tc.schedule!r}.{hint} Use one of: {', '.join(SCHEDULES)}.")
+        hint = did_you_mean(tc.schedule, SCHEDULES)
+        raise ConfigValueError(f"Unknown schedule train.schedule = {tc.schedule!r}.{hint} "
+                               f"Use one of: {', '.join(SCHEDULES)}.")
     rules = [("epochs", tc.epochs >= 1), ("batch_size", tc.batch_size >= 2), ("lr", tc.lr > 0),
              ("dim", tc.dim >= 1), ("temperature", tc.temperature > 0), ("mixup", tc.mixup >= 0),
              ("eval_every", tc.eval_every >= 1), ("warmup_epochs", tc.warmup_epochs >= 0),
@@ -90,7 +77,9 @@ def check_config(tc: TrainConfig) -> None:
              ("max_rows_in_memory", tc.max_rows_in_memory >= 0), ("stream_block", tc.stream_block >= 1)]
     for key, ok in rules:
         if not ok:
-            raise TrainError(f"train.{key} = {getattr(tc, key)!r} is out of range.")
+            raise ConfigValueError(f"train.{key} = {getattr(tc, key)!r} is out of range.")
+    resolve_device(tc.device)  # DeviceError for names torch does not know, or CUDA without CUDA
+    runs.check_run_name(runs.default_run_name(tc))
 
 
 def make_optimizer(model: AlignModel, tc: TrainConfig, capturable: bool = False) -> torch.optim.AdamW:
@@ -405,7 +394,7 @@ def fit_adapters(cfg: PipelineConfig, *, require_reference: bool | None = None,
     """
     tc = cfg.train
     check_config(tc)
-    dist, device = setup(tc.device, resolve_device)
+    dist, device = setup(tc.device)
     try:
         return _fit(cfg, dist, device, require_reference, progress)
     finally:
@@ -421,11 +410,11 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
     data = load_data(cfg, device, splits=SPLITS if dist.is_main else ("train",))
     try:
         reference = load_reference(cfg, data, require_reference) if dist.is_main else None
-        name = outputs.default_run_name(cfg)
-        run_dir = outputs.run_dir_for(cfg, name)
+        name = runs.default_run_name(tc)
+        run_dir = runs.run_dir(cfg.data.cache, name)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            outputs.write_json(run_dir / outputs.CONFIG, {"source": cfg.source, **cfg.to_dict()})
+            write_json(run_dir / runs.CONFIG, {"source": cfg.source, **cfg.to_dict()})
         torch.manual_seed(tc.seed)
         model = AlignModel(data.dims, tc).to(device)
         sources = describe_sources(data.splits["train"].entries, data.stats)
@@ -452,14 +441,15 @@ def _finish(cfg, data, reference, model, history, best, meta, save, run_dir, dev
     train_time = time.perf_counter() - t_start
     model.load_state_dict(best.state)
     sha = save(best)
-    test = {"infonce": retrieval_metrics(model, data.splits["test"]), **baseline_metrics(data, tc.dim)}
-    metrics = {**meta, "run_dir": str(run_dir), "best_epoch": best.epoch, "epochs_run": len(history),
-               "test": test, "val_best": best.val, "sizes": _sizes(data), "device": str(device),
-               "streamed": data.streaming, "temperature": model.temperature(), "train_time_s": train_time,
-               "reference": None if reference is None else
-               {"entry": reference.name, "split": "val", "raw_cka": reference.raw_cka,
-                "aligned_cka": {m: best.val.get(f"cka_{m}") for m in reference.rows}}}
-    outputs.write_json(run_dir / outputs.METRICS, metrics)
+    test = {runs.ADAPTERS_METHOD: retrieval_metrics(model, data.splits["test"]), **baseline_metrics(data, tc.dim)}
+    metrics = RunMetrics(
+        run=meta["run"], dataset=meta["dataset"], processes=meta.get("processes", 1), run_dir=str(run_dir),
+        best_epoch=best.epoch, epochs_run=len(history), test=test, val_best=best.val, sizes=_sizes(data),
+        device=str(device), streamed=data.streaming, temperature=model.temperature(), train_time_s=train_time,
+        reference=None if reference is None else
+        {"entry": reference.name, "split": "val", "raw_cka": reference.raw_cka,
+         "aligned_cka": {m: best.val.get(f"cka_{m}") for m in reference.rows}})
+    metrics.write(run_dir / runs.METRICS)
     outputs.plot_curves(run_dir, history, reference.raw_cka if reference else None)
     entries = outputs.write_aligned_entries(cfg, meta["run"], run_dir, model, data, sha)
     return RunResult(meta["run"], run_dir, best.epoch, history, metrics, entries)

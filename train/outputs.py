@@ -1,17 +1,12 @@
-"""The run folder (``<cache>/runs/<name>``) and the aligned entries written back to the cache.
-
-Run folder files:
-    adapters.safetensors, adapters.json   best-epoch adapters + sources + statistics (train.api)
-    config.json                           the resolved pipeline configuration
-    history.csv                           one row per epoch: loss, lr, temperature, val recall, val CKA
-    metrics.json                          test recall of the adapters and baselines, best epoch, sizes
-    curves.png                            loss, recall and CKA curves over epochs
+"""What a run writes besides its adapters: history.csv, curves.png, the metrics table, and the
+aligned entries ``<entry>@<run>`` written back to the cache. File names and the run-folder
+layout come from ``pipeline.runs``.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import tempfile
 from pathlib import Path
@@ -19,33 +14,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.cache import entry_filename, entry_path, write_entry
+from pipeline import runs
+from pipeline.cache import entry_path, write_entry
 from pipeline.config import PipelineConfig
+from pipeline.runtime import atomic_write
 from train.adapters import AlignModel
-from train.data import TrainData, modality_entries
+from train.data import TrainData
 from train.evaluate import embed
 from train.stream import StreamSplit
-
-HISTORY = "history.csv"
-METRICS = "metrics.json"
-CURVES = "curves.png"
-CONFIG = "config.json"
-
-
-def default_run_name(cfg: PipelineConfig) -> str:
-    """``cfg.train.name``, else ``<image>-<text>[-<extra>...]-<adapter>``."""
-    tc = cfg.train
-    if tc.name:
-        return tc.name
-    return "-".join([*modality_entries(tc).values(), tc.adapter])
-
-
-def run_dir_for(cfg: PipelineConfig, name: str) -> Path:
-    return Path(cfg.data.cache) / "runs" / entry_filename(name)
-
-
-def write_json(path: Path, doc: Mapping) -> None:
-    path.write_text(json.dumps(doc, indent=1, sort_keys=False, default=str) + "\n")
 
 
 def write_history(run_dir: Path, history: Sequence[Mapping]) -> None:
@@ -53,18 +29,20 @@ def write_history(run_dir: Path, history: Sequence[Mapping]) -> None:
     fields: list[str] = []
     for row in history:
         fields += [k for k in row if k not in fields]
-    with open(run_dir / HISTORY, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        w.writerows(history)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields)
+    w.writeheader()
+    w.writerows(history)
+    atomic_write(run_dir / runs.HISTORY, text.getvalue())
 
 
 def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str, float] | None) -> Path:
     """curves.png: train loss; val recall; val CKA with the reference (dashed: unaligned features)."""
-    import matplotlib
+    import matplotlib  # heavy: imported only when a run finishes
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -86,12 +64,10 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str,
     axes[2].set(title="val linear CKA with reference" if cka_keys else "no reference entry", xlabel="epoch")
     if cka_keys:
         axes[2].legend(fontsize=8)
-    from matplotlib.ticker import MaxNLocator
-
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    path = run_dir / CURVES
+    path = run_dir / runs.CURVES
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -104,7 +80,7 @@ def write_aligned_entries(cfg: PipelineConfig, run_name: str, run_dir: Path, mod
     written: dict[str, dict[str, str]] = {}
     for split, sd in data.splits.items():
         for m, entry in sd.entries.items():
-            name = f"{entry.name}@{run_name}"
+            name = runs.aligned_name(entry.name, run_name)
             fmt = entry.path.suffix.lstrip(".")
             key = {"entry": name, "run": run_name, "source": entry.key, "adapter_sha256": adapter_sha256,
                    "dataset": cfg.data.dataset, "split": split}
@@ -137,7 +113,7 @@ def _write_streamed(path: Path, name: str, entry, sd: StreamSplit, modality: str
 
 def summary_table(test: Mapping[str, Mapping[str, float]]) -> str:
     """Plain-text table: one row per method, recall in percent."""
-    cols = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R"]
+    cols = runs.RECALL_COLUMNS
     lines = [f"{'method':<12}" + "".join(f"{c:>10}" for c in cols)]
     for method, res in test.items():
         lines.append(f"{method:<12}" + "".join(f"{100 * res.get(c, float('nan')):>10.2f}" for c in cols))

@@ -24,7 +24,7 @@ boundary) is read. Steps per epoch equal the in-memory run's, n_pairs // batch, 
 block but the split's last holds a multiple of the batch.
 
 ``StreamSplit.held`` counts the feature rows alive at any moment (weak-reference finalisers
-on every window array), so tests can check the bound.
+on every window array); ``close`` logs the peak against the cap, and tests check the bound.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ import torch
 
 from pipeline.cache import Entry
 from pipeline.config import TrainConfig
+from pipeline.runtime import finite_rows
+from train.errors import TrainError
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,20 @@ def read_rows(entry: Entry, lo: int, hi: int) -> np.ndarray:
     """(hi - lo, d) float32 features of entry rows [lo, hi), the only disk read of the stream
     (tests wrap it to count rows). NaN/inf is an error naming the first bad row id."""
     x = entry.features(rows=slice(lo, hi))
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        bad = lo + int(np.flatnonzero(~finite)[0])
-        from train.data import TrainError  # noqa: PLC0415 (data imports this module)
-
-        raise TrainError(
-            f"Cache entry {entry.name!r} ({entry.path}) has non-finite features (NaN or inf); first row id "
-            f"{entry.ids[bad]!r}. Re-extract it with --force (and --precision fp32).")
+    check_finite_rows(entry, x, lo)
     return x
+
+
+def check_finite_rows(entry: Entry, x: np.ndarray, start: int = 0) -> None:
+    """Error naming the first sample id of ``entry`` whose features hold NaN or inf; x holds the
+    entry's rows ``start``, ``start + 1``, ..."""
+    finite = finite_rows(x)
+    if not finite.all():
+        bad = start + int(np.flatnonzero(~finite)[0])
+        raise TrainError(
+            f"Cache entry {entry.name!r} ({entry.path}) has non-finite features (NaN or inf) in "
+            f"{int((~finite).sum())} rows; first row id {entry.ids[bad]!r}. Re-extract it with "
+            f"--force (and --precision fp32).")
 
 
 def gather_rows(entry: Entry, rows: np.ndarray, block: int, out: np.ndarray) -> None:
@@ -168,8 +175,6 @@ class StreamPlan:
 def plan_stream(tc: TrainConfig, n_pairs: int) -> StreamPlan:
     """Block and window sizes for ``tc`` (see the module docstring); errors when the cap cannot
     hold two windows of one batch."""
-    from train.data import TrainError  # noqa: PLC0415
-
     cap, batch = tc.max_rows_in_memory, min(tc.batch_size, n_pairs)
     if cap < 2 * batch:
         raise TrainError(
@@ -301,6 +306,8 @@ class StreamSplit:
         buffers; a later ``windows()`` starts again (with new buffers)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            log.info("streamed %s: at most %d feature rows held per modality (cap %d)", self.name,
+                     self.held.peak, self.plan.cap)
         self._pool = self._next = self._sequence = None
         if self._features is not None:
             for m, buf in self._features.items():

@@ -1,0 +1,21 @@
+"""The training stage's errors (a leaf module: every train module may import it)."""
+
+from __future__ import annotations
+
+from pipeline.errors import PipelineError
+
+
+class TrainError(PipelineError, RuntimeError):
+    """A problem with the training inputs or the run (the message says what to do)."""
+
+
+class ConfigValueError(TrainError, ValueError):
+    """A ``[train]`` value that is out of range or names nothing (adapter kind, schedule)."""
+
+
+class AdapterMismatchError(TrainError):
+    """Adapters applied to features (or a cache entry) they were not trained for."""
+
+
+class TrainingDiverged(TrainError):
+    """The loss became non-finite or exploded; the last good checkpoint is kept."""
