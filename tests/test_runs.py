@@ -1,9 +1,8 @@
-"""Tests of the run-folder contract (pipeline.runs) shared by fit-adapters and analyze, and of the
-dependency rule that keeps stages from importing the ones above them."""
+"""Tests of the run-folder contract (pipeline.runs) shared by fit-adapters and analyze
+(the dependency rules are in test_architecture.py)."""
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 from pathlib import Path
@@ -14,8 +13,6 @@ from pipeline import runs
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 
-ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"pipeline": 0, "extract": 1, "similarity": 1, "train": 2, "analyze": 3}  # may import lower or equal
 
 
 def test_aligned_names_round_trip():
@@ -68,27 +65,3 @@ def test_list_and_find_runs(tmp_path):
     with pytest.raises(runs.RunNotFoundError, match="Did you mean: alpha"):
         runs.find_run(tmp_path, "alpah")
     assert runs.list_runs(tmp_path / "nowhere") == []
-
-
-def _imports(path: Path) -> list[tuple[str, int, bool]]:
-    """(top-level package, line, at module level) of every import in a module, at any depth."""
-    tree = ast.parse(path.read_text())
-    top_level = {id(node) for node in tree.body}
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out += [(a.name.split(".")[0], node.lineno, id(node) in top_level) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append((node.module.split(".")[0], node.lineno, id(node) in top_level))
-    return out
-
-
-@pytest.mark.parametrize("package", ["pipeline", "similarity", "train", "analyze"])
-def test_stages_import_only_lower_stages_at_module_level(package):
-    """Dependencies point down only, and no project import hides inside a function (where it
-    could hide a cycle)."""
-    for path in sorted((ROOT / package).glob("*.py")):
-        for top, line, module_level in _imports(path):
-            if top in LAYERS:
-                assert top == package or LAYERS[top] < LAYERS[package], f"{path.name}:{line} imports {top}"
-                assert module_level, f"{package}/{path.name}:{line} imports {top} inside a function"
