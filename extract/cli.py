@@ -11,7 +11,6 @@ import click
 from extract import datasets as D
 from extract import encoders as E
 from extract.run import Shard, extract, merge, torchrun_shard
-from pipeline.cache import CacheError
 from pipeline.cli import build_config, config_options, friendly_errors
 from pipeline.config import parse_override
 
