@@ -34,7 +34,7 @@ test-fast: install
 	$(BIN)/pytest -q -m "not slow"
 
 demo: install $(TUX_DEB)
-	$(BIN)/python -m extract.tuxpaint $(TUX_DEB) data/tuxpaint
+	$(BIN)/python -m demo.tuxpaint $(TUX_DEB) data/tuxpaint
 	$(BIN)/extract --config configs/demo.toml
 	$(BIN)/fit-adapters --config configs/demo.toml
 	$(BIN)/analyze platonic --config configs/demo.toml

@@ -11,7 +11,6 @@ import click
 from extract import datasets as D
 from extract import encoders as E
 from extract.run import Shard, extract, merge, torchrun_shard
-from pipeline.cache import CacheError
 from pipeline.cli import build_config, config_options, friendly_errors
 from pipeline.config import parse_override
 
@@ -41,10 +40,11 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--encoder", "encoders", metavar="NAME[,NAME...]",
               help="Encoders to run (registry names, see --list-encoders). [extract.encoders: resnet18,gpt2,dinov2]")
-@click.option("--dataset", help="Dataset format: flickr30k | coco | imagefolder | hf:<id or path>. [data.dataset]")
+@click.option("--dataset", help=f"Dataset format: {' | '.join(D.DATASETS)}. [data.dataset]")
 @click.option("--data-dir", help="Folder holding the dataset files. [data.data_dir]")
-@click.option("--split", type=click.Choice(["train", "val", "test", "restval", "all"]),
-              help="Split to extract; all = every split the dataset has. [extract.split: all]")
+@click.option("--split", metavar="NAME",
+              help="Split to extract: any split the dataset has (train, val, test, restval, an imagefolder's own "
+                   "folder names; checked at run time), or all = every split it has. [extract.split: all]")
 @click.option("--captions", type=click.Choice(D.CAPTION_POLICIES),
               help="Caption policy: longest | first (one row per image) | all (ids <image>#k). [data.captions]")
 @click.option("--cache", help="Feature-cache folder. [data.cache: cache]")

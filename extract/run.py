@@ -222,9 +222,8 @@ def resolve_specs(cfg: PipelineConfig) -> list[EncoderSpec]:
 
 
 def splits_of(cfg: PipelineConfig) -> list[str]:
-    if cfg.extract.split != "all":
-        return [cfg.extract.split]
-    return D.available_splits(cfg.data.dataset, cfg.data.data_dir)
+    """extract.split ("all" = every split the dataset has), checked against the dataset's splits."""
+    return D.requested_splits(cfg.data.dataset, cfg.data.data_dir, cfg.extract.split, **D.config_options(cfg.data))
 
 
 @dataclass
@@ -299,8 +298,7 @@ def extract(cfg: PipelineConfig, force: bool = False, shard: Shard | None = None
     entries = []
     with _team(cfg, shard) as team:
         for split_name in splits_of(cfg):
-            split = D.load_split(cfg.data.dataset, cfg.data.data_dir, split_name,
-                                 on_empty=cfg.data.on_empty, missing=cfg.data.missing)
+            split = D.load_split(cfg.data.dataset, cfg.data.data_dir, split_name, **D.config_options(cfg.data))
             for modality in ("image", "text"):
                 chosen = [s for s in specs if s.modality == modality]
                 if chosen:
@@ -319,8 +317,7 @@ def merge(cfg: PipelineConfig) -> list[Entry]:
     specs = resolve_specs(cfg)
     entries, problems = [], []
     for split_name in splits_of(cfg):
-        split = D.load_split(cfg.data.dataset, cfg.data.data_dir, split_name,
-                             on_empty=cfg.data.on_empty, missing=cfg.data.missing)
+        split = D.load_split(cfg.data.dataset, cfg.data.data_dir, split_name, **D.config_options(cfg.data))
         for modality in ("image", "text"):
             for spec in (s for s in specs if s.modality == modality):
                 path, ids, key = _entry_request(cfg, split, spec)

@@ -35,13 +35,15 @@ class DataConfig:
     captions: str = "longest"  # caption policy: longest | first | all (one row per caption, ids <image>#k)
     on_empty: str = "error"  # empty caption: error | skip (logged, recorded in the cache)
     missing: str = "error"  # missing image file: error | skip (logged, recorded in the cache)
+    options: dict = field(default_factory=dict)  # the format's own options, e.g. {"caption_column": "text"}
+    #   (imagefolder), {"restval": "train"} (coco); README: Datasets
     cache: str = "cache"  # feature-cache directory: <cache>/<dataset>/<split>/<entry>.h5|.zarr
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
     encoders: tuple[str, ...] = ("resnet18", "gpt2", "dinov2")  # registry names (extract --list-encoders)
-    split: str = "all"  # train | val | test | all (= every split the dataset has)
+    split: str = "all"  # a split the dataset has (train, val, test, restval, ...) | all (= every split it has)
     format: str = "h5"  # cache format for new entries: h5 | zarr
     batch_size: int = 64  # items per forward pass
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; features are stored as float32)

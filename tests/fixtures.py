@@ -15,6 +15,8 @@ smooth enough to be JPEG-compressed; captions of one image have distinct lengths
     write_bad_images(folder)        corrupt / truncated / every PIL mode; see BAD_IMAGE_PIXELS
     make_tuxpaint_tree(root)        a fake unpacked tuxpaint-stamps-default tree
     make_tuxpaint_deb(root)         that tree packed as a .deb (needs dpkg-deb)
+    pack_deb(tree, deb, links)      a tree packed as a .deb-like ar + tar archive in Python, with extra
+                                    link / device members (no dpkg needed)
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import io
 import json
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -362,8 +365,9 @@ def make_tuxpaint_tree(root: str | Path) -> Path:
     return root
 
 
-def make_tuxpaint_deb(root: str | Path) -> Path:
-    """make_tuxpaint_tree packed as root/tuxpaint-stamps-default_0.0-1_all.deb (needs dpkg-deb)."""
+def make_tuxpaint_deb(root: str | Path, compression: str = "gzip") -> Path:
+    """make_tuxpaint_tree packed as root/tuxpaint-stamps-default_0.0-1_all.deb by dpkg-deb (needs it);
+    compression: gzip | xz | zstd | none (dpkg-deb -Z)."""
     root = Path(root)
     tree = make_tuxpaint_tree(root / "pkg")
     (tree / "DEBIAN").mkdir(exist_ok=True)
@@ -372,7 +376,51 @@ def make_tuxpaint_deb(root: str | Path) -> Path:
         "Maintainer: Test <test@example.org>\nDescription: fake stamps for tests\n"
     )
     deb = root / "tuxpaint-stamps-default_0.0-1_all.deb"
-    subprocess.run([shutil.which("dpkg-deb") or "dpkg-deb", "--build", "-Zgzip", str(tree), str(deb)],
+    subprocess.run([shutil.which("dpkg-deb") or "dpkg-deb", "--build", f"-Z{compression}", str(tree), str(deb)],
                    check=True, capture_output=True)
     shutil.rmtree(tree)
+    return deb
+
+
+def _ar_member(name: str, data: bytes) -> bytes:
+    header = f"{name:<16}{0:<12}{0:<6}{0:<6}{0o100644:<8o}{len(data):<10}`\n".encode()
+    assert len(header) == 60
+    return header + data + (b"\n" if len(data) % 2 else b"")
+
+
+def pack_deb(tree: str | Path, deb: str | Path, links: dict[str, tuple[str, str]] | None = None,
+             compression: str = "xz") -> Path:
+    """Pack every file of ``tree`` (as ./<relative path>) into a .deb-like archive without dpkg: an ``ar``
+    archive of debian-binary, control.tar.gz and data.tar.<compression> (gz | xz | bz2).
+
+    links: extra data.tar members {member path: (kind, target)}, kind "sym" (symbolic link), "hard"
+    (hard link to an earlier member) or "fifo" (target ignored): what a hostile package could hold.
+    """
+    tree, deb = Path(tree), Path(deb)
+
+    def tar_bytes(mode: str, fill) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode=mode) as tar:
+            fill(tar)
+        return buf.getvalue()
+
+    def data(tar: tarfile.TarFile) -> None:
+        for path in sorted(tree.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=f"./{path.relative_to(tree).as_posix()}")
+        for name, (kind, target) in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = {"sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE}[kind]
+            info.linkname = target
+            tar.addfile(info)
+
+    def control(tar: tarfile.TarFile) -> None:
+        text = b"Package: tuxpaint-stamps-default\nVersion: 0.0-1\nArchitecture: all\n"
+        info = tarfile.TarInfo("./control")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+
+    deb.write_bytes(b"!<arch>\n" + _ar_member("debian-binary", b"2.0\n")
+                    + _ar_member("control.tar.gz", tar_bytes("w:gz", control))
+                    + _ar_member(f"data.tar.{compression}", tar_bytes(f"w:{compression}", data)))
     return deb

@@ -1,44 +1,20 @@
-"""Tests for extract.datasets (loaders, caption policies, image conversion) and extract.tuxpaint."""
+"""Tests for extract.datasets: the FORMATS registry and every format's loader (layouts, options,
+split listings, bad input, fingerprints that must not change)."""
 from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image
 
-from extract.datasets import (
-    CAPTION_POLICIES,
-    DatasetError,
-    ImageError,
-    Item,
-    Split,
-    available_splits,
-    load_split,
-    pad_square,
-    to_rgb,
-)
-from extract import tuxpaint
-
-try:
-    from tests.fixtures import (
-        BAD_IMAGE_BROKEN, BAD_IMAGE_PIXELS, TUXPAINT_FAKE_CAPTIONS, make_coco, make_flickr30k,
-        make_hf_dataset, make_imagefolder, make_tuxpaint_deb, make_tuxpaint_tree, write_bad_images,
-        write_metadata,
-    )
-except ImportError:  # tests/ on sys.path instead of the repo root
-    from fixtures import (  # type: ignore[no-redef]
-        BAD_IMAGE_BROKEN, BAD_IMAGE_PIXELS, TUXPAINT_FAKE_CAPTIONS, make_coco, make_flickr30k,
-        make_hf_dataset, make_imagefolder, make_tuxpaint_deb, make_tuxpaint_tree, write_bad_images,
-        write_metadata,
-    )
-
-REAL_DEB = Path(os.environ.get("TUXPAINT_DEB", "/tmp/tux/tuxpaint-stamps-default_2022.06.04-1_all.deb"))
+from extract import datasets as D
+from extract.datasets import DatasetError, Item, available_splits, load_split
+from tests.fixtures import make_coco, make_flickr30k, make_hf_dataset, make_imagefolder, write_metadata
 
 
 def karpathy_expected(path: Path, split: str) -> dict[str, tuple[str, ...]]:
@@ -121,7 +97,7 @@ def test_flickr30k_image_dir_variants(flickr, tmp_path):
     (d / "images").rename(tmp_path / "pics")
     s = load_split("flickr30k", d, "val", image_dir=tmp_path / "pics")
     assert s.load_image(0).size == (48, 48)
-    with pytest.raises(DatasetError, match=r"3 of 3 image files .* missing.*image_dir"):
+    with pytest.raises(DatasetError, match=r"3 of 3 image files .* missing.*--set data\.options\.image_dir="):
         load_split("flickr30k", d, "val")
 
 
@@ -142,8 +118,24 @@ def test_coco_splits(tmp_path):
     assert s.items[0].image == str((d / "train2014" / "COCO_train2014_000000391895.jpg").resolve())
     assert s._rel[s.ids[0]] == "train2014/COCO_train2014_000000391895.jpg"
     assert load_split("coco", d, "restval").items[0].image.startswith(str((d / "val2014").resolve()))
-    with pytest.raises(DatasetError, match=r"split 'tset'.*'restval'.*Did you mean: 'test'"):
+    with pytest.raises(DatasetError, match=r"split 'tset'.*'restval'.*Did you mean: test"):
         load_split("coco", d, "tset")
+
+
+def test_coco_restval_joins_train(tmp_path):
+    d = make_coco(tmp_path)
+    plain, rest = load_split("coco", d, "train"), load_split("coco", d, "restval")
+    both = load_split("coco", d, "train", restval="train")
+    assert both.name == "train" and both.ids == sorted(plain.ids + rest.ids)
+    assert {it.id: it.captions for it in both.items} == {it.id: it.captions for it in plain.items + rest.items}
+    assert both.fingerprint() != plain.fingerprint()  # a cache of plain train reads as stale
+    assert load_split("coco", d, "train", restval="split").fingerprint() == plain.fingerprint()
+    assert load_split("coco", d, "test", restval="train").ids == load_split("coco", d, "test").ids
+    assert available_splits("coco", d, restval="train") == ["train", "val", "test"]
+    with pytest.raises(DatasetError, match=r"--set data\.options\.restval=train the restval images are part of split 'train'"):
+        load_split("coco", d, "restval", restval="train")
+    with pytest.raises(DatasetError, match=r"option restval='yes': use 'split' .* or 'train'"):
+        load_split("coco", d, "train", restval="yes")
 
 
 # --------------------------------------------------------------------------- imagefolder
@@ -195,6 +187,16 @@ def test_imagefolder_text_column_and_multiple_rows(tmp_path):
     assert [r.id for r in s.caption_rows("all")] == ["a#0", "a#1", "a#2"]
 
 
+@pytest.mark.parametrize("name", ["a#1.png", "sub#x/b.png"])
+def test_imagefolder_refuses_hash_in_file_names(tmp_path, name):
+    _one_image(tmp_path, "ok.png")
+    _one_image(tmp_path, name)
+    write_metadata(tmp_path, [{"file_name": "ok.png", "caption": "x"}, {"file_name": name, "caption": "y"}])
+    with pytest.raises(DatasetError, match=rf"metadata\.jsonl line 2: image '{name}' gives the id .*contains '#'; "
+                                           r"caption ids are '<image id>#<k>'.*Rename the file"):
+        load_split("imagefolder", tmp_path, "train")
+
+
 # --------------------------------------------------------------------------- Hugging Face datasets
 
 
@@ -208,7 +210,7 @@ def test_hf_split_column(tmp_path):
     assert s.fingerprint() == load_split(f"hf:{p}", tmp_path, "train").fingerprint()
     restored = pickle.loads(pickle.dumps(s))
     assert np.array_equal(np.asarray(restored.load_image(3)), np.asarray(s.load_image(3)))
-    with pytest.raises(DatasetError, match=r"split 'tests'.*Did you mean: 'test'"):
+    with pytest.raises(DatasetError, match=r"split 'tests'.*Did you mean: test"):
         load_split(f"hf:{p}", tmp_path, "tests")
 
 
@@ -231,7 +233,7 @@ def test_hf_columns_options_and_errors(tmp_path):
     s = load_split(f"hf:{tmp_path / 'renamed'}", tmp_path, "train",
                    image_column="img", caption_column="sentences", id_column="name")
     assert s.ids == sorted(Path(n).stem for n, sp in zip(ds["name"], ds["split"]) if sp == "train")
-    with pytest.raises(DatasetError, match=r"unknown option 'image_colum'.*Did you mean: 'image_column'"):
+    with pytest.raises(DatasetError, match=r"unknown option 'image_colum'.*Did you mean: --set data\.options\.image_column=\.\.\.\?"):
         load_split(f"hf:{p}", tmp_path, "train", image_colum="img")
 
 
@@ -266,140 +268,6 @@ def test_available_splits(tmp_path, flickr):
         (tok / f"{sp}.txt").unlink()
     with pytest.raises(DatasetError, match="no split information"):
         available_splits("flickr30k", tok)
-
-
-# --------------------------------------------------------------------------- caption policies
-
-
-@pytest.fixture
-def tie_folder(tmp_path) -> Path:
-    for name in ("x", "y"):
-        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
-    write_metadata(tmp_path, [
-        {"file_name": "y.png", "caption": ["short", "the longest one", "a tie for first", "tiny"]},
-        {"file_name": "x.png", "caption": ["abc", "xyz", "a"]},
-    ])
-    return tmp_path
-
-
-def test_caption_policies(tie_folder):
-    s = load_split("imagefolder", tie_folder, "train")
-    longest = s.caption_rows("longest")
-    assert [(r.id, r.image_id, r.k, r.text) for r in longest] == [
-        ("x", "x", 0, "abc"),  # tie between k=0 and k=1 -> lowest k
-        ("y", "y", 1, "the longest one"),
-    ]
-    assert [(r.id, r.k, r.text) for r in s.caption_rows("first")] == [("x", 0, "abc"), ("y", 0, "short")]
-    rows = s.caption_rows("all")
-    assert [r.id for r in rows] == ["x#0", "x#1", "x#2", "y#0", "y#1", "y#2", "y#3"]
-    assert rows[4].text == "the longest one" and rows[4].image_id == "y"
-    assert CAPTION_POLICIES == ("longest", "first", "all")
-    with pytest.raises(DatasetError, match=r"unknown caption policy 'longets'.*Did you mean: 'longest'"):
-        s.caption_rows("longets")
-
-
-# --------------------------------------------------------------------------- image modes
-
-
-@pytest.fixture(scope="module")
-def bad_images(tmp_path_factory) -> dict[str, Path]:
-    return write_bad_images(tmp_path_factory.mktemp("bad"))
-
-
-@pytest.mark.parametrize("name", sorted(BAD_IMAGE_PIXELS))
-def test_to_rgb_modes(bad_images, name):
-    with Image.open(bad_images[name]) as im:
-        im.load()
-        rgb = to_rgb(im)
-    assert rgb.mode == "RGB"
-    for xy, want in BAD_IMAGE_PIXELS[name].items():
-        assert rgb.getpixel(xy) == pytest.approx(want, abs=1), (name, xy)
-
-
-def test_fixture_modes_are_what_they_claim(bad_images):
-    modes = {n: Image.open(p).mode for n, p in bad_images.items() if n in BAD_IMAGE_PIXELS}
-    assert modes == {"gray": "L", "one_bit": "1", "palette": "P", "palette_transparent": "P", "rgba": "RGBA",
-                     "la": "LA", "cmyk": "CMYK", "i16": "I;16"}
-
-
-def test_to_rgb_in_memory_modes():
-    i32 = Image.fromarray(np.array([[65535, 32768, -5, 70000]], np.int32))
-    assert i32.mode == "I"
-    assert [to_rgb(i32).getpixel((x, 0))[0] for x in range(4)] == [255, 128, 0, 255]
-    b16 = Image.frombytes("I;16B", (2, 1), np.array([65535, 32768], ">u2").tobytes())
-    assert [to_rgb(b16).getpixel((x, 0)) for x in range(2)] == [(255,) * 3, (128,) * 3]
-    f = Image.fromarray(np.array([[0.4, 254.6, 300.0, np.nan]], np.float32))
-    assert [to_rgb(f).getpixel((x, 0))[0] for x in range(4)] == [0, 255, 255, 0]
-    rgb = Image.new("RGB", (2, 2), (1, 2, 3))
-    assert to_rgb(rgb).getpixel((0, 0)) == (1, 2, 3)
-    assert to_rgb(Image.new("RGBa", (1, 1), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
-
-
-def test_exif_orientation_applied(bad_images):
-    with Image.open(bad_images["exif_rotated"]) as im:
-        assert im.size == (4, 2)
-        assert to_rgb(im).size == (2, 4)
-
-
-def test_pad_square():
-    img = pad_square(Image.new("RGBA", (6, 2), (255, 0, 0, 255)))
-    assert img.size == (6, 6) and img.mode == "RGB"
-    assert img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((3, 3)) == (255, 0, 0)
-    assert pad_square(Image.new("RGB", (2, 6)), fill=(0, 0, 255)).getpixel((0, 0)) == (0, 0, 255)
-
-
-def _folder_of(tmp_path: Path, files: dict[str, Path]) -> Path:
-    d = tmp_path / "ds"
-    d.mkdir()
-    rows = []
-    for name, src in files.items():
-        shutil.copy(src, d / src.name)
-        rows.append({"file_name": src.name, "caption": f"an image called {name}"})
-    write_metadata(d, rows)
-    return d
-
-
-def test_broken_images_raise_image_error(bad_images, tmp_path):
-    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
-    d = _folder_of(tmp_path, bad_images)
-    s = load_split("imagefolder", d, "train")
-    for i, it in enumerate(s.items):
-        if it.id in BAD_IMAGE_BROKEN:
-            with pytest.raises(ImageError) as info:
-                s.load_image(i)
-            err = info.value
-            assert err.sample_id == it.id and err.path == it.image and err.reason
-            assert it.id in str(err)
-            again = pickle.loads(pickle.dumps(err))
-            assert (again.sample_id, again.path, again.reason) == (err.sample_id, err.path, err.reason)
-        else:
-            assert s.load_image(i).mode == "RGB"
-    with pytest.raises(ImageError) as info:
-        s.load_image(s.ids.index("truncated"))
-    assert "truncated" in info.value.reason
-
-
-def test_image_deleted_after_load_is_image_error(tmp_path):
-    d = make_imagefolder(tmp_path, splits=None, n=2)
-    s = load_split("imagefolder", d, "train")
-    Path(s.items[0].image).unlink()
-    with pytest.raises(ImageError, match="file not found"):
-        s.load_image(0)
-
-
-def test_select_subset(flickr):
-    s = load_split("flickr30k", flickr, "train")
-    sub = s.select(range(2))
-    assert sub.items == s.items[:2] and (sub.dataset, sub.name) == (s.dataset, s.name)
-    assert sub.fingerprint() != s.fingerprint() and s.select(range(len(s))).fingerprint() == s.fingerprint()
-    assert sub.load_image(1).size == (48, 48)
-
-
-def test_split_pickles(flickr):
-    s = load_split("flickr30k", flickr, "val")
-    restored = pickle.loads(pickle.dumps(s))
-    assert restored.items == s.items and restored.fingerprint() == s.fingerprint()
-    assert np.array_equal(np.asarray(restored.load_image(2)), np.asarray(s.load_image(2)))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -485,7 +353,7 @@ def test_empty_captions_error_and_skip(tmp_path, caplog):
         {"file_name": "c.png", "caption": "fine"},
     ])
     s = load_split("imagefolder", tmp_path, "train")
-    with pytest.raises(DatasetError, match=r"caption a#1 is empty or whitespace-only.*on_empty='skip'"):
+    with pytest.raises(DatasetError, match=r"caption a#1 is empty or whitespace-only.*--set data\.on_empty=skip"):
         s.caption_rows("longest")
     with caplog.at_level(logging.WARNING, logger="extract.datasets"):
         s = load_split("imagefolder", tmp_path, "train", on_empty="skip")
@@ -515,7 +383,7 @@ def test_missing_images_error_and_skip(tmp_path, caplog):
     d = make_imagefolder(tmp_path, splits=None, n=4)
     (d / "train_2.png").unlink()
     (d / "sub/train_3.png").unlink()
-    with pytest.raises(DatasetError, match=r"2 of 4 image files .* missing under .*: train_2\.png, sub/train_3\.png\. .*missing='skip'"):
+    with pytest.raises(DatasetError, match=r"2 of 4 image files .* missing under .*: train_2\.png, sub/train_3\.png\. .*--set data\.missing=skip"):
         load_split("imagefolder", d, "train")
     with caplog.at_level(logging.WARNING, logger="extract.datasets"):
         s = load_split("imagefolder", d, "train", missing="skip")
@@ -550,13 +418,14 @@ def test_symlink_escape_rejected(tmp_path):
 
 
 def test_argument_errors(flickr, tmp_path):
-    with pytest.raises(DatasetError, match=r"unknown dataset format 'flickr30'; .*Did you mean: 'flickr30k'"):
+    with pytest.raises(DatasetError, match=r"unknown dataset format 'flickr30'; .*Did you mean: flickr30k"):
         load_split("flickr30", flickr, "train")
-    with pytest.raises(DatasetError, match=r"unknown option 'caption_column' for dataset 'flickr30k'; allowed: on_empty, missing, image_dir"):
+    with pytest.raises(DatasetError, match=r"unknown option 'caption_column' for dataset 'flickr30k'; allowed: on_empty, missing "
+                       r"\(--set data\.on_empty=\.\.\.\) and image_dir \(--set data\.options\.image_dir=\.\.\.\)\.$"):
         load_split("flickr30k", flickr, "train", caption_column="x")
     with pytest.raises(DatasetError, match=r"on_empty='drop'"):
         load_split("flickr30k", flickr, "train", on_empty="drop")
-    with pytest.raises(DatasetError, match=r"split 'vall'.*available splits: 'test', 'train', 'val'.*Did you mean: 'val'"):
+    with pytest.raises(DatasetError, match=r"split 'vall'.*available splits: 'test', 'train', 'val'.*Did you mean: val"):
         load_split("flickr30k", flickr, "vall")
     assert load_split("flickr30k", flickr, "validation").name == "val"
     with pytest.raises(DatasetError, match=r"is not a folder"):
@@ -567,103 +436,73 @@ def test_argument_errors(flickr, tmp_path):
         load_split("imagefolder", tmp_path, "train")
 
 
-def test_split_constructor_rejects_duplicates():
-    with pytest.raises(DatasetError, match="duplicate image ids"):
-        Split("x", "train", [Item("a", "/a.png", ("c",)), Item("a", "/b.png", ("d",))], "here")
+# --------------------------------------------------------------------------- the registry
 
 
-# --------------------------------------------------------------------------- Tux Paint
+def _fixture_of(name: str, root: Path) -> tuple[str, Path]:
+    """(dataset, data_dir) of a small fixture for every registered format."""
+    if name == "flickr30k":
+        return "flickr30k", make_flickr30k(root)
+    if name == "coco":
+        return "coco", make_coco(root)
+    if name == "imagefolder":
+        return "imagefolder", make_imagefolder(root)
+    if name == "hf":
+        make_hf_dataset(root, name="hfd")
+        return "hf:hfd", root
+    raise AssertionError(f"format {name!r} has no fixture here: add one")
 
 
-def test_read_description(tmp_path):
-    cases = {
-        "plain": (b"A cat.\nfr.utf8=Un chat.\n", ("A cat.", False)),
-        "comment": (b"# c\n\n  An   owl. \n", ("An owl.", False)),
-        "bom": ("\ufeffA b\u00e9e.\n".encode(), ("A b\u00e9e.", False)),
-        "latin1": ("A cr\u00e8me.\n".encode("latin-1"), ("A cr\u00e8me.", True)),
-        "no_english": (b"\nfr.utf8=Un arbre.\n", (None, False)),
-        "empty": (b"", (None, False)),
-        "calc": (b"A calculator.  6x7=42\n", ("A calculator. 6x7=42", False)),
-    }
-    for name, (data, want) in cases.items():
-        (tmp_path / f"{name}.txt").write_bytes(data)
-        assert tuxpaint.read_description(tmp_path / f"{name}.txt") == want, name
+@pytest.mark.parametrize("name", sorted(D.FORMATS))
+def test_every_format_loads_and_lists_its_splits(name, tmp_path):
+    fmt = D.FORMATS[name]
+    assert fmt.name == name and fmt.usage in D.DATASETS and fmt.what_to_get
+    assert fmt.options and not set(fmt.options) & set(D.COMMON_OPTIONS)
+    dataset, data_dir = _fixture_of(name, tmp_path)
+    splits = available_splits(dataset, data_dir)
+    assert splits[0] == "train" and "test" in splits
+    for split in splits:
+        s = load_split(dataset, data_dir, split)
+        assert (s.dataset, s.name) == (dataset, split) and len(s) and s.ids == sorted(s.ids)
+        assert not any("#" in i for i in s.ids) and len(s.fingerprint()) == 64
 
 
-def test_prepare_tuxpaint_fake_tree(tmp_path, caplog):
-    tree = make_tuxpaint_tree(tmp_path / "tree")
-    out = tuxpaint.prepare_tuxpaint(tree, tmp_path / "out", seed=0, fractions=(0.5, 0.25, 0.25), size=16)
-    summary = tuxpaint.read_summary(out)
-    assert summary["pairs"] == 4 and summary["distinct_captions"] == 4
-    assert summary["splits"] == {"train": 2, "val": 1, "test": 1}
-    assert summary["skipped"] == {
-        "excluded category (symbols/)": 1,
-        "mirror copy without txt (NAME_mirror.png)": 1,
-        "no English line in txt": 1,
-        "no txt": 1,
-        "txt read as Latin-1 (not UTF-8)": 1,
-    }
-    got = {}
-    for split in ("train", "val", "test"):
-        s = load_split("imagefolder", out, split)
-        for i, it in enumerate(s.items):
-            got[it.id] = it.captions
-            img = s.load_image(i)
-            assert img.size[0] == img.size[1] <= 16
-    assert got == {k: (v,) for k, v in TUXPAINT_FAKE_CAPTIONS.items()}
-    car = Image.open(next(out.glob("*/vehicles/car.png")))
-    assert car.size == (16, 16) and car.mode == "RGB"
-    assert car.getpixel((0, 0)) == (255, 255, 255)  # transparent + padding -> white
-    r, g, b = car.getpixel((8, 8))
-    assert r > 200 and g < 60 and b < 60
-
-    marker = out / tuxpaint.MARKER
-    mtime = marker.stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="extract.tuxpaint"):
-        assert tuxpaint.prepare_tuxpaint(tree, out, seed=0, fractions=(0.5, 0.25, 0.25), size=16) == out
-    assert marker.stat().st_mtime_ns == mtime and "up to date" in caplog.text
-    tuxpaint.prepare_tuxpaint(tree, out, seed=0, fractions=(0.5, 0.25, 0.25), size=12)  # new parameters: rebuilt
-    assert Image.open(next(out.glob("*/vehicles/car.png"))).size == (12, 12)
-    assert json.loads(marker.read_text())["params"]["size"] == 12
+# sha256 of fixture splits computed by the single-file loader of commit 0f83b75 (the last before the
+# package): caches written before must still read as fresh. tests/compare_fingerprints.py checks more.
+FINGERPRINTS_BEFORE = {
+    ("flickr30k", "test"): "f6b77aeac610dc6b4b75c74d75ca4d717ea1210284a4ae5b85faa257cf037432",
+    ("coco", "train"): "41a8b9ad2a7e4f5afe547a214670a9c62225d0324e43de3be4915d2df087ac02",
+    ("coco", "restval"): "080ffee506e1ee69b0ef133fbbd720ed24ece709e0c6467461cadf8ff8d4e017",
+    ("imagefolder", "val"): "85374c664778359ad568698811eaf4f1146ab7e1191ea36a756793e79d30ce20",
+    ("hf:dd", "val"): "b2f2750cfdd6cc19e533845a5764818e9724e7087296dccd3af9d8293200437d",
+}
 
 
-def test_tuxpaint_split_is_deterministic_and_seeded():
-    rels = [f"cat/{i}" for i in range(200)]
-    a = tuxpaint._assign_splits(rels, 0, (0.7, 0.1, 0.2))
-    assert a == tuxpaint._assign_splits(list(reversed(rels)), 0, (0.7, 0.1, 0.2))
-    assert sorted(list(a.values()).count(s) for s in ("train", "val", "test")) == [20, 40, 140]
-    assert a != tuxpaint._assign_splits(rels, 1, (0.7, 0.1, 0.2))
+def test_fingerprints_unchanged_since_the_single_file_loader(tmp_path):
+    dirs = {"flickr30k": make_flickr30k(tmp_path / "f"), "coco": make_coco(tmp_path / "c"),
+            "imagefolder": make_imagefolder(tmp_path / "i", n=4, captions_per_image=3)}
+    dirs["hf:dd"] = make_hf_dataset(tmp_path, n_per_split=(3, 2, 1), layout="dict", name="dd").parent
+    for (dataset, split), want in FINGERPRINTS_BEFORE.items():
+        assert load_split(dataset, dirs[dataset], split).fingerprint() == want, (dataset, split)
 
 
-def test_tuxpaint_refuses_foreign_folder_and_bad_args(tmp_path):
-    tree = make_tuxpaint_tree(tmp_path / "tree")
-    (tmp_path / "busy").mkdir()
-    (tmp_path / "busy" / "keep.txt").write_text("mine")
-    with pytest.raises(DatasetError, match="not empty and holds no"):
-        tuxpaint.prepare_tuxpaint(tree, tmp_path / "busy")
-    with pytest.raises(DatasetError, match="summing to 1"):
-        tuxpaint.prepare_tuxpaint(tree, tmp_path / "o", fractions=(0.5, 0.5, 0.5))
-    with pytest.raises(DatasetError, match="no Tux Paint stamps"):
-        tuxpaint.prepare_tuxpaint(tmp_path / "busy", tmp_path / "o")
+# --------------------------------------------------------------------------- split requests, options
 
 
-@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
-def test_prepare_tuxpaint_from_deb_and_cli(tmp_path, capsys):
-    deb = make_tuxpaint_deb(tmp_path)
-    assert tuxpaint.fetch_tuxpaint_deb(tmp_path) == deb  # already there: no download
-    assert tuxpaint.main([str(deb), str(tmp_path / "out"), "--size", "8"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["pairs"] == 4 and sum(summary["splits"].values()) == 4
-    assert json.loads((tmp_path / "out" / tuxpaint.MARKER).read_text())["source"]["kind"] == "deb"
-    assert tuxpaint.main([str(tmp_path / "missing.deb"), str(tmp_path / "o2")]) == 2
+def test_requested_splits(tmp_path):
+    d = make_imagefolder(tmp_path, splits=("train", "validation", "extra"), n=2)
+    assert D.requested_splits("imagefolder", d, "all") == ["train", "val", "extra"]
+    assert D.requested_splits("imagefolder", d, "extra") == ["extra"]
+    assert D.requested_splits("imagefolder", d, "validation") == ["val"]
+    with pytest.raises(DatasetError, match=r"split 'extr' is not a split of imagefolder .*: train, val, extra "
+                                           r"\(or use all\)\. Did you mean: extra\?"):
+        D.requested_splits("imagefolder", d, "extr")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not REAL_DEB.is_file(), reason=f"real .deb not at {REAL_DEB} (set TUXPAINT_DEB)")
-def test_prepare_tuxpaint_real_deb(tmp_path):
-    out = tuxpaint.prepare_tuxpaint(REAL_DEB, tmp_path / "tux")
-    summary = tuxpaint.read_summary(out)
-    assert summary["pairs"] == 538 and summary["distinct_captions"] == 498
-    assert summary["splits"] == {"train": 377, "val": 53, "test": 108}
-    s = load_split("imagefolder", out, "test")
-    assert len(s) == summary["splits"]["test"] and s.load_image(0).size == (256, 256)
+def test_config_options():
+    from pipeline.config import DataConfig
+
+    assert D.config_options(DataConfig(options={"restval": "train"})) == {
+        "on_empty": "error", "missing": "error", "restval": "train"}
+    with pytest.raises(DatasetError, match=r"data\.options\.on_empty is not a format option; .*--set data\.on_empty=skip"):
+        D.config_options(DataConfig(options={"on_empty": "skip"}))

@@ -9,7 +9,7 @@ from analyze.cli import main as analyze_cli
 from extract.cli import main as extract_cli
 from pipeline.cache import find_entry
 from pipeline.runs import aligned_name
-from tests.fixtures import make_flickr30k
+from tests.fixtures import make_coco, make_flickr30k
 from train.cli import main as fit_cli
 
 
@@ -65,3 +65,41 @@ out = "{tmp_path / 'reports'}"
         assert res.exit_code == 0, (command, res.output)
     html = list((tmp_path / "reports").rglob("report.html"))
     assert html and "data:image/png;base64" in html[0].read_text()
+
+
+def test_coco_train_plus_restval_is_trained_on(tmp_path, monkeypatch):
+    """data.options.restval = "train": extract writes the restval images into the train entries and
+    fit-adapters trains on train + restval (the usual 113k-image COCO training set)."""
+    monkeypatch.chdir(tmp_path)
+    data = make_coco(tmp_path / "data", n_per_split=(10, 6, 6, 6))
+    (tmp_path / "coco.toml").write_text(f"""
+[data]
+dataset = "coco"
+data_dir = "{data}"
+options = {{ restval = "train" }}
+cache = "{tmp_path / 'cache'}"
+[extract]
+encoders = ["tiny-resnet", "tiny-gpt2"]
+workers = 0
+batch_size = 8
+[train]
+image = "tiny-resnet"
+text = "tiny-gpt2"
+reference = ""
+dim = 8
+epochs = 1
+batch_size = 8
+name = "restval"
+""")
+    runner = CliRunner()
+    cfg = ["--config", str(tmp_path / "coco.toml")]
+    res = runner.invoke(extract_cli, cfg)
+    assert res.exit_code == 0, res.output
+    assert find_entry(tmp_path / "cache", "coco", "train", "tiny-resnet").n == 16  # 10 train + 6 restval
+    assert not (tmp_path / "cache" / "coco" / "restval").exists()
+    res = runner.invoke(fit_cli, cfg + ["--no-progress"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "cache" / "runs" / "restval" / "metrics.json").read_text())
+    assert metrics["sizes"]["train"]["pairs"] == 16
+    res = runner.invoke(extract_cli, cfg + ["--split", "restval"])
+    assert res.exit_code == 1 and "split 'restval' is not a split of coco" in res.output

@@ -201,6 +201,18 @@ def test_cli_end_to_end_and_errors(flickr, tmp_path):
     assert "--encoder" in res.output and "--precision" in res.output
 
 
+def test_split_takes_any_split_the_dataset_has(tmp_path):
+    data = make_imagefolder(tmp_path / "data", splits=("train", "extra"), n=2)
+    base = ["--dataset", "imagefolder", "--data-dir", str(data), "--cache", str(tmp_path / "c"), "--workers", "0",
+            "--encoder", "tiny-resnet"]
+    res = CliRunner().invoke(extract_cli, [*base, "--split", "extra"])
+    assert res.exit_code == 0, res.output
+    assert find_entry(tmp_path / "c", "imagefolder", "extra", "tiny-resnet").n == 2
+    res = CliRunner().invoke(extract_cli, [*base, "--split", "test"])
+    assert res.exit_code == 1 and "split 'test' is not a split of imagefolder" in res.output
+    assert "it holds: train, extra (or use all)" in res.output
+
+
 def test_split_all_extracts_every_split(flickr, tmp_path):
     cfg = _cfg(flickr, tmp_path, ("tiny-resnet",), split="all")
     names = sorted((e.key["split"], e.n) for e in extract(cfg))

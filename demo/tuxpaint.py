@@ -7,7 +7,11 @@ is an English description ("A Sumatran tiger.") and whose other lines are transl
 
 What :func:`prepare_tuxpaint` does:
 
-- unpacks the ``.deb`` with ``dpkg-deb -x`` into a temporary folder (or reads an unpacked tree);
+- reads the ``.deb`` itself (an ``ar`` archive whose ``data.tar.{gz,xz,bz2,zst}`` member holds the
+  files; ``.zst`` needs the ``zstd`` program) and writes only the stamps' regular ``.png`` / ``.txt``
+  files to a temporary folder; a symbolic link, hard link or device among them is refused (a link
+  could put an outside file's content into a caption), as is any member path with ``..``;
+  an unpacked tree is read in place, where symbolic links are refused too;
 - takes every ``*.png`` outside ``symbols/`` (money, shapes, letters: not descriptive pictures) with a
   non-empty English line; skipped and counted: PNGs without a ``.txt`` (mostly ``NAME_mirror.png``,
   Tux Paint's pre-mirrored copy of ``NAME.png``), txt files with no English line, unreadable images;
@@ -22,33 +26,37 @@ What :func:`prepare_tuxpaint` does:
 - writes the marker ``tuxpaint_dataset.json`` last (source, parameters, summary counts); a rerun
   with the same source and parameters returns at once; changed parameters rebuild the folder.
 
-Command line: ``python -m extract.tuxpaint DEB_OR_DIR OUT [--seed 0] [--size 256]
-[--fractions 0.7 0.1 0.2] [--fetch]`` (``--fetch``: DEB_OR_DIR is a folder; the .deb is
-downloaded there with ``apt-get download`` when absent).
+Command line, from the repository root: ``python -m demo.tuxpaint DEB_OR_DIR OUT [--seed 0]
+[--size 256] [--fractions 0.7 0.1 0.2] [--fetch]`` (``--fetch``: DEB_OR_DIR is a folder; the .deb
+is downloaded there with ``apt-get download`` when absent).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 from PIL import Image
 
 from extract.datasets import DatasetError, pad_square, to_rgb
+from pipeline.runtime import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
 DEB_PACKAGE = "tuxpaint-stamps-default"  # Debian package name
 STAMPS_SUBDIR = "usr/share/tuxpaint/stamps"  # where the stamps live inside the package
+STAMP_SUFFIXES = (".png", ".txt")  # the only files read from the package
 EXCLUDED_CATEGORIES = ("symbols",)  # top-level stamp folders left out (symbols, not pictures)
 DEFAULT_SIZE = 256  # px, maximum side of the square output images (smaller ones are not upscaled)
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test fractions of the pairs
@@ -56,6 +64,7 @@ SPLIT_NAMES = ("train", "val", "test")
 MARKER = "tuxpaint_dataset.json"  # written last; records source, parameters and summary
 FORMAT_VERSION = 1  # bump when the output changes for the same inputs
 _TRANSLATION = re.compile(r"^[A-Za-z]{2,3}(_[A-Za-z]{2,3})?(@\w+)?\.utf-?8\s*=", re.IGNORECASE)
+_TAR_MODES = {"data.tar": "r|", "data.tar.gz": "r|gz", "data.tar.xz": "r|xz", "data.tar.bz2": "r|bz2"}
 
 
 def fetch_tuxpaint_deb(dest_dir: str | Path) -> Path:
@@ -68,17 +77,111 @@ def fetch_tuxpaint_deb(dest_dir: str | Path) -> Path:
         return debs[-1]
     apt = shutil.which("apt-get")
     if apt is None:
-        raise RuntimeError(
-            f"apt-get not found: download {DEB_PACKAGE}_*.deb from a Debian mirror into {dest} by hand."
-        )
+        raise DatasetError(f"apt-get not found: download {DEB_PACKAGE}_*.deb from a Debian mirror into {dest} by hand.")
     proc = subprocess.run([apt, "download", DEB_PACKAGE], cwd=dest, capture_output=True, text=True)
     debs = sorted(dest.glob(f"{DEB_PACKAGE}_*.deb"))
     if proc.returncode != 0 or not debs:
-        raise RuntimeError(
+        raise DatasetError(
             f"`apt-get download {DEB_PACKAGE}` in {dest} failed (exit {proc.returncode}): "
             f"{proc.stderr.strip()[-500:]}. Run `apt-get update` first (as root), or download the .deb by hand."
         )
     return debs[-1]
+
+
+# --------------------------------------------------------------------------- reading the .deb
+
+
+class _Bounded:
+    """Read-only view of the next ``size`` bytes of a file (one ``ar`` member), for tarfile's stream mode."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.left = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data
+
+
+def _find_data_member(f: BinaryIO, deb: Path) -> tuple[str, int]:
+    """Seek ``f`` to the start of the data.tar.* member of an ``ar`` archive; returns (name, size)."""
+    if f.read(8) != b"!<arch>\n":
+        raise DatasetError(f"{deb} is not a Debian package (no ar header); pass the {DEB_PACKAGE} .deb or its unpacked folder.")
+    while True:
+        header = f.read(60)
+        if len(header) < 60:
+            raise DatasetError(f"{deb} has no data.tar member; is it a complete .deb?")
+        name, size = header[:16].decode("ascii", "replace").strip().rstrip("/"), int(header[48:58])
+        if name.startswith("data.tar"):
+            return name, size
+        f.seek(size + size % 2, 1)  # members are padded to an even size
+
+
+@contextlib.contextmanager
+def _data_tar(deb: Path, tmp: Path) -> Iterator[tarfile.TarFile]:
+    """The .deb's data tarball as a tarfile stream (zstd through the ``zstd`` program)."""
+    with open(deb, "rb") as f:
+        name, size = _find_data_member(f, deb)
+        if name in _TAR_MODES:
+            with tarfile.open(fileobj=_Bounded(f, size), mode=_TAR_MODES[name]) as tar:
+                yield tar
+            return
+        zstd = shutil.which("zstd")
+        if name != "data.tar.zst" or zstd is None:
+            raise DatasetError(f"{deb}: cannot read its {name} member here (zstd needs the `zstd` program); unpack "
+                               "it with `dpkg-deb -x DEB DIR` and pass DIR instead.")
+        packed = tmp / name
+        with open(packed, "wb") as out:
+            shutil.copyfileobj(_Bounded(f, size), out)
+    proc = subprocess.Popen([zstd, "-dcq", str(packed)], stdout=subprocess.PIPE)
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            yield tar
+        while proc.stdout.read(1 << 16):  # the tar padding after the end marker, so zstd can finish
+            pass
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        proc.stdout.close()
+        code = proc.wait()
+    if code != 0:
+        raise DatasetError(f"`zstd -d` failed on the {name} member of {deb} (exit {code}); is the .deb complete?")
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return f"a symbolic link to {member.linkname!r}"
+    if member.islnk():
+        return f"a hard link to {member.linkname!r}"
+    return "a device, FIFO or other special file"
+
+
+def unpack_stamps(deb: Path, dest: Path) -> Path:
+    """Write the regular .png/.txt files under the stamps folder of ``deb`` to ``dest``; returns the
+    stamps folder under ``dest``. Links, devices and paths with '..' are refused (DatasetError)."""
+    prefix = STAMPS_SUBDIR + "/"
+    with _data_tar(deb, dest) as tar:
+        for member in tar:
+            rel = member.name.removeprefix("./")
+            parts = rel.split("/")
+            if rel.startswith("/") or ".." in parts:
+                raise DatasetError(f"{deb}: member {member.name!r} points outside the package; refusing this .deb.")
+            if not rel.startswith(prefix) or not rel.endswith(STAMP_SUFFIXES) or member.isdir():
+                continue
+            if not member.isfile():
+                raise DatasetError(f"{deb}: stamp file {rel} is {_kind(member)}, not a regular file; refusing this "
+                                   ".deb (a link could put another file's content into a caption). Use the "
+                                   f"package from the Debian archive (`apt-get download {DEB_PACKAGE}`).")
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return dest / STAMPS_SUBDIR
+
+
+# --------------------------------------------------------------------------- collecting the stamps
 
 
 def read_description(txt: Path) -> tuple[str | None, bool]:
@@ -133,6 +236,10 @@ def _collect(stamps: Path) -> tuple[list[tuple[str, Path, str]], Counter]:
             counts["excluded category (symbols/)"] += 1
             continue
         txt = png.with_suffix(".txt")
+        for path in (png, txt):
+            if path.is_symlink():
+                raise DatasetError(f"{path} is a symbolic link (to {path.readlink()}); refusing it, as a link could "
+                                   "put another file's content into the dataset. Replace it with a copy.")
         if not txt.is_file():
             reason = "mirror copy without txt (NAME_mirror.png)" if png.stem.endswith("_mirror") else "no txt"
             counts[reason] += 1
@@ -168,8 +275,63 @@ def _convert(png: Path, size: int) -> Image.Image:
     return img
 
 
+# --------------------------------------------------------------------------- writing the dataset
+
+
+def _write_dataset(build: Path, pairs: list[tuple[str, Path, str]], split_of: dict[str, str], size: int,
+                   skipped: Counter) -> dict:
+    """Images and one metadata.jsonl per split into ``build``; returns the summary."""
+    rows: dict[str, list[dict]] = {s: [] for s in SPLIT_NAMES}
+    for rel, png, caption in pairs:
+        try:
+            img = _convert(png, size)
+        except Exception as exc:
+            skipped["unreadable image"] += 1
+            log.warning("skipping %s: %s: %s", rel, type(exc).__name__, exc)
+            continue
+        split = split_of[rel]
+        dest = build / split / f"{rel}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        img.save(dest)
+        rows[split].append({"file_name": f"{rel}.png", "caption": caption})
+    for split, split_rows in rows.items():
+        if split_rows:
+            atomic_write(build / split / "metadata.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows))
+    captions = [r["caption"] for rs in rows.values() for r in rs]
+    return {
+        "pairs": len(captions),
+        "distinct_captions": len(set(captions)),
+        "splits": {s: len(rs) for s, rs in rows.items()},
+        "skipped": dict(sorted(skipped.items())),
+    }
+
+
 def _complete(out_dir: Path, marker: dict) -> bool:
     return all((out_dir / s / "metadata.jsonl").is_file() for s in SPLIT_NAMES if marker["summary"]["splits"].get(s))
+
+
+def _up_to_date(out_dir: Path, source: dict, params: dict) -> bool:
+    """True when out_dir holds this very build; clears an outdated one; refuses a foreign folder."""
+    marker_path = out_dir / MARKER
+    if marker_path.is_file():
+        old = json.loads(marker_path.read_text(encoding="utf-8"))
+        if old.get("source") == source and old.get("params") == params and _complete(out_dir, old):
+            log.info("%s is up to date (%d pairs); nothing to do", out_dir, old["summary"]["pairs"])
+            return True
+        log.warning("%s was built from another source or with other parameters; rebuilding", out_dir)
+        shutil.rmtree(out_dir)
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise DatasetError(f"{out_dir} is not empty and holds no {MARKER}; choose an empty or new folder.")
+    return False
+
+
+def _check_args(src: Path, size: int, fractions: tuple[float, ...]) -> None:
+    if size < 1:
+        raise DatasetError(f"size must be a positive number of pixels, got {size}.")
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise DatasetError(f"fractions must be 3 non-negative numbers (train, val, test) summing to 1, got {fractions}.")
+    if not src.exists():
+        raise DatasetError(f"{src} does not exist; pass the {DEB_PACKAGE} .deb (see fetch_tuxpaint_deb) or its unpacked folder.")
 
 
 def prepare_tuxpaint(
@@ -188,75 +350,27 @@ def prepare_tuxpaint(
     """
     src, out_dir = Path(deb_or_dir).expanduser(), Path(out_dir).expanduser()
     size = DEFAULT_SIZE if size is None else int(size)
-    if size < 1:
-        raise DatasetError(f"size must be a positive number of pixels, got {size}.")
     fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise DatasetError(f"fractions must be 3 non-negative numbers (train, val, test) summing to 1, got {fractions}.")
-    if not src.exists():
-        raise DatasetError(f"{src} does not exist; pass the {DEB_PACKAGE} .deb (see fetch_tuxpaint_deb) or its unpacked folder.")
-
+    _check_args(src, size, fractions)
     source = _source_record(src)
     params = {"seed": seed, "fractions": list(fractions), "size": size, "version": FORMAT_VERSION}
-    marker_path = out_dir / MARKER
-    if marker_path.is_file():
-        old = json.loads(marker_path.read_text(encoding="utf-8"))
-        if old.get("source") == source and old.get("params") == params and _complete(out_dir, old):
-            log.info("%s is up to date (%d pairs); nothing to do", out_dir, old["summary"]["pairs"])
-            return out_dir
-        log.warning("%s was built from another source or with other parameters; rebuilding", out_dir)
-        shutil.rmtree(out_dir)
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise DatasetError(f"{out_dir} is not empty and holds no {MARKER}; choose an empty or new folder.")
-
+    if _up_to_date(out_dir, source, params):
+        return out_dir
     with tempfile.TemporaryDirectory(prefix="tuxpaint-") as tmp:
-        if src.is_file():
-            dpkg = shutil.which("dpkg-deb")
-            if dpkg is None:
-                raise RuntimeError(f"dpkg-deb not found: install dpkg, or unpack {src.name} elsewhere and pass the folder.")
-            proc = subprocess.run([dpkg, "-x", str(src), tmp], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise DatasetError(f"`dpkg-deb -x {src}` failed: {proc.stderr.strip()[-500:]}. Is it a valid .deb?")
-            stamps = _find_stamps(Path(tmp))
-        else:
-            stamps = _find_stamps(src)
+        stamps = unpack_stamps(src, Path(tmp)) if src.is_file() else _find_stamps(src)
         pairs, skipped = _collect(stamps)
         if not pairs:
             raise DatasetError(f"no usable stamp (PNG with an English description) under {stamps}.")
         split_of = _assign_splits([r for r, _, _ in pairs], seed, fractions)
-
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
-            rows: dict[str, list[dict]] = {s: [] for s in SPLIT_NAMES}
-            for rel, png, caption in pairs:
-                try:
-                    img = _convert(png, size)
-                except Exception as exc:
-                    skipped["unreadable image"] += 1
-                    log.warning("skipping %s: %s: %s", rel, type(exc).__name__, exc)
-                    continue
-                split = split_of[rel]
-                dest = build / split / f"{rel}.png"
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                img.save(dest)
-                rows[split].append({"file_name": f"{rel}.png", "caption": caption})
-            for split, split_rows in rows.items():
-                if split_rows:
-                    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows)
-                    (build / split / "metadata.jsonl").write_text(lines, encoding="utf-8")
-            captions = [r["caption"] for rs in rows.values() for r in rs]
-            summary = {
-                "pairs": len(captions),
-                "distinct_captions": len(set(captions)),
-                "splits": {s: len(rs) for s, rs in rows.items()},
-                "skipped": dict(sorted(skipped.items())),
-            }
-            marker = {"source": source, "params": params, "summary": summary, "package": DEB_PACKAGE}
-            (build / MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            summary = _write_dataset(build, pairs, split_of, size, skipped)
+            write_json(build / MARKER, {"source": source, "params": params, "summary": summary, "package": DEB_PACKAGE},
+                       indent=2)
             if out_dir.exists():
                 out_dir.rmdir()  # empty (checked above)
-            os.replace(build, out_dir)
+            build.replace(out_dir)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
@@ -270,8 +384,8 @@ def read_summary(out_dir: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m extract.tuxpaint DEB_OR_DIR OUT``: build the dataset and print its summary as JSON."""
-    ap = argparse.ArgumentParser(prog="python -m extract.tuxpaint", description=__doc__.split("\n\n")[0])
+    """``python -m demo.tuxpaint DEB_OR_DIR OUT``: build the dataset and print its summary as JSON."""
+    ap = argparse.ArgumentParser(prog="python -m demo.tuxpaint", description=__doc__.split("\n\n")[0])
     ap.add_argument("deb_or_dir", help=f"the {DEB_PACKAGE} .deb, its unpacked folder, or (--fetch) a download folder")
     ap.add_argument("out_dir", help="output imagefolder dataset (train/ val/ test/ with metadata.jsonl)")
     ap.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
@@ -283,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         src = fetch_tuxpaint_deb(args.deb_or_dir) if args.fetch else Path(args.deb_or_dir)
         out = prepare_tuxpaint(src, args.out_dir, seed=args.seed, fractions=tuple(args.fractions), size=args.size)
-    except (DatasetError, RuntimeError) as exc:
+    except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(read_summary(out), indent=2))
