@@ -46,7 +46,7 @@ from extract.encoders.spec import EncoderSpec, EncoderSpecError, ImagePrep, Text
 from extract.encoders.weights import TINY_SEED, WeightsNotFoundError
 
 # Families: importing a module registers its loader and entries (order = registry order).
-from extract.encoders import torchvision_cnn, hf_image, clip, hf_text, tiny  # noqa: E402,F401  isort:skip
+from extract.encoders import torchvision_cnn, hf_image, clip, hf_text, tiny  # noqa: F401
 
 __all__ = [
     "ALIASES", "BYTE_VOCAB", "CLIP_MEAN", "CLIP_STD", "GENERIC", "HALF", "IMAGENET_MEAN", "IMAGENET_STD", "LOADERS",
