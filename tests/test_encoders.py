@@ -1,4 +1,4 @@
-"""Fast tests of the encoder registry (extract/encoders.py): no downloads, tiny models only.
+"""Fast tests of the encoder registry (the extract/encoders package): no downloads, tiny models only.
 
 The tiny entries (weights="random") go through the same loaders and forward code
 as the real ones, so sweeping them covers every family.
@@ -427,7 +427,7 @@ def test_missing_hf_weights_offline(name, hub_id, offline_empty_caches):
 
 
 def test_missing_torchvision_weights_offline(offline_empty_caches, monkeypatch):
-    monkeypatch.setattr(E, "_package_file", lambda spec: None)  # as if the weights package were absent
+    monkeypatch.setattr(E.weights, "package_file", lambda spec: None)  # as if the weights package were absent
     for name, file in (("resnet18", "resnet18-f37072fd.pth"), ("mobilenet_v2", "mobilenet_v2-b0353104.pth")):
         with pytest.raises(WeightsNotFoundError) as info:
             load_encoder(name)

@@ -1,0 +1,107 @@
+"""The :class:`Encoder` every family returns, token pooling, and the last step of every loader.
+
+Layers (``forward(batch, all_layers=True)``): a list of ``num_layers`` tensors ``(B, d_l)``,
+shallow to deep, pooled the same way as the default output; each family documents what its
+layers are, and the last entry is the final representation before any projection (CLIP) or L2
+normalisation (sentence encoders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from extract.encoders.spec import EncoderSpec
+from pipeline.runtime import resolve_device
+
+
+class Encoder(torch.nn.Module):
+    """A frozen encoder: ``forward(batch) -> (B, dim)`` float32 features.
+
+    Attributes: spec (EncoderSpec, with ``dim`` filled in), dim (output dim),
+    num_layers (length of the ``all_layers=True`` list), tokenizer (text: a
+    picklable callable, see ``preprocess.ByteTokenizer``/``HFTokenizer``; image:
+    None), source (where the weights were loaded from, for logs), model (the
+    wrapped library module).
+
+    Inputs -- images: float tensor (B, 3, crop, crop) normalised with prep.mean/std
+    (see ``image_transform``); text: the tokenizer's dict with LongTensors
+    ``input_ids``/``attention_mask`` (B, T).  Inputs are moved to the encoder's
+    device.  Works under ``torch.autocast``; outputs are always float32.
+    Subclasses implement ``_encode(batch, all_layers) -> (final (B, D), layers list | None)``.
+    """
+
+    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, dim: int, num_layers: int,
+                 tokenizer: Callable | None = None, source: str = ""):
+        super().__init__()
+        self.model = model
+        self.spec = spec if spec.dim == dim else dataclasses.replace(spec, dim=dim)
+        self.dim, self.num_layers, self.tokenizer, self.source = dim, num_layers, tokenizer, source
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """list of B strings -> {"input_ids", "attention_mask"} LongTensors (B, T), right-padded."""
+        if self.tokenizer is None:
+            raise TypeError(f"{self.spec.name} is an image encoder; it has no tokenizer")
+        return self.tokenizer(texts)
+
+    def forward(self, batch, all_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Pooled features (B, dim) float32, or with all_layers=True a list of num_layers (B, d_l) tensors."""
+        final, layers = self.encode(batch, all_layers)
+        return layers if all_layers else final
+
+    def encode(self, batch, all_layers: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """One forward pass: (features (B, dim) float32, list of num_layers (B, d_l) or None)."""
+        batch = self._check_batch(batch)
+        with torch.no_grad():
+            final, layers = self._encode(batch, all_layers)
+        final = final.float()
+        final = F.normalize(final, dim=-1) if self.spec.normalize else final
+        return final, [t.float() for t in layers] if all_layers else None
+
+    def _check_batch(self, batch):
+        if self.spec.modality == "image":
+            if not (torch.is_tensor(batch) and batch.ndim == 4 and batch.shape[1] == 3 and batch.is_floating_point()):
+                got = tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__
+                raise ValueError(f"{self.spec.name} expects a float image tensor (B, 3, H, W), got {got}")
+            return batch.to(self.device, non_blocking=True)
+        if not (isinstance(batch, Mapping) and "input_ids" in batch and "attention_mask" in batch):
+            raise ValueError(f"{self.spec.name} expects the tokenizer's dict with input_ids and attention_mask; "
+                             "use encoder.tokenize(texts)")
+        return {k: batch[k].to(self.device, non_blocking=True) for k in ("input_ids", "attention_mask")}
+
+    def _encode(self, batch, all_layers: bool):  # -> (final (B, D), layers list | None)
+        raise NotImplementedError
+
+
+def pool_tokens(h: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, first: int = 1) -> torch.Tensor:
+    """Pool token states h (B, T, D) -> (B, D) float32.
+
+    cls: token 0; last: the last real token (index mask.sum(1) - 1); mean: masked
+    mean over real tokens (text), or mean over tokens ``first:`` (image patches).
+    """
+    h = h.float()
+    if pooling == "cls":
+        return h[:, 0]
+    if pooling == "last":
+        idx = (mask.sum(1) - 1).clamp_min(0)
+        return h[torch.arange(h.shape[0], device=h.device), idx]
+    if pooling == "mean":
+        if mask is None:
+            return h[:, first:].mean(1)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+def finish(enc: Encoder, device) -> Encoder:
+    """Eval mode, no gradients, moved to ``device`` (``"auto"`` = CUDA when present)."""
+    enc.eval()
+    enc.requires_grad_(False)
+    return enc.to(resolve_device(device))
