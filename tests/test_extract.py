@@ -155,16 +155,51 @@ def _corrupt_one(folder: Path) -> str:
     return split.items[1].id
 
 
-def test_corrupt_image_errors_or_is_skipped_and_recorded(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_errors_or_is_skipped_and_recorded(tmp_path, workers):
+    """The same ImageError (and the same skip record) whether images are decoded in this process
+    or in a DataLoader worker, which must not turn it into a bare RuntimeError."""
     data = make_flickr30k(tmp_path / "data", n_per_split=(2, 2, 5))
     bad = _corrupt_one(data)
-    with pytest.raises(D.ImageError, match=f"{bad}.*--on-error skip"):
-        extract(_cfg(data, tmp_path / "c1"))
-    img, txt = extract(_cfg(data, tmp_path / "c2", on_error="skip"))
+    with pytest.raises(D.ImageError, match=f"{bad}.*--on-error skip") as err:
+        extract(_cfg(data, tmp_path / "c1", workers=workers))
+    assert type(err.value) is D.ImageError and err.value.sample_id == bad
+    img, txt = extract(_cfg(data, tmp_path / "c2", on_error="skip", workers=workers))
     assert bad not in img.ids and img.n == 4 and txt.n == 5
-    assert [s["id"] for s in img.skipped] == [bad]
+    assert [s["id"] for s in img.skipped] == [bad] and bad in img.skipped[0]["reason"]
     pairs = join_pairs(img, txt)  # the skip is recorded, so the join drops the caption with a warning
     assert len(pairs.text_rows) == 4
+
+
+def test_corrupt_image_in_a_worker_is_one_line_on_the_cli(tmp_path):
+    data = make_flickr30k(tmp_path / "data", n_per_split=(2, 2, 5))
+    bad = _corrupt_one(data)
+    res = CliRunner().invoke(extract_cli, ["--encoder", "tiny-resnet", "--data-dir", str(data), "--cache",
+                                           str(tmp_path / "c"), "--split", "test", "--workers", "1"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"Error: cannot decode the image of sample '{bad}'" in res.output and "--on-error skip" in res.output
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--set", "extract.device=tpu"], "Unknown device 'tpu'"),
+    (["--set", "extract.precision=fp64"], "extract.precision must be one of fp32, bf16, fp16, got 'fp64'"),
+    (["--set", "extract.precision=fp16", "--device", "cpu"], "fp16 autocast is not supported on CPU"),
+    (["--set", "extract.format=hdf5"], "extract.format must be one of h5, zarr, got 'hdf5'. Did you mean: h5?"),
+    (["--workers", "-2"], "extract.workers must be >= 0, or -1"),
+    (["--batch-size", "0"], "extract.batch_size must be >= 1"),
+    (["--set", "extract.chunk_rows=0"], "extract.chunk_rows must be >= 1"),
+    (["--set", "extract.layers=every"], "extract.layers must be one of last, all"),
+])
+def test_bad_extract_values_are_refused_before_any_work(flickr, tmp_path, option, message):
+    """One line, no traceback, nothing written: the corrected rerun is not refused as stale."""
+    base = ["--encoder", "tiny-resnet", "--data-dir", str(flickr), "--cache", str(tmp_path), "--split", "val",
+            "--workers", "0"]
+    res = CliRunner().invoke(extract_cli, [*base, *option])
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not any(tmp_path.iterdir()), "a refused request must leave nothing in the cache"
+    res = CliRunner().invoke(extract_cli, base)
+    assert res.exit_code == 0, res.output
 
 
 def test_empty_caption_error_and_skip(tmp_path):
