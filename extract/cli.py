@@ -11,6 +11,7 @@ import click
 from extract import datasets as D
 from extract import encoders as E
 from extract.run import Shard, extract, merge, torchrun_shard
+from extract.sharding import ShardError
 from pipeline.cli import build_config, config_options, friendly_errors
 from pipeline.config import parse_override
 
@@ -89,7 +90,7 @@ def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, p
         raise click.UsageError("--merge computes nothing: drop --shard/--force (run the shards first).")
     try:
         shard = Shard.parse(shard_text) if shard_text else None
-    except ValueError as exc:
+    except ShardError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from None
     cfg = build_config(config_path, overrides, {
         "extract.encoders": encoders, "data.dataset": dataset, "data.data_dir": data_dir,

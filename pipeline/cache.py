@@ -13,50 +13,43 @@ written by fit-adapters (``resnet18@run``). Each holds
                   flat copies (entry, encoder, dataset, split, n, dim) for people browsing the file.
 
 Writing is resumable and safe under kill -9 and concurrent writers: ``EntryWriter`` stages
-each chunk of rows as its own file in ``<entry>.partial/`` (written to a temporary name,
-flushed, fsynced, then renamed, so a chunk exists only once complete) and assembles the final
-file under a lock into a temporary name that is atomically renamed. Separate processes may
-write disjoint chunks of one entry (multi-process extraction) and leave small JSON notes
-(``note-<name>.json``, e.g. which shard ran where) beside them. A finished entry is never
-modified in place.
+each chunk of rows as its own file in ``<entry>.partial/`` (``pipeline.staging``: written to a
+temporary name, flushed, fsynced, then renamed, so a chunk exists only once complete) and
+assembles the final file under a lock into a temporary name that is atomically renamed.
+Separate processes may write disjoint chunks of one entry (multi-process extraction) and leave
+small JSON notes (``note-<name>.json``, e.g. which shard ran where) beside them. A finished
+entry is never modified in place.
 
 Readers open the file per call and keep no handle, so an ``Entry`` can be passed to
 DataLoader workers (h5py handles do not survive fork).
+
+Modules: this one is the public API and the entry format; ``pipeline.staging`` the staging
+folder of an unfinished entry; ``pipeline.storage`` the HDF5/Zarr backends, the folder lock and
+the errors (re-exported here). Import everything from ``pipeline.cache``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import difflib
-import fcntl
 import json
 import logging
-import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-import h5py
 import numpy as np
-from pipeline.errors import PipelineError
+
+from pipeline.errors import did_you_mean
+from pipeline.runtime import first_nonfinite_row, utc_now
+from pipeline.staging import PARTIAL_SUFFIX, Chunk, Staging, canonical_json, staging_path
+from pipeline.storage import FORMATS, CacheError, StaleCacheError, backend, locked, remove, replace, stale_message
+
+__all__ = ["FORMATS", "PARTIAL_SUFFIX", "CacheError", "StaleCacheError", "Entry", "EntryWriter", "entry_filename",
+           "entry_path", "find_entry", "list_entries", "list_splits", "open_entry", "split_dir", "staging_path",
+           "write_entry"]
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("h5", "zarr")  # file extensions of the two backends
-PARTIAL_SUFFIX = ".partial"  # staging folder of an unfinished entry
-_NOTE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # allowed names of EntryWriter.write_note records
-
-
-class CacheError(PipelineError, RuntimeError):
-    """A cache entry that is missing, malformed or unusable."""
-
-
-class StaleCacheError(CacheError):
-    """An existing entry (or partial extraction) was made for a different request."""
 
 
 # --------------------------------------------------------------------------------------- paths
@@ -72,7 +65,7 @@ def split_dir(cache: str | Path, dataset: str, split: str) -> Path:
 
 def entry_path(cache: str | Path, dataset: str, split: str, entry: str, fmt: str = "h5") -> Path:
     if fmt not in FORMATS:
-        raise CacheError(f"Unknown cache format {fmt!r}; use one of {', '.join(FORMATS)}.")
+        raise CacheError(f"Unknown cache format {fmt!r}; use one of {', '.join(FORMATS)}.{did_you_mean(fmt, FORMATS)}")
     return split_dir(cache, dataset, split) / f"{entry_filename(entry)}.{fmt}"
 
 
@@ -109,88 +102,9 @@ def find_entry(cache: str | Path, dataset: str, split: str, entry: str) -> "Entr
         raise CacheError(
             f"No cache entries for dataset {dataset!r}, split {split!r} under {str(cache)!r} ({where}). "
             f"Run `extract --encoder {entry.split('@')[0]} --split {split}` first.")
-    close = difflib.get_close_matches(entry, available, n=3)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise CacheError(
-        f"No cache entry {entry!r} for {dataset}/{split} under {str(cache)!r}.{hint} "
+        f"No cache entry {entry!r} for {dataset}/{split} under {str(cache)!r}.{did_you_mean(entry, available)} "
         f"Available: {', '.join(available)}.")
-
-
-# ------------------------------------------------------------------------------------ backends
-
-class _H5:
-    ext = "h5"
-
-    @staticmethod
-    @contextlib.contextmanager
-    def open(path: Path, mode: str):
-        try:
-            f = h5py.File(path, mode)
-        except OSError as exc:
-            raise CacheError(f"Cannot open HDF5 cache entry {str(path)!r}: {exc}") from None
-        try:
-            yield f
-        finally:
-            f.close()
-
-    @staticmethod
-    def write_strings(group, name: str, values: Sequence[str]) -> None:
-        group.create_dataset(name, data=np.asarray(values, dtype=object), dtype=h5py.string_dtype("utf-8"))
-
-    @staticmethod
-    def read_strings(group, name: str) -> np.ndarray:
-        return np.asarray(group[name].asstr()[()], dtype=str)
-
-    @staticmethod
-    def create(group, name: str, shape: tuple[int, int], chunk_rows: int):
-        chunks = (max(1, min(chunk_rows, shape[0])), shape[1]) if shape[0] else None
-        return group.create_dataset(name, shape=shape, dtype="float32", chunks=chunks)
-
-    @staticmethod
-    def keys(group, name: str) -> list[str]:
-        return list(group[name].keys()) if name in group else []
-
-
-class _Zarr:
-    ext = "zarr"
-
-    @staticmethod
-    @contextlib.contextmanager
-    def open(path: Path, mode: str):
-        import zarr
-
-        try:
-            yield zarr.open_group(str(path), mode=mode)
-        except (FileNotFoundError, ValueError, KeyError) as exc:
-            raise CacheError(f"Cannot open Zarr cache entry {str(path)!r}: {exc}") from None
-
-    @staticmethod
-    def write_strings(group, name: str, values: Sequence[str]) -> None:
-        arr = group.create_array(name, shape=(len(values),), dtype=str)
-        if len(values):
-            arr[:] = np.asarray(values, dtype=str)
-
-    @staticmethod
-    def read_strings(group, name: str) -> np.ndarray:
-        return np.array([str(s) for s in group[name][:]], dtype=str)
-
-    @staticmethod
-    def create(group, name: str, shape: tuple[int, int], chunk_rows: int):
-        chunks = (max(1, min(chunk_rows, shape[0])), max(1, shape[1]))
-        return group.create_array(name, shape=shape, dtype="float32", chunks=chunks)
-
-    @staticmethod
-    def keys(group, name: str) -> list[str]:
-        return list(group[name].keys()) if name in group else []
-
-
-def _backend(path: Path):
-    ext = path.suffix.lstrip(".")
-    if ext == "h5":
-        return _H5
-    if ext == "zarr":
-        return _Zarr
-    raise CacheError(f"Cache entry {str(path)!r} has an unknown extension; use .h5 or .zarr.")
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -219,7 +133,7 @@ class Entry:
             raise CacheError(
                 f"Entry {self.name!r} has no layer {layer} (stored: {list(self.layers) or 'none'}; "
                 f"extract with --layers all).")
-        with _backend(self.path).open(self.path, "r") as g:
+        with backend(self.path).open(self.path, "r") as g:
             out = g[name][rows if rows is not None else slice(None)]
         return np.asarray(out, dtype=np.float32)
 
@@ -230,17 +144,18 @@ class Entry:
 
 
 def open_entry(path: str | Path) -> Entry:
+    """The finished entry at ``path`` (metadata only); CacheError when missing or malformed."""
     path = Path(path)
     if not path.exists():
         raise CacheError(f"Cache entry {str(path)!r} does not exist.")
-    backend = _backend(path)
-    with backend.open(path, "r") as g:
+    store = backend(path)
+    with store.open(path, "r") as g:
         try:
             attrs = dict(g.attrs)
-            ids = backend.read_strings(g, "ids")
+            ids = store.read_strings(g, "ids")
             dim = int(g["features"].shape[1])
             n = int(g["features"].shape[0])
-            layers = tuple(sorted(int(k) for k in backend.keys(g, "layers")))
+            layers = tuple(sorted(int(k) for k in store.keys(g, "layers")))
             key = json.loads(attrs["key"])
             provenance = json.loads(attrs["provenance"])
             skipped = tuple(json.loads(attrs.get("skipped", "[]")))
@@ -253,35 +168,13 @@ def open_entry(path: str | Path) -> Entry:
 
 # ------------------------------------------------------------------------------------ writing
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
-
-
-def _atomic_dir_or_file_replace(tmp: Path, final: Path) -> None:
-    if final.is_dir():  # zarr: a directory cannot be os.replace'd over a non-empty one
-        trash = final.with_name(final.name + f".old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive advisory lock on ``path``'s folder (serialises setup and finalisation across
-    processes; held only for metadata work, never while computing features)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _attributes(name: str, n: int, dim: int, key: Mapping, provenance: Mapping, skipped: Sequence[Mapping]) -> dict:
+    """The attributes of an entry file (see the module docstring)."""
+    full = {**provenance, "key": dict(key), "created": utc_now()}
+    attrs = {"entry": name, "key": canonical_json(dict(key)), "provenance": canonical_json(full),
+             "skipped": canonical_json(list(skipped)), "n": n, "dim": dim}
+    attrs.update({k: str(key[k]) for k in ("encoder", "dataset", "split") if k in key})
+    return attrs
 
 
 def write_entry(path: str | Path, name: str, ids: Sequence[str], features: np.ndarray, key: Mapping,
@@ -299,29 +192,23 @@ def write_entry(path: str | Path, name: str, ids: Sequence[str], features: np.nd
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise CacheError(f"Duplicate ids in entry {name!r}: {dup}.")
-    backend = _backend(path)
+    store = backend(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
-        with backend.open(tmp, "w") as g:
-            backend.write_strings(g, "ids", ids)
-            backend.create(g, "features", features.shape, chunk_rows)[:] = features
+        with store.open(tmp, "w") as g:
+            store.write_strings(g, "ids", ids)
+            store.create(g, "features", features.shape, chunk_rows)[:] = features
             for k, layer in enumerate(layers):
                 layer = np.asarray(layer, dtype=np.float32)
                 if layer.shape[0] != len(ids):
                     raise CacheError(f"layer {k} has {layer.shape[0]} rows, expected {len(ids)}.")
                 if k == 0:
                     g.create_group("layers")
-                backend.create(g, f"layers/{k}", layer.shape, chunk_rows)[:] = layer
-            full = {**provenance, "key": dict(key), "created": _now()}
-            attrs = {"entry": name, "key": _json(dict(key)), "provenance": _json(full),
-                     "skipped": _json(list(skipped)), "n": len(ids), "dim": int(features.shape[1])}
-            for k in ("encoder", "dataset", "split"):
-                if k in key:
-                    attrs[k] = str(key[k])
-            g.attrs.update(attrs)
-        with _locked(path):
-            _atomic_dir_or_file_replace(tmp, path)
+                store.create(g, f"layers/{k}", layer.shape, chunk_rows)[:] = layer
+            g.attrs.update(_attributes(name, len(ids), int(features.shape[1]), key, provenance, skipped))
+        with locked(path):
+            replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return open_entry(path)
@@ -344,25 +231,24 @@ class EntryWriter:
         self.path = Path(path)
         self.name = name
         self.ids = [str(i) for i in ids]
-        self.key = json.loads(_json(dict(key)))
+        self.key = json.loads(canonical_json(dict(key)))  # as it reads back from the file
         self.chunk_rows = int(chunk_rows)
-        self.staging = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self._staging = Staging(self.path)
+        self.staging = self._staging.folder  # the staging folder, <entry>.partial
         if self.chunk_rows < 1:
             raise CacheError("chunk_rows must be >= 1.")
-        manifest = {"entry": name, "key": self.key, "chunk_rows": self.chunk_rows,
-                    "ids_sha256": _sha256_lines(self.ids), "n": len(self.ids)}
-        with _locked(self.path):
+        with locked(self.path):
             if force:
                 for old in (self.path, self.staging):
                     if old.exists():
                         log.warning("--force: discarding %s", old)
-                        _remove(old)
+                        remove(old)
             self.done = self._check_existing()
             if not self.done:
-                self._open_staging(manifest)
+                self._staging.open(Staging.manifest(name, self.key, self.ids, self.chunk_rows))
 
-    # -- setup ---------------------------------------------------------------------------
     def _check_existing(self) -> bool:
+        """True when the finished entry answers this request; StaleCacheError when it does not."""
         if not self.path.exists():
             return False
         try:
@@ -371,19 +257,7 @@ class EntryWriter:
             existing = None
         if existing is not None and existing.key == self.key:
             return True
-        raise StaleCacheError(_stale_message(self.path, existing.key if existing else None, self.key))
-
-    def _open_staging(self, manifest: dict) -> None:
-        mfile = self.staging / "manifest.json"
-        if mfile.exists():
-            old = json.loads(mfile.read_text())
-            if old != manifest:
-                raise StaleCacheError(_stale_message(self.staging, old.get("key"), self.key, partial=True)
-                                      + ("" if old.get("key") != self.key else
-                                         " (same request, but the row list or chunk size changed)"))
-        else:
-            self.staging.mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(mfile, (_json(manifest) + "\n").encode())
+        raise StaleCacheError(stale_message(self.path, existing.key if existing else None, self.key))
 
     # -- chunks ----------------------------------------------------------------------------
     @property
@@ -400,23 +274,19 @@ class EntryWriter:
         except CacheError:
             return False
 
-    def _chunk_file(self, chunk: int) -> Path:
-        return self.staging / f"chunk-{chunk:07d}.npz"
-
     def pending(self) -> list[int]:
         """Chunks not yet staged (empty when the entry is already finished)."""
         if self.done or self._finished():
             self.done = True
             return []
-        return [c for c in range(self.num_chunks) if not self._chunk_file(c).exists()]
+        return [c for c in range(self.num_chunks) if not self._staging.has_chunk(c)]
 
     def write_chunk(self, chunk: int, features: np.ndarray, layers: Sequence[np.ndarray] = (),
                     skipped: Mapping[str, str] | None = None) -> None:
         """Stage one chunk. ``features`` holds the chunk's rows in order, minus ``skipped``
         ({id: reason}) rows, which must belong to the chunk."""
-        rows = self.rows(chunk)
         skipped = dict(skipped or {})
-        chunk_ids = [self.ids[i] for i in rows]
+        chunk_ids = [self.ids[i] for i in self.rows(chunk)]
         unknown = set(skipped) - set(chunk_ids)
         if unknown:
             raise CacheError(f"skipped ids {sorted(unknown)[:3]} are not in chunk {chunk}.")
@@ -424,53 +294,27 @@ class EntryWriter:
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[0] != len(kept):
             raise CacheError(f"chunk {chunk}: expected {len(kept)} feature rows, got {features.shape}.")
-        if not np.isfinite(features).all():
-            bad = kept[int(np.nonzero(~np.isfinite(features).all(1))[0][0])]
-            raise CacheError(f"chunk {chunk}: non-finite features for id {bad!r} (try --precision fp32).")
-        arrays = {"features": features, "ids": np.asarray(kept, dtype=str),
-                  "skipped": np.asarray([_json(skipped)])}
-        for k, layer in enumerate(layers):
-            arrays[f"layer{k}"] = np.asarray(layer, dtype=np.float32)
+        bad = first_nonfinite_row(features)
+        if bad is not None:
+            raise CacheError(f"chunk {chunk}: non-finite features for id {kept[bad]!r} (try --precision fp32).")
         if self._finished():  # another process completed the entry meanwhile
             return
-        target = self._chunk_file(chunk)
-        self.staging.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".npz", dir=self.staging)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        self._staging.write_chunk(chunk, Chunk(kept, features, list(layers), skipped))
 
     def write_note(self, name: str, data: Mapping) -> bool:
         """Store a small JSON record as ``<staging>/note-<name>.json`` (atomically; replaces an
         older note of that name). Multi-process extraction uses it to say which shard staged
         what, with its host and timing. Notes are ignored by everything else and vanish with
         the staging folder. Returns False (and writes nothing) once the entry is finished."""
-        if not _NOTE_NAME.fullmatch(name):
-            raise CacheError(f"Note name {name!r} must match {_NOTE_NAME.pattern}.")
-        with _locked(self.path):  # finalize removes the staging folder under this lock
-            if self.done or self._finished() or not self.staging.is_dir():
+        with locked(self.path):  # finalize removes the staging folder under this lock
+            if self.done or self._finished() or not self._staging.exists():
                 return False
-            _atomic_write_bytes(self.staging / f"note-{name}.json", (_json(dict(data)) + "\n").encode())
+            self._staging.write_note(name, data)
         return True
 
     def notes(self) -> dict[str, dict]:
         """{name: record} of the notes in the staging folder (empty when there is none)."""
-        out = {}
-        for p in sorted(self.staging.glob("note-*.json")) if self.staging.is_dir() else ():
-            with contextlib.suppress(OSError, ValueError):
-                out[p.stem[len("note-"):]] = json.loads(p.read_text())
-        return out
-
-    def _read_chunk(self, chunk: int) -> dict:
-        with np.load(self._chunk_file(chunk), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return self._staging.notes()
 
     def finalize(self, provenance: Mapping, skipped: Sequence[Mapping] = ()) -> Entry | None:
         """Assemble the staged chunks into the entry once every chunk is there.
@@ -482,66 +326,29 @@ class EntryWriter:
         be writing them). Safe to call from several processes: one assembles, the others find
         the finished entry.
         """
-        with _locked(self.path):
+        with locked(self.path):
             if self.path.exists():
                 entry = open_entry(self.path)
                 if entry.key == self.key:
                     self.done = True
                     return entry
-            missing = self.pending()
-            if missing:
+            if self.pending():
                 return None
-            parts = [self._read_chunk(c) for c in range(self.num_chunks)]
-        ids = [str(i) for p in parts for i in p["ids"]]
-        staged_skips = [{"id": i, "reason": r} for p in parts for i, r in json.loads(str(p["skipped"][0])).items()]
-        n_layers = sum(1 for k in parts[0] if k.startswith("layer")) if parts else 0
-        dim = next((p["features"].shape[1] for p in parts if p["features"].size), 0)
-        features = np.concatenate([p["features"].reshape(-1, dim) for p in parts]) if parts else np.zeros((0, 0))
-        layers = [np.concatenate([p[f"layer{k}"] for p in parts]) for k in range(n_layers)]
-        expected = [i for i in self.ids if i not in {s["id"] for s in staged_skips}]
-        if ids != expected:
+            parts = [self._staging.read_chunk(c) for c in range(self.num_chunks)]
+        ids = [i for p in parts for i in p.ids]
+        staged_skips = [{"id": i, "reason": r} for p in parts for i, r in p.skipped.items()]
+        left_out = {s["id"] for s in staged_skips}
+        if ids != [i for i in self.ids if i not in left_out]:
             raise CacheError(f"Staged chunks of {self.name!r} do not match the requested rows; rerun with --force.")
+        dim = next((p.features.shape[1] for p in parts if p.features.size), 0)
+        features = np.concatenate([p.features.reshape(-1, dim) for p in parts]) if parts else np.zeros((0, 0))
+        n_layers = max((len(p.layers) for p in parts), default=0)  # a chunk with every row skipped has none
+        layers = [np.concatenate([p.layers[k] for p in parts if k < len(p.layers)]) for k in range(n_layers)]
         for s in staged_skips:
             log.warning("%s: skipped %s (%s)", self.name, s["id"], s["reason"])
         entry = write_entry(self.path, self.name, ids, features, self.key, provenance, layers,
-                            [*skipped, *staged_skips],
-                            chunk_rows=self.chunk_rows)
-        with _locked(self.path):
-            shutil.rmtree(self.staging, ignore_errors=True)
+                            [*skipped, *staged_skips], chunk_rows=self.chunk_rows)
+        with locked(self.path):
+            self._staging.remove()
         self.done = True
         return entry
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256_lines(lines: Sequence[str]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for line in lines:
-        h.update(line.encode("utf-8") + b"\n")
-    return h.hexdigest()
-
-
-def _stale_message(path: Path, old: Mapping | None, new: Mapping, partial: bool = False) -> str:
-    what = "A partial extraction" if partial else "The cache entry"
-    if old is None:
-        return f"{what} {str(path)!r} is unreadable. Rerun with --force to recompute it."
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    shown = "; ".join(f"{k}: cached {old.get(k)!r} vs requested {new.get(k)!r}" for k in diff[:4])
-    return (f"{what} {str(path)!r} was made for a different request ({shown}). "
-            f"It is stale: rerun with --force to recompute it, or use another --cache folder.")

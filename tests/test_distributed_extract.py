@@ -85,13 +85,16 @@ def test_shard_parse_and_round_robin_ownership(monkeypatch):
 
 
 def test_torchrun_ranks_share_the_cores_for_dataloader_workers(monkeypatch):
-    from extract import run
+    from extract.loader import loader_workers
 
-    monkeypatch.setattr(run.os, "sched_getaffinity", lambda _: set(range(96)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(96)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert run._workers(-1) == 8 and run._workers(2) == 2  # min(8, 96 / 8 - 1); explicit values kept
-    monkeypatch.setattr(run.os, "sched_getaffinity", lambda _: set(range(16)))
-    assert run._workers(-1) == 1
+    assert loader_workers(-1) == 8 and loader_workers(2) == 2  # min(8, 96 / 8 - 1); explicit values kept
+    assert loader_workers(-1, text_on_cpu=True) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
+    assert loader_workers(-1) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers(-1) == 8  # one process: min(8, 16 - 1)
 
 
 def test_shards_then_merge_equal_one_process(flickr, tmp_path):

@@ -155,16 +155,51 @@ def _corrupt_one(folder: Path) -> str:
     return split.items[1].id
 
 
-def test_corrupt_image_errors_or_is_skipped_and_recorded(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_errors_or_is_skipped_and_recorded(tmp_path, workers):
+    """The same ImageError (and the same skip record) whether images are decoded in this process
+    or in a DataLoader worker, which must not turn it into a bare RuntimeError."""
     data = make_flickr30k(tmp_path / "data", n_per_split=(2, 2, 5))
     bad = _corrupt_one(data)
-    with pytest.raises(D.ImageError, match=f"{bad}.*--on-error skip"):
-        extract(_cfg(data, tmp_path / "c1"))
-    img, txt = extract(_cfg(data, tmp_path / "c2", on_error="skip"))
+    with pytest.raises(D.ImageError, match=f"{bad}.*--on-error skip") as err:
+        extract(_cfg(data, tmp_path / "c1", workers=workers))
+    assert type(err.value) is D.ImageError and err.value.sample_id == bad
+    img, txt = extract(_cfg(data, tmp_path / "c2", on_error="skip", workers=workers))
     assert bad not in img.ids and img.n == 4 and txt.n == 5
-    assert [s["id"] for s in img.skipped] == [bad]
+    assert [s["id"] for s in img.skipped] == [bad] and bad in img.skipped[0]["reason"]
     pairs = join_pairs(img, txt)  # the skip is recorded, so the join drops the caption with a warning
     assert len(pairs.text_rows) == 4
+
+
+def test_corrupt_image_in_a_worker_is_one_line_on_the_cli(tmp_path):
+    data = make_flickr30k(tmp_path / "data", n_per_split=(2, 2, 5))
+    bad = _corrupt_one(data)
+    res = CliRunner().invoke(extract_cli, ["--encoder", "tiny-resnet", "--data-dir", str(data), "--cache",
+                                           str(tmp_path / "c"), "--split", "test", "--workers", "1"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"Error: cannot decode the image of sample '{bad}'" in res.output and "--on-error skip" in res.output
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--set", "extract.device=tpu"], ["'tpu'", "cpu, cuda"]),
+    (["--set", "extract.precision=fp64"], ["extract.precision", "fp32, bf16, fp16", "'fp64'"]),
+    (["--set", "extract.precision=fp16", "--device", "cpu"], ["fp16 autocast is not supported on CPU"]),
+    (["--set", "extract.format=hdf5"], ["extract.format", "h5, zarr", "'hdf5'", "Did you mean: h5?"]),
+    (["--workers", "-2"], ["extract.workers must be >= 0, or -1"]),
+    (["--batch-size", "0"], ["extract.batch_size must be >= 1"]),
+    (["--set", "extract.chunk_rows=0"], ["extract.chunk_rows must be >= 1"]),
+    (["--set", "extract.layers=every"], ["extract.layers", "last, all", "'every'"]),
+])
+def test_bad_extract_values_are_refused_before_any_work(flickr, tmp_path, option, words):
+    """One line, no traceback, nothing written: the corrected rerun is not refused as stale."""
+    base = ["--encoder", "tiny-resnet", "--data-dir", str(flickr), "--cache", str(tmp_path), "--split", "val",
+            "--workers", "0"]
+    res = CliRunner().invoke(extract_cli, [*base, *option])
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
+    assert all(w in res.output for w in words) and "Traceback" not in res.output, res.output
+    assert not any(tmp_path.iterdir()), "a refused request must leave nothing in the cache"
+    res = CliRunner().invoke(extract_cli, base)
+    assert res.exit_code == 0, res.output
 
 
 def test_empty_caption_error_and_skip(tmp_path):
@@ -236,3 +271,17 @@ def test_alias_keeps_the_requested_name_as_entry(flickr, tmp_path, monkeypatch):
     assert entry.name == "tiny-alias" and entry.path.name == "tiny-alias.h5"
     assert entry.key["encoder"]["weights"] == E.REGISTRY["tiny-resnet"].weights
     assert find_entry(tmp_path, "flickr30k", "test", "tiny-alias").n == 5
+
+
+def test_values_set_in_code_are_checked_too(flickr, tmp_path):
+    """A config changed with dataclasses.replace skips the loader's checks; extract() still refuses
+    it before writing anything."""
+    from pipeline.errors import PipelineError
+
+    cfg = _cfg(flickr, tmp_path, ("tiny-resnet",))
+    for change in ({"precision": "fp64"}, {"on_error": "ignore"}, {"workers": -3}, {"device": "tpu"}):
+        bad = dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, **change))
+        with pytest.raises(PipelineError, match=str(next(iter(change.values())))):
+            extract(bad)
+    assert not any(tmp_path.iterdir())
+    assert extract(cfg)[0].key["precision"] == "fp32"
