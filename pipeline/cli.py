@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import click
 
 from pipeline.errors import PipelineError
-from pipeline.config import CHOICES, ConfigError, PipelineConfig, config_default, load_config
+from pipeline.config import CHOICES, PipelineConfig, config_default, load_config
 
 
 def config_options(func: Callable) -> Callable:
@@ -46,14 +46,11 @@ def config_values(kwargs: dict) -> dict[str, Any]:
 
 def build_config(config_path: str | None, overrides: tuple[str, ...], options: Mapping[str, Any],
                  verbose: int = 0) -> PipelineConfig:
-    """Configure logging, then load the config; config errors become click usage errors."""
+    """Configure logging, then load the config (errors are ConfigError, shown as one line)."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
-    try:
-        return load_config(config_path, overrides, options)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+    return load_config(config_path, overrides, options)  # a ConfigError is a PipelineError: one line
 
 
 def friendly_errors(func: Callable) -> Callable:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from pipeline.cache import entry_path, find_entry, write_entry
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.join import JoinError
 from pipeline.runs import aligned_name
 from train import fit as fit_mod
@@ -484,8 +484,8 @@ def test_exploding_loss_detected():
 
 
 def test_error_bad_config_values(cache_all):
-    with pytest.raises(TrainError, match="Did you mean: cosine"):
-        fit_adapters(tiny_cfg(cache_all, schedule="cosin"), progress=False)
+    with pytest.raises(ConfigError, match="Did you mean: cosine"):  # refused when the config is built
+        tiny_cfg(cache_all, schedule="cosin")
     with pytest.raises(TrainError, match="train.batch_size = 1"):
         fit_adapters(tiny_cfg(cache_all, batch_size=1), progress=False)
 
