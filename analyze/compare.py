@@ -38,6 +38,7 @@ from pipeline.cache import Entry, entry_filename, find_entry, list_entries
 from pipeline.config import PipelineConfig
 from pipeline.join import join_rows
 from pipeline.errors import PipelineError
+from train.retrieval import SUMMARY_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +414,8 @@ def retrieval_table(metrics: Mapping) -> dict[str, dict[str, float]]:
 
     def recalls(d: Mapping) -> dict[str, float]:
         return {k: float(v) for k, v in d.items()
-                if (str(k).startswith(RECALL_PREFIXES) or k == "mean_R") and isinstance(v, (int, float))}
+                if (str(k).startswith(RECALL_PREFIXES) or k == "mean_R" or k in SUMMARY_KEYS)
+                and isinstance(v, (int, float))}
 
     if _recall_keys(node):
         table["adapters"] = recalls(node)

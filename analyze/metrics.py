@@ -33,6 +33,7 @@ import scipy.sparse
 import torch
 import torch.nn.functional as F
 
+from analyze.kernel_alignment import kernel_alignment
 from analyze.kernels import (ScaledSqDist, as_features, centered, resolve_device, resolve_sigma,
                              sq_row_norms, tile_size, upper_tiles)
 
@@ -394,6 +395,7 @@ METRICS: dict[str, Callable[..., float]] = {
     "svcca": svcca,
     "cca": cca,
     "procrustes": procrustes,
+    "kernel_alignment": kernel_alignment,  # uncentred <K,L>_F / (||K||_F ||L||_F), Cristianini et al. 2002
 }
 
 

@@ -392,6 +392,8 @@ def _extract_modality(cfg: PipelineConfig, split: D.Split, specs: list[EncoderSp
             provenance = _multi_provenance(cfg, split, job.writer.notes(), team.device)
         else:
             provenance = {**_provenance(cfg, split, team.device), **timing}
+            if job.encoder is not None:  # frozen parameter count, for the report's cost table
+                provenance["parameters"] = sum(p.numel() for p in job.encoder.parameters())
         entry = job.writer.finalize(provenance, _skipped(split))
         if entry is None:
             missing = job.writer.pending()

@@ -36,6 +36,7 @@ class DataConfig:
     on_empty: str = "error"  # empty caption: error | skip (logged, recorded in the cache)
     missing: str = "error"  # missing image file: error | skip (logged, recorded in the cache)
     cache: str = "cache"  # feature-cache directory: <cache>/<dataset>/<split>/<entry>.h5|.zarr
+    label_from: str = "label"  # zero-shot class labels: a metadata column (imagefolder) | dir (first folder of file_name)
 
 
 @dataclass(frozen=True)
