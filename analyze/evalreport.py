@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 from analyze.compare import output_dir, read_run, run_name
 from analyze.evalrun import MODALITIES, open_run
@@ -25,6 +24,7 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 TRAINING_FREE_NAMES = {"local_cka": "local CKA (training-free)", "relative": "ASIF relative (training-free)"}
+PER_CLASS_ROWS = 30  # classes listed in the per-class accuracy table (most frequent first)
 ZEROSHOT_NAMES = {"adapters": "trained adapters", "cca": "CCA", "procrustes": "PCA + Procrustes",
                   "relative": "ASIF relative (training-free)"}
 
@@ -73,7 +73,10 @@ def section_zeroshot(doc, cfg: PipelineConfig, run: str) -> None:
         doc.figure(output_dir(cfg, "runs", run) / res["figures"]["confusion"],
                    "Zero-shot confusion matrix of the trained adapters (rows: true class)", "zeroshot-confusion.png")
     per = sorted(a["per_class"].items(), key=lambda kv: (-kv[1]["n"], kv[0]))
-    doc.table(["class", "test images", "top-1 (adapters)"], [[c.replace("_", " "), v["n"], v["top1"]] for c, v in per])
+    doc.table(["class", "test images", "top-1 (adapters)"],
+              [[c.replace("_", " "), v["n"], v["top1"]] for c, v in per[:PER_CLASS_ROWS]])
+    if len(per) > PER_CLASS_ROWS:
+        doc.para(f"Per-class accuracy of the {PER_CLASS_ROWS} most frequent of {len(per)} classes; all are in zeroshot.json.")
 
 
 def section_matching(doc, cfg: PipelineConfig, run: str) -> None:

@@ -18,7 +18,7 @@ Three methods that use only known pairs, no trained parameters:
 * ``relative_representation``: ASIF (Norelli et al. 2023). A sample is described by its cosine
   similarities to the anchors (the train pairs' images for an image, their captions for a
   caption), keeping the top ``k`` (others 0, negatives 0), raised to the power ``p`` and
-  L2-normalised; anchors are paired, so image and caption descriptions share coordinates and
+  L2-normalised (a sparse matrix, k non-zeros per row); anchors are paired, so image and caption descriptions share coordinates and
   are compared by cosine. Works for retrieval and for zero-shot classification.
 
 Inputs are raw encoder features; the command centres them with the train (anchor) mean first.
@@ -30,6 +30,7 @@ import logging
 import time
 
 import numpy as np
+import scipy.sparse
 from scipy.optimize import quadratic_assignment
 
 from analyze.compare import header, output_dir, subset_rows
@@ -138,19 +139,18 @@ def local_cka_scores(base_x, base_y, query_x, cand_y, kernel: str = "linear") ->
     m = Bx.shape[0] + 1
 
     def side(B: np.ndarray, Z: np.ndarray):
-        """Per query (or candidate) terms: cross kernel k (b, n), r_K (b,), k_qq (n,), sum(K_BB^2),
-        1'K_BB 1, and the self-HSIC of [B; z] for each z."""
+        """Terms of one side for every added row z of Z: the base kernel K_BB (b, b), the cross
+        kernel k (b, n), r_K (b,), k_zz (n,), 1'k (n,), 1'K1 (n,) and the self-HSIC of [B; z] (n,)."""
         K_BB = B @ B.T
         k, r, kzz = B @ Z.T, K_BB.sum(1), (Z * Z).sum(1)
-        s_bb, t = float((K_BB * K_BB).sum()), float(r.sum())
         sk = k.sum(0)
         row_dot = r @ r + 2 * (r @ k) + (k * k).sum(0) + (sk + kzz) ** 2  # ||K1||^2
-        total = t + 2 * sk + kzz
-        self_hsic = s_bb + 2 * (k * k).sum(0) + kzz**2 - 2 / m * row_dot + total**2 / m**2
-        return k, r, kzz, s_bb, t, sk, total, self_hsic, K_BB
+        total = r.sum() + 2 * sk + kzz  # 1'K1
+        self_hsic = (K_BB * K_BB).sum() + 2 * (k * k).sum(0) + kzz**2 - 2 / m * row_dot + total**2 / m**2
+        return K_BB, k, r, kzz, sk, total, self_hsic
 
-    kx, rx, kqq, _, _, skx, tot_x, hxx, Kx = side(Bx, Q)
-    ly, ry, lcc, _, _, sly, tot_y, hyy, Ly = side(By, C)
+    Kx, kx, rx, kqq, skx, tot_x, hxx = side(Bx, Q)
+    Ly, ly, ry, lcc, sly, tot_y, hyy = side(By, C)
     cross = float((Kx * Ly).sum()) + 2 * (kx.T @ ly) + np.outer(kqq, lcc)  # sum(K*L), (n_q, n_c)
     dots = (rx @ ry + (rx @ ly)[None, :] + (kx.T @ ry)[:, None] + kx.T @ ly
             + np.outer(skx + kqq, sly + lcc))  # (K1).(L1)
@@ -160,15 +160,24 @@ def local_cka_scores(base_x, base_y, query_x, cand_y, kernel: str = "linear") ->
 
 
 # ----------------------------------------------------------------------------- relative representations
-def relative_representation(Z, anchors, k: int = RELATIVE_K, p: float = RELATIVE_P) -> np.ndarray:
-    """(n, d) samples -> (n, m) ASIF descriptions against (m, d) anchors (module docstring)."""
+def relative_representation(Z, anchors, k: int = RELATIVE_K, p: float = RELATIVE_P,
+                            block: int = 1024) -> scipy.sparse.csr_matrix:
+    """(n, d) samples -> (n, m) ASIF descriptions against (m, d) anchors (module docstring), as a
+    sparse matrix with at most ``k`` non-zeros per row, unit rows. Rows are processed ``block``
+    at a time, so memory is O(block m + n k) even for many anchors."""
     Z, A = _rows(_as_2d(Z, "Z"), "cosine"), _rows(_as_2d(anchors, "anchors"), "cosine")
-    S = np.clip(Z @ A.T, 0, None)
-    k = min(k, S.shape[1])
-    if k < S.shape[1]:
-        cut = np.partition(S, S.shape[1] - k, axis=1)[:, S.shape[1] - k][:, None]  # k-th largest per row
-        S = np.where(S >= cut, S, 0.0)
-    return _rows(S**p, "cosine")
+    if Z.shape[1] != A.shape[1]:
+        raise ValueError(f"Z {Z.shape} and anchors {A.shape} must have the same number of columns.")
+    m, k = A.shape[0], min(k, A.shape[0])
+    parts = []
+    for s in range(0, Z.shape[0], block):
+        S = np.clip(Z[s:s + block] @ A.T, 0, None)
+        cols = np.argpartition(-S, k - 1, axis=1)[:, :k]  # the k largest per row (ties: any k of them)
+        vals = np.take_along_axis(S, cols, axis=1) ** p
+        vals /= np.maximum(np.linalg.norm(vals, axis=1, keepdims=True), 1e-300)
+        rows = np.repeat(np.arange(len(S)), k)
+        parts.append(scipy.sparse.csr_matrix((vals.ravel(), (rows, cols.ravel())), shape=(len(S), m)))
+    return scipy.sparse.vstack(parts, format="csr") if parts else scipy.sparse.csr_matrix((0, m))
 
 
 def relative_scores(image, text, anchor_image, anchor_text, k: int = RELATIVE_K,
@@ -176,7 +185,9 @@ def relative_scores(image, text, anchor_image, anchor_text, k: int = RELATIVE_K,
     """(n_images, n_texts) cosine similarity of the ASIF descriptions; anchor rows paired."""
     if len(anchor_image) != len(anchor_text):
         raise ValueError(f"anchor_image and anchor_text must be paired; got {len(anchor_image)} and {len(anchor_text)} rows.")
-    return relative_representation(image, anchor_image, k, p) @ relative_representation(text, anchor_text, k, p).T
+    R_img = relative_representation(image, anchor_image, k, p)
+    R_txt = relative_representation(text, anchor_text, k, p)
+    return (R_img @ R_txt.T).toarray()
 
 
 def retrieval_from_scores(scores: np.ndarray, text_to_image: np.ndarray) -> dict[str, float]:

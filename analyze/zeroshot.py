@@ -139,8 +139,8 @@ def _method_scores(rv: RunView, test, prompts: np.ndarray, n_classes: int) -> di
     train = rv.split("train")
     mx, my = train.image.mean(0), train.text.mean(0)
     anchors_x, anchors_y = train.image[train.text_to_image] - mx, train.text - my  # one anchor per train pair
-    out["relative"] = class_scores(relative_representation(test.image - mx, anchors_x),
-                                   class_embeddings(relative_representation(prompts - my, anchors_y), n_classes))
+    classes = class_embeddings(relative_representation(prompts - my, anchors_y).toarray(), n_classes)
+    out["relative"] = np.asarray(relative_representation(test.image - mx, anchors_x) @ classes.T)  # unit rows
     return out
 
 

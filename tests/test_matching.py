@@ -87,10 +87,14 @@ def test_local_cka_retrieves_the_matching_caption():
 def test_relative_representation_by_hand():
     anchors = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     Z = np.array([[3.0, 4.0]])  # cosines 0.6, 0.8, -0.6
-    full = relative_representation(Z, anchors, k=3, p=1)
+    full = relative_representation(Z, anchors, k=3, p=1).toarray()
     np.testing.assert_allclose(full, [[0.6, 0.8, 0.0]])  # negatives dropped, row normalised
-    top1 = relative_representation(Z, anchors, k=1, p=2)
+    top1 = relative_representation(Z, anchors, k=1, p=2).toarray()
     np.testing.assert_allclose(top1, [[0.0, 1.0, 0.0]])
+    squared = relative_representation(np.vstack([Z, -Z]), anchors, k=2, p=2, block=1).toarray()
+    # squares 0.36, 0.64 renormalised; -Z has one positive cosine (0.6 with the third anchor)
+    np.testing.assert_allclose(squared, [[0.36 / np.hypot(0.36, 0.64), 0.64 / np.hypot(0.36, 0.64), 0.0],
+                                         [0.0, 0.0, 1.0]], atol=1e-12)
 
 
 def test_relative_scores_match_paired_anchors():
