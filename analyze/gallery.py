@@ -87,13 +87,15 @@ def build_gallery(cfg: PipelineConfig, run: str | None = None) -> tuple[str, str
     for i in choose(ranks["i2t"], N_EXAMPLES, cfg.analyze.seed):
         top = np.argsort(-S[i], kind="stable")[:TOP]
         lines = [f"{'✓ ' if test.text_to_image[t] == i else ''}{caption_of[test.text_ids[t]]} ({S[i, t]:.2f})" for t in top]
-        note = "" if ranks["i2t"][i] < TOP else f"true caption ranked {ranks['i2t'][i] + 1}"
+        best_own = max(np.flatnonzero(test.text_to_image == i), key=lambda t: S[i, t])
+        note = "" if ranks["i2t"][i] < TOP else (f"true caption, ranked {ranks['i2t'][i] + 1}: "
+                                                  f"{caption_of[test.text_ids[best_own]]} ({S[i, best_own]:.2f})")
         md.append(f"\n![{test.image_ids[i]}]({thumb(i)}) `{test.image_ids[i]}`\n")
         md += [f"{r + 1}. {line}" for r, line in enumerate(lines)] + ([f"\n*{note}*"] if note else [])
         items = "".join(f"<li>{'<b>' if ln.startswith('✓') else ''}{html.escape(ln)}{'</b>' if ln.startswith('✓') else ''}</li>"
                         for ln in lines)
         body.append(f"<tr><td>{_img(thumb(i), False, test.image_ids[i])}<br><code>{html.escape(test.image_ids[i])}</code>"
-                    f"</td><td style=\"text-align:left\"><ol>{items}</ol>{html.escape(note)}</td></tr>")
+                    f"</td><td style=\"text-align:left\"><ol>{items}</ol><small>{html.escape(note)}</small></td></tr>")
     body.append("</tbody></table>")
     md.append(f"\nCaptions and their top-{TOP} images (✓ = the caption's image, framed green in the HTML):")
     body.append(f"<p>Captions and their top-{TOP} images (green frame = the caption's image).</p><table><tbody>")
@@ -101,11 +103,14 @@ def build_gallery(cfg: PipelineConfig, run: str | None = None) -> tuple[str, str
         top = np.argsort(-S[:, t], kind="stable")[:TOP]
         true = int(test.text_to_image[t])
         caption = caption_of[test.text_ids[t]]
-        note = "" if ranks["t2i"][t] < TOP else f"its image ranked {ranks['t2i'][t] + 1}"
+        note = "" if ranks["t2i"][t] < TOP else f"its image, ranked {ranks['t2i'][t] + 1} ({S[true, t]:.2f}):"
         md.append(f"\n> {caption}\n\n" + " ".join(f"{'✓' if i == true else ''}![{test.image_ids[i]}]({thumb(i)})"
-                                                   for i in top) + (f"\n\n*{note}*" if note else ""))
+                                                   for i in top)
+                  + (f"\n\n*{note}* ![{test.image_ids[true]}]({thumb(true)})" if note else ""))
         cells = "".join(_img(thumb(int(i)), i == true, test.image_ids[i]) for i in top)
-        body.append(f"<tr><td style=\"text-align:left;max-width:260px\">{html.escape(caption)}<br>"
-                    f"<small>{html.escape(note)}</small></td><td style=\"text-align:left\">{cells}</td></tr>")
+        if note:
+            cells += f"<br><small>{html.escape(note)}</small><br>{_img(thumb(true), True, test.image_ids[true])}"
+        body.append(f"<tr><td style=\"text-align:left;max-width:260px\">{html.escape(caption)}</td>"
+                    f"<td style=\"text-align:left\">{cells}</td></tr>")
     body.append("</tbody></table>")
     return "\n".join(md), "\n".join(body)
