@@ -38,6 +38,8 @@ demo: install $(TUX_DEB)
 	$(BIN)/extract --config configs/demo.toml
 	$(BIN)/fit-adapters --config configs/demo.toml
 	$(BIN)/analyze platonic --config configs/demo.toml
+	$(BIN)/analyze zeroshot --config configs/demo.toml
+	$(BIN)/analyze matching --config configs/demo.toml
 	$(BIN)/analyze report --config configs/demo.toml
 
 bench: install

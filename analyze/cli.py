@@ -3,7 +3,8 @@
 Each subcommand parses options into the pipeline config and calls one library function:
 ``cka`` -> analyze.compare.compare_entries, ``platonic`` -> analyze.platonic.platonic_test,
 ``layers`` -> analyze.layers.compare_layers, ``pairs`` -> analyze.pairs.rank_pairs,
-``report`` -> analyze.report.build_report. Outputs go under ``<analyze.out>/<dataset>/<split>/``
+``report`` -> analyze.report.build_report, ``zeroshot`` -> analyze.zeroshot.zero_shot,
+``matching`` -> analyze.matching.run_matching. Outputs go under ``<analyze.out>/<dataset>/<split>/``
 (layout in analyze.compare's docstring).
 """
 
@@ -15,9 +16,11 @@ import click
 
 from analyze.compare import compare_entries
 from analyze.layers import compare_layers
+from analyze.matching import BASE_ROWS, KERNELS, QAP_ROWS, SEED_FRACTION, run_matching
 from analyze.pairs import rank_pairs
 from analyze.platonic import SIDES, TERMS, platonic_test
 from analyze.report import build_report
+from analyze.zeroshot import zero_shot
 from pipeline.cli import build_config, config_options, friendly_errors
 from pipeline.config import PipelineConfig
 from similarity.metrics import METRICS
@@ -194,3 +197,63 @@ def report(run, reference, image, text, bootstrap, permutations, **kw):
     click.echo(f"report: {md}")
     click.echo(f"report: {md.with_suffix('.html')}")
 
+
+
+def _table(rows: dict, columns: list[str], first: str = "method") -> str:
+    lines = [f"{first:<12}" + "".join(f"{c:>10}" for c in columns)]
+    for name, r in rows.items():
+        lines.append(f"{name:<12}" + "".join(f"{r[c]:>10.3f}" if isinstance(r.get(c), (int, float)) else f"{'-':>10}"
+                                             for c in columns))
+    return "\n".join(lines)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--run", help="fit-adapters run name (default: train.name, else <image>-<text>-<adapter>).")
+@click.option("--templates", type=click.Path(exists=True, dir_okay=False),
+              help="Prompt templates, one per line with {} for the class name (default: a short CLIP-style set).")
+@_option("--label-from", key="data.label_from", text="Class labels: a metadata column, or dir (first folder of file_name).")
+@click.option("--force", is_flag=True, help="Recompute the cached prompt features (needed when they are stale).")
+@common_options
+@friendly_errors
+def zeroshot(run, templates, label_from, force, **kw):
+    """Zero-shot classification of the split's images by class prompts through the run's text
+    adapter, next to the CCA / Procrustes baselines and the training-free ASIF method.
+
+    Example: analyze zeroshot --config configs/demo.toml --label-from dir
+    """
+    cfg = _config(kw, {"data.label_from": label_from})
+    res = zero_shot(cfg, run, templates, force)
+    click.echo(f"run {res['run']}: {res['n']} {cfg.analyze.split} images, {len(res['classes'])} classes, "
+               f"{len(res['templates'])} templates ({res['seconds']:.1f} s)")
+    cols = ["top1", "top5", "balanced"]
+    click.echo(_table({**res["results"], "chance": res["chance"]}, cols))
+    click.echo(f"majority class: {res['chance']['majority']:.3f}")
+    click.echo(f"wrote {res['out']}/zeroshot.json")
+
+
+@main.command(context_settings=CONTEXT, help=f"""Training-free matching and retrieval: seeded quadratic
+assignment of images to captions, local-CKA retrieval and ASIF relative representations, next to the
+run's adapters and the CCA / Procrustes baselines on the same rows.
+
+Quadratic assignment is cubic in the rows: it matches --max-rows images ({QAP_ROWS} when --max-rows is 0).
+
+Example: analyze matching --config configs/demo.toml""")
+@click.option("--run", help="fit-adapters run name (default: train.name, else <image>-<text>-<adapter>).")
+@click.option("--seeds", type=float, default=SEED_FRACTION, show_default=True,
+              help="Known pairs for seeded matching: a fraction of the matched rows (< 1) or a count.")
+@click.option("--kernel", type=click.Choice(KERNELS), default="linear", show_default=True,
+              help="Kernel of the matching and of local CKA (on train-mean-centred features).")
+@click.option("--base-rows", type=int, default=BASE_ROWS, show_default=True,
+              help="Train pairs in the local-CKA base set (cost grows with it).")
+@common_options
+@friendly_errors
+def matching(run, seeds, kernel, base_rows, **kw):
+    cfg = _config(kw, {})
+    res = run_matching(cfg, run, seeds, kernel, base_rows)
+    click.echo(f"run {res['run']}: retrieval on {res['n_images']} images, {res['n_texts']} captions "
+               f"(training-free: {', '.join(res['training_free'])})")
+    click.echo(_table(res["retrieval"], ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]))
+    for name, m in res["matching"].items():
+        click.echo(f"seeded matching ({name}): {m['accuracy']:.3f} of {m['n'] - m['seeds']} unseeded rows "
+                   f"(chance {m['chance']:.3f}, {m['seeds']} seeds, {m['seconds']:.1f} s)")
+    click.echo(f"wrote {res['out']}/matching.json")

@@ -28,6 +28,7 @@ from typing import Sequence
 
 from analyze import plots
 from analyze.compare import compare_entries, default_entries, output_dir
+from analyze.evalreport import eval_sections, training_free_rows
 from analyze.pairs import modality
 from analyze.platonic import SIDES, TERMS, platonic_test
 from pipeline.cache import CacheError, Entry, find_entry, list_entries, list_splits
@@ -38,6 +39,8 @@ from pipeline.runs import (ADAPTERS_METHOD, RECALL_COLUMNS, RunFolder, RunNotFou
 from pipeline.runtime import utc_now
 
 log = logging.getLogger(__name__)
+
+RANK_COLUMNS = ("rsum", "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr")  # train.retrieval.SUMMARY_KEYS
 PLATONIC_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations")  # analyze settings that
 #   must match for a saved platonic.json to be reused (the entries are compared too)
 
@@ -60,6 +63,10 @@ class Document:
     def table(self, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
         self.blocks.append(("table", list(columns), [list(r) for r in rows]))
 
+    def raw(self, markdown: str, html_text: str) -> None:
+        """A block given ready-made in both formats (e.g. the gallery with embedded thumbnails)."""
+        self.blocks.append(("raw", markdown, html_text))
+
     def figure(self, path: str | Path, caption: str, name: str | None = None) -> None:
         """Copy the PNG next to the report (as ``name``) and show it."""
         src = Path(path)
@@ -81,6 +88,8 @@ class Document:
                 out += ["| " + " | ".join(map(cell, r)) + " |" for r in b[2]] + [""]
             elif b[0] == "fig":
                 out += [f"![{b[2]}]({b[1].name})", "", f"*{b[2]}*", ""]
+            elif b[0] == "raw":
+                out += [b[1], ""]
         return "\n".join(out)
 
     def html(self) -> str:
@@ -95,6 +104,8 @@ class Document:
                 head = "".join(f"<th>{e(_cell(c))}</th>" for c in b[1])
                 rows = "".join("<tr>" + "".join(f"<td>{e(_cell(v))}</td>" for v in r) + "</tr>" for r in b[2])
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            elif b[0] == "raw":
+                body.append(b[2])
             elif b[0] == "fig":
                 body.append(f'<figure><img src="{plots.png_base64(b[1])}" alt="{e(b[2])}">'
                             f"<figcaption>{e(b[2])}</figcaption></figure>")
@@ -240,12 +251,17 @@ def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunFolder | None)
         doc.para("No test retrieval metrics (metrics.json) for this run yet.")
         return
     sizes = _test_sizes(cfg, run)
-    rows = [[method, *(vals.get(c) for c in RECALL_COLUMNS)] for method, vals in table.items()]
+    extra = training_free_rows(cfg, run.name, sizes[0] if sizes else None) if cfg.analyze.split == "test" else {}
+    columns = RECALL_COLUMNS + RANK_COLUMNS
+    rows = [[method, *(vals.get(c) for c in columns)] for method, vals in {**table, **extra}.items()]
     if sizes:
         chance = {c: chance_recall(c, *sizes) for c in RECALL_COLUMNS if c != "mean_R"}
         chance["mean_R"] = sum(chance.values()) / len(chance)
-        rows.append(["chance", *(chance[c] for c in RECALL_COLUMNS)])
-    doc.table(["method", *RECALL_COLUMNS], rows)
+        chance["rsum"] = 100 * sum(v for c, v in chance.items() if c != "mean_R")
+        chance["t2i_meanr"] = (sizes[0] + 1) / 2  # uniform rank among n_images
+        chance["i2t_meanr"] = (sizes[1] + 1) / (max(1, round(sizes[1] / sizes[0])) + 1)  # best of c uniform ranks
+        rows.append(["chance", *(chance.get(c) for c in columns)])
+    doc.table(["method", *columns], rows)
     res = run.metrics.adapters
     if res is None:
         doc.para(f"The run's metrics have no {ADAPTERS_METHOD!r} row (the trained adapters); only baselines are shown.")
@@ -261,7 +277,8 @@ def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunFolder | None)
         best = max(others, key=others.get)
         word = "above" if res["mean_R"] > others[best] else "below"
         text += f"; mean recall {res['mean_R']:.3f}, {word} the best baseline ({best}, {others[best]:.3f})"
-    doc.para(text + ". Chance: t2i R@K = K/n_images; i2t R@K = 1 - C(n_texts - c, K)/C(n_texts, K) for c captions per image.")
+    doc.para(text + ". Chance: t2i R@K = K/n_images; i2t R@K = 1 - C(n_texts - c, K)/C(n_texts, K) for c captions per image. "
+             "RSUM: the six recalls summed, in percent; medr / meanr: median / mean rank of the true item (1 = first).")
 
 
 def _reusable(path: Path, cfg: PipelineConfig, keys: Sequence[str], entries: Sequence[str]) -> dict | None:
@@ -358,6 +375,7 @@ def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
     section_encoders(doc, cfg)
     section_training(doc, info)
     section_retrieval(doc, cfg, info)
+    eval_sections(doc, cfg, run)
     section_heatmaps(doc, cfg)
     section_platonic(doc, cfg, run)
     md = folder / "report.md"

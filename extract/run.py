@@ -249,6 +249,8 @@ def _finish(cfg: PipelineConfig, split: D.Split, job: _Job, us: Team, timing: di
         provenance = _multi_provenance(cfg, split, job.writer.notes(), us.device)
     else:
         provenance = {**_provenance(cfg, split, us.device), **timing}
+        if job.encoder is not None:  # frozen parameter count, for the report's cost table
+            provenance["parameters"] = sum(p.numel() for p in job.encoder.parameters())
     entry = job.writer.finalize(provenance, _skipped(split))
     if entry is None:
         missing = job.writer.pending()

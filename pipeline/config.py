@@ -38,6 +38,7 @@ class DataConfig:
     options: dict = field(default_factory=dict)  # the format's own options, e.g. {"caption_column": "text"}
     #   (imagefolder), {"restval": "train"} (coco); README: Datasets
     cache: str = "cache"  # feature-cache directory: <cache>/<dataset>/<split>/<entry>.h5|.zarr
+    label_from: str = "label"  # zero-shot class labels: a metadata column (imagefolder) | dir (first folder of file_name)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up length in epochs
     temperature: float = 0.07  # InfoNCE temperature tau (initial value when learnable)
     learnable_temperature: bool = False  # learn log(1/tau), clamped at 1/tau <= 100 as CLIP does
+    loss: str = "infonce"  # infonce | vsepp (hinge on the hardest negative, VSE++; margin below)
+    loss_direction: str = "symmetric"  # symmetric | image_to_text (the proposal's one-directional sum)
+    normalize: bool = True  # loss on L2-normalised embeddings; false = raw inner products / tau (the proposal)
+    margin: float = 0.2  # VSE++ hinge margin (loss = "vsepp" only)
     mixup: float = 0.0  # latent mixup alpha (0 = off); one lambda ~ Beta(alpha, alpha) for both modalities
     standardize: bool = True  # z-score inputs with train-split mean/std (saved with the adapters)
     seed: int = 0  # seeds init, batch order and mixup

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import did_you_mean
 from pipeline.runtime import resolve_device
+from similarity.kernel_alignment import kernel_alignment
 from similarity.kernels import (MetricError, ScaledSqDist, as_features, centered, resolve_sigma, sq_row_norms,
                                 tile_size, upper_tiles)
 
@@ -390,6 +391,7 @@ METRICS: dict[str, Callable[..., float]] = {
     "svcca": svcca,
     "cca": cca,
     "procrustes": procrustes,
+    "kernel_alignment": kernel_alignment,  # uncentred <K,L>_F / (||K||_F ||L||_F), Cristianini et al. 2002
 }
 
 

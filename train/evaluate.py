@@ -15,7 +15,7 @@ from similarity.metrics import cka
 from train.adapters import AlignModel
 from train.data import SplitData, TrainData, read_features
 from train.errors import TrainError
-from train.retrieval import recall_at_k
+from train.retrieval import retrieval_summary
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def retrieval_metrics(model: AlignModel, split: SplitData) -> dict[str, float]:
     for n, ((a, b), r) in enumerate(split.retrieval.items()):
         ea = embed(model, a, split.features[a][r.rows_a])
         eb = embed(model, b, split.features[b][r.rows_b])
-        res = recall_at_k(ea, eb, r.b_to_a)
+        res = retrieval_summary(ea, eb, r.b_to_a)
         out.update(res if n == 0 else {f"{a}-{b}/{k}": v for k, v in res.items()})
     return out
 

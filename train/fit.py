@@ -1,6 +1,7 @@
 """The training stage: ``fit_adapters(cfg) -> RunResult``.
 
-Trains one adapter per modality with symmetric InfoNCE (mean over modality pairs) on the train
+Trains one adapter per modality with symmetric InfoNCE (mean over modality pairs; ``train.loss``,
+``loss_direction`` and ``normalize`` select VSE++, a one-directional or an unnormalised loss) on the train
 split, evaluates val retrieval (and, with a reference entry, val linear CKA) every
 ``eval_every`` epochs, keeps the epoch with the best val mean recall, then reports test
 recall next to the closed-form baselines and writes the run folder and the aligned entries.
@@ -38,8 +39,8 @@ from train.data import SPLITS, SplitData, TrainData, load_data
 from train.distributed import Dist, gather_with_grad, setup
 from train.errors import ConfigValueError, TrainError, TrainingDiverged
 from train.evaluate import Reference, check_finite, load_reference, retrieval_metrics
-from train.losses import multi_info_nce
-from train.retrieval import recall_at_k
+from train.losses import DIRECTIONS, LOSSES, multi_info_nce, pair_loss
+from train.retrieval import retrieval_summary
 from train.stream import StreamSplit
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,13 @@ def check_config(tc: TrainConfig) -> None:
         hint = did_you_mean(tc.schedule, SCHEDULES)
         raise ConfigValueError(f"Unknown schedule train.schedule = {tc.schedule!r}.{hint} "
                                f"Use one of: {', '.join(SCHEDULES)}.")
-    rules = [("epochs", tc.epochs >= 1), ("batch_size", tc.batch_size >= 2), ("lr", tc.lr > 0),
+    for key, allowed in (("loss", LOSSES), ("loss_direction", DIRECTIONS)):
+        value = getattr(tc, key)
+        if value not in allowed:
+            raise ConfigValueError(f"Unknown train.{key} = {value!r}.{did_you_mean(value, allowed)} "
+                                   f"Use one of: {', '.join(allowed)}.")
+    rules = [("margin", tc.margin >= 0), ("epochs", tc.epochs >= 1), ("batch_size", tc.batch_size >= 2),
+             ("lr", tc.lr > 0),
              ("dim", tc.dim >= 1), ("temperature", tc.temperature > 0), ("mixup", tc.mixup >= 0),
              ("eval_every", tc.eval_every >= 1), ("warmup_epochs", tc.warmup_epochs >= 0),
              ("weight_decay", tc.weight_decay >= 0), ("dropout", 0 <= tc.dropout < 1),
@@ -169,6 +176,7 @@ class Trainer:
         self.graph = (self.device.type == "cuda" and not self.dist.enabled) if graph is None else graph
         if self.graph and self.dist.enabled:
             raise TrainError("CUDA graphs are not supported with several processes; use graph=False.")
+        self.loss = pair_loss(tc)  # (a, b, logit_scale) -> scalar: train.loss, loss_direction, normalize
         self.opt = make_optimizer(model, tc, capturable=self.graph)
         self.lr_at = lr_schedule(tc, self.steps_per_epoch)
         self.step_count = 0
@@ -193,7 +201,7 @@ class Trainer:
         zs, scale = self.embed(xs)
         if self.dist.enabled:
             zs = [gather_with_grad(z) for z in zs]  # (batch, dim): every rank sees all negatives
-        return multi_info_nce(zs, scale)
+        return multi_info_nce(zs, scale, self.loss)
 
     def _body(self) -> None:
         """Forward, backward and update on the static buffers (also what the graph records)."""
@@ -369,7 +377,7 @@ def baseline_metrics(data: TrainData, dim: int) -> dict[str, dict[str, float]]:
     out = {}
     for name, fit in FROM_MOMENTS.items():
         al = fit(mom, dim)
-        out[name] = recall_at_k(al.a(test.features[a][r.rows_a]), al.b(test.features[b][r.rows_b]), r.b_to_a)
+        out[name] = retrieval_summary(al.a(test.features[a][r.rows_a]), al.b(test.features[b][r.rows_b]), r.b_to_a)
     return out
 
 

@@ -1,35 +1,107 @@
-"""Symmetric InfoNCE (the CLIP loss) on L2-normalised embeddings."""
+"""Contrastive losses between paired embeddings: InfoNCE (the CLIP loss, the default) and the
+VSE++ hinge loss with the hardest negative, each symmetric or one-directional, on
+L2-normalised embeddings (default) or on raw inner products.
+
+Options (``[train]``): ``loss`` ("infonce" | "vsepp"), ``loss_direction`` ("symmetric" |
+"image_to_text", the proposal's one-directional sum: image queries, caption candidates),
+``normalize`` (false = the proposal's raw inner products <W_x x, W_y y> / tau) and ``margin``
+(VSE++). ``pair_loss(tc)`` turns them into one function; ``multi_info_nce`` averages it over
+every pair of modalities (the first of a pair plays the image).
+"""
 
 from __future__ import annotations
 
+import difflib
 import itertools
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+LOSSES = ("infonce", "vsepp")  # train.loss
+DIRECTIONS = ("symmetric", "image_to_text")  # train.loss_direction
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """Symmetric InfoNCE between paired rows.
+PairLoss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | float"], torch.Tensor]  # (a, b, logit_scale)
 
-    a, b: (batch, dim) embeddings, row i of ``a`` paired with row i of ``b`` (normalised here).
-    logit_scale: 1/tau (scalar).
-    Returns a scalar: (CE(a -> b) + CE(b -> a)) / 2, where row i's target is column i.
+
+def _similarities(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """(batch, batch) inner products a_i . b_j, of L2-normalised rows when ``normalize``."""
+    if normalize:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    return a @ b.T
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        close = difflib.get_close_matches(str(direction), DIRECTIONS, n=1)
+        hint = f" Did you mean: {close[0]}?" if close else ""
+        raise ValueError(f"Unknown loss direction {direction!r}.{hint} Use one of: {', '.join(DIRECTIONS)}.")
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, normalize: bool = True,
+             direction: str = "symmetric") -> torch.Tensor:
+    """InfoNCE between paired rows.
+
+    a, b: (batch, dim) embeddings, row i of ``a`` paired with row i of ``b``.
+    logit_scale: 1/tau (scalar). logits_ij = logit_scale * <a_i, b_j> (rows L2-normalised first
+    when ``normalize``; raw inner products otherwise, as the proposal writes it).
+    Returns a scalar: symmetric: (CE(a -> b) + CE(b -> a)) / 2; image_to_text: CE(a -> b), the
+    mean over i of -log softmax_j(logits_ij) at j = i.
     Random pairs give about log(batch); identical pairs at a low temperature give about 0.
     """
-    a = F.normalize(a, dim=-1)
-    b = F.normalize(b, dim=-1)
-    logits = logit_scale * (a @ b.T)  # (batch, batch)
+    _check_direction(direction)
+    logits = logit_scale * _similarities(a, b, normalize)  # (batch, batch)
     target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    forward = F.cross_entropy(logits, target)
+    if direction == "image_to_text":
+        return forward
+    return 0.5 * (forward + F.cross_entropy(logits.T, target))
 
 
-def multi_info_nce(embeddings: Sequence[torch.Tensor], logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """Mean of ``info_nce`` over every pair of modalities.
+def vsepp(a: torch.Tensor, b: torch.Tensor, margin: float = 0.2, normalize: bool = True,
+          direction: str = "symmetric") -> torch.Tensor:
+    """VSE++ max-of-hinges loss (Faghri et al. 2018): only the hardest negative counts.
+
+    With s_ij = <a_i, b_j> (a, b: (batch, dim), rows L2-normalised when ``normalize``):
+    image_to_text: mean over i of max_{j != i} [margin - s_ii + s_ij]_+ ;
+    symmetric: adds the caption-query term max_{j != i} [margin - s_ii + s_ji]_+ (the sum of
+    both, as VSE++ defines it; averaged over the batch instead of summed).
+    """
+    _check_direction(direction)
+    s = _similarities(a, b, normalize)
+    pos = s.diagonal()
+    eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+    hinge = (margin - pos[:, None] + s).clamp_min(0).masked_fill(eye, 0.0)  # row i: caption j for image i
+    loss = hinge.amax(1)
+    if direction == "symmetric":
+        loss = loss + (margin - pos[None, :] + s).clamp_min(0).masked_fill(eye, 0.0).amax(0)  # column j: images for caption j
+    return loss.mean()
+
+
+def pair_loss(tc) -> PairLoss:
+    """The configured loss as ``f(a, b, logit_scale)`` from a TrainConfig (``loss``,
+    ``loss_direction``, ``normalize``, ``margin``); VSE++ ignores the logit scale."""
+    _check_direction(tc.loss_direction)
+    if tc.loss == "infonce":
+        return partial(info_nce, normalize=tc.normalize, direction=tc.loss_direction)
+    if tc.loss == "vsepp":
+        def hinge(a, b, logit_scale):
+            return vsepp(a, b, tc.margin, normalize=tc.normalize, direction=tc.loss_direction)
+        return hinge
+    close = difflib.get_close_matches(str(tc.loss), LOSSES, n=1)
+    hint = f" Did you mean: {close[0]}?" if close else ""
+    raise ValueError(f"Unknown loss {tc.loss!r}.{hint} Use one of: {', '.join(LOSSES)}.")
+
+
+def multi_info_nce(embeddings: Sequence[torch.Tensor], logit_scale: torch.Tensor | float,
+                   loss: PairLoss = info_nce) -> torch.Tensor:
+    """Mean of ``loss`` (default: symmetric InfoNCE) over every pair of modalities (i < j, the
+    earlier modality as ``a``).
 
     embeddings: M >= 2 tensors of shape (batch, dim), rows aligned across modalities.
     """
     pairs = list(itertools.combinations(range(len(embeddings)), 2))
     if not pairs:
         raise ValueError("InfoNCE needs at least two modalities.")
-    return sum(info_nce(embeddings[i], embeddings[j], logit_scale) for i, j in pairs) / len(pairs)
+    return sum(loss(embeddings[i], embeddings[j], logit_scale) for i, j in pairs) / len(pairs)

@@ -10,6 +10,12 @@ counts in the query's favour, and results never depend on sort order.
 
 Queries are processed in blocks, so memory is O(block * candidates), e.g. 512 x 25,000
 floats for 25,000 captions x 5,000 images.
+
+Summary figures (``retrieval_summary``, same ranks and tie rule): RSUM = the sum of the six
+recalls i2t/t2i R@1/5/10 in percent (0-600, as VSE++ and SCAN quote it), and the median and
+mean rank of the correct item in each direction, 1-based (1 = ranked first; image-to-text uses
+the best-ranked of the image's captions). ``ranks_from_scores`` gives the same ranks for a
+precomputed (n_images, n_texts) score matrix (methods that are not a cosine of embeddings).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 KS = (1, 5, 10)  # default recall cut-offs
+SUMMARY_KEYS = ("rsum", "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")  # retrieval_summary's extra keys
 BLOCK = 512  # queries scored at once (memory: BLOCK x candidates floats)
 
 
@@ -64,6 +71,65 @@ def _ranks_i2t(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, block: i
     return torch.cat(out)
 
 
+def _prepare(image_emb, text_emb, text_to_image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated unit-row image (n_images, d) and text (n_texts, d) tensors and text_to_image (n_texts,)."""
+    img = _as_tensor(image_emb)
+    txt = _as_tensor(text_emb, img.device, img.dtype)
+    t2i = _as_tensor(text_to_image, img.device, torch.long)
+    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
+        raise ValueError(f"image_emb (n_images, d) and text_emb (n_texts, d) must share d; "
+                         f"got {tuple(img.shape)} and {tuple(txt.shape)}.")
+    _check_t2i(t2i, img.shape[0], txt.shape[0])
+    return _unit_rows(img, "image_emb"), _unit_rows(txt, "text_emb"), t2i
+
+
+def _check_t2i(t2i: torch.Tensor, n_images: int, n_texts: int) -> None:
+    if t2i.shape != (n_texts,):
+        raise ValueError(f"text_to_image must have shape ({n_texts},), got {tuple(t2i.shape)}.")
+    if len(t2i) and (t2i.min() < 0 or t2i.max() >= n_images):
+        raise ValueError(f"text_to_image values must lie in [0, {n_images}).")
+    if n_images == 0 or n_texts == 0:
+        raise ValueError("recall_at_k needs at least one image and one caption.")
+    if torch.bincount(t2i, minlength=n_images).min() == 0:
+        raise ValueError("Every image needs at least one caption (text_to_image misses some rows).")
+
+
+def _recalls(ranks: dict[str, torch.Tensor], ks) -> dict[str, float]:
+    out = {f"{way}_R@{k}": float((r < k).double().mean()) for way, r in ranks.items() for k in ks}
+    out["mean_R"] = float(np.mean(list(out.values())))
+    return out
+
+
+def summarize_ranks(ranks: dict[str, torch.Tensor], ks=KS) -> dict[str, float]:
+    """Recall@K (``recall_at_k``'s keys), RSUM and the median / mean 1-based rank both ways
+    from 0-based ranks {"i2t": (n_images,), "t2i": (n_texts,)}."""
+    out = _recalls(ranks, ks)
+    out["rsum"] = 100.0 * sum(v for k, v in out.items() if k != "mean_R")
+    for way, r in ranks.items():
+        one_based = r.double().cpu().numpy() + 1
+        out[f"{way}_medr"] = float(np.median(one_based))  # the middle value, or the mean of the two middle ones
+        out[f"{way}_meanr"] = float(one_based.mean())
+    return out
+
+
+@torch.no_grad()
+def ranks_from_scores(scores, text_to_image) -> dict[str, torch.Tensor]:
+    """0-based ranks (number of candidates scoring strictly higher) from a score matrix.
+
+    scores: (n_images, n_texts), higher = more similar (any method); text_to_image: (n_texts,).
+    Returns {"i2t": (n_images,) rank of each image's best-ranked caption among all captions,
+    "t2i": (n_texts,) rank of each caption's image among all images}."""
+    S = _as_tensor(scores)
+    if S.ndim != 2 or not torch.isfinite(S).all():
+        raise ValueError(f"scores must be a finite (n_images, n_texts) matrix, got shape {tuple(S.shape)}.")
+    t2i = _as_tensor(text_to_image, S.device, torch.long)
+    _check_t2i(t2i, S.shape[0], S.shape[1])
+    own = t2i[None, :] == torch.arange(S.shape[0], device=S.device)[:, None]  # (n_images, n_texts)
+    best = S.masked_fill(~own, float("-inf")).amax(1, keepdim=True)
+    true = S.gather(0, t2i[None, :])  # (1, n_texts)
+    return {"i2t": (S > best).sum(1), "t2i": (S > true).sum(0)}
+
+
 @torch.no_grad()
 def recall_at_k(image_emb, text_emb, text_to_image, ks=KS, block: int = BLOCK) -> dict[str, float]:
     """Recall@K both ways.
@@ -73,22 +139,13 @@ def recall_at_k(image_emb, text_emb, text_to_image, ks=KS, block: int = BLOCK) -
     Returns fractions in [0, 1] under ``i2t_R@K`` and ``t2i_R@K`` for each K in ``ks``, plus
     ``mean_R``, the mean of all of them.
     """
-    img = _as_tensor(image_emb)
-    txt = _as_tensor(text_emb, img.device, img.dtype)
-    t2i = _as_tensor(text_to_image, img.device, torch.long)
-    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
-        raise ValueError(f"image_emb (n_images, d) and text_emb (n_texts, d) must share d; "
-                         f"got {tuple(img.shape)} and {tuple(txt.shape)}.")
-    if t2i.shape != (txt.shape[0],):
-        raise ValueError(f"text_to_image must have shape ({txt.shape[0]},), got {tuple(t2i.shape)}.")
-    if len(t2i) and (t2i.min() < 0 or t2i.max() >= img.shape[0]):
-        raise ValueError(f"text_to_image values must lie in [0, {img.shape[0]}).")
-    if img.shape[0] == 0 or txt.shape[0] == 0:
-        raise ValueError("recall_at_k needs at least one image and one caption.")
-    if torch.bincount(t2i, minlength=img.shape[0]).min() == 0:
-        raise ValueError("Every image needs at least one caption (text_to_image misses some rows).")
-    img, txt = _unit_rows(img, "image_emb"), _unit_rows(txt, "text_emb")
-    ranks = {"i2t": _ranks_i2t(img, txt, t2i, block), "t2i": _ranks_t2i(img, txt, t2i, block)}
-    out = {f"{way}_R@{k}": float((r < k).double().mean()) for way, r in ranks.items() for k in ks}
-    out["mean_R"] = float(np.mean(list(out.values())))
-    return out
+    img, txt, t2i = _prepare(image_emb, text_emb, text_to_image)
+    return _recalls({"i2t": _ranks_i2t(img, txt, t2i, block), "t2i": _ranks_t2i(img, txt, t2i, block)}, ks)
+
+
+@torch.no_grad()
+def retrieval_summary(image_emb, text_emb, text_to_image, ks=KS, block: int = BLOCK) -> dict[str, float]:
+    """``recall_at_k``'s figures plus RSUM and median / mean ranks (``SUMMARY_KEYS``), from one
+    ranking pass; same inputs, tie rule and memory bound."""
+    img, txt, t2i = _prepare(image_emb, text_emb, text_to_image)
+    return summarize_ranks({"i2t": _ranks_i2t(img, txt, t2i, block), "t2i": _ranks_t2i(img, txt, t2i, block)}, ks)

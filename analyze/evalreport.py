@@ -1,0 +1,166 @@
+"""The report's evaluation sections: zero-shot classification, training-free matching, the
+retrieval gallery and the cost table (called by ``analyze.report.build_report``).
+
+Zero-shot and matching numbers are read from ``analyze zeroshot`` / ``analyze matching``
+outputs (``runs/<run>/zeroshot.json``, ``matching.json``) when they were made for the same
+cache, dataset, split and adapters (the adapters' sha256); otherwise the section names the
+command that makes them, so building a report never starts a long computation. ``doc`` is an
+``analyze.report.Document`` (headings, paragraphs, tables, figures, raw blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from analyze.compare import output_dir
+from analyze.evalrun import MODALITIES, open_run
+from analyze.gallery import build_gallery
+from analyze.prompts import prompt_entry_path
+from pipeline.cache import CacheError, find_entry, list_splits, open_entry
+from pipeline.config import PipelineConfig
+from pipeline.runs import read_run, run_name
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+TRAINING_FREE_NAMES = {"local_cka": "local CKA (training-free)", "relative": "ASIF relative (training-free)"}
+PER_CLASS_ROWS = 30  # classes listed in the per-class accuracy table (most frequent first)
+ZEROSHOT_NAMES = {"adapters": "trained adapters", "cca": "CCA", "procrustes": "PCA + Procrustes",
+                  "relative": "ASIF relative (training-free)"}
+
+
+def _saved(cfg: PipelineConfig, run: str, filename: str) -> tuple[dict | None, str]:
+    """(document, "") when runs/<run>/<filename> is current, else (None, why not)."""
+    path = output_dir(cfg, "runs", run) / filename
+    if not path.is_file():
+        return None, "not computed yet"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        sha = open_run(cfg, run).sha256
+    except (PipelineError, OSError) as exc:
+        return None, f"the run cannot be opened ({exc})"
+    same = (doc.get("run_sha256") == sha and doc.get("cache") == str(cfg.data.cache)
+            and doc.get("dataset") == cfg.data.dataset and doc.get("split") == cfg.analyze.split)
+    return (doc, "") if same else (None, "the saved result was made for other adapters or data")
+
+
+def training_free_rows(cfg: PipelineConfig, run: str, n_images: int | None) -> dict[str, dict]:
+    """Retrieval rows of the training-free methods from matching.json, when it covers the
+    whole split (``n_images`` test images), for the report's retrieval table."""
+    doc, _ = _saved(cfg, run, "matching.json")
+    if doc is None or (n_images is not None and doc.get("n_images") != n_images):
+        return {}
+    return {TRAINING_FREE_NAMES.get(m, m): doc["retrieval"][m] for m in doc.get("training_free", [])}
+
+
+def section_zeroshot(doc, cfg: PipelineConfig, run: str) -> None:
+    doc.heading("Zero-shot classification")
+    res, why = _saved(cfg, run, "zeroshot.json")
+    if res is None:
+        doc.para(f"Not available ({why}): run `analyze zeroshot --run {run}` (with the same --config) first.")
+        return
+    ch = res["chance"]
+    rows = [[ZEROSHOT_NAMES.get(m, m), r["top1"], r["top5"], r["balanced"]] for m, r in res["results"].items()]
+    rows += [["chance (random ranking)", ch["top1"], ch["top5"], ch["balanced"]],
+             ["majority class", ch["majority"], None, ch["balanced"]]]
+    doc.table(["method", "top-1", "top-5", "balanced accuracy"], rows)
+    a = res["results"]["adapters"]
+    doc.para(f"{res['n']} {res['split']} images, {len(res['classes'])} classes (labels: {res['label_from']}), "
+             f"{len(res['templates'])} prompt templates (e.g. \"{res['templates'][0]}\"): the trained adapters put the "
+             f"true class first for {a['top1']:.3f} of the images, against {ch['top1']:.3f} by chance and "
+             f"{ch['majority']:.3f} for always answering the most frequent class; balanced accuracy {a['balanced']:.3f}.")
+    if "confusion" in res.get("figures", {}):
+        doc.figure(output_dir(cfg, "runs", run) / res["figures"]["confusion"],
+                   "Zero-shot confusion matrix of the trained adapters (rows: true class)", "zeroshot-confusion.png")
+    per = sorted(a["per_class"].items(), key=lambda kv: (-kv[1]["n"], kv[0]))
+    doc.table(["class", "test images", "top-1 (adapters)"],
+              [[c.replace("_", " "), v["n"], v["top1"]] for c, v in per[:PER_CLASS_ROWS]])
+    if len(per) > PER_CLASS_ROWS:
+        doc.para(f"Per-class accuracy of the {PER_CLASS_ROWS} most frequent of {len(per)} classes; all are in zeroshot.json.")
+
+
+def section_matching(doc, cfg: PipelineConfig, run: str) -> None:
+    doc.heading("Training-free matching")
+    res, why = _saved(cfg, run, "matching.json")
+    if res is None:
+        doc.para(f"Not available ({why}): run `analyze matching --run {run}` (with the same --config) first.")
+        return
+    rows = [[name, m["n"], m["seeds"], m["accuracy"], m["chance"], m["seconds"]] for name, m in res["matching"].items()]
+    doc.table(["features", "rows", "known pairs", "matching accuracy", "chance", "seconds"], rows)
+    raw = res["matching"]["raw"]
+    doc.para(f"Seeded quadratic assignment ({res['kernel']} kernels, centred) matches images to captions of the "
+             f"{res['split']} split from {raw['seeds']} known pairs without any training: {raw['accuracy']:.3f} of the "
+             f"other {raw['n'] - raw['seeds']} images get their own caption (chance {raw['chance']:.3f}); the row "
+             f"'adapters' matches the trained embeddings the same way. The retrieval table above has the training-free "
+             f"rows (local CKA on {res['base_rows']} train pairs; ASIF on {res['anchors']} anchors) when they cover the split.")
+
+
+def section_gallery(doc, cfg: PipelineConfig, run: str) -> None:
+    doc.heading("Retrieval gallery")
+    try:
+        md, body = build_gallery(cfg, run)
+    except (PipelineError, OSError) as exc:
+        doc.para(f"Not available: {exc}")
+        return
+    doc.raw(md, body)
+
+
+def _entry_cost(cfg: PipelineConfig, name: str) -> tuple[int | None, float, int]:
+    """(frozen parameters or None, extraction seconds summed over splits, rows) of one encoder."""
+    params, seconds, rows = None, 0.0, 0
+    for split in list_splits(cfg.data.cache, cfg.data.dataset):
+        try:
+            e = find_entry(cfg.data.cache, cfg.data.dataset, split, name)
+        except CacheError:
+            continue
+        params = e.provenance.get("parameters", params)
+        seconds += float(e.provenance.get("extract_seconds") or 0.0)
+        rows += e.n
+    return params, seconds, rows
+
+
+def section_costs(doc, cfg: PipelineConfig, run: str) -> None:
+    doc.heading("Cost")
+    try:
+        rv = open_run(cfg, run)
+    except PipelineError as exc:
+        doc.para(f"Not available: {exc}")
+        return
+    rows = []
+    names = [rv.entries[m] for m in MODALITIES] + ([cfg.analyze.reference] if cfg.analyze.reference else [])
+    for name in dict.fromkeys(names):
+        params, seconds, n = _entry_cost(cfg, name)
+        if n:
+            rows.append([f"frozen encoder {name}", params, "no", f"{seconds:.1f}", f"extraction of {n} rows (all splits)"])
+    trainable = sum(p.numel() for p in rv.run.model.parameters() if p.requires_grad)
+    metrics = read_run(rv.path).metrics
+    train_time, epochs, device = ((metrics.train_time_s, metrics.epochs_run, metrics.device) if metrics
+                                  else (None, "-", "-"))
+    rows.append([f"adapters ({rv.run.train.adapter}, d_e = {rv.dim})", trainable, "yes",
+                 _seconds(train_time), f"training, {epochs} epochs on {device or '-'}"])
+    prompts = prompt_entry_path(cfg.data.cache, cfg.data.dataset, rv.entries["text"])
+    if prompts.exists():
+        prov = open_entry(prompts).provenance
+        rows.append(["zero-shot prompts", None, "no", _seconds(prov.get("extract_seconds")),
+                     f"embedding {len(prov.get('texts', []))} prompts with {rv.entries['text']}"])
+    for file, what in (("zeroshot.json", "analyze zeroshot"), ("matching.json", "analyze matching")):
+        res, _ = _saved(cfg, run, file)
+        if res is not None:
+            rows.append([what, None, "-", _seconds(res.get("seconds", sum(res.get("retrieval_seconds", {}).values()))),
+                         "evaluation"])
+    doc.table(["component", "parameters", "trainable", "seconds", "what the time covers"], rows)
+    doc.para("Times come from provenance (cache entries, metrics.json, analysis outputs). Image encoders of one "
+             "extraction share a single pass over the images (decoded once), so each records the time of that pass; "
+             "'-' marks figures an older cache did not record (re-extract to record parameter counts).")
+
+
+def _seconds(v) -> str:
+    return f"{float(v):.1f}" if isinstance(v, (int, float)) else "-"
+
+
+def eval_sections(doc, cfg: PipelineConfig, run: str | None) -> None:
+    """Every section of this module, in report order."""
+    run = run_name(cfg.train, run)
+    for section in (section_zeroshot, section_matching, section_gallery, section_costs):
+        section(doc, cfg, run)

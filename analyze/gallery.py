@@ -1,0 +1,116 @@
+"""The report's retrieval gallery: what the shared space retrieves, shown with the data.
+
+A few test images, each with its top-5 retrieved captions (the true caption marked, and its
+rank when it is not among them), and a few captions, each with its top-5 retrieved images as
+thumbnails. The examples are drawn reproducibly (``analyze.seed``) and half of them, where
+possible, are failures (the true item not ranked first), so the gallery shows what goes wrong
+as well as what works. Thumbnails are JPEGs embedded as base64 data URIs in both the Markdown
+and the HTML, so the report stays one self-contained file.
+
+Scores are cosine similarities of the run's adapter outputs, over every image and caption of
+the split (the retrieval protocol of ``train.retrieval``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import numpy as np
+
+from analyze.evalrun import open_run
+from extract.datasets import load_split
+from pipeline.config import PipelineConfig
+from train.retrieval import ranks_from_scores
+
+N_EXAMPLES = 4  # images and captions shown, each
+TOP = 5  # retrieved items per example
+THUMB_PX = 96  # thumbnail side, pixels
+THUMB_QUALITY = 80  # JPEG quality of thumbnails
+
+HIT_STYLE = "border:3px solid #2a2;"  # frame of a correctly retrieved thumbnail
+MISS_STYLE = "border:3px solid transparent;"
+
+
+def choose(ranks: np.ndarray, k: int, seed: int) -> list[int]:
+    """k row indices drawn with ``seed``: half with rank > 0 (failures) and half with rank 0
+    (hits) where there are enough of each, the rest from the other group; sorted."""
+    rng = np.random.default_rng(seed)
+    fails, hits = np.flatnonzero(ranks > 0), np.flatnonzero(ranks == 0)
+    n_fail = min(len(fails), max(k - len(hits), (k + 1) // 2))
+    picked = list(rng.choice(fails, n_fail, replace=False)) + list(rng.choice(hits, min(len(hits), k - n_fail), replace=False))
+    return sorted(int(i) for i in picked)
+
+
+def thumbnail_uri(image, px: int = THUMB_PX) -> str:
+    """``data:image/jpeg;base64,...`` of a PIL image shrunk to fit px x px."""
+    img = image.convert("RGB")
+    img.thumbnail((px, px))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(uri: str, hit: bool, alt: str) -> str:
+    return (f'<img src="{uri}" alt="{html.escape(alt)}" width="{THUMB_PX}" '
+            f'style="{HIT_STYLE if hit else MISS_STYLE}vertical-align:top;margin:2px">')
+
+
+def build_gallery(cfg: PipelineConfig, run: str | None = None) -> tuple[str, str]:
+    """(markdown, html) of the gallery for ``run`` on ``analyze.split``. Needs the dataset's
+    files (images and captions) under ``data.data_dir``; raises PipelineError otherwise."""
+    rv = open_run(cfg, run)
+    split = cfg.analyze.split
+    test = rv.split(split)
+    data = load_split(cfg.data.dataset, cfg.data.data_dir, split, on_empty=cfg.data.on_empty, missing=cfg.data.missing)
+    policy = str(rv.entry(split, "text").key.get("captions", cfg.data.captions))
+    caption_of = {r.id: r.text for r in data.caption_rows(policy)}
+    item_of = {it.id: i for i, it in enumerate(data.items)}
+    missing = [i for i in test.image_ids if i not in item_of] + [t for t in test.text_ids if t not in caption_of]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} cached {split} samples are not in {cfg.data.data_dir} "
+                                f"(first: {missing[0]!r}); the gallery needs the dataset the cache was made from.")
+    S = rv.embed("image", test.image) @ rv.embed("text", test.text).T  # (n_images, n_texts) cosine
+    ranks = {k: v.cpu().numpy() for k, v in ranks_from_scores(S, test.text_to_image).items()}
+    thumbs: dict[int, str] = {}
+
+    def thumb(i: int) -> str:
+        if i not in thumbs:
+            thumbs[i] = thumbnail_uri(data.load_image(item_of[test.image_ids[i]]))
+        return thumbs[i]
+
+    md, body = [], []
+    md.append(f"Images and their top-{TOP} captions (✓ = a true caption):")
+    body.append(f"<p>Images and their top-{TOP} captions (✓ = a true caption; score = cosine similarity).</p>"
+                "<table><tbody>")
+    for i in choose(ranks["i2t"], N_EXAMPLES, cfg.analyze.seed):
+        top = np.argsort(-S[i], kind="stable")[:TOP]
+        lines = [f"{'✓ ' if test.text_to_image[t] == i else ''}{caption_of[test.text_ids[t]]} ({S[i, t]:.2f})" for t in top]
+        best_own = max(np.flatnonzero(test.text_to_image == i), key=lambda t: S[i, t])
+        note = "" if ranks["i2t"][i] < TOP else (f"true caption, ranked {ranks['i2t'][i] + 1}: "
+                                                  f"{caption_of[test.text_ids[best_own]]} ({S[i, best_own]:.2f})")
+        md.append(f"\n![{test.image_ids[i]}]({thumb(i)}) `{test.image_ids[i]}`\n")
+        md += [f"{r + 1}. {line}" for r, line in enumerate(lines)] + ([f"\n*{note}*"] if note else [])
+        items = "".join(f"<li>{'<b>' if ln.startswith('✓') else ''}{html.escape(ln)}{'</b>' if ln.startswith('✓') else ''}</li>"
+                        for ln in lines)
+        body.append(f"<tr><td>{_img(thumb(i), False, test.image_ids[i])}<br><code>{html.escape(test.image_ids[i])}</code>"
+                    f"</td><td style=\"text-align:left\"><ol>{items}</ol><small>{html.escape(note)}</small></td></tr>")
+    body.append("</tbody></table>")
+    md.append(f"\nCaptions and their top-{TOP} images (✓ = the caption's image, framed green in the HTML):")
+    body.append(f"<p>Captions and their top-{TOP} images (green frame = the caption's image).</p><table><tbody>")
+    for t in choose(ranks["t2i"], N_EXAMPLES, cfg.analyze.seed + 1):
+        top = np.argsort(-S[:, t], kind="stable")[:TOP]
+        true = int(test.text_to_image[t])
+        caption = caption_of[test.text_ids[t]]
+        note = "" if ranks["t2i"][t] < TOP else f"its image, ranked {ranks['t2i'][t] + 1} ({S[true, t]:.2f}):"
+        md.append(f"\n> {caption}\n\n" + " ".join(f"{'✓' if i == true else ''}![{test.image_ids[i]}]({thumb(i)})"
+                                                   for i in top)
+                  + (f"\n\n*{note}* ![{test.image_ids[true]}]({thumb(true)})" if note else ""))
+        cells = "".join(_img(thumb(int(i)), i == true, test.image_ids[i]) for i in top)
+        if note:
+            cells += f"<br><small>{html.escape(note)}</small><br>{_img(thumb(true), True, test.image_ids[true])}"
+        body.append(f"<tr><td style=\"text-align:left;max-width:260px\">{html.escape(caption)}</td>"
+                    f"<td style=\"text-align:left\">{cells}</td></tr>")
+    body.append("</tbody></table>")
+    return "\n".join(md), "\n".join(body)

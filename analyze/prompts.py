@@ -1,0 +1,127 @@
+"""Zero-shot prompts: class names filled into templates, embedded by a run's frozen text
+encoder and cached like any feature entry.
+
+Templates: ``DEFAULT_TEMPLATES`` (a short CLIP-style set), or a file with one template per line
+holding ``{}`` where the class name goes (blank lines and lines starting with ``#`` ignored).
+
+Cache: ``<cache>/prompts/<dataset>/<text entry>.h5``, written by ``pipeline.cache.EntryWriter``
+(atomic, locked). Row ``<label>#<t>`` holds class ``label`` in template ``t``; the entry's
+``key`` records the encoder (exactly as in the text entry the run was trained on), the classes,
+the templates and the precision. An entry made for another request is stale: it is refused
+with the differing fields named (``StaleCacheError``), and ``force`` recomputes it.
+
+The encoder is rebuilt from the text entry itself: its name and the encoder options recorded
+in its provenance, and the result must describe the same encoder as the entry's key (else
+``PromptError``), so prompts and captions go through the same weights, pooling and
+tokenisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from extract.encoders import get_spec, load_encoder
+from extract.labels import class_name
+from pipeline.cache import Entry, EntryWriter, entry_filename, entry_path
+from pipeline.errors import PipelineError
+from pipeline.runtime import autocast, resolve_device, utc_now, versions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a picture of a {}.", "a cartoon of a {}.",
+                     "an illustration of a {}.", "a {}.")  # CLIP-style; the demo's stamps are clip art
+PROMPTS_FOLDER = "prompts"  # <cache>/prompts/<dataset>/<text entry>.h5
+BATCH = 64  # prompts per forward pass
+
+
+class PromptError(PipelineError, ValueError):
+    """Templates or a text encoder that cannot produce the prompts asked for."""
+
+
+def read_templates(path: str | Path | None) -> tuple[str, ...]:
+    """Templates from a file (see the module docstring), or ``DEFAULT_TEMPLATES`` for None."""
+    if path is None:
+        return DEFAULT_TEMPLATES
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    templates = tuple(ln for ln in lines if ln and not ln.startswith("#"))
+    return check_templates(templates, str(path))
+
+
+def check_templates(templates: Sequence[str], where: str = "templates") -> tuple[str, ...]:
+    if not templates:
+        raise PromptError(f"{where}: no templates; give at least one line such as 'a photo of a {{}}.'")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise PromptError(f"{where}: every template needs exactly one '{{}}' for the class name; got {bad[0]!r}.")
+    return tuple(templates)
+
+
+def prompt_texts(classes: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(ids, texts): C * T prompts, class-major (row c * T + t = class c in template t)."""
+    ids = [f"{c}#{t}" for c in classes for t in range(len(templates))]
+    return ids, [tpl.format(class_name(c)) for c in classes for tpl in templates]
+
+
+def prompt_entry_path(cache: str | Path, dataset: str, text_entry: str) -> Path:
+    return entry_path(cache, PROMPTS_FOLDER, entry_filename(dataset), text_entry)
+
+
+def encoder_for(text: Entry):
+    """The EncoderSpec that made the text entry ``text`` (checked against its key)."""
+    options = ((text.provenance.get("config") or {}).get("extract") or {}).get("encoder_options") or {}
+    name = str(text.key.get("entry", text.name))
+    spec = get_spec(name, **options.get(name, {}))
+    if spec.name != name:
+        spec = dataclasses.replace(spec, name=name)
+    want = text.key.get("encoder")
+    have = json.loads(json.dumps(spec.provenance(), sort_keys=True, default=str))
+    if want is not None and have != want:
+        diff = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+        raise PromptError(f"Cannot rebuild the text encoder of entry {text.name!r} ({text.path}): it was made with "
+                          f"other settings ({', '.join(diff[:4])}). Re-extract it with the current code.")
+    return spec
+
+
+@torch.no_grad()
+def embed_texts(spec, texts: Sequence[str], device: str = "auto", precision: str = "fp32") -> np.ndarray:
+    """(len(texts), d) float32 features of ``texts`` by the frozen encoder ``spec``."""
+    dev = resolve_device(device)
+    encoder = load_encoder(spec, dev)
+    out = []
+    with autocast(dev, precision):
+        for s in range(0, len(texts), BATCH):
+            out.append(encoder(encoder.tokenize(list(texts[s:s + BATCH]))).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+
+
+def prompt_features(cache: str | Path, dataset: str, text: Entry, classes: Sequence[str],
+                    templates: Sequence[str], device: str = "auto", force: bool = False) -> np.ndarray:
+    """(C * T, d_text) features of every class in every template (row order of ``prompt_texts``),
+    from the cache, else computed by the text entry's encoder and cached. A cached entry made
+    for other classes, templates or another encoder is refused (StaleCacheError) unless ``force``."""
+    templates = check_templates(templates)
+    ids, texts = prompt_texts(classes, templates)
+    precision = str(text.key.get("precision", "fp32"))
+    key = {"entry": text.name, "kind": "zeroshot-prompts", "encoder": text.key.get("encoder"), "dataset": dataset,
+           "classes": list(classes), "templates": list(templates), "precision": precision}
+    path = prompt_entry_path(cache, dataset, text.name)
+    writer = EntryWriter(path, text.name, ids, key, chunk_rows=max(1, len(ids)), force=force)
+    if writer.pending():
+        t0 = time.perf_counter()
+        feats = embed_texts(encoder_for(text), texts, device, precision)
+        writer.write_chunk(0, feats)
+        log.info("embedded %d prompts with %s in %.1f s -> %s", len(texts), text.name, time.perf_counter() - t0, path)
+        prov = {"versions": versions(), "source_entry": str(text.path), "texts": texts,
+                "extract_seconds": time.perf_counter() - t0, "created": utc_now()}
+        entry = writer.finalize(prov)
+    else:
+        entry = writer.finalize({})
+    return entry.features()

@@ -1,0 +1,203 @@
+"""Evaluating the shared space as the field does: zero-shot classification (hand-made cases,
+cached prompt entries), the analyze zeroshot / matching commands and the report's gallery and
+cost table, on a tiny imagefolder with class folders and tiny random encoders."""
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import analyze.prompts as prompts_mod
+from analyze.cli import main as analyze_cli
+from analyze.prompts import DEFAULT_TEMPLATES, prompt_entry_path, prompt_features, prompt_texts
+from analyze.zeroshot import accuracy, chance, class_embeddings, predictions, summarize, true_ranks
+from extract.labels import class_name, dataset_classes, image_labels
+from extract.run import extract
+from pipeline.cache import StaleCacheError, find_entry
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from tests.fixtures import write_metadata
+from train.fit import fit_adapters
+
+CLASSES = ("blue", "green", "red_thing")
+COLORS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red_thing": (220, 30, 30)}
+PER_CLASS = {"train": 4, "val": 2, "test": 3}
+
+
+# ----------------------------------------------------------------------------- hand-made cases
+def test_accuracy_hand_case_with_the_tie_rule():
+    classes = np.eye(3)
+    images = np.array([[1.0, 0.0, 0.0],   # class 0: hit
+                       [0.6, 0.8, 0.0],   # class 0: class 1 scores higher -> rank 1
+                       [0.0, 0.0, 1.0],   # class 2: hit
+                       [1.0, 1.0, 0.0]])  # class 0: tied with class 1 -> counts against: rank 1
+    labels = [0, 0, 2, 0]
+    assert true_ranks(images @ classes.T, labels).tolist() == [0, 1, 0, 1]
+    assert accuracy(images, classes, labels, ks=(1, 2, 3)) == {"top1": 0.5, "top2": 1.0, "top3": 1.0}
+    assert predictions(images @ classes.T, labels).tolist() == [0, 1, 2, 1]
+    assert accuracy(np.ones((4, 3)), classes, labels, ks=(1,)) == {"top1": 0.0}  # constant embeddings: all ties
+
+
+def test_summarize_balanced_accuracy_and_confusion():
+    scores = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.1, 0.9, 0.0], [0.0, 0.2, 0.7]])
+    res = summarize(scores, np.array([0, 1, 1, 2]), ["a", "b", "c"])
+    assert res["top1"] == 0.75 and res["confusion"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert res["per_class"]["b"] == {"n": 2, "top1": 0.5}
+    assert res["balanced"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert chance(np.array([0, 1, 1, 2]), 3) == {"top1": 1 / 3, "top5": 1.0, "balanced": 1 / 3, "majority": 0.5}
+
+
+def test_class_embeddings_mean_of_normalised_prompts():
+    prompts = np.array([[2.0, 0.0], [0.0, 5.0], [0.0, -1.0], [0.0, -3.0]])  # 2 classes x 2 templates
+    np.testing.assert_allclose(class_embeddings(prompts, 2), [[2 ** -0.5, 2 ** -0.5], [0.0, -1.0]])
+    with pytest.raises(ValueError, match="equal size"):
+        class_embeddings(prompts, 3)
+
+
+def test_prompt_texts_show_underscores_as_spaces():
+    ids, texts = prompt_texts(["red_thing", "dog"], ["a photo of a {}.", "{}"])
+    assert ids == ["red_thing#0", "red_thing#1", "dog#0", "dog#1"]
+    assert texts == ["a photo of a red thing.", "red thing", "a photo of a dog.", "dog"]
+    assert class_name("hot_air_balloon") == "hot air balloon"
+
+
+# ----------------------------------------------------------------------------- a tiny trained run
+def make_classed_imagefolder(root):
+    """train/val/test with one folder per class; a label column that differs from the folder."""
+    rng = np.random.default_rng(0)
+    for split, k in PER_CLASS.items():
+        rows = []
+        for c in CLASSES:
+            for i in range(k):
+                rel = f"{c}/{split}_{i}.png"
+                (root / split / c).mkdir(parents=True, exist_ok=True)
+                pixels = np.clip(np.array(COLORS[c]) + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / rel)
+                rows.append({"file_name": rel, "caption": f"a {class_name(c)} picture number {i} of {split}",
+                             "label": f"kind_{c}"})
+        write_metadata(root / split, rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config file, config) of a trained tiny run "t" on the classed imagefolder."""
+    tmp = tmp_path_factory.mktemp("eval")
+    data = make_classed_imagefolder(tmp / "data")
+    toml = tmp / "exp.toml"
+    toml.write_text(f"""
+[data]
+dataset = "imagefolder"
+data_dir = "{data}"
+captions = "first"
+cache = "{tmp / 'cache'}"
+label_from = "dir"
+[extract]
+encoders = ["tiny-resnet", "tiny-gpt2"]
+workers = 0
+batch_size = 8
+[train]
+image = "tiny-resnet"
+text = "tiny-gpt2"
+reference = ""
+dim = 8
+epochs = 2
+batch_size = 6
+lr = 1e-3
+name = "t"
+[analyze]
+reference = ""
+metrics = ["cka"]
+k = 2
+bootstrap = 5
+permutations = 5
+out = "{tmp / 'reports'}"
+""")
+    cfg = load_config(toml)
+    extract(cfg)
+    fit_adapters(cfg, progress=False)
+    return toml, cfg
+
+
+def test_labels_from_dir_and_from_a_column(tiny):
+    _, cfg = tiny
+    d = cfg.data
+    by_dir = image_labels(d.dataset, d.data_dir, "test", "dir")
+    assert by_dir["red_thing/test_2"] == "red_thing" and len(by_dir) == 9
+    by_col = image_labels(d.dataset, d.data_dir, "test", "label")
+    assert by_col["red_thing/test_2"] == "kind_red_thing"
+    assert dataset_classes(d.dataset, d.data_dir, "dir") == list(CLASSES)
+    with pytest.raises(ValueError, match="no 'species' column"):
+        image_labels(d.dataset, d.data_dir, "test", "species")
+
+
+def test_prompt_entries_are_cached_and_refused_when_stale(tiny, monkeypatch):
+    _, cfg = tiny
+    text = find_entry(cfg.data.cache, cfg.data.dataset, "test", "tiny-gpt2")
+    loads = []
+    real = prompts_mod.load_encoder
+    monkeypatch.setattr(prompts_mod, "load_encoder", lambda *a, **k: loads.append(1) or real(*a, **k))
+    first = prompt_features(cfg.data.cache, cfg.data.dataset, text, CLASSES, DEFAULT_TEMPLATES, "cpu")
+    assert first.shape == (len(CLASSES) * len(DEFAULT_TEMPLATES), text.dim) and len(loads) == 1
+    again = prompt_features(cfg.data.cache, cfg.data.dataset, text, CLASSES, DEFAULT_TEMPLATES, "cpu")
+    np.testing.assert_array_equal(first, again)
+    assert len(loads) == 1  # read from the cache, no encoder loaded
+    path = prompt_entry_path(cfg.data.cache, cfg.data.dataset, "tiny-gpt2")
+    assert path.is_file() and "prompts" in path.parts
+    with pytest.raises(StaleCacheError, match="templates"):
+        prompt_features(cfg.data.cache, cfg.data.dataset, text, CLASSES, ["a sketch of a {}."], "cpu")
+    fresh = prompt_features(cfg.data.cache, cfg.data.dataset, text, CLASSES, ["a sketch of a {}."], "cpu", force=True)
+    assert fresh.shape == (3, text.dim) and len(loads) == 2
+    prompt_features(cfg.data.cache, cfg.data.dataset, text, CLASSES, DEFAULT_TEMPLATES, "cpu", force=True)  # restore
+
+
+def test_zeroshot_matching_and_report_through_the_cli(tiny):
+    toml, cfg = tiny
+    runner = CliRunner()
+    res = runner.invoke(analyze_cli, ["zeroshot", "--config", str(toml)])
+    assert res.exit_code == 0, res.output
+    reports = Path(cfg.analyze.out)
+    doc = json.loads(next(reports.rglob("zeroshot.json")).read_text())
+    assert doc["classes"] == list(CLASSES) and doc["n"] == 9
+    assert set(doc["results"]) == {"adapters", "cca", "procrustes", "relative"}
+    assert doc["chance"]["top1"] == pytest.approx(1 / 3)
+    for r in doc["results"].values():
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and sum(map(sum, r["confusion"])) == 9
+    res = runner.invoke(analyze_cli, ["matching", "--config", str(toml), "--seeds", "2"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(next(reports.rglob("matching.json")).read_text())
+    assert {"local_cka", "relative", "adapters", "cca", "procrustes"} == set(doc["retrieval"])
+    assert doc["matching"]["raw"]["seeds"] == 2 and doc["matching"]["raw"]["chance"] == pytest.approx(1 / 7)
+    assert doc["retrieval"]["relative"]["rsum"] >= 0
+    res = runner.invoke(analyze_cli, ["report", "--config", str(toml)])
+    assert res.exit_code == 0, res.output
+    html = next(reports.rglob("report.html")).read_text()
+    for heading in ("Zero-shot classification", "Training-free matching", "Retrieval gallery", "Cost"):
+        assert f">{heading}<" in html
+    assert "ASIF relative (training-free)" in html and "rsum" in html
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert srcs and all(s.startswith("data:image/") for s in srcs)  # self-contained: every image embedded
+    assert "<link" not in html and "<script" not in html and "http://" not in html and "https://" not in html
+    assert html.count("data:image/jpeg;base64") >= 4  # gallery thumbnails
+    assert "✓" in html
+
+
+def test_zeroshot_refuses_a_dataset_without_labels(tiny):
+    toml, _ = tiny
+    res = CliRunner().invoke(analyze_cli, ["zeroshot", "--config", str(toml), "--label-from", "species"])
+    assert res.exit_code != 0 and "no 'species' column" in res.output
+
+
+def test_fit_with_the_proposal_formulation(tiny):
+    _, cfg = tiny
+    tc = dataclasses.replace(cfg.train, loss="vsepp", loss_direction="image_to_text", normalize=False, name="prop")
+    result = fit_adapters(dataclasses.replace(cfg, train=tc), progress=False)
+    test = result.metrics["test"]["infonce"]
+    assert {"rsum", "i2t_medr", "t2i_meanr"} <= set(test) and 0 <= test["rsum"] <= 600
+    with pytest.raises(PipelineError, match="Did you mean: symmetric"):
+        fit_adapters(dataclasses.replace(cfg, train=dataclasses.replace(tc, loss_direction="symetric")))
