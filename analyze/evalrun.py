@@ -22,11 +22,11 @@ import torch
 from analyze.compare import output_dir
 from pipeline.cache import Entry, find_entry
 from pipeline.config import PipelineConfig
-from pipeline.runs import find_run, run_name
+from pipeline.runs import ADAPTER_WEIGHTS, find_run, run_name
 from pipeline.errors import PipelineError
 from pipeline.runtime import atomic_write
 from pipeline.join import join_pairs
-from train.api import ADAPTER_FILE, Run, load_run
+from train.api import Run, load_run
 from train.baselines import FROM_MOMENTS, Alignment, LinearMap, pair_moments
 
 MODALITIES = ("image", "text")
@@ -75,7 +75,7 @@ class RunView:
         """The adapters' sha256 (changes when the run is retrained): outputs record it to be
         recognised as stale."""
         return str(self.run.config.get("sha256") or
-                   hashlib.sha256((self.path / ADAPTER_FILE).read_bytes()).hexdigest())
+                   hashlib.sha256((self.path / ADAPTER_WEIGHTS).read_bytes()).hexdigest())
 
     def entry(self, split: str, modality: str) -> Entry:
         return find_entry(self.cfg.data.cache, self.cfg.data.dataset, split, self.entries[modality])

@@ -197,7 +197,7 @@ def test_fit_with_the_proposal_formulation(tiny):
     _, cfg = tiny
     tc = dataclasses.replace(cfg.train, loss="vsepp", loss_direction="image_to_text", normalize=False, name="prop")
     result = fit_adapters(dataclasses.replace(cfg, train=tc), progress=False)
-    test = result.metrics["test"]["infonce"]
+    test = result.metrics.test["infonce"]
     assert {"rsum", "i2t_medr", "t2i_meanr"} <= set(test) and 0 <= test["rsum"] <= 600
     with pytest.raises(PipelineError, match="Did you mean: symmetric"):
         fit_adapters(dataclasses.replace(cfg, train=dataclasses.replace(tc, loss_direction="symetric")))
