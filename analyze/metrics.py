@@ -405,3 +405,7 @@ def get_metric(name: str) -> Callable[..., float]:
         raise ValueError(
             f"unknown metric {name!r}; available: {', '.join(METRICS)}.{_close(name, METRICS)}"
         ) from None
+
+
+# ----------------------------------------------------------------------------- calibration
+from analyze.calibration import Calibration, calibrate  # noqa: E402,F401  (analyze.metrics.calibrate)
