@@ -37,7 +37,8 @@ from pipeline.join import JoinError, image_id
 log = logging.getLogger(__name__)
 
 RECALL_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R")
-PLATONIC_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations")  # analyze settings that
+PLATONIC_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations", "controls",
+                 "control_seeds")  # analyze settings that
 #   must match for a saved platonic.json to be reused (the entries are compared too)
 
 
