@@ -3,9 +3,11 @@
 Run folder files:
     adapters.safetensors, adapters.json   best-epoch adapters + sources + statistics (train.api)
     config.json                           the resolved pipeline configuration
-    history.csv                           one row per epoch: loss, lr, temperature, val recall, val CKA
+    history.csv                           one row per epoch: loss, lr, temperature, val recall, val CKA,
+                                          tracked Platonic metrics (train.tracking)
     metrics.json                          test recall of the adapters and baselines, best epoch, sizes
-    curves.png                            loss, recall and CKA curves over epochs
+    curves.png                            loss, recall, CKA and Platonic-delta curves over epochs
+    wandb/                                the offline W&B run, with train.wandb = true (train.wandb_log)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from train.adapters import AlignModel
 from train.data import TrainData, modality_entries
 from train.evaluate import embed
 from train.stream import StreamSplit
+from train.tracking import plot_deltas
 
 HISTORY = "history.csv"
 METRICS = "metrics.json"
@@ -60,14 +63,16 @@ def write_history(run_dir: Path, history: Sequence[Mapping]) -> None:
 
 
 def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str, float] | None) -> Path:
-    """curves.png: train loss; val recall; val CKA with the reference (dashed: unaligned features)."""
+    """curves.png: train loss; val recall; val CKA with the reference (dashed: unaligned features);
+    with tracked metrics (train.tracking) the val Platonic deltas in a fourth panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    tracked = any("_delta_" in k for k in (history[0] if history else {}))
+    fig, axes = plt.subplots(1, 4 if tracked else 3, figsize=(18.5 if tracked else 14, 4))
     axes[0].plot(epochs, [r["train_loss"] for r in history])
     axes[0].set(title="train loss (symmetric InfoNCE)", xlabel="epoch", ylabel="loss")
     for key in ("val_mean_R", "val_i2t_R@1", "val_t2i_R@1", "val_i2t_R@10", "val_t2i_R@10"):
@@ -76,7 +81,8 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str,
             axes[1].plot(*zip(*pts), marker=".", label=key[4:])
     axes[1].set(title="val retrieval", xlabel="epoch", ylabel="recall", ylim=(0, 1))
     axes[1].legend(fontsize=8)
-    cka_keys = [k for k in (history[0] if history else {}) if k.startswith("val_cka_")]
+    cka_keys = [k for k in (history[0] if history else {})  # val_cka_<modality>; not the tracked val_cka_after_*
+                if k.startswith("val_cka_") and not k.startswith(("val_cka_after_", "val_cka_delta_"))]
     for key in cka_keys:
         pts = [(e, r[key]) for e, r in zip(epochs, history) if not math.isnan(r[key])]
         line = axes[2].plot(*zip(*pts), marker=".", label=f"aligned {key[8:]}")[0] if pts else None
@@ -86,6 +92,8 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str,
     axes[2].set(title="val linear CKA with reference" if cka_keys else "no reference entry", xlabel="epoch")
     if cka_keys:
         axes[2].legend(fontsize=8)
+    if tracked:
+        plot_deltas(axes[3], history)
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
