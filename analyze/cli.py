@@ -128,8 +128,9 @@ def cka(entries, kernels, kernel_rows, reference, calibrate, permutations, **kw)
 def platonic(reference, image, text, run, bootstrap, permutations, kernel_rows, **kw):
     """The hypothesis test: is m(K_repr, K_ref) > mean(m(K_X, K_ref), m(K_Y, K_ref)) by more than chance?
 
-    Bootstrap CIs (kNN metrics: 80% subsamples without replacement), a shuffled-pairing null,
-    and a verdict per metric and side. Example:
+    Bootstrap CIs (mutual kNN: neighbours among the distinct drawn rows; other kNN metrics: 80%
+    subsamples without replacement), a shuffled-pairing null with calibrated scores, controls
+    (untrained adapters, CCA, Procrustes; analyze.controls) and a verdict per metric and side. Example:
     analyze platonic --reference dinov2 --image resnet18 --text gpt2 --run RUN
     """
     cfg = _config(kw, {"analyze.reference": reference, "train.image": image, "train.text": text,

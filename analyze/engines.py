@@ -151,9 +151,18 @@ class _MutualKnn:
     """Mutual kNN from each row's precomputed neighbour list (its ``width`` most similar rows
     by cosine, self excluded; memory n x width, computed in row blocks).
 
-    A subsample keeps, for every kept row, the first k kept rows of its list (rows whose list
-    has fewer than k kept entries are recomputed exactly). A permutation relabels the
-    reference's lists: the neighbours of row i in ref[perm] are perm^-1 of those of perm[i]."""
+    A resample ``rows`` (row ids, possibly repeated) keeps, for every drawn row, the first k
+    distinct drawn rows of its list other than itself (rows whose list has fewer than k drawn
+    entries are recomputed exactly), and averages the per-row overlaps over ``rows``, so a row
+    drawn c times counts c times. Without repeats this is the library metric on the subsample;
+    with repeats (a bootstrap draw) it is the multiplicity-weighted mutual kNN among the
+    distinct drawn rows: a copy of a row is never its own neighbour (in the library metric on
+    A[rows] copies are each other's nearest neighbours in every representation, which inflates
+    the score). ``distinct_bootstrap`` tells hypothesis_test it can take bootstrap draws.
+    A permutation relabels the reference's lists: the neighbours of row i in ref[perm] are
+    perm^-1 of those of perm[i]."""
+
+    distinct_bootstrap = True
 
     BLOCK = 1024  # rows of the similarity matrix held at once while building the lists
 
@@ -173,18 +182,19 @@ class _MutualKnn:
         return np.concatenate(out)
 
     def _within(self, t: int, rows: np.ndarray, kept: np.ndarray) -> np.ndarray:
-        """(m, k) neighbours (original row ids) of each kept row among the kept rows."""
+        """(m, k) neighbours (original row ids) of each row of ``rows`` among the other kept rows
+        (kept: (n,) bool mask of the distinct drawn rows)."""
         L = self.lists[t][rows]
         ok = kept[L]
         take = ok & (np.cumsum(ok, axis=1) <= self.k)
         short = take.sum(axis=1) < self.k
         out = np.empty((len(rows), self.k), dtype=np.int64)
         out[~short] = L[~short][take[~short]].reshape(-1, self.k)
-        if short.any():  # rare: recompute these rows against all kept rows
-            Z = self.units[t]
-            S = Z[rows[short]] @ Z[rows].T
-            S[np.arange(S.shape[0]), np.flatnonzero(short)] = -np.inf
-            out[short] = rows[_top(S, self.k)]
+        if short.any():  # rare: recompute these rows against every distinct kept row but themselves
+            Z, cols = self.units[t], np.flatnonzero(kept)
+            S = Z[rows[short]] @ Z[cols].T
+            S[rows[short][:, None] == cols[None, :]] = -np.inf
+            out[short] = cols[_top(S, self.k)]
         return out
 
     def resample(self, rows: np.ndarray) -> np.ndarray:

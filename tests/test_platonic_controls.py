@@ -228,3 +228,31 @@ def test_the_maximum_null_is_stricter_than_a_single_cell_null():
     assert cal["best"]["p_value"] >= cal["cells"]["p_value"][i, j]
     assert cal["best"]["p_value"] > 0.05 and cal["best"]["calibrated"] == 0  # nothing is related
     assert cal["null_max"].shape == (39,)
+
+
+# ----------------------------------------------------------------------------- kNN resampling
+def test_mutual_knn_bootstrap_takes_neighbours_among_distinct_drawn_rows():
+    """Naive definition: neighbours among the distinct drawn rows (self excluded), per-row overlap
+    weighted by how often the row was drawn."""
+    from analyze.metrics import nearest_neighbours
+
+    X, Y, R, noise, ref = _data(n=70)
+    engine = platonic.FAST_PATHS["mutual_knn"].build([X, R], ref, 5)
+    rng = np.random.default_rng(5)
+    for size in (70, 12):  # 12 draws: few distinct rows, so most lists need the exact fallback
+        rows = rng.integers(0, 70, size)
+        u, counts = np.unique(rows, return_counts=True)
+        iy = nearest_neighbours(ref[u], 5)[0].numpy()
+        want = []
+        for A in (X, R):
+            ix = nearest_neighbours(A[u], 5)[0].numpy()
+            overlap = (ix[:, :, None] == iy[:, None, :]).sum(axis=(1, 2)) / 5
+            want.append(float((overlap * counts).sum() / counts.sum()))
+        np.testing.assert_allclose(engine.resample(rows[None])[0], want, atol=1e-12)
+
+
+def test_knn_metrics_without_fast_path_keep_rescaled_subsampling():
+    X, Y, R, noise, ref = _data(n=40)
+    res = platonic.hypothesis_test(X, Y, R, noise, ref, {"cycle_knn": METRICS["cycle_knn"]}, k=5, bootstrap=5,
+                                   permutations=0)
+    assert res["cycle_knn"]["resampling"].startswith("subsampling without replacement, 32 of 40 rows")
