@@ -94,18 +94,25 @@ def main():
 @click.option("--kernels", is_flag=True, help="Also draw the kernels themselves on a sample of rows (kernels.png).")
 @_option("--kernel-rows", type=int, key="analyze.kernel_rows", text="Rows in the kernel heatmaps.")
 @_option("--reference", key="analyze.reference", text="Entry whose clustering orders the kernel heatmaps' rows.")
+@click.option("--calibrate/--no-calibrate", default=None,
+              help=f"Also calibrate every score against a shuffled-pairing null. {_default('analyze.calibrate')}")
+@_option("--permutations", type=int, key="analyze.permutations", text="Shuffled-pairing draws for --calibrate.")
 @common_options
 @friendly_errors
-def cka(entries, kernels, kernel_rows, reference, **kw):
+def cka(entries, kernels, kernel_rows, reference, calibrate, permutations, **kw):
     """Pairwise scores between cache entries (rows joined by sample id), as JSON/CSV and heatmaps.
 
-    Example: analyze cka --entries resnet18,gpt2,dinov2 --metric cka,mutual_knn --kernels
+    Example: analyze cka --entries resnet18,gpt2,dinov2 --metric cka,mutual_knn --kernels --calibrate
     """
     cfg = _config(kw, {"analyze.entries": entries, "analyze.kernel_rows": kernel_rows,
-                       "analyze.reference": reference})
+                       "analyze.reference": reference, "analyze.calibrate": calibrate,
+                       "analyze.permutations": permutations})
     res = compare_entries(cfg, kernels=kernels)
     for m, S in res["scores"].items():
         click.echo(f"{m} (n={res['n']}, {res['seconds'][m]:.1f} s)\n{_matrix(res['entries'], _tolist(S))}\n")
+        if "calibrated" in res:
+            click.echo(f"{m}, calibrated against {res['permutations']} shuffled pairings\n"
+                       f"{_matrix(res['entries'], _tolist(res['calibrated'][m]))}\n")
     click.echo(f"wrote {res['out']}/scores.json, scores.csv and {len(res['figures'])} figures")
 
 
@@ -122,8 +129,9 @@ def cka(entries, kernels, kernel_rows, reference, **kw):
 def platonic(reference, image, text, run, bootstrap, permutations, kernel_rows, **kw):
     """The hypothesis test: is m(K_repr, K_ref) > mean(m(K_X, K_ref), m(K_Y, K_ref)) by more than chance?
 
-    Bootstrap CIs (kNN metrics: 80% subsamples without replacement), a shuffled-pairing null,
-    and a verdict per metric and side. Example:
+    Bootstrap CIs (mutual kNN: neighbours among the distinct drawn rows; other kNN metrics: 80%
+    subsamples without replacement), a shuffled-pairing null with calibrated scores, controls
+    (untrained adapters, CCA, Procrustes; analyze.controls) and a verdict per metric and side. Example:
     analyze platonic --reference dinov2 --image resnet18 --text gpt2 --run RUN
     """
     cfg = _config(kw, {"analyze.reference": reference, "train.image": image, "train.text": text,
@@ -146,17 +154,21 @@ def platonic(reference, image, text, run, bootstrap, permutations, kernel_rows, 
 @main.command(context_settings=CONTEXT)
 @click.option("--pair", metavar="IMAGE_ENTRY,TEXT_ENTRY",
               help="The two entries to compare layer by layer (default: train.image,train.text).")
+@_option("--permutations", type=int, key="analyze.permutations",
+         text="Shuffled-pairing draws that calibrate the best and last layer pairs (0 = none).")
 @common_options
 @friendly_errors
-def layers(pair, **kw):
+def layers(pair, permutations, **kw):
     """Layer x layer heatmap of each metric for two entries extracted with `extract --layers all`."""
-    cfg = _config(kw, {})
+    cfg = _config(kw, {"analyze.permutations": permutations})
     names = tuple(p.strip() for p in pair.split(",")) if pair else None
     res = compare_layers(cfg, names)
     for m, d in res["metrics"].items():
         b, last = d["best"], d["last"]
+        cal = (f" (calibrated {b['calibrated']:.3f}, p = {b['p_value']:.3g}; last calibrated "
+               f"{last['calibrated']:.3f})") if "calibrated" in b else ""
         click.echo(f"{m}: best layer pair ({b['layer_a']}, {b['layer_b']}) = {b['score']:.3f}; "
-                   f"last layer pair ({last['layer_a']}, {last['layer_b']}) = {last['score']:.3f}")
+                   f"last layer pair ({last['layer_a']}, {last['layer_b']}) = {last['score']:.3f}{cal}")
     click.echo(next(iter(res["metrics"].values()))["note"])
     click.echo(f"wrote {res['out']}")
 

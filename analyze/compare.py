@@ -14,6 +14,7 @@ Output layout, under ``<analyze.out>/<dataset>/<split>/``:
     pairs/pairs.json, .csv, .png      encoder-pair ranking (analyze pairs)
     layers/<a>--<b>/<metric>.json|.csv|.png   layer x layer scores (analyze layers)
     runs/<run>/platonic.json|.csv|.png, kernels.png   the hypothesis test (analyze platonic)
+    runs/<run>/platonic_summary.csv                   its flat one-row summary (controls, calibrated)
     runs/<run>/report.md, report.html, *.png          the report (analyze report)
 """
 
@@ -31,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from analyze import plots
+from analyze.nulls import calibrated_matrices
 from pipeline.cache import Entry, entry_filename, find_entry, list_entries
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
@@ -257,7 +259,9 @@ def compare_entries(cfg: PipelineConfig, kernels: bool = False) -> dict:
 
     Entries: ``analyze.entries`` (default: every entry of the split); metrics: ``analyze.metrics``.
     Writes ``cka/scores.json``, ``cka/scores.csv``, ``cka/<metric>.png`` and, with ``kernels``,
-    ``cka/kernels.png``. Returns the JSON document (plus ``out``: the folder)."""
+    ``cka/kernels.png``. With ``analyze.calibrate`` every score is also calibrated against
+    ``analyze.permutations`` shuffled pairings (``analyze.nulls``): JSON ``calibrated``,
+    ``threshold``, ``p_value`` (each {metric: (e, e) matrix}) and CSV columns of the same names. Returns the JSON document (plus ``out``: the folder)."""
     a = cfg.analyze
     names = default_entries(cfg)
     if len(names) < 2:
@@ -269,7 +273,14 @@ def compare_entries(cfg: PipelineConfig, kernels: bool = False) -> dict:
     doc = {**header(cfg, "cka"), "n": joined.n, "entries": names,
            "dims": {n: joined.entries[n].dim for n in names}, "scores": scores, "seconds": seconds,
            "k_used": {m: (a.k if accepts_k(f) else None) for m, f in metrics.items()}, "figures": {}}
-    rows = [{"metric": m, "entry_a": x, "entry_b": y, "score": float(S[i, j]), "n": joined.n}
+    cal = {}
+    if a.calibrate:
+        kwargs = {m: metric_kwargs(f, a.k) for m, f in metrics.items()}
+        cal = calibrated_matrices(joined.features, metrics, kwargs, scores, a.permutations, a.seed)
+        doc.update({"permutations": a.permutations, **{key: {m: c[key] for m, c in cal.items()}
+                                                        for key in ("calibrated", "threshold", "p_value")}})
+    rows = [{"metric": m, "entry_a": x, "entry_b": y, "score": float(S[i, j]), "n": joined.n,
+             **({key: float(cal[m][key][i, j]) for key in ("calibrated", "threshold", "p_value")} if cal else {})}
             for m, S in scores.items() for i, x in enumerate(names) for j, y in enumerate(names)]
     for m, S in scores.items():
         doc["figures"][m] = plots.heatmap(S, names, names, f"{m} between cache entries ({cfg.data.dataset} "

@@ -5,7 +5,12 @@ For each metric it scores every (layer of A, layer of B) pair on the same joined
 reports both the best pair and the last-layer pair. Taking the maximum over many layer pairs
 selects on noise, so the best score is biased upwards, more so the more layers there are
 (deep encoders look more aligned): compare encoders by the last pair, or by a fixed layer
-chosen in advance.
+chosen in advance. With ``analyze.permutations`` > 0 the maximum is also calibrated against
+its own null (``analyze.nulls.calibrated_layers``: the maximum over layer pairs of each
+shuffled-pairing draw), so its p-value and calibrated score account for the selection;
+the last pair is calibrated against its own cell's null. JSON: ``best`` and ``last`` gain
+``calibrated``, ``threshold``, ``p_value``; ``calibrated_scores`` holds each cell against its
+own null; CSV: columns ``calibrated``, ``threshold``, ``p_value`` per cell.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 from analyze import plots
 from analyze.compare import (AnalyzeError, check_k, header, load_joined, metric_kwargs, output_dir, read_rows,
                              resolve_metrics, write_csv)
+from analyze.nulls import calibrated_layers
 from pipeline.cache import Entry
 from pipeline.config import PipelineConfig
 from pipeline.runs import source_of
@@ -25,6 +31,8 @@ from pipeline.runtime import write_json
 
 MAX_NOTE = ("The best pair is a maximum over {pairs} layer pairs, which inflates it (more so for deeper "
             "encoders); the last pair is the unselected comparison.")
+CALIBRATED_NOTE = (" Calibrated against the maximum over layer pairs of {perms} shuffled pairings, the best pair "
+                   "scores {calibrated:.3f} (p = {p:.3g}).")
 
 
 def layer_scores(A: list[np.ndarray], B: list[np.ndarray], metric: Callable, k: int) -> np.ndarray:
@@ -74,9 +82,19 @@ def compare_layers(cfg: PipelineConfig, pair: tuple[str, str] | None = None) -> 
         t0 = time.perf_counter()
         S = layer_scores(A, B, fn, cfg.analyze.k)
         summary = best_and_last(S, la, lb)
+        note, cells = MAX_NOTE.format(pairs=S.size), None
+        if cfg.analyze.permutations:
+            cal = calibrated_layers(m, fn, metric_kwargs(fn, cfg.analyze.k), A, B, S, cfg.analyze.permutations,
+                                    cfg.analyze.seed)
+            for which in ("best", "last"):
+                summary[which].update({key: cal[which][key] for key in ("calibrated", "threshold", "p_value")})
+            cells = cal["cells"]
+            note += CALIBRATED_NOTE.format(perms=cfg.analyze.permutations, calibrated=cal["best"]["calibrated"],
+                                           p=cal["best"]["p_value"])
         doc = {**header(cfg, "layers"), "metric": m, "entry_a": a_name, "entry_b": b_name, "n": joined.n,
-               "layers_a": la, "layers_b": lb, "scores": S, **summary,
-               "note": MAX_NOTE.format(pairs=S.size), "seconds": time.perf_counter() - t0}
+               "layers_a": la, "layers_b": lb, "scores": S, **summary, "permutations": cfg.analyze.permutations,
+               "calibrated_scores": cells["calibrated"] if cells else None,
+               "note": note, "seconds": time.perf_counter() - t0}
         best, last = summary["best"], summary["last"]
         doc["figure"] = plots.heatmap(
             S, [str(i) for i in la], [str(j) for j in lb], f"{m}: {a_name} vs {b_name} layers (n={joined.n})",
@@ -84,7 +102,8 @@ def compare_layers(cfg: PipelineConfig, pair: tuple[str, str] | None = None) -> 
             mark=[(la.index(best["layer_a"]), lb.index(best["layer_b"]), f"best {best['score']:.3f}"),
                   (len(la) - 1, len(lb) - 1, f"last {last['score']:.3f}")]).name
         write_json(out / f"{m}.json", doc)
-        write_csv(out / f"{m}.csv", [{"metric": m, "layer_a": i, "layer_b": j, "score": float(S[p, q])}
+        write_csv(out / f"{m}.csv", [{"metric": m, "layer_a": i, "layer_b": j, "score": float(S[p, q]),
+                                      **({key: float(cells[key][p, q]) for key in cells} if cells else {})}
                                      for p, i in enumerate(la) for q, j in enumerate(lb)])
         docs[m] = doc
     return {"pair": [a_name, b_name], "n": joined.n, "metrics": docs, "out": out}

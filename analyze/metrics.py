@@ -3,3 +3,4 @@ this module keeps the documented paths ``analyze.metrics.get_metric``, ``analyze
 and the metric functions working."""
 
 from similarity.metrics import *  # noqa: F401,F403
+from analyze.calibration import Calibration, calibrate  # noqa: F401  (analyze.metrics.calibrate)

@@ -17,32 +17,62 @@ Uncertainty
 * Resampling, the SAME rows for every term (so the delta's interval is paired):
   - metrics without a neighbour count k (CKA, CCA, ...): the ordinary bootstrap, n rows drawn
     with replacement;
-  - kNN metrics (those with a ``k`` parameter): a duplicated row would be its copy's nearest
-    neighbour and inflate the score, so they use subsampling WITHOUT replacement of
-    m = ``SUBSAMPLE_FRACTION`` x n rows (the delete-d jackknife of Shao & Wu 1989, d = n - m);
-    the spread of the subsample scores is scaled by sqrt(m / d) to the spread of an n-row
-    estimate.
+  - mutual kNN (the kNN metric with a fast path): the same bootstrap, but a drawn row's
+    neighbours are found among the OTHER distinct drawn rows and each row's overlap counts as
+    often as it was drawn (in the library metric on the resampled rows a copy would be its own
+    nearest neighbour in every representation and inflate the score);
+  - other kNN metrics (those with a ``k`` parameter, no fast path): subsampling WITHOUT
+    replacement of m = ``SUBSAMPLE_FRACTION`` x n rows (the delete-d jackknife of Shao & Wu
+    1989, d = n - m); the spread of the subsample scores is scaled by sqrt(m / d) to the spread
+    of an n-row estimate. This is conservative for kNN scores, which are not smooth functions
+    of the rows (benchmarks/coverage_platonic.py measured 98-99% coverage of the nominal 95%
+    for mutual kNN), and the reason mutual kNN uses the distinct-neighbour bootstrap.
 * Interval: the 2.5th and 97.5th percentiles of theta + s (theta_b - mean_b theta_b), i.e. the
   resampling distribution re-centred on the full-sample estimate theta (s = 1 for the
   bootstrap, sqrt(m/d) for subsamples). Re-centring removes the shift that resampling itself
-  causes (duplicates raise CKA a little; fewer rows change every kNN score), which is not
-  uncertainty about theta.
+  causes (duplicates raise CKA a little; fewer distinct rows change every kNN score), which is
+  not uncertainty about theta. Coverage of the delta's interval in the simulation of
+  benchmarks/coverage_platonic.py (n = 300, target 95%): see the README.
 * Null: the reference's rows permuted relative to the other representation (the pairing
   shuffled), the same permutations for every term; p = (1 + #{null >= observed}) / (1 + draws).
+* Calibrated scores (``analyze.calibration``, Groeger, Wen & Brbic 2026): every term's score
+  measured against its own shuffled-pairing null, 0 at or below the null's conformal 95%
+  quantile, 1 at the metric's maximum; comparable across encoders of different width, depth
+  and across sample sizes. ``calibrated_delta_s`` = calibrated after_s - mean of the two
+  calibrated before-scores (a point value: no interval).
+* Controls (``analyze.controls``): the same four-term statistics for embeddings not trained
+  with InfoNCE (untrained adapters, CCA, Procrustes) on the same rows, resamples and
+  permutations; each side's trained delta minus the control's delta gets a paired 95%
+  interval, and the sentence says whether the trained delta exceeds every control.
 
 Verdict, per metric and side, at ``ALPHA`` = 0.05:
   supported      the delta's 95% interval lies above 0 AND the after-score beats its
                  shuffled-pairing null (p <= ALPHA);
   not supported  the delta's 95% interval lies below 0 (alignment to the reference fell);
   inconclusive   anything else (the interval contains 0, or the after-score is not above chance).
-No correction is made for testing several metrics and both sides.
+No correction is made for testing several metrics and both sides. The verdict does not use
+the controls; ``beats_controls`` (per side) and the sentence report them next to it.
+
+Flat names (``flat_results``; platonic.json "flat" and the one-row platonic_summary.csv), for
+each metric m, side s in {image, text} and control c in {random, cca, procrustes}:
+  m.before_s, m.after_s                      raw scores
+  m.delta_s, m.delta_s_ci_lo, m.delta_s_ci_hi   the delta and its 95% interval
+  m.p_s                                      p-value of after_s against the shuffled-pairing null
+  m.calibrated_before_s, m.calibrated_after_s, m.calibrated_delta_s   calibrated scores
+  m.verdict_s                                supported | not supported | inconclusive
+  m.beats_controls_s                         1.0 / 0.0 (empty without controls or resamples)
+  m.control_c.after_s, m.control_c.calibrated_after_s   the control's scores (mean over seeds)
+  m.control_c.delta_s, m.control_c.delta_s_ci_lo, m.control_c.delta_s_ci_hi   its delta
+  m.control_c.excess_s, m.control_c.excess_s_ci_lo, m.control_c.excess_s_ci_hi
+                                             trained delta minus control delta, paired 95% CI
+  m.control_c.exceeds_s                      1.0 when that interval lies above 0, else 0.0
 
 Speed: CKA, unbiased CKA and mutual kNN have fast paths that precompute, once, each
 representation's (n, n) Gram matrix (CKA) or sorted neighbour lists (mutual kNN) and reuse
 them for every resample and permutation (O(n^2) per draw instead of O(n d^2) or O(n^2 d);
 the CKA bootstrap is a few batched matrix products);
-before each use a fast path is checked against the library metric on ``CHECK_ROWS`` rows.
-Other metrics call the library once per draw.
+before each use a fast path is checked against the library metric on ``CHECK_ROWS`` rows
+(``analyze.engines``). Other metrics call the library once per draw.
 """
 
 from __future__ import annotations
@@ -50,13 +80,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from analyze import plots
+from analyze.calibration import calibrate_array
 from analyze.compare import (AnalyzeError, accepts_k, check_k, check_paired, header, kernel_figure, load_joined,
                              metric_kwargs, output_dir, resolve_metrics, write_csv)
+from analyze.controls import control_columns, control_embeddings, control_stats, versus_controls
+from analyze.engines import FAST_PATHS, build_engine, is_generic  # noqa: F401  (FAST_PATHS: re-exported)
 from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig
 from pipeline.runs import aligned_name, run_name
@@ -66,222 +99,16 @@ log = logging.getLogger(__name__)
 
 ALPHA = 0.05  # significance level: 95% intervals, and p <= ALPHA to beat the null
 SUBSAMPLE_FRACTION = 0.8  # kNN metrics: rows kept per subsample (m-out-of-n, without replacement)
-GRAM_MAX_ROWS = 4096  # the CKA fast path holds five (n, n) float64 Grams (5 x 128 MiB at this n)
-FAST_TOLERANCE = 1e-6  # a fast path must reproduce the library metric to this absolute error ...
-CHECK_ROWS = 128  # ... on this many rows, checked before each use
 SLOW_WARNING_S = 60.0  # warn (with the estimate) when a metric without a fast path will take longer, seconds
 TERMS = ("before_image", "before_text", "after_image", "after_text")
 SIDES = ("image", "text")
 TERM_COLORS = {"before_image": "#9ecae1", "before_text": "#fdae6b", "after_image": "#3182bd", "after_text": "#e6550d"}
 
 
-# ----------------------------------------------------------------------------- scoring engines
-# An engine scores the four terms of one metric on many draws at once:
-#   resample(rows)  rows (B, m) row indices, the same for every representation -> (B, 4)
-#   permuted(perms) perms (P, n) permutations of the reference's rows            -> (P, 4)
-class _Generic:
-    """Calls the library metric once per draw and term: reps (4 arrays (n, d_t)), ref (n, d_ref)."""
-
-    def __init__(self, fn: Callable, kwargs: dict, reps: list[np.ndarray], ref: np.ndarray):
-        self.fn, self.kwargs, self.reps, self.ref = fn, kwargs, reps, ref
-
-    def resample(self, rows: np.ndarray) -> np.ndarray:
-        return np.array([[self.fn(A[r], self.ref[r], **self.kwargs) for A in self.reps] for r in rows]).reshape(-1, 4)
-
-    def permuted(self, perms: np.ndarray) -> np.ndarray:
-        return np.array([[self.fn(A, self.ref[p], **self.kwargs) for A in self.reps] for p in perms]).reshape(-1, 4)
-
-
-def _gram(X: np.ndarray) -> np.ndarray:
-    """(n, d) -> (n, n) float64 Gram matrix of the column-centred features."""
-    Z = np.asarray(X, dtype=np.float64)
-    Z = Z - Z.mean(axis=0, keepdims=True)
-    return Z @ Z.T
-
-
-def _song(trace, total_k, total_l, cross, m: int):
-    """Song et al. 2012 eq. 5 from its terms, for kernels K~, L~ with zeroed diagonals:
-    trace = tr(K~L~), totals = 1'K~1 and 1'L~1, cross = 1'K~L~1 = (K~1).(L~1); m rows."""
-    return (trace + total_k * total_l / ((m - 1) * (m - 2)) - 2 * cross / (m - 2)) / (m * (m - 3))
-
-
-def _ratio(kl, kk, ll) -> np.ndarray:
-    """kl / sqrt(kk ll) elementwise, 0.0 where kk ll <= 0 (as similarity.metrics does)."""
-    kl, prod = np.asarray(kl, dtype=float), np.asarray(kk * ll, dtype=float)
-    return np.where(prod > 0, kl / np.sqrt(np.where(prod > 0, prod, 1.0)), 0.0)
-
-
-class _LinearCKA:
-    """Linear CKA (biased, or unbiased HSIC) from precomputed (n, n) Gram matrices.
-
-    A bootstrap resample is a count vector w (n,) (row i drawn w_i times), and every HSIC term
-    of the resampled data is a quadratic form in w, e.g. sum(K_b * L_b) = w'(K*L)w and
-    (K_b 1)_a = (K w)_i for the position a holding row i. A batch of B resamples is then a few
-    (B, n) x (n, n) matrix products, exactly equal to the metric on the resampled features
-    (duplicated rows included). Permutations gather the reference's Gram once per draw."""
-
-    def __init__(self, reps: list[np.ndarray], ref: np.ndarray, unbiased: bool):
-        self.unbiased = unbiased
-        self.grams = np.stack([_gram(A) for A in (*reps, ref)])  # (5, n, n); index 4 = the reference
-        self.diags = [G.diagonal().copy() for G in self.grams]
-        self.rows = [G.sum(axis=1) - d for G, d in zip(self.grams, self.diags)]  # zero-diagonal row sums
-        n = ref.shape[0]
-        selfs = self._hsic(np.ones((1, n)), n, [(t, t) for t in range(5)])  # for the permutation path
-        self.self_hsic = np.array([h[0] for h in selfs[:4]])
-        self.ref_hsic = float(selfs[4][0])
-
-    def _hsic(self, W: np.ndarray, m: int, pairs: list[tuple[int, int]]) -> list[np.ndarray]:
-        """HSIC (up to a common factor) of each Gram pair on each resample: W (B, n) counts
-        summing to m -> one (B,) array per pair."""
-        G, d = self.grams, self.diags
-        U = {t: W @ G[t] for t in {t for pair in pairs for t in pair}}  # (B, n): (K w)_i
-        out = []
-        for a, b in pairs:
-            KL = ((W @ (G[a] * G[b])) * W).sum(axis=1)  # w'(K*L)w = sum(K_b * L_b)
-            if not self.unbiased:  # tr(K H L H) = sum(K*L) - 2/m 1'KL1 + (1'K1)(1'L1)/m^2
-                tk, tl = (U[a] * W).sum(axis=1), (U[b] * W).sum(axis=1)
-                out.append(KL - 2 / m * (W * U[a] * U[b]).sum(axis=1) + tk * tl / m**2)
-            else:  # Song's terms of the resampled kernels with zeroed diagonals
-                ra, rb = U[a] - d[a], U[b] - d[b]
-                out.append(_song(KL - W @ (d[a] * d[b]), (W * ra).sum(axis=1), (W * rb).sum(axis=1),
-                                 (W * ra * rb).sum(axis=1), m))
-        return out
-
-    def resample(self, rows: np.ndarray) -> np.ndarray:
-        n, m = self.grams[4].shape[0], rows.shape[1]
-        W = np.stack([np.bincount(r, minlength=n) for r in rows]).astype(np.float64)  # (B, n) counts
-        h = self._hsic(W, m, [(t, 4) for t in range(4)] + [(t, t) for t in range(5)])
-        return np.stack([_ratio(h[t], h[4 + t], h[8]) for t in range(4)], axis=1)
-
-    def permuted(self, perms: np.ndarray) -> np.ndarray:
-        flat = self.grams[:4].reshape(4, -1)  # a view: <K_t, L> for all four t is one product
-        out = []
-        for p in perms:
-            L = self.grams[4].take(p, axis=0).take(p, axis=1)  # centring commutes with permuting
-            if self.unbiased:  # with L's diagonal zeroed, tr(K~ L~) = sum(K * L~)
-                np.fill_diagonal(L, 0.0)
-                rl = self.rows[4][p]
-                h = _song(flat @ L.ravel(), np.array([r.sum() for r in self.rows[:4]]), rl.sum(),
-                          np.array([r @ rl for r in self.rows[:4]]), len(p))
-            else:
-                h = flat @ L.ravel()
-            out.append(_ratio(h, self.self_hsic, self.ref_hsic))
-        return np.array(out).reshape(-1, 4)
-
-
-def _unit(X: np.ndarray) -> np.ndarray:
-    """(n, d) rows scaled to unit length (cosine similarity = dot product), float64."""
-    Z = np.asarray(X, dtype=np.float64)
-    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-300)
-
-
-def _top(S: np.ndarray, width: int) -> np.ndarray:
-    """(r, c) similarities -> (r, width) column indices, most similar first."""
-    part = np.argpartition(-S, width - 1, axis=1)[:, :width]
-    order = np.argsort(-np.take_along_axis(S, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
-
-
-def _mutual(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean |a_i & b_i| / k for (m, k) neighbour index sets."""
-    return float((a[:, :, None] == b[:, None, :]).sum() / a.size)
-
-
-class _MutualKnn:
-    """Mutual kNN from each row's precomputed neighbour list (its ``width`` most similar rows
-    by cosine, self excluded; memory n x width, computed in row blocks).
-
-    A subsample keeps, for every kept row, the first k kept rows of its list (rows whose list
-    has fewer than k kept entries are recomputed exactly). A permutation relabels the
-    reference's lists: the neighbours of row i in ref[perm] are perm^-1 of those of perm[i]."""
-
-    BLOCK = 1024  # rows of the similarity matrix held at once while building the lists
-
-    def __init__(self, reps: list[np.ndarray], ref: np.ndarray, k: int):
-        n = ref.shape[0]
-        self.k, self.width = k, min(n - 1, 4 * k + 32)
-        self.units = [_unit(A) for A in (*reps, ref)]
-        self.lists = [self._lists(Z) for Z in self.units]
-
-    def _lists(self, Z: np.ndarray) -> np.ndarray:
-        out = []
-        for s in range(0, Z.shape[0], self.BLOCK):
-            S = Z[s:s + self.BLOCK] @ Z.T
-            S[np.arange(S.shape[0]), np.arange(s, s + S.shape[0])] = -np.inf
-            out.append(_top(S, self.width))
-        return np.concatenate(out)
-
-    def _within(self, t: int, rows: np.ndarray, kept: np.ndarray) -> np.ndarray:
-        """(m, k) neighbours (original row ids) of each kept row among the kept rows."""
-        L = self.lists[t][rows]
-        ok = kept[L]
-        take = ok & (np.cumsum(ok, axis=1) <= self.k)
-        short = take.sum(axis=1) < self.k
-        out = np.empty((len(rows), self.k), dtype=np.int64)
-        out[~short] = L[~short][take[~short]].reshape(-1, self.k)
-        if short.any():  # rare: recompute these rows against all kept rows
-            Z = self.units[t]
-            S = Z[rows[short]] @ Z[rows].T
-            S[np.arange(S.shape[0]), np.flatnonzero(short)] = -np.inf
-            out[short] = rows[_top(S, self.k)]
-        return out
-
-    def resample(self, rows: np.ndarray) -> np.ndarray:
-        out = []
-        for r in rows:
-            kept = np.zeros(self.units[0].shape[0], dtype=bool)
-            kept[r] = True
-            ref = self._within(4, r, kept)
-            out.append([_mutual(self._within(t, r, kept), ref) for t in range(4)])
-        return np.array(out).reshape(-1, 4)
-
-    def permuted(self, perms: np.ndarray) -> np.ndarray:
-        mine = [L[:, :self.k] for L in self.lists]
-        out = []
-        for p in perms:
-            inverse = np.empty_like(p)
-            inverse[p] = np.arange(len(p))
-            ref = inverse[mine[4][p]]
-            out.append([_mutual(mine[t], ref) for t in range(4)])
-        return np.array(out).reshape(-1, 4)
-
-
-class FastPath(NamedTuple):
-    """build(reps, ref, k) -> engine; max_rows: largest n it is used for (None = any)."""
-
-    build: Callable
-    max_rows: int | None
-
-
-FAST_PATHS: dict[str, FastPath] = {  # metric name -> fast engine, checked against the library before use
-    "cka": FastPath(lambda reps, ref, k: _LinearCKA(reps, ref, unbiased=False), GRAM_MAX_ROWS),
-    "unbiased_cka": FastPath(lambda reps, ref, k: _LinearCKA(reps, ref, unbiased=True), GRAM_MAX_ROWS),
-    "mutual_knn": FastPath(lambda reps, ref, k: _MutualKnn(reps, ref, k), None),  # memory O(n k)
-}
-
-
-def _engine(name: str, fn: Callable, kwargs: dict, reps: list[np.ndarray], ref: np.ndarray, use_fast: bool):
-    """The fast path for ``name`` when there is one (after checking it against the library
-    metric on the first ``CHECK_ROWS`` rows), else the generic engine."""
-    n, fast = ref.shape[0], FAST_PATHS.get(name)
-    if use_fast and fast and (fast.max_rows is None or n <= fast.max_rows):
-        engine = fast.build(reps, ref, kwargs.get("k"))
-        rows = np.arange(min(n, CHECK_ROWS))
-        want = [fn(A[rows], ref[rows], **kwargs) for A in reps]
-        got = engine.resample(rows[None])[0]
-        if np.allclose(got, want, rtol=0, atol=FAST_TOLERANCE):
-            return engine
-        log.warning("fast path for %s disagrees with similarity.metrics (%s vs %s); using the library metric",
-                    name, got, want)
-    elif use_fast and fast:
-        log.warning("n=%d > %d rows: %s uses the slow path (one library call per draw); "
-                    "set analyze.max_rows to subsample", n, fast.max_rows, name)
-    return _Generic(fn, kwargs, reps, ref)
-
-
 # ----------------------------------------------------------------------------- statistics
-def _interval(theta: np.ndarray, draws: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+def interval(theta: np.ndarray, draws: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Re-centred percentile interval: theta (...,) and draws (B, ...) -> (lo, hi); NaN when B = 0."""
+    theta = np.asarray(theta, dtype=float)
     if len(draws) == 0:
         return np.full(theta.shape, np.nan), np.full(theta.shape, np.nan)
     shifted = theta + scale * (draws - draws.mean(axis=0))
@@ -289,17 +116,15 @@ def _interval(theta: np.ndarray, draws: np.ndarray, scale: float) -> tuple[np.nd
     return lo, hi
 
 
-def _null(point: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(p-value, 95th percentile, mean) of the null draws (P, 4) per term; NaN when P = 0.
-    p = (1 + #{null >= observed}) / (1 + P)."""
+def _null_summary(null: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(95th percentile, mean) of the null draws (P, R) per representation; NaN when P = 0."""
     if len(null) == 0:
-        return (np.full(point.shape, np.nan),) * 3
-    return ((1 + (null >= point).sum(axis=0)) / (1 + len(null)), np.percentile(null, 100 * (1 - ALPHA), axis=0),
-            null.mean(axis=0))
+        return np.full(shape, np.nan), np.full(shape, np.nan)
+    return np.percentile(null, 100 * (1 - ALPHA), axis=0), null.mean(axis=0)
 
 
 def _deltas(scores: np.ndarray) -> np.ndarray:
-    """(..., 4) term scores -> (..., 2) deltas: after_side - mean(before_image, before_text)."""
+    """(..., >= 4) term scores -> (..., 2) deltas: after_side - mean(before_image, before_text)."""
     before = (scores[..., 0] + scores[..., 1]) / 2
     return np.stack([scores[..., 2] - before, scores[..., 3] - before], axis=-1)
 
@@ -327,68 +152,118 @@ def sentence(metric: str, side: str, r: Mapping) -> str:
     t, d = r["terms"], r["delta"][side]
     after = t[f"after_{side}"]
     before = (t["before_image"]["score"] + t["before_text"]["score"]) / 2
-    return (f"{metric}, {side} side: {d['verdict']}. Alignment to the reference went from {before:.3f} "
+    text = (f"{metric}, {side} side: {d['verdict']}. Alignment to the reference went from {before:.3f} "
             f"(mean of before-image {_fmt(t['before_image']['score'])} [{_fmt(t['before_image']['ci_lo'])}, "
             f"{_fmt(t['before_image']['ci_hi'])}] and before-text {_fmt(t['before_text']['score'])} "
             f"[{_fmt(t['before_text']['ci_lo'])}, {_fmt(t['before_text']['ci_hi'])}]) to {after['score']:.3f} "
             f"[{_fmt(after['ci_lo'])}, {_fmt(after['ci_hi'])}]; difference {d['delta']:+.3f} "
             f"(95% CI {_fmt(d['ci_lo'])} to {_fmt(d['ci_hi'])}); the shuffled-pairing null's 95th percentile is "
             f"{_fmt(after['null_q95'])} (p = {_fmt(after['p_value'])}): {d['reason']}. "
+            f"Calibrated against that null the after-score is {_fmt(after.get('calibrated'))} (before: image "
+            f"{_fmt(t['before_image'].get('calibrated'))}, text {_fmt(t['before_text'].get('calibrated'))}). "
             f"Against the {side} encoder alone before training ({_fmt(t[f'before_{side}']['score'])}) "
             f"the aligned {side} embedding moved by {after['score'] - t[f'before_{side}']['score']:+.3f}.")
+    if r.get("controls"):
+        text += f" Controls: {d['vs_controls']}."
+    return text
+
+
+def _draws(n: int, bootstrap: int, permutations: int, seed: int, m_sub: int):
+    """Row draws made up front, in a fixed order, for every metric: bootstrap rows (B, n),
+    subsample rows (B, m_sub) sorted, permutations (P, n)."""
+    rng = np.random.default_rng(seed)
+    boot_rows = rng.integers(0, n, size=(bootstrap, n))
+    sub_rows = np.sort(rng.random((bootstrap, n)).argsort(axis=1)[:, :m_sub], axis=1)
+    perms = np.stack([rng.permutation(n) for _ in range(permutations)]) if permutations else np.zeros((0, n), int)
+    return boot_rows, sub_rows, perms
+
+
+def _summarise(point: np.ndarray, boot: np.ndarray, null: np.ndarray, scale: float,
+               controls: Mapping[str, Sequence], first_control: int) -> dict:
+    """The statistics of one metric from its scores: point (R,), boot (B, R), null (P, R);
+    columns 0-3 are TERMS, then the controls' (image, text) pairs from ``first_control``."""
+    lo, hi = interval(point, boot, scale)
+    q95, null_mean = _null_summary(null, point.shape)
+    cal = calibrate_array(point, null, alpha=ALPHA)
+    delta = _deltas(point)
+    dlo, dhi = interval(delta, _deltas(boot), scale)
+    res: dict = {"terms": {}, "delta": {}}
+    for t, term in enumerate(TERMS):
+        res["terms"][term] = {"score": point[t], "ci_lo": lo[t], "ci_hi": hi[t], "null_mean": null_mean[t],
+                              "null_q95": q95[t], "p_value": cal["p_value"][t], "threshold": cal["threshold"][t],
+                              "calibrated": cal["calibrated"][t]}
+    before = ((point[0] + point[1]) / 2, (boot[:, 0] + boot[:, 1]) / 2)
+    after = (point[2:4], boot[:, 2:4])
+    cols = control_columns(controls, first_control)
+    res["controls"] = {name: control_stats(name, c, point, boot, cal, before, after,
+                                           lambda th, dr: interval(th, dr, scale)) for name, c in cols.items()}
+    cal_before = (cal["calibrated"][0] + cal["calibrated"][1]) / 2
+    for s, side in enumerate(SIDES):
+        v, why = verdict(dlo[s], dhi[s], cal["p_value"][2 + s])
+        beats, clause = versus_controls(res["controls"], side)
+        res["delta"][side] = {"delta": delta[s], "ci_lo": dlo[s], "ci_hi": dhi[s], "verdict": v, "reason": why,
+                              "calibrated_delta": cal["calibrated"][2 + s] - cal_before,
+                              "beats_controls": beats, "vs_controls": clause}
+    return res
+
+
+def _resampling(knn: bool, subsample: bool, n: int, m_sub: int, scale: float) -> str:
+    """How the interval of one metric was resampled, in words (for platonic.json)."""
+    if subsample:
+        return f"subsampling without replacement, {m_sub} of {n} rows, spread scaled by sqrt(m/(n-m)) = {scale:.2f}"
+    if knn:
+        return (f"bootstrap, {n} rows with replacement; neighbours among the other distinct drawn rows, "
+                f"each row counted as often as drawn")
+    return f"bootstrap, {n} rows with replacement"
 
 
 def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray, ref: np.ndarray,
                     metrics: Mapping[str, Callable], k: int, bootstrap: int, permutations: int,
-                    seed: int = 0, use_fast: bool = True) -> dict:
+                    seed: int = 0, use_fast: bool = True,
+                    controls: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]] | None = None) -> dict:
     """The test on paired features (rows joined by sample id).
 
     X: (n, d_x) image encoder, Y: (n, d_y) text encoder, RX: (n, e) and RY: (n, e) the
     aligned image / text embeddings, ref: (n, d_ref) the reference. metrics: {name: metric}.
-    bootstrap / permutations: number of draws (0 skips the interval / null). Returns
-    {metric: {"terms": {term: {score, ci_lo, ci_hi, null_mean, null_q95, p_value}},
-    "delta": {side: {delta, ci_lo, ci_hi, verdict, reason}}, "resampling", "seconds"}}.
+    bootstrap / permutations: number of draws (0 skips the interval / null). controls:
+    {name: [(image (n, e_c), text (n, e_c)) per seed]} scored on the same draws. Returns
+    {metric: {"terms": {term: {score, ci_lo, ci_hi, null_mean, null_q95, p_value, threshold,
+    calibrated}}, "delta": {side: {delta, ci_lo, ci_hi, verdict, reason, calibrated_delta,
+    beats_controls, vs_controls}}, "controls": {name: analyze.controls.control_stats},
+    "resampling", "seconds"}}.
     """
-    reps = [X, Y, RX, RY]
-    n = check_paired({"image": X, "text": Y, "image aligned": RX, "text aligned": RY, "reference": ref})
+    controls = dict(controls or {})
+    reps = [X, Y, RX, RY] + [A for pairs in controls.values() for pair in pairs for A in pair]
+    named = {"image": X, "text": Y, "image aligned": RX, "text aligned": RY, "reference": ref}
+    named.update({f"control {c} {i}": A for c, pairs in controls.items() for i, pair in enumerate(pairs) for A in pair})
+    n = check_paired(named)
     if bootstrap < 0 or permutations < 0:
         raise AnalyzeError(f"bootstrap ({bootstrap}) and permutations ({permutations}) must be >= 0.")
     m_sub = int(round(SUBSAMPLE_FRACTION * n))
-    check_k(metrics, k, m_sub if bootstrap else n, f"rows in each {SUBSAMPLE_FRACTION:.0%} subsample")
-    rng = np.random.default_rng(seed)  # draws are made up front, in a fixed order, for every metric
-    boot_rows = rng.integers(0, n, size=(bootstrap, n))
-    sub_rows = np.sort(rng.random((bootstrap, n)).argsort(axis=1)[:, :m_sub], axis=1)
-    perms = np.stack([rng.permutation(n) for _ in range(permutations)]) if permutations else np.zeros((0, n), int)
+    boot_rows, sub_rows, perms = _draws(n, bootstrap, permutations, seed, m_sub)
+    distinct = min([m_sub] + [len(np.unique(r)) for r in boot_rows]) if bootstrap else n
+    check_k(metrics, k, distinct, "distinct rows in each resample")
     out = {}
     for name, fn in metrics.items():
         t0 = time.perf_counter()
         kwargs = metric_kwargs(fn, k)
-        engine = _engine(name, fn, kwargs, reps, ref, use_fast)
+        engine = build_engine(name, fn, kwargs, reps, ref, use_fast)
         t1 = time.perf_counter()
         point = engine.resample(np.arange(n)[None])[0]  # the full-sample estimates
         eta = (time.perf_counter() - t1) * (bootstrap + permutations)
-        if isinstance(engine, _Generic) and eta > SLOW_WARNING_S:
+        if is_generic(engine) and eta > SLOW_WARNING_S:
             log.warning("%s has no fast path: about %.0f s for %d resamples + %d permutations at n=%d; lower "
                         "--bootstrap/--permutations or --max-rows for a quicker answer", name, eta, bootstrap,
                         permutations, n)
         knn = accepts_k(fn)
-        rows, scale = (sub_rows, math.sqrt(m_sub / max(1, n - m_sub))) if knn else (boot_rows, 1.0)
-        boot = engine.resample(rows) if bootstrap else np.zeros((0, 4))
-        null = engine.permuted(perms) if permutations else np.zeros((0, 4))
-        lo, hi = _interval(point, boot, scale)
-        delta = _deltas(point)
-        dlo, dhi = _interval(delta, _deltas(boot), scale)
-        pval, q95, null_mean = _null(point, null)
-        res = {"terms": {}, "delta": {}, "engine": type(engine).__name__.lstrip("_"), "k": k if knn else None,
-               "resampling": (f"subsampling without replacement, {m_sub} of {n} rows, spread scaled by "
-                              f"sqrt(m/(n-m)) = {scale:.2f}") if knn else f"bootstrap, {n} rows with replacement"}
-        for t, term in enumerate(TERMS):
-            res["terms"][term] = {"score": point[t], "ci_lo": lo[t], "ci_hi": hi[t], "null_mean": null_mean[t],
-                                  "null_q95": q95[t], "p_value": pval[t]}
-        for s, side in enumerate(SIDES):
-            v, why = verdict(dlo[s], dhi[s], pval[2 + s])
-            res["delta"][side] = {"delta": delta[s], "ci_lo": dlo[s], "ci_hi": dhi[s], "verdict": v, "reason": why}
-        res["seconds"] = time.perf_counter() - t0
+        subsample = knn and not getattr(engine, "distinct_bootstrap", False)
+        rows, scale = (sub_rows, math.sqrt(m_sub / max(1, n - m_sub))) if subsample else (boot_rows, 1.0)
+        boot = engine.resample(rows) if bootstrap else np.zeros((0, len(reps)))
+        null = engine.permuted(perms) if permutations else np.zeros((0, len(reps)))
+        res = _summarise(point, boot, null, scale, controls, 4)
+        res.update({"engine": type(engine).__name__.lstrip("_"), "k": k if knn else None,
+                    "resampling": _resampling(knn, subsample, n, m_sub, scale),
+                    "seconds": time.perf_counter() - t0})
         out[name] = res
     return out
 
@@ -402,7 +277,80 @@ def headline(results: Mapping[str, Mapping]) -> str:
                "not supported" if n_not else "inconclusive")
     detail = "; ".join(f"{m}: image {r['delta']['image']['verdict']}, text {r['delta']['text']['verdict']}"
                        for m, r in results.items())
-    return f"Platonic hypothesis {overall} ({n_sup} of {len(verdicts)} metric x side tests supported): {detail}."
+    text = f"Platonic hypothesis {overall} ({n_sup} of {len(verdicts)} metric x side tests supported): {detail}."
+    beats = [r["delta"][s]["beats_controls"] for r in results.values() for s in SIDES]
+    if any(b is not None for b in beats):
+        text += (f" The trained delta exceeds every control in {sum(b is True for b in beats)} of {len(beats)} "
+                 f"metric x side tests.")
+    return text
+
+
+def _flag(x: bool | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def flat_results(results: Mapping[str, Mapping]) -> dict:
+    """The flat ``<metric>.<name>`` columns of the module docstring, one value each."""
+    flat: dict = {}
+    for m, r in results.items():
+        t = r["terms"]
+        for term in TERMS:
+            flat[f"{m}.{term}"] = t[term]["score"]
+        for side in SIDES:
+            d = r["delta"][side]
+            flat.update({f"{m}.delta_{side}": d["delta"], f"{m}.delta_{side}_ci_lo": d["ci_lo"],
+                         f"{m}.delta_{side}_ci_hi": d["ci_hi"], f"{m}.p_{side}": t[f"after_{side}"]["p_value"]})
+        for term in TERMS:
+            flat[f"{m}.calibrated_{term}"] = t[term]["calibrated"]
+        for side in SIDES:
+            d = r["delta"][side]
+            flat.update({f"{m}.calibrated_delta_{side}": d["calibrated_delta"], f"{m}.verdict_{side}": d["verdict"],
+                         f"{m}.beats_controls_{side}": _flag(d["beats_controls"])})
+        for c, cr in r.get("controls", {}).items():
+            p = f"{m}.control_{c}"
+            for side in SIDES:
+                ct, cd = cr["terms"][f"after_{side}"], cr["delta"][side]
+                flat.update({f"{p}.after_{side}": ct["score"], f"{p}.calibrated_after_{side}": ct["calibrated"],
+                             f"{p}.delta_{side}": cd["delta"], f"{p}.delta_{side}_ci_lo": cd["ci_lo"],
+                             f"{p}.delta_{side}_ci_hi": cd["ci_hi"], f"{p}.excess_{side}": cd["excess"],
+                             f"{p}.excess_{side}_ci_lo": cd["excess_ci_lo"],
+                             f"{p}.excess_{side}_ci_hi": cd["excess_ci_hi"], f"{p}.exceeds_{side}": _flag(cd["exceeds"])})
+    return flat
+
+
+def _long_rows(results: Mapping[str, Mapping]) -> list[dict]:
+    """platonic.csv: one row per metric and term, delta, and control quantity."""
+    rows = []
+    for m, r in results.items():
+        for term, t in r["terms"].items():
+            rows.append({"metric": m, "term": term, **t})
+        for side, d in r["delta"].items():
+            rows.append({"metric": m, "term": f"delta_{side}", "score": d["delta"], "ci_lo": d["ci_lo"],
+                         "ci_hi": d["ci_hi"], "verdict": d["verdict"], "calibrated": d["calibrated_delta"],
+                         "beats_controls": d["beats_controls"]})
+        for c, cr in r.get("controls", {}).items():
+            for side in SIDES:
+                ct, cd = cr["terms"][f"after_{side}"], cr["delta"][side]
+                rows.append({"metric": m, "term": f"control_{c}.after_{side}", "score": ct["score"],
+                             "p_value": ct["p_value"], "threshold": ct["threshold"], "calibrated": ct["calibrated"]})
+                rows.append({"metric": m, "term": f"control_{c}.delta_{side}", "score": cd["delta"],
+                             "ci_lo": cd["ci_lo"], "ci_hi": cd["ci_hi"]})
+                rows.append({"metric": m, "term": f"control_{c}.excess_{side}", "score": cd["excess"],
+                             "ci_lo": cd["excess_ci_lo"], "ci_hi": cd["excess_ci_hi"], "exceeds": cd["exceeds"]})
+    return rows
+
+
+def _bar_groups(results: Mapping[str, Mapping]) -> dict[str, list[dict]]:
+    """platonic.png: per metric the four terms, then each control's after-scores (grey)."""
+    groups = {}
+    for m, r in results.items():
+        items = [{"label": term.replace("_", " "), "value": t["score"], "lo": t["ci_lo"], "hi": t["ci_hi"],
+                  "null_q95": t["null_q95"], "color": TERM_COLORS[term]} for term, t in r["terms"].items()]
+        for c, cr in r.get("controls", {}).items():
+            items += [{"label": f"{c} {side}", "value": cr["terms"][f"after_{side}"]["score"],
+                       "color": "#bdbdbd" if side == "image" else "#969696"} for side in SIDES]
+        groups[m] = items
+    return groups
 
 
 # ----------------------------------------------------------------------------- the command
@@ -412,7 +360,8 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
     Entries (split ``analyze.split``): ``train.image``, ``train.text``, ``analyze.reference``
     and the run's aligned ``<image>@<run>``, ``<text>@<run>``; run = ``run`` or
     ``train.name`` or fit-adapters' default name. Writes ``runs/<run>/platonic.json``,
-    ``platonic.csv``, ``platonic.png`` (bars with 95% CIs and the null's 95th percentile)
+    ``platonic.csv`` (long: one row per metric and term), ``platonic_summary.csv`` (one row of
+    ``flat_results`` columns), ``platonic.png`` (bars with 95% CIs and the null's 95th percentile)
     and, with ``kernels``, ``kernels.png``. Returns the JSON document plus ``out``."""
     a, tc = cfg.analyze, cfg.train
     run = run_name(tc, run)
@@ -431,35 +380,27 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
     metrics = resolve_metrics(a.metrics)
     F = joined.features
     t0 = time.perf_counter()
+    controls = control_embeddings(cfg, run, F[tc.image], F[tc.text])
     results = hypothesis_test(F[tc.image], F[tc.text], F[ri], F[rt], F[a.reference], metrics, a.k,
-                              a.bootstrap, a.permutations, a.seed)
+                              a.bootstrap, a.permutations, a.seed, controls=controls.embeddings)
     seconds = time.perf_counter() - t0
     out = output_dir(cfg, "runs", run)
     doc = {**header(cfg, "platonic"), "run": run, "n": joined.n, "bootstrap": a.bootstrap,
            "permutations": a.permutations, "alpha": ALPHA,
            "entries": {"image": tc.image, "text": tc.text, "image_aligned": ri, "text_aligned": rt,
                        "reference": a.reference},
-           "results": results, "headline": headline(results),
+           "controls": controls.notes, "results": results, "headline": headline(results),
            "sentences": {m: {s: sentence(m, s, r) for s in SIDES} for m, r in results.items()},
-           "seconds": seconds, "figures": {}}
-    rows = []
-    for m, r in results.items():
-        for term, t in r["terms"].items():
-            rows.append({"metric": m, "term": term, **t})
-        for side, d in r["delta"].items():
-            rows.append({"metric": m, "term": f"delta_{side}", "score": d["delta"], "ci_lo": d["ci_lo"],
-                         "ci_hi": d["ci_hi"], "verdict": d["verdict"]})
-    groups = {m: [{"label": term.replace("_", " "), "value": t["score"], "lo": t["ci_lo"], "hi": t["ci_hi"],
-                   "null_q95": t["null_q95"], "color": TERM_COLORS[term]} for term, t in r["terms"].items()]
-              for m, r in results.items()}
+           "flat": flat_results(results), "seconds": seconds, "figures": {}}
     doc["figures"]["bars"] = plots.grouped_bars(
-        groups, f"Alignment to {a.reference} before/after run {run} (n={joined.n}; bars: 95% CI; "
-                f"dashes: shuffled-pairing null, 95th pct)", out / "platonic.png").name
+        _bar_groups(results), f"Alignment to {a.reference} before/after run {run} (n={joined.n}; bars: 95% CI; "
+                              f"dashes: shuffled-pairing null, 95th pct; grey: controls)", out / "platonic.png").name
     if kernels:
         panels = {f"K_X ({tc.image})": F[tc.image], f"K_Y ({tc.text})": F[tc.text], f"K_repr image ({ri})": F[ri],
                   f"K_repr text ({rt})": F[rt], f"K_ref ({a.reference})": F[a.reference]}
         doc["figures"]["kernels"] = kernel_figure(panels, f"K_ref ({a.reference})", a.kernel_rows, a.seed,
                                                   out / "kernels.png").name
     write_json(out / "platonic.json", doc)
-    write_csv(out / "platonic.csv", rows)
+    write_csv(out / "platonic.csv", _long_rows(results))
+    write_csv(out / "platonic_summary.csv", [{"run": run, "n": joined.n, **doc["flat"]}])
     return {**doc, "out": out}

@@ -41,7 +41,8 @@ from pipeline.runtime import utc_now
 log = logging.getLogger(__name__)
 
 RANK_COLUMNS = ("rsum", "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr")  # train.retrieval.SUMMARY_KEYS
-PLATONIC_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations")  # analyze settings that
+PLATONIC_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations", "controls",
+                 "control_seeds")  # analyze settings that
 #   must match for a saved platonic.json to be reused (the entries are compared too)
 
 

@@ -89,6 +89,12 @@ class TrainConfig:
     max_rows_in_memory: int = 0  # train pairs held at once; 0 = all in memory, > 0 = stream the train split
     #   from the cache when it has more pairs (two windows of max_rows_in_memory / 2: training + prefetch)
     stream_block: int = 1024  # pairs per cache read when streaming (rounded up to a multiple of batch_size)
+    track_metrics: tuple[str, ...] = ("cka", "unbiased_cka", "mutual_knn")  # tracked each eval epoch on val:
+    #   metric(aligned side, reference) and the Platonic delta (needs train.reference; () = off; k = analyze.k)
+    wandb: bool = False  # log config, per-epoch history, final tables and figures to Weights & Biases
+    wandb_project: str = "platonic-align"  # W&B project name
+    wandb_mode: str = "offline"  # offline (no login or network; sync later) | online | disabled
+    wandb_group: str = ""  # W&B group (a study sets its name); "" = none
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,9 @@ class AnalyzeConfig:
     reference: str = "dinov2"  # reference model entry (the "performant" model)
     bootstrap: int = 200  # bootstrap resamples for 95% confidence intervals
     permutations: int = 200  # shuffled-pairing draws for the null distribution
+    calibrate: bool = False  # analyze cka / layers: calibrated scores against a permutation null
+    controls: tuple[str, ...] = ("random", "cca", "procrustes")  # Platonic-test controls; () = none
+    control_seeds: int = 3  # untrained adapters per run for the "random" control (seeds seed .. seed+n-1)
     max_rows: int = 0  # 0 = all rows; else a fixed random subset of this many rows
     kernel_rows: int = 200  # rows shown in kernel heatmaps
     seed: int = 0  # seeds subsets, bootstrap and permutations

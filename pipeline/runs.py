@@ -141,6 +141,7 @@ class RunMetrics:
     processes: int = 1
     temperature: float | None = None
     train_time_s: float | None = None
+    tracking: dict | None = None  # the Platonic criterion on val at the best epoch (train.tracking)
 
     @property
     def adapters(self) -> dict[str, float] | None:

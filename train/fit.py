@@ -42,6 +42,8 @@ from train.evaluate import Reference, check_finite, load_reference, retrieval_me
 from train.losses import DIRECTIONS, LOSSES, multi_info_nce, pair_loss
 from train.retrieval import retrieval_summary
 from train.stream import StreamSplit
+from train.tracking import Tracker, check_track_metrics, make_tracker
+from train.wandb_log import check_settings, open_logger
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +294,12 @@ class _Best:
     val: dict = field(default_factory=dict)
 
 
-def _evaluate(model, data: TrainData, reference: Reference | None) -> dict[str, float]:
+def _evaluate(model, data: TrainData, reference: Reference | None, tracker: Tracker | None = None) -> dict[str, float]:
     row = {f"val_{k}": v for k, v in retrieval_metrics(model, data.splits["val"]).items()}
     if reference is not None:
         row.update({f"val_cka_{m}": v for m, v in reference.cka(model, data.splits["val"]).items()})
+    if tracker is not None:  # the Platonic criterion on val (train.tracking)
+        row.update(tracker.row(model))
     return row
 
 
@@ -307,10 +311,11 @@ class _RunIO:
     run_dir: Path
     save: Callable[[_Best], str]
     progress: bool | None
+    log_epoch: Callable[[dict], None] = lambda row: None  # experiment tracking (train.wandb_log)
 
 
 def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: TrainConfig,
-           io: _RunIO, dist: Dist | None = None) -> tuple[list[dict], _Best]:
+           io: _RunIO, dist: Dist | None = None, tracker: Tracker | None = None) -> tuple[list[dict], _Best]:
     """The epoch loop: returns the history rows and the best (by val mean recall) epoch.
 
     With several processes every rank trains; rank 0 alone evaluates, keeps the best state and
@@ -324,7 +329,7 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
     rng = np.random.default_rng(tc.seed)
     history: list[dict] = []
     best, first = _Best(), None
-    skipped = ({k: float("nan") for k in _evaluate(model, data, reference)}  # columns of epochs without eval
+    skipped = ({k: float("nan") for k in _evaluate(model, data, reference, tracker)}  # columns of epochs without eval
                if dist.is_main else {})
     bar = tqdm(range(1, tc.epochs + 1), desc=f"fit {io.name}", unit="epoch",
                disable=(None if io.progress is None else not io.progress) if dist.is_main else True)
@@ -349,7 +354,7 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
             history.append(row)
             continue
         if epoch % tc.eval_every == 0 or epoch == tc.epochs:
-            row.update(_evaluate(model, data, reference))
+            row.update(_evaluate(model, data, reference, tracker))
             if row["val_mean_R"] > best.score:
                 best = _Best(epoch, row["val_mean_R"], {k: v.detach().clone() for k, v in model.state_dict().items()},
                              {k[4:]: v for k, v in row.items() if k.startswith("val_")})
@@ -359,6 +364,7 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
         row["time_s"] = time.perf_counter() - t0
         history.append(row)
         outputs.write_history(run_dir, history)
+        io.log_epoch(row)
         bar.set_postfix(loss=f"{loss:.3f}", val_R=f"{row.get('val_mean_R', float('nan')):.3f}")
         dist.barrier()
     return history, best
@@ -402,6 +408,8 @@ def fit_adapters(cfg: PipelineConfig, *, require_reference: bool | None = None,
     """
     tc = cfg.train
     check_config(tc)
+    check_track_metrics(tc.track_metrics)
+    check_settings(tc)
     dist, device = setup(tc.device)
     try:
         return _fit(cfg, dist, device, require_reference, progress)
@@ -433,31 +441,40 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
         def save(best: _Best) -> str:
             return save_adapters(run_dir, model, tc, sources, {**meta, "best_epoch": best.epoch, "val": best.val})
 
-        history, best = _train(model, data, reference, tc, _RunIO(name, run_dir, save, progress), dist)
+        tracker = make_tracker(cfg, data, reference) if dist.is_main else None
+        logger = open_logger(cfg, name, run_dir) if dist.is_main else None
+        io = _RunIO(name, run_dir, save, progress, logger.log_epoch if logger else (lambda row: None))
+        history, best = _train(model, data, reference, tc, io, dist, tracker)
         data.splits["train"].close()  # stop reading ahead; free the streaming buffers
-        result = _finish(cfg, data, reference, model, history, best, meta, save, run_dir, device, t_start) \
-            if dist.is_main else None
+        result = _finish(cfg, data, reference, model, history, best, meta, save, run_dir, device, t_start,
+                         tracker, logger) if dist.is_main else None
     finally:
         data.close()
     dist.barrier()  # the other ranks wait here while rank 0 writes
     return dist.broadcast(result)
 
 
-def _finish(cfg, data, reference, model, history, best, meta, save, run_dir, device, t_start) -> RunResult:
-    """Rank 0 after training: best weights, test metrics, baselines, run folder, aligned entries."""
+def _finish(cfg, data, reference, model, history, best, meta, save, run_dir, device, t_start,
+            tracker=None, logger=None) -> RunResult:
+    """Rank 0 after training: best weights, test metrics, baselines, run folder, aligned entries,
+    the tracked Platonic values (``tracker``) and the experiment log's final tables (``logger``)."""
     tc = cfg.train
     train_time = time.perf_counter() - t_start
     model.load_state_dict(best.state)
     sha = save(best)
     test = {runs.ADAPTERS_METHOD: retrieval_metrics(model, data.splits["test"]), **baseline_metrics(data, tc.dim)}
+    tracking = (tracker.summary(next(r for r in history if r["epoch"] == best.epoch)) if tracker is not None
+                else None)
     metrics = RunMetrics(
         run=meta["run"], dataset=meta["dataset"], processes=meta.get("processes", 1), run_dir=str(run_dir),
         best_epoch=best.epoch, epochs_run=len(history), test=test, val_best=best.val, sizes=_sizes(data),
         device=str(device), streamed=data.streaming, temperature=model.temperature(), train_time_s=train_time,
         reference=None if reference is None else
         {"entry": reference.name, "split": "val", "raw_cka": reference.raw_cka,
-         "aligned_cka": {m: best.val.get(f"cka_{m}") for m in reference.rows}})
+         "aligned_cka": {m: best.val.get(f"cka_{m}") for m in reference.rows}}, tracking=tracking)
     metrics.write(run_dir / runs.METRICS)
-    outputs.plot_curves(run_dir, history, reference.raw_cka if reference else None)
+    curves = outputs.plot_curves(run_dir, history, reference.raw_cka if reference else None)
     entries = outputs.write_aligned_entries(cfg, meta["run"], run_dir, model, data, sha)
+    if logger is not None:
+        logger.finish(metrics.to_json(), history, [curves])
     return RunResult(meta["run"], run_dir, best.epoch, history, metrics, entries)

@@ -22,6 +22,7 @@ from train.adapters import AlignModel
 from train.data import TrainData
 from train.evaluate import embed
 from train.stream import StreamSplit
+from train.tracking import plot_deltas
 
 
 def write_history(run_dir: Path, history: Sequence[Mapping]) -> None:
@@ -37,15 +38,17 @@ def write_history(run_dir: Path, history: Sequence[Mapping]) -> None:
 
 
 def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str, float] | None) -> Path:
-    """curves.png: train loss; val recall; val CKA with the reference (dashed: unaligned features)."""
-    import matplotlib  # heavy: imported only when a run finishes
+    """curves.png: train loss; val recall; val CKA with the reference (dashed: unaligned features);
+    with tracked metrics (train.tracking) the val Platonic deltas in a fourth panel."""
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    tracked = any("_delta_" in k for k in (history[0] if history else {}))
+    fig, axes = plt.subplots(1, 4 if tracked else 3, figsize=(18.5 if tracked else 14, 4))
     axes[0].plot(epochs, [r["train_loss"] for r in history])
     axes[0].set(title="train loss (symmetric InfoNCE)", xlabel="epoch", ylabel="loss")
     for key in ("val_mean_R", "val_i2t_R@1", "val_t2i_R@1", "val_i2t_R@10", "val_t2i_R@10"):
@@ -54,7 +57,8 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str,
             axes[1].plot(*zip(*pts), marker=".", label=key[4:])
     axes[1].set(title="val retrieval", xlabel="epoch", ylabel="recall", ylim=(0, 1))
     axes[1].legend(fontsize=8)
-    cka_keys = [k for k in (history[0] if history else {}) if k.startswith("val_cka_")]
+    cka_keys = [k for k in (history[0] if history else {})  # val_cka_<modality>; not the tracked val_cka_after_*
+                if k.startswith("val_cka_") and not k.startswith(("val_cka_after_", "val_cka_delta_"))]
     for key in cka_keys:
         pts = [(e, r[key]) for e, r in zip(epochs, history) if not math.isnan(r[key])]
         line = axes[2].plot(*zip(*pts), marker=".", label=f"aligned {key[8:]}")[0] if pts else None
@@ -64,6 +68,8 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str,
     axes[2].set(title="val linear CKA with reference" if cka_keys else "no reference entry", xlabel="epoch")
     if cka_keys:
         axes[2].legend(fontsize=8)
+    if tracked:
+        plot_deltas(axes[3], history)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
