@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from analyze.compare import AnalyzeError
-from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError, did_you_mean
 from pipeline.runs import find_run
 from train.adapters import AlignModel
