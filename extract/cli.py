@@ -77,8 +77,8 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
 @config_options
 @friendly_errors
 def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, precision, device, workers,
-         layers, on_error, decode, encoder_options, force, shard_text, merge_only, list_encoders, config_path, overrides,
-         verbose):
+         layers, on_error, decode, encoder_options, force, shard_text, merge_only, list_encoders, config_path,
+         overrides, verbose):
     """Run frozen encoders over an image-caption dataset and write features to the cache.
 
     Example: extract --encoder resnet18,gpt2,dinov2 --data-dir data/flickr30k --split test
