@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import sys
 import tempfile
@@ -42,25 +43,33 @@ from extract.encoders import (REGISTRY, ImagePrep, TextPrep, get_spec, load_enco
                               IMAGENET_MEAN, IMAGENET_STD)
 from extract.run import extract  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.runtime import autocast, resolve_device  # noqa: E402
+from pipeline.runtime import autocast, cpu_count, resolve_device  # noqa: E402
 
 WORDS = ("a man woman dog child red blue ball street running sitting near the water with two young "
          "people playing grass bike white black shirt park beach snow").split()
 
 
+def _write_jpeg(job: tuple[Path, int, int]) -> None:
+    """One 500 x 375 JPEG: a random colour, a horizontal gradient and pixel noise (seeded per image)."""
+    path, seed, i = job
+    rng = np.random.default_rng([seed, i])
+    base = rng.integers(0, 255, size=(1, 1, 3))
+    grad = np.linspace(0, 120, 500)[None, :, None]
+    pixels = np.clip(base + grad + rng.normal(0, 25, size=(375, 500, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
 def make_dataset(root: Path, n: int, seed: int = 0, captions: int = 5) -> Path:
     """n JPEGs of Flickr-like size (500 x 375), each with ``captions`` captions of 8-20 words
-    (imagefolder layout; the text encoder sees all n * captions of them)."""
-    rng = np.random.default_rng(seed)
+    (imagefolder layout; the text encoder sees all n * captions of them). Written by a process
+    pool (a few seconds for thousands on a many-core machine)."""
     words = random.Random(seed)
     folder = root / "test"
     folder.mkdir(parents=True)
+    with multiprocessing.Pool(max(1, min(8, cpu_count()))) as pool:
+        pool.map(_write_jpeg, [(folder / f"{i:06d}.jpg", seed, i) for i in range(n)], chunksize=16)
     lines = []
     for i in range(n):
-        base = rng.integers(0, 255, size=(1, 1, 3))
-        grad = np.linspace(0, 120, 500)[None, :, None]
-        pixels = np.clip(base + grad + rng.normal(0, 25, size=(375, 500, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
         texts = [" ".join(words.choice(WORDS) for _ in range(words.randint(8, 20))) for _ in range(captions)]
         lines.append(json.dumps({"file_name": f"{i:06d}.jpg", "caption": texts}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
@@ -225,7 +234,15 @@ def _measure(args, data: Path, tmp: Path):
             feats[name, precision, decode] = features
             rows.append((name, precision, decode, items, max(p[0] for p in piped), max(p[1] for p in piped),
                          max(bare), prov.get("decoder_fallbacks", 0)))
+            print(f"measured {_row(rows[-1])}", flush=True)  # partial results survive a time limit
     return rows, feats
+
+
+def _row(row: tuple) -> str:
+    name, precision, decode, items, piped, steady, bare, fallbacks = row
+    note = f"  ({fallbacks} JPEGs fell back to PIL)" if fallbacks else ""
+    return (f"{name:22s} {precision:9s} {decode:6s} {items:6d} {piped:11.1f} {steady:9.1f} {bare:9.1f} "
+            f"{piped / bare:6.2f} {steady / bare:12.2f}{note}")
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> str:
@@ -247,10 +264,8 @@ def main() -> None:
         rows, feats = _measure(args, data, Path(tmp))
         print(f"\n{'encoder':22s} {'precision':9s} {'decode':6s} {'items':>6s} {'pipeline/s':>11s} {'steady/s':>9s} "
               f"{'bare/s':>9s} {'ratio':>6s} {'steady ratio':>12s}")
-        for name, precision, decode, items, piped, steady, bare, fallbacks in rows:
-            note = f"  ({fallbacks} JPEGs fell back to PIL)" if fallbacks else ""
-            print(f"{name:22s} {precision:9s} {decode:6s} {items:6d} {piped:11.1f} {steady:9.1f} {bare:9.1f} "
-                  f"{piped / bare:6.2f} {steady / bare:12.2f}{note}")
+        for row in rows:
+            print(_row(row))
         print("pipeline = whole loop incl. DataLoader start-up; steady = after the first batch "
               "(as bare, which excludes a warm-up batch); decode - = text (tokenised in the workers)")
         for (name, precision, decode), a in feats.items():
