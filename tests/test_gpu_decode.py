@@ -25,7 +25,7 @@ from extract.loader import Batch, Encoded, EncodedImage, Unreadable
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import PipelineError
 from similarity.metrics import cka
-from tests.fixtures import make_flickr30k, write_bad_images
+from tests.fixtures import make_flickr30k, make_hf_dataset, write_bad_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -190,6 +190,18 @@ def test_jpeg_orientation_accepts_plain_jpegs_and_routes_the_rest_to_the_cpu(tmp
             rejected[f"fixture {name}"] = path.read_bytes()
     for name, data in rejected.items():
         assert G.jpeg_orientation(data) is None, name
+
+
+def test_split_image_bytes_are_the_stored_bytes(tmp_path):
+    data = make_photo_folder(tmp_path / "folder", n=2)
+    split = D.load_split("imagefolder", data, "test")
+    assert split.image_bytes(0) == Path(split.items[0].image).read_bytes()
+    Path(split.items[1].image).unlink()
+    assert split.image_bytes(1) is None  # load_image names the problem (file not found)
+    hf = D.load_split(f"hf:{make_hf_dataset(tmp_path / 'hf', n_per_split=(1, 1, 2))}", tmp_path, "test")
+    for i in range(len(hf)):
+        assert np.array_equal(np.asarray(D.to_rgb(Image.open(io.BytesIO(hf.image_bytes(i))))),
+                              np.asarray(hf.load_image(i)))
 
 
 # ----------------------------------------------------------------------------- the GPU recipe on CPU tensors
