@@ -119,7 +119,7 @@ def jpeg_orientation(data: bytes) -> int | None:
     the EOI marker (truncated, or trailing data); a frame other than 8-bit Huffman baseline /
     extended / progressive with 1 or 3 components (lossless, arithmetic, 12-bit, CMYK/YCCK);
     RGB-coded (Adobe transform 0, or components named R, G, B); an MPO; an unreadable EXIF
-    block or an XMP orientation (PIL reads those its own way).
+    block, several EXIF blocks or an XMP orientation (PIL reads those its own way).
     """
     if len(data) < 4 or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
         return None
@@ -145,10 +145,11 @@ def jpeg_orientation(data: bytes) -> int | None:
                 return None
             frame = True
         elif marker == 0xE1 and segment[:6] == b"Exif\x00\x00":
-            if orientation is None:  # PIL reads the first EXIF block
-                orientation = _exif_orientation(segment[6:])
-                if orientation is None:
-                    return None
+            if orientation is not None:  # PIL joins several EXIF blocks into one: leave that to it
+                return None
+            orientation = _exif_orientation(segment[6:])
+            if orientation is None:
+                return None
         elif marker == 0xE1 and b"tiff:Orientation" in segment:  # XMP orientation
             return None
         elif marker == 0xE2 and segment[:4] == b"MPF\x00":  # multi-picture (MPO)

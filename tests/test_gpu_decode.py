@@ -165,6 +165,14 @@ def test_auto_on_cpu_reuses_a_cpu_cache_and_a_gpu_cache_is_stale_for_cpu(tmp_pat
 
 # ----------------------------------------------------------------------------- the worker-side parser
 
+def _twice_exif(data: bytes) -> bytes:
+    """``data`` with its EXIF APP1 segment repeated (PIL joins such blocks)."""
+    at = data.index(b"\xff\xe1")
+    segment = data[at:at + 2 + int.from_bytes(data[at + 2:at + 4], "big")]
+    assert segment[4:10] == b"Exif\x00\x00"
+    return data[:at] + segment + data[at:]
+
+
 def test_jpeg_orientation_accepts_plain_jpegs_and_routes_the_rest_to_the_cpu(tmp_path):
     rng = np.random.default_rng(1)
     img = photo_like(rng, 64, 48)
@@ -184,6 +192,7 @@ def test_jpeg_orientation_accepts_plain_jpegs_and_routes_the_rest_to_the_cpu(tmp
         "empty": b"",
         "xmp orientation": jpeg_bytes(img, xmp=b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'),
         "broken exif": plain[:2] + b"\xff\xe1\x00\x0cExif\x00\x00MM\x00\x2a" + plain[2:],
+        "two exif blocks": _twice_exif(jpeg_bytes(img, orientation=6)),
     }
     for name, path in write_bad_images(tmp_path).items():
         if name in ("corrupt", "truncated", "empty", "cmyk", "gray", "i16"):
