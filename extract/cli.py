@@ -13,7 +13,7 @@ from extract import encoders as E
 from extract.run import Shard, extract, merge, torchrun_shard
 from extract.sharding import ShardError
 from pipeline.cli import build_config, config_options, friendly_errors
-from pipeline.config import parse_override
+from pipeline.config import CHOICES, parse_override
 
 
 def _list_encoders() -> None:
@@ -59,6 +59,9 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
               help="all also stores every hidden layer's pooled features. [extract.layers: last]")
 @click.option("--on-error", type=click.Choice(["error", "skip"]),
               help="Unreadable image: stop, or skip it (logged and recorded in the cache). [extract.on_error: error]")
+@click.option("--decode", type=click.Choice(CHOICES["extract.decode"]),
+              help="Image decoding: auto (JPEGs on the GPU when the model runs on CUDA, else CPU) | cpu (PIL in "
+                   "the workers) | gpu (nvJPEG; the decoder is part of the cache key). [extract.decode: auto]")
 @click.option("--encoder-option", "encoder_options", multiple=True, metavar="ENCODER.KEY=VALUE",
               help="Per-encoder option: pooling, image_size, max_tokens, weights (local path or hub id), "
                    "revision; e.g. gpt2.pooling=last (repeatable).")
@@ -74,8 +77,8 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
 @config_options
 @friendly_errors
 def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, precision, device, workers,
-         layers, on_error, encoder_options, force, shard_text, merge_only, list_encoders, config_path, overrides,
-         verbose):
+         layers, on_error, decode, encoder_options, force, shard_text, merge_only, list_encoders, config_path,
+         overrides, verbose):
     """Run frozen encoders over an image-caption dataset and write features to the cache.
 
     Example: extract --encoder resnet18,gpt2,dinov2 --data-dir data/flickr30k --split test
@@ -97,7 +100,7 @@ def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, p
         "extract.split": split, "data.captions": captions, "data.cache": cache, "extract.format": fmt,
         "extract.batch_size": batch_size, "extract.precision": precision, "extract.device": device,
         "extract.workers": workers, "extract.layers": layers, "extract.on_error": on_error,
-        "extract.encoder_options": _encoder_options(encoder_options)}, verbose)
+        "extract.decode": decode, "extract.encoder_options": _encoder_options(encoder_options)}, verbose)
     entries = merge(cfg) if merge_only else extract(cfg, force=force, shard=shard)
     ranked = torchrun_shard()
     if ranked is not None and ranked.index != 0:

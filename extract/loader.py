@@ -9,6 +9,12 @@ An unreadable image does not raise inside a worker (DataLoader would re-raise it
 ``RuntimeError`` with the worker's traceback): the worker returns a marker, and :func:`batches`
 applies the on-error policy in the main process, raising the dataset's ``ImageError`` or
 recording the skip, the same with 0 workers or many.
+
+GPU decoding (``extract.gpu_decode``): with a ``read_encoded`` hook the workers leave the images
+it accepts (plain JPEGs) undecoded and send their bytes (:class:`EncodedImage`, packed per batch
+into one uint8 tensor, :class:`Encoded`); every other image goes the CPU way above. The main
+process finishes such batches with the ``prepare`` hook of :func:`batches` before the on-error
+policy is applied, so fallbacks raise and skip exactly as the CPU path does.
 """
 
 from __future__ import annotations
@@ -39,13 +45,46 @@ class Unreadable:
         return D.ImageError(self.sample_id, self.path, f"{self.reason} ({hint})" if hint else self.reason)
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """What a worker sends for an image left for the main process to decode: the file's bytes and
+    the EXIF orientation to apply after decoding (1 = as stored ... 8, the EXIF values)."""
+
+    data: bytes
+    orientation: int
+
+
+@dataclass
+class Encoded:
+    """A batch's encoded images: their bytes end to end in ``data`` (1-D uint8, one shared-memory
+    block per batch rather than one per image) and ``spans`` {row: (start, end, orientation)}."""
+
+    data: torch.Tensor
+    spans: dict[int, tuple[int, int, int]]
+
+    @classmethod
+    def pack(cls, items: Sequence[tuple[int, EncodedImage]]) -> "Encoded":
+        spans, start = {}, 0
+        for i, image in items:
+            spans[i] = (start, start + len(image.data), image.orientation)
+            start += len(image.data)
+        return cls(torch.frombuffer(bytearray(b"".join(x.data for _, x in items)), dtype=torch.uint8), spans)
+
+    def image(self, row: int) -> tuple[torch.Tensor, int]:
+        """(1-D uint8 bytes of one image (a view), its orientation)."""
+        start, end, orientation = self.spans[row]
+        return self.data[start:end], orientation
+
+
 class Rows(Dataset):
     """Row i of a split, for one modality: ``(i, {prep key: (3, h, w) uint8})`` for images (decoded
     once for every preprocessing), ``(i, caption)`` for texts, ``(i, Unreadable)`` for an image
-    that cannot be decoded."""
+    that cannot be decoded, ``(i, EncodedImage)`` for one that ``read_encoded(split, i)`` accepts
+    (GPU decoding; it returns None for images the CPU path must decode)."""
 
-    def __init__(self, split: D.Split, rows: Sequence, transforms: dict[str, Callable]):
-        self.split, self.rows, self.transforms = split, rows, transforms
+    def __init__(self, split: D.Split, rows: Sequence, transforms: dict[str, Callable],
+                 read_encoded: Callable | None = None):
+        self.split, self.rows, self.transforms, self.read_encoded = split, rows, transforms, read_encoded
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -53,6 +92,9 @@ class Rows(Dataset):
     def __getitem__(self, i: int):
         if not self.transforms:  # text
             return i, self.rows[i].text
+        encoded = self.read_encoded(self.split, i) if self.read_encoded else None
+        if encoded is not None:
+            return i, encoded
         try:
             image = self.split.load_image(i)
         except D.ImageError as exc:
@@ -64,11 +106,13 @@ class Rows(Dataset):
 class Batch:
     """Collated rows: the row indices that have inputs, their inputs per key (a stacked
     (b, 3, h, w) uint8 tensor per preprocessing, or a tokenizer's output per text encoder),
-    and the rows that could not be read."""
+    the rows that could not be read, and the rows left encoded for the main process (None
+    when there are none; ``prepare`` in :func:`batches` turns them into inputs)."""
 
     rows: list[int]
     inputs: dict
     unreadable: dict[int, Unreadable]
+    encoded: Encoded | None = None
 
 
 class Collate:
@@ -82,9 +126,10 @@ class Collate:
             texts = [t for _, t in items]
             return Batch([i for i, _ in items], {name: tok(texts) for name, tok in self.tokenizers.items()}, {})
         bad = {i: x for i, x in items if isinstance(x, Unreadable)}
-        good = [(i, x) for i, x in items if i not in bad]
+        encoded = [(i, x) for i, x in items if isinstance(x, EncodedImage)]
+        good = [(i, x) for i, x in items if isinstance(x, dict)]
         inputs = {k: torch.stack([x[k] for _, x in good]) for k in good[0][1]} if good else {}
-        return Batch([i for i, _ in good], inputs, bad)
+        return Batch([i for i, _ in good], inputs, bad, Encoded.pack(encoded) if encoded else None)
 
 
 class ChunkBatches:
@@ -119,21 +164,26 @@ def loader_workers(configured: int, text_on_cpu: bool = False) -> int:
 
 def make_loader(split: D.Split, rows: Sequence, chunks: Sequence[range], batch_size: int, workers: int,
                 device: torch.device, transforms: dict[str, Callable] | None = None,
-                tokenizers: dict[str, Callable] | None = None) -> DataLoader:
+                tokenizers: dict[str, Callable] | None = None, read_encoded: Callable | None = None) -> DataLoader:
     """A DataLoader of :class:`Batch` es over ``rows`` (a split's items or caption rows) restricted
     to the row ranges ``chunks``: images through ``transforms`` ({key: PIL -> uint8 tensor}), or
-    captions through ``tokenizers`` ({key: list[str] -> inputs})."""
-    return DataLoader(Rows(split, rows, transforms or {}), batch_sampler=ChunkBatches(chunks, batch_size),
+    captions through ``tokenizers`` ({key: list[str] -> inputs}); ``read_encoded`` (picklable)
+    leaves the images it accepts encoded (see :class:`Rows`)."""
+    return DataLoader(Rows(split, rows, transforms or {}, read_encoded), batch_sampler=ChunkBatches(chunks, batch_size),
                       collate_fn=Collate(tokenizers), num_workers=workers, pin_memory=device.type == "cuda",
                       worker_init_fn=_worker_init if workers else None, persistent_workers=False,
                       prefetch_factor=PREFETCH_BATCHES if workers else None)
 
 
-def batches(loader: DataLoader, skip_unreadable: bool) -> Iterator[tuple[Batch, dict[int, str]]]:
+def batches(loader: DataLoader, skip_unreadable: bool,
+            prepare: Callable[[Batch], Batch] | None = None) -> Iterator[tuple[Batch, dict[int, str]]]:
     """The loader's batches with the on-error policy applied: ``(batch, {row index: skip reason})``.
     An unreadable image raises its ``ImageError`` (naming the option that skips it) unless
-    ``skip_unreadable``; then it is skipped with the error's message as reason."""
+    ``skip_unreadable``; then it is skipped with the error's message as reason. ``prepare``
+    (GPU decoding) first turns a batch's encoded images into inputs, adding its own unreadable rows."""
     for batch in loader:
+        if prepare is not None:
+            batch = prepare(batch)
         if batch.unreadable and not skip_unreadable:
             raise batch.unreadable[min(batch.unreadable)].error(SKIP_HINT)
         yield batch, {i: str(bad.error()) for i, bad in batch.unreadable.items()}

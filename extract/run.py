@@ -8,7 +8,8 @@
    same request are reused, stale ones refused unless ``force``;
 3. decodes each image ONCE per batch in DataLoader workers (``extract.loader``), applies every
    distinct preprocessing the image encoders ask for, and feeds each encoder; captions are
-   tokenized in the workers;
+   tokenized in the workers. With ``extract.decode`` gpu (auto on CUDA) the workers send JPEG
+   bytes and the GPU decodes and resizes them (``extract.gpu_decode``; the decoder is in the key);
 4. stages each finished chunk of rows, so an interrupted run resumes where it stopped and gives
    the same result as an uninterrupted one (batches never straddle chunks, so every row is
    computed in the same batch either way).
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from extract import datasets as D
 from extract.encoders import EncoderSpec, get_spec, image_pixels, load_encoder, normalize_pixels
+from extract.gpu_decode import CPU, DECODES, GPU_NVJPEG, GpuDecoder, decode_key, effective_decoder, read_jpeg
 from extract.loader import batches, loader_workers, make_loader
 from extract.sharding import (IncompleteExtractionError, Shard, ShardError, Team, describe_missing, shard_totals,
                               team, torchrun_shard)
@@ -82,6 +84,7 @@ def _check(cfg: PipelineConfig) -> None:
     _one_of("extract.precision", x.precision, tuple(PRECISIONS))
     _one_of("extract.layers", x.layers, LAYERS)
     _one_of("extract.on_error", x.on_error, ON_ERROR)
+    _one_of("extract.decode", x.decode, DECODES)
     _one_of("data.captions", cfg.data.captions, D.CAPTION_POLICIES)
     for name in ("batch_size", "chunk_rows"):
         if getattr(x, name) < 1:
@@ -114,10 +117,11 @@ def _load_split(cfg: PipelineConfig, name: str) -> D.Split:
     return D.load_split(cfg.data.dataset, cfg.data.data_dir, name, **D.config_options(cfg.data))
 
 
-def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec):
-    """(path, row ids, key) of one encoder's entry for one split; the key is what makes it stale."""
+def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, decoder: str = CPU):
+    """(path, row ids, key) of one encoder's entry for one split; the key is what makes it stale.
+    decoder: the effective image decoder (``gpu_decode.effective_decoder``), in image keys."""
     if spec.modality == "image":
-        rows, extra = split.items, {}
+        rows, extra = split.items, decode_key(decoder)
     else:
         rows, extra = split.caption_rows(cfg.data.captions), {"captions": cfg.data.captions}
     path = entry_path(cfg.data.cache, cfg.data.dataset, split.name, spec.name, cfg.extract.format)
@@ -153,6 +157,7 @@ def extract(cfg: PipelineConfig, force: bool = False, shard: Shard | None = None
     (WORLD_SIZE > 1) the shard is the rank and every rank returns every finished entry.
     """
     _check(cfg)
+    effective_decoder(cfg.extract.decode, resolve_device(cfg.extract.device))  # decode=gpu without CUDA: refused
     specs = resolve_specs(cfg)
     if force and shard is not None and shard.count > 1:
         raise ShardError(f"--force with --shard {shard} would let each shard discard the chunks of the others. "
@@ -178,11 +183,12 @@ def merge(cfg: PipelineConfig) -> list[Entry]:
     """
     _check(cfg)
     specs = resolve_specs(cfg)
+    decoder = effective_decoder(cfg.extract.decode, resolve_device(cfg.extract.device), computing=False)
     entries, problems = [], []
     for split_name in splits_of(cfg):
         split = _load_split(cfg, split_name)
         for spec in sorted(specs, key=lambda s: MODALITIES.index(s.modality)):
-            path, ids, key = _entry_request(cfg, split, spec)
+            path, ids, key = _entry_request(cfg, split, spec, decoder)
             where = f"{cfg.data.dataset}/{split.name}/{spec.name}"
             if not path.exists() and not staging_path(path).exists():
                 problems.append(f"{where}: nothing staged at {staging_path(path)}; run the shards "
@@ -208,9 +214,9 @@ def _open_jobs(cfg: PipelineConfig, split: D.Split, specs: list[EncoderSpec], us
     rank 0 sets up (and under --force discards) the entries before the other ranks look."""
     if not us.leader:
         us.barrier()
-    jobs = []
+    jobs, decoder = [], effective_decoder(cfg.extract.decode, us.device)
     for spec in specs:
-        path, ids, key = _entry_request(cfg, split, spec)
+        path, ids, key = _entry_request(cfg, split, spec, decoder)
         writer = EntryWriter(path, spec.name, ids, key, cfg.extract.chunk_rows, force and us.leader)
         jobs.append(_Job(spec, writer, {c for c in writer.pending() if us.shard.owns(c)}))
     if us.leader:
@@ -292,7 +298,10 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
     inputs_by = _load_encoders(jobs, us.device)
     chunk_ranges = [jobs[0].writer.rows(c) for c in todo]
     workers = loader_workers(x.workers, text_on_cpu=not is_image and us.device.type == "cpu")
-    loader = make_loader(split, rows, chunk_ranges, x.batch_size, workers, us.device, **inputs_by)
+    gpu = is_image and effective_decoder(x.decode, us.device) == GPU_NVJPEG
+    decode = GpuDecoder(split, {j.input_key: j.encoder.spec.prep for j in jobs}, us.device) if gpu else None
+    loader = make_loader(split, rows, chunk_ranges, x.batch_size, workers, us.device, **inputs_by,
+                         read_encoded=read_jpeg if gpu else None)
     names = ",".join(j.spec.name for j in jobs)
     started = time.perf_counter()
     done, warm = 0, None  # rows computed; (time, rows) after the first batch: start-up excluded from steady rate
@@ -300,7 +309,7 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
     with tqdm(total=sum(len(r) for r in chunk_ranges), desc=f"{us.label}{split.name} {names}",
               unit="img" if is_image else "txt", dynamic_ncols=True,
               disable=us.distributed and not us.leader) as bar, torch.inference_mode():
-        for batch, batch_skipped in batches(loader, x.on_error == "skip"):
+        for batch, batch_skipped in batches(loader, x.on_error == "skip", decode):
             chunk = min(batch.rows + list(batch_skipped)) // x.chunk_rows
             skipped.setdefault(chunk, {}).update({rows[i].id: reason for i, reason in batch_skipped.items()})
             for job in jobs:
@@ -319,7 +328,7 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
     log.info("%sextracted %s on %s/%s in %.1fs", us.label, names, cfg.data.dataset, split.name, seconds)
     steady = (done - warm[1]) / max(time.perf_counter() - warm[0], 1e-9) if warm and done > warm[1] else 0.0
     return {"extract_seconds": seconds, "rows_computed": done, "items_per_s": done / max(seconds, 1e-9),
-            "steady_items_per_s": steady}
+            "steady_items_per_s": steady, **(decode.stats() if decode else {})}
 
 
 def _forward(job: _Job, batch, device: torch.device, precision: str, all_layers: bool):

@@ -53,6 +53,7 @@ class ExtractConfig:
     chunk_rows: int = 1024  # rows per resumable chunk (a multiple of batch_size keeps batches aligned)
     layers: str = "last"  # last | all (also store the pooled features of every hidden layer)
     on_error: str = "error"  # unreadable image: error | skip (logged, recorded in the cache)
+    decode: str = "auto"  # image decoding: auto (gpu when the model runs on CUDA) | cpu (PIL in workers) | gpu (nvJPEG)
     encoder_options: dict = field(default_factory=dict)  # per encoder: {"gpt2": {"pooling": "last"}}
 
 
@@ -141,6 +142,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extract.precision": ("fp32", "bf16", "fp16"),
     "extract.layers": ("last", "all"),
     "extract.on_error": ("error", "skip"),
+    "extract.decode": ("auto", "cpu", "gpu"),
     "train.schedule": ("constant", "cosine"),
 }
 

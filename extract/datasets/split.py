@@ -233,6 +233,24 @@ class Split:
             return _decode(lambda: Image.open(path), item.id, f"{where} ({path})")
         raise ImageError(item.id, where, "the row holds no image (neither bytes nor a path)")
 
+    def image_bytes(self, i: int) -> bytes | None:
+        """The encoded bytes of item i as stored (the file, or an hf row's bytes or file), undecoded;
+        None when they cannot be read (missing file, empty row...): :meth:`load_image` then raises
+        the ImageError that names the problem. For decoders outside PIL (``extract.gpu_decode``)."""
+        item = self.items[i]
+        path = item.image
+        try:
+            if self._hf_images is not None:
+                value = self._hf_images[int(item.image[len(HF_ROW_PREFIX):])].column(0)[0].as_py()
+                if isinstance(value, dict) and value.get("bytes"):
+                    return bytes(value["bytes"])
+                path = value.get("path") if isinstance(value, dict) else value
+                if not isinstance(path, str) or not path:
+                    return None
+            return Path(path).read_bytes()
+        except (OSError, ValueError):
+            return None
+
     def caption_rows(self, policy: str) -> list[CaptionRow]:
         """Text samples under a caption policy, in item order.
 

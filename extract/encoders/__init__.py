@@ -39,7 +39,8 @@ Names: registry names (``list_encoders()``); aliases ``dinov2`` -> ``dinov2-base
 
 from extract.encoders.encoder import Encoder
 from extract.encoders.preprocess import (BYTE_VOCAB, CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD,
-                                         ByteTokenizer, HFTokenizer, image_pixels, image_transform, normalize_pixels)
+                                         ByteTokenizer, HFTokenizer, image_pixels, image_transform, normalize_pixels,
+                                         resize_crop)
 from extract.encoders.registry import (ALIASES, GENERIC, LOADERS, REGISTRY, get_spec, list_encoders, load_encoder,
                                        register, register_alias, register_generic, register_loader)
 from extract.encoders.spec import EncoderSpec, EncoderSpecError, ImagePrep, TextPrep, UnknownEncoderError
@@ -53,5 +54,5 @@ __all__ = [
     "REGISTRY", "TINY_SEED", "ByteTokenizer", "Encoder", "EncoderSpec", "EncoderSpecError", "HFTokenizer",
     "ImagePrep", "TextPrep", "UnknownEncoderError", "WeightsNotFoundError", "get_spec", "image_pixels",
     "image_transform", "list_encoders", "load_encoder", "normalize_pixels", "register", "register_alias",
-    "register_generic", "register_loader",
+    "register_generic", "register_loader", "resize_crop",
 ]

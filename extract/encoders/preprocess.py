@@ -2,7 +2,8 @@
 
 Images are split in two halves so DataLoader workers ship uint8: :func:`image_pixels` (resize,
 centre crop, uint8) runs in the workers, :func:`normalize_pixels` finishes on the model's device;
-:func:`image_transform` composes both for one image. Tokenizers turn a list of B strings into
+:func:`image_transform` composes both for one image; :func:`resize_crop` is the same recipe on
+uint8 tensors (images decoded outside PIL, e.g. on the GPU). Tokenizers turn a list of B strings into
 ``{"input_ids", "attention_mask"}`` LongTensors (B, T), right-padded, never an empty row.
 """
 
@@ -30,15 +31,32 @@ def image_pixels(prep: ImagePrep) -> Callable:
     DataLoader workers run this; sending uint8 keeps inter-process traffic 4x smaller than
     float32, and ``normalize_pixels`` finishes on the model's device. Picklable.
     """
-    from torchvision.transforms import InterpolationMode, v2
+    from torchvision.transforms import v2
 
-    modes = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-             "nearest": InterpolationMode.NEAREST}
     return v2.Compose([
-        v2.Resize(prep.resize, interpolation=modes[prep.interpolation], antialias=True),
+        v2.Resize(prep.resize, interpolation=_mode(prep), antialias=True),
         v2.CenterCrop(prep.crop),
         v2.ToImage(),
     ])
+
+
+def _mode(prep: ImagePrep):
+    from torchvision.transforms import InterpolationMode
+
+    return {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+            "nearest": InterpolationMode.NEAREST}[prep.interpolation]
+
+
+def resize_crop(images: torch.Tensor, prep: ImagePrep) -> torch.Tensor:
+    """uint8 (n, 3, H, W) -> uint8 (n, 3, prep.crop, prep.crop) on the images' device: the tensor
+    twin of :func:`image_pixels` for decoders outside PIL (``extract.gpu_decode``), same recipe:
+    shorter side resized to prep.resize (same interpolation, antialiased, output size computed
+    the same way), centre crop. Pixels differ from PIL's resampling by rounding only (mean
+    |diff| well under 1 grey level; tests/test_gpu_decode.py)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    resized = TF.resize(images, [prep.resize], interpolation=_mode(prep), antialias=True)
+    return TF.center_crop(resized, [prep.crop])
 
 
 def normalize_pixels(pixels: torch.Tensor, prep: ImagePrep) -> torch.Tensor:
