@@ -78,7 +78,7 @@ def _random(run: Run, seeds: Sequence[int], X: np.ndarray, Y: np.ndarray) -> lis
         with torch.random.fork_rng(devices=[]):  # leaves the global RNG as it was
             torch.manual_seed(seed)
             model = AlignModel(dims, tc).eval()
-        untrained = Run(run.run_dir, run.config, model, run.stats)
+        untrained = Run(run.run_dir, run.config, run.train, model, run.stats)
         out.append((untrained.embed("image", X), untrained.embed("text", Y)))
     return out
 
