@@ -49,7 +49,7 @@ STD_FLOOR = 1e-6  # feature std below this is treated as constant (divided by 1 
 def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
     """The cache entry of one split, with an error naming the split and the command to run."""
     try:
-        e = find_entry(cfg.data.cache, cfg.data.dataset, split, entry)
+        e = find_entry(cfg.data.cache, cfg.data.dataset, split, entry, cfg.data.data_dir)
     except CacheError as exc:
         raise TrainError(
             f"fit-adapters needs entry {entry!r} for the {split!r} split of dataset "

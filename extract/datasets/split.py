@@ -224,7 +224,7 @@ class Split:
             return _decode(lambda: Image.open(item.image), item.id, item.image)
         row = int(item.image[len(HF_ROW_PREFIX):])
         where = f"{self.source} row {row}"
-        value = self._hf_images[row].column(0)[0].as_py()
+        value = self.hf_image_value(row)
         if isinstance(value, dict) and value.get("bytes"):
             data = value["bytes"]
             return _decode(lambda: Image.open(io.BytesIO(data)), item.id, where)
@@ -232,6 +232,10 @@ class Split:
         if isinstance(path, str) and path:
             return _decode(lambda: Image.open(path), item.id, f"{where} ({path})")
         raise ImageError(item.id, where, "the row holds no image (neither bytes nor a path)")
+
+    def hf_image_value(self, row: int) -> Any:
+        """The raw image cell of row ``row`` of an hf dataset: {"bytes", "path"} or a path string."""
+        return self._hf_images[row].column(0)[0].as_py()
 
     def caption_rows(self, policy: str) -> list[CaptionRow]:
         """Text samples under a caption policy, in item order.
