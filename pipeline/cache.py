@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.entry import Entry, check_rows, open_entry, write_file
+from pipeline.entry import Entry, open_entry, write_file
 from pipeline.errors import did_you_mean
 from pipeline.integrity import repair_hint
 from pipeline.layout import (CACHE_FORMAT, cached_datasets, dataset_dir, dataset_folder, entry_filename,
@@ -132,9 +132,7 @@ def write_entry(path: str | Path, name: str, ids: Sequence[str], features: np.nd
     content: optional {"ids", "digests"} content hashes of the source split's images.
     """
     path = Path(path)
-    ids = [str(i) for i in ids]
-    check_rows(name, ids, features if isinstance(features, np.ndarray) else np.asarray(features))
-    backend(path)
+    backend(path)  # an unknown extension fails before anything is written
     with locked(path):
         _remove_orphans(path)
         write_file(path, name, ids, features, key, provenance, layers, skipped, chunk_rows, content)

@@ -93,7 +93,8 @@ class Entry:
         start, stop, step = (rows or slice(None)).indices(self.n)
         if step != 1:
             return self.features(layer)[rows]
-        stop = max(start, stop)
+        if stop <= start:  # no rows: nothing to check
+            return self._read(name, start, start)
         first, end = self.checksums.block_range(start, stop)
         lo, hi = first * self.checksums.block_rows, min(end * self.checksums.block_rows, self.n)
         data = self._read(name, lo, hi)
@@ -185,7 +186,7 @@ def write_file(path: Path, name: str, ids: Sequence[str], features: np.ndarray, 
     features: (n, d); layers: (n, d_k) arrays stored as ``layers/<k>``; content: {"ids",
     "digests"} of the source split. The caller holds the folder lock (pipeline.storage.locked)."""
     ids = [str(i) for i in ids]
-    features = np.asarray(features, dtype=np.float32) if not isinstance(features, np.memmap) else features
+    features = np.asarray(features, dtype=np.float32)  # a float32 np.memmap stays one (no copy)
     check_rows(name, ids, features)
     store = backend(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,9 +48,10 @@ def digest(data) -> str:
     return hashlib.new(ALGORITHM, data).hexdigest()[:DIGEST_CHARS]
 
 
-def float_bytes(block: np.ndarray) -> memoryview:
-    """The bytes a float block's digest covers: little-endian float32, C order."""
-    return memoryview(np.ascontiguousarray(block, dtype="<f4")).cast("B")
+def float_bytes(block: np.ndarray) -> np.ndarray:
+    """The bytes a float block's digest covers: little-endian float32, C order, as a flat uint8
+    view (no copy when the block already is that)."""
+    return np.ascontiguousarray(block, dtype="<f4").reshape(-1).view(np.uint8)
 
 
 def block_digests(array: np.ndarray, block_rows: int = BLOCK_ROWS) -> list[str]:
@@ -88,9 +89,8 @@ class Checksums:
         return cls(int(doc["block_rows"]), {k: list(v) for k, v in doc["arrays"].items()}, doc["attrs"])
 
     def block_range(self, start: int, stop: int) -> tuple[int, int]:
-        """(first block, end block) covering rows [start, stop)."""
-        R = self.block_rows
-        return start // R, max(-(-stop // R), start // R + 1)
+        """(first block, end block) covering rows [start, stop), start < stop."""
+        return start // self.block_rows, -(-stop // self.block_rows)
 
     def check_blocks(self, array_name: str, data: np.ndarray, first_block: int, path, entry: str) -> None:
         """Check ``data`` (rows of whole blocks from block ``first_block`` on) against the record."""
@@ -98,7 +98,7 @@ class Checksums:
         if stored is None:
             raise damaged(path, entry, f"no checksum recorded for {array_name!r}")
         R = self.block_rows
-        for b in range(max(1, -(-data.shape[0] // R))):
+        for b in range(-(-data.shape[0] // R)):
             k = first_block + b
             if k >= len(stored) or digest(float_bytes(data[b * R:(b + 1) * R])) != stored[k]:
                 lo = k * R
