@@ -1,7 +1,8 @@
 """Content hashes of a split's images: what makes a cache entry notice changed image bytes.
 
 :func:`content_hashes` gives one digest per item of a :class:`Split` (sha256 of the image file's
-bytes, cut to 32 hex characters; for ``hf:`` datasets, of the row's image bytes or file). Hashing
+bytes, cut to 32 hex characters; for ``hf:`` datasets, of the row's image bytes or file, kept under
+the identity of the dataset's Arrow files). Hashing
 every file on every run would cost a full read of the dataset, so digests are kept in a small JSON
 side file (``<cache>/<dataset folder>/content-hashes.json``) keyed by the file's resolved path,
 size, mtime and ctime (nanoseconds): a rerun only ``stat``s the files. ctime changes whenever a file
@@ -103,17 +104,29 @@ def _file_hashes(split: Split, store: HashStore, workers: int) -> list[str]:
     return out
 
 
-def _hf_hashes(split: Split) -> list[str]:
-    """Digest per hf row: of its image bytes, or of the file its path names."""
+def _hf_row_digest(split: Split, row: int) -> str:
+    value = split.hf_image_value(row)
+    if isinstance(value, dict) and value.get("bytes"):
+        return hashlib.sha256(value["bytes"]).hexdigest()[:DIGEST_CHARS]
+    path = value.get("path") if isinstance(value, dict) else value
+    return file_digest(path) if isinstance(path, str) and os.path.isfile(path) else "no-image"
+
+
+def _hf_hashes(split: Split, store: HashStore) -> list[str]:
+    """Digest per hf row: of its image bytes, or of the file its path names; kept in the side file
+    under the identity of the dataset's Arrow files (``Split.hf_identity``) when it has one."""
+    ident = split.hf_identity()
     out = []
     for it in split.items:
         row = int(it.image[len(HF_ROW_PREFIX):])
-        value = split.hf_image_value(row)
-        if isinstance(value, dict) and value.get("bytes"):
-            out.append(hashlib.sha256(value["bytes"]).hexdigest()[:DIGEST_CHARS])
-        else:
-            path = value.get("path") if isinstance(value, dict) else value
-            out.append(file_digest(path) if isinstance(path, str) and os.path.isfile(path) else "no-image")
+        key = f"hf:{ident}:{row}" if ident else None
+        value = store.get(key, [0, 0, 0]) if key else None
+        if value is None:
+            value = _hf_row_digest(split, row)
+            if key:
+                store.put(key, [0, 0, 0], value)
+        out.append(value)
+    store.save()
     return out
 
 
@@ -121,7 +134,7 @@ def content_hashes(split: Split, side_file: Path | None = None, workers: int | N
     """One content digest per item of ``split`` (item order). ``side_file``: where digests are
     kept between runs (None: hash everything); ``workers``: hashing threads (default: CPU cores)."""
     if split.items and split.items[0].image.startswith(HF_ROW_PREFIX):
-        return _hf_hashes(split)
+        return _hf_hashes(split, HashStore(side_file))
     return _file_hashes(split, HashStore(side_file), workers or cpu_count())
 
 
