@@ -176,9 +176,10 @@ def _zarr_chunk_files(entry_path_: Path, array: str) -> list[Path]:
 def test_lost_zarr_chunk_is_an_error_not_zeros(tmp_path, array):
     data = make_imagefolder(tmp_path / "data", n=4)
     cache = tmp_path / "cache"
-    cfg = _cfg(data, cache, ("tiny-resnet", "tiny-gpt2"), format="zarr", chunk_rows=2)
-    entries = {e.name: e for e in extract(cfg)}
-    path = entries["tiny-resnet"].path
+    cfg = _cfg(data, cache, ("tiny-resnet", "tiny-gpt2"), format="zarr", chunk_rows=2, split="all")
+    entries = {(e.path.parent.name, e.name): e for e in extract(cfg)}
+    path = entries["test", "tiny-resnet"].path
+    stamp = {k: (e.path / "zarr.json").stat().st_ctime_ns for k, e in entries.items()}
     chunks = _zarr_chunk_files(path, array)
     assert len(chunks) >= (2 if array == "features" else 1)
     chunks[-1].unlink()
@@ -189,10 +190,15 @@ def test_lost_zarr_chunk_is_an_error_not_zeros(tmp_path, array):
     res = CliRunner().invoke(analyze_cli, ["cka", "--cache", str(cache), "--dataset", "imagefolder", "--set",
                                            f"data.data_dir={data}", "--out", str(tmp_path / "rep")])
     assert res.exit_code == 1 and "damaged" in res.output and "Traceback" not in res.output, res.output
-    repaired = {e.name: e for e in extract(cfg, repair=True)}
+    res = CliRunner().invoke(train_cli, ["--cache", str(cache), "--dataset", "imagefolder", "--image", "tiny-resnet",
+                                         "--text", "tiny-gpt2", "--epochs", "1", "--dim", "8", "--device", "cpu",
+                                         "--reference", "", "--set", f"data.data_dir={data}"])
+    assert res.exit_code == 1 and "damaged" in res.output and "Traceback" not in res.output, res.output
+    repaired = {(e.path.parent.name, e.name): e for e in extract(cfg, repair=True)}
     fresh = extract(_cfg(data, tmp_path / "fresh", ("tiny-resnet",), format="zarr"))[0]
-    np.testing.assert_array_equal(repaired["tiny-resnet"].features(), fresh.features())
-    assert repaired["tiny-gpt2"].path.stat().st_mtime_ns == entries["tiny-gpt2"].path.stat().st_mtime_ns  # kept
+    np.testing.assert_array_equal(repaired["test", "tiny-resnet"].features(), fresh.features())
+    rewritten = {k for k, e in repaired.items() if (e.path / "zarr.json").stat().st_ctime_ns != stamp[k]}
+    assert rewritten == {("test", "tiny-resnet")}  # only the damaged entry
 
 
 def test_flipped_h5_byte_is_an_error(tmp_path):

@@ -4,8 +4,8 @@
 bytes, cut to 32 hex characters; for ``hf:`` datasets, of the row's image bytes or file, kept under
 the identity of the dataset's Arrow files). Hashing
 every file on every run would cost a full read of the dataset, so digests are kept in a small JSON
-side file (``<cache>/<dataset folder>/content-hashes.json``) keyed by the file's resolved path,
-size, mtime and ctime (nanoseconds): a rerun only ``stat``s the files. ctime changes whenever a file
+side file (``<cache>/<dataset folder>/content-hashes.json``) keyed by the file's absolute path, with
+its size, mtime and ctime (nanoseconds) and inode: a rerun only ``stat``s the files. ctime changes whenever a file
 is written or replaced, and no copy tool can set it, so a file replaced under the same name (even by
 ``cp -p`` or ``rsync -a``, which keep mtime) is hashed again.
 
@@ -28,7 +28,7 @@ from .split import HF_ROW_PREFIX, DatasetError, Split
 DIGEST_CHARS = 32  # hex characters kept of each sha256 (128 bits)
 READ_BYTES = 1 << 20  # bytes per read while hashing a file
 SIDE_FILE = "content-hashes.json"  # name of the side file in a dataset's cache folder
-SIDE_VERSION = 1
+SIDE_VERSION = 2
 
 
 def file_digest(path: str) -> str:
@@ -41,17 +41,17 @@ def file_digest(path: str) -> str:
 
 
 def _stamp(path: str) -> tuple[str, list[int]] | None:
-    """(resolved path, [size, mtime_ns, ctime_ns]) of a file, None when it cannot be stat'ed."""
-    real = os.path.realpath(path)
+    """(absolute path, [size, mtime_ns, ctime_ns, inode]) of the file a path leads to (symbolic
+    links followed: the inode is the target's), None when it cannot be stat'ed."""
     try:
-        st = os.stat(real)
+        st = os.stat(path)
     except OSError:
         return None
-    return real, [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return os.path.abspath(path), [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 class HashStore:
-    """The side file: {resolved path: [size, mtime_ns, ctime_ns, digest]}. Lost or corrupt = empty."""
+    """The side file: {path: [size, mtime_ns, ctime_ns, inode, digest]}. Lost or corrupt = empty."""
 
     def __init__(self, path: Path | None):
         self.path, self.files, self.added = path, {}, 0
@@ -66,12 +66,12 @@ class HashStore:
                 return doc["files"]
         return {}
 
-    def get(self, real: str, stamp: list[int]) -> str | None:
-        rec = self.files.get(real)
-        return rec[3] if isinstance(rec, list) and len(rec) == 4 and rec[:3] == stamp else None
+    def get(self, path: str, stamp: list[int]) -> str | None:
+        rec = self.files.get(path)
+        return rec[-1] if isinstance(rec, list) and rec[:-1] == stamp else None
 
-    def put(self, real: str, stamp: list[int], value: str) -> None:
-        self.files[real] = [*stamp, value]
+    def put(self, path: str, stamp: list[int], value: str) -> None:
+        self.files[path] = [*stamp, value]
         self.added += 1
 
     def save(self) -> None:
@@ -120,11 +120,11 @@ def _hf_hashes(split: Split, store: HashStore) -> list[str]:
     for it in split.items:
         row = int(it.image[len(HF_ROW_PREFIX):])
         key = f"hf:{ident}:{row}" if ident else None
-        value = store.get(key, [0, 0, 0]) if key else None
+        value = store.get(key, [0, 0, 0, 0]) if key else None
         if value is None:
             value = _hf_row_digest(split, row)
             if key:
-                store.put(key, [0, 0, 0], value)
+                store.put(key, [0, 0, 0, 0], value)
         out.append(value)
     store.save()
     return out
