@@ -33,7 +33,7 @@ import numpy as np
 
 from analyze import plots
 from analyze.nulls import calibrated_matrices
-from pipeline.cache import Entry, entry_filename, find_entry, list_entries
+from pipeline.cache import Entry, entry_filename, find_entry, scan_entries
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
@@ -125,7 +125,7 @@ def load_joined(cfg: PipelineConfig, names: Sequence[str], split: str | None = N
     AnalyzeError (NaN/inf)."""
     split = split or cfg.analyze.split
     names = list(dict.fromkeys(names))
-    entries = {n: find_entry(cfg.data.cache, cfg.data.dataset, split, n) for n in names}
+    entries = {n: find_entry(cfg.data.cache, cfg.data.dataset, split, n, cfg.data.data_dir) for n in names}
     ids, rows = join_rows(list(entries.values()))
     keep = subset_rows(len(ids), cfg.analyze.max_rows, cfg.analyze.seed)
     joined = Joined(entries, [ids[i] for i in keep], {n: r[keep] for n, r in zip(names, rows)})
@@ -246,8 +246,17 @@ def header(cfg: PipelineConfig, command: str) -> dict:
 
 # ----------------------------------------------------------------------------- analyze cka
 def default_entries(cfg: PipelineConfig) -> list[str]:
-    """``analyze.entries``, else every finished entry of the split (an error when none)."""
-    names = list(cfg.analyze.entries) or list_entries(cfg.data.cache, cfg.data.dataset, cfg.analyze.split)
+    """``analyze.entries``, else every finished entry of the split: an error when there is none, or
+    when one cannot be read (damaged, truncated, older cache format): naming them, never dropping
+    them silently. Passing ``--entries`` compares the named entries only."""
+    if cfg.analyze.entries:
+        return list(cfg.analyze.entries)
+    names, bad = scan_entries(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, cfg.data.data_dir)
+    if bad:
+        shown = "; ".join(f"{p.name}: {why}" for p, why in bad)
+        raise AnalyzeError(f"{len(bad)} cache entr{'y' if len(bad) == 1 else 'ies'} of {cfg.data.dataset}/"
+                           f"{cfg.analyze.split} cannot be read ({shown}). Recompute them (extract --repair), "
+                           f"or compare the readable ones only with --entries {','.join(names) or 'A,B'}.")
     if not names:
         raise AnalyzeError(f"No cache entries for {cfg.data.dataset}/{cfg.analyze.split} under {str(cfg.data.cache)!r}; "
                            f"run `extract --split {cfg.analyze.split}` first, or pass --cache/--dataset/--split.")

@@ -34,13 +34,13 @@ def modality(entry) -> str | None:
 
 def candidates(cfg: PipelineConfig) -> tuple[list[str], list[str], list[str]]:
     """(image entries, text entries, entries left out) of ``analyze.split`` (or ``analyze.entries``)."""
-    names = list(cfg.analyze.entries) or list_entries(cfg.data.cache, cfg.data.dataset, cfg.analyze.split)
+    names = list(cfg.analyze.entries) or list_entries(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, cfg.data.data_dir)
     images, texts, other = [], [], []
     for name in names:
         if is_aligned(name):  # aligned outputs of a run, not a candidate encoder
             other.append(name)
             continue
-        mod = modality(find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, name))
+        mod = modality(find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, name, cfg.data.data_dir))
         (images if mod == "image" else texts if mod == "text" else other).append(name)
     if not images or not texts:
         raise AnalyzeError(

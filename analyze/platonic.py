@@ -372,7 +372,7 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
                     a.reference, "image" if a.reference == tc.image else "text")
     for name in (ri, rt):
         try:
-            find_entry(cfg.data.cache, cfg.data.dataset, a.split, name)
+            find_entry(cfg.data.cache, cfg.data.dataset, a.split, name, cfg.data.data_dir)
         except CacheError as exc:
             raise CacheError(f"{exc} The aligned entries of run {run!r} are written by `fit-adapters --image "
                              f"{tc.image} --text {tc.text} --name {run}`; pass --run to pick another run.") from None

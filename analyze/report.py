@@ -148,8 +148,8 @@ def chance_recall(key: str, n_images: int, n_texts: int) -> float:
 
 # ----------------------------------------------------------------------------- sections
 def _entries_of(cfg: PipelineConfig, split: str) -> list[Entry]:
-    return [find_entry(cfg.data.cache, cfg.data.dataset, split, n)
-            for n in list_entries(cfg.data.cache, cfg.data.dataset, split)]
+    return [find_entry(cfg.data.cache, cfg.data.dataset, split, n, cfg.data.data_dir)
+            for n in list_entries(cfg.data.cache, cfg.data.dataset, split, cfg.data.data_dir)]
 
 
 def _span(values: Sequence[int]) -> str:
@@ -158,7 +158,7 @@ def _span(values: Sequence[int]) -> str:
 
 def section_data(doc: Document, cfg: PipelineConfig) -> None:
     doc.heading("Data")
-    splits = list_splits(cfg.data.cache, cfg.data.dataset)
+    splits = list_splits(cfg.data.cache, cfg.data.dataset, cfg.data.data_dir)
     if not splits:
         doc.para(f"Nothing is cached for dataset {cfg.data.dataset!r} under {cfg.data.cache!r}.")
         return
@@ -238,8 +238,8 @@ def _test_sizes(cfg: PipelineConfig, run: RunFolder) -> tuple[int, int] | None:
     if isinstance(sizes.get("image"), int) and isinstance(sizes.get("text"), int):
         return sizes["image"], sizes["text"]
     try:
-        img = find_entry(cfg.data.cache, cfg.data.dataset, "test", run.image or cfg.train.image)
-        txt = find_entry(cfg.data.cache, cfg.data.dataset, "test", run.text or cfg.train.text)
+        img = find_entry(cfg.data.cache, cfg.data.dataset, "test", run.image or cfg.train.image, cfg.data.data_dir)
+        txt = find_entry(cfg.data.cache, cfg.data.dataset, "test", run.text or cfg.train.text, cfg.data.data_dir)
     except CacheError:
         return None
     return img.n, txt.n
@@ -295,7 +295,7 @@ def _reusable(path: Path, cfg: PipelineConfig, keys: Sequence[str], entries: Seq
             and saved.get("split") == cfg.analyze.split and all(have.get(k) == want[k] for k in keys)
             and list(names.values() if isinstance(names, dict) else names or []) == list(entries))
     try:
-        files = [find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, e).path for e in entries]
+        files = [find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, e, cfg.data.data_dir).path for e in entries]
     except CacheError:
         return None
     return saved if same and all(f.stat().st_mtime <= path.stat().st_mtime for f in files) else None

@@ -65,7 +65,10 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
 @click.option("--encoder-option", "encoder_options", multiple=True, metavar="ENCODER.KEY=VALUE",
               help="Per-encoder option: pooling, image_size, max_tokens, weights (local path or hub id), "
                    "revision; e.g. gpt2.pooling=last (repeatable).")
-@click.option("--force", is_flag=True, help="Recompute entries whose cached provenance differs (stale).")
+@click.option("--force", is_flag=True, help="Recompute entries whose cached request or data differ (stale), and "
+              "discard partial extractions of other requests.")
+@click.option("--repair", is_flag=True, help="Recompute finished entries that fail their checksums (damaged: a lost "
+              "Zarr chunk, a changed byte, a truncated file); the intact ones are kept.")
 @click.option("--shard", "shard_text", metavar="K/N",
               help="Compute only shard K of N (0-based): chunks c with c % N == K of every entry; the last "
                    "shard to finish (or --merge) assembles the entries. SLURM arrays: "
@@ -77,7 +80,7 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
 @config_options
 @friendly_errors
 def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, precision, device, workers,
-         layers, on_error, decode, encoder_options, force, shard_text, merge_only, list_encoders, config_path,
+         layers, on_error, decode, encoder_options, force, repair, shard_text, merge_only, list_encoders, config_path,
          overrides, verbose):
     """Run frozen encoders over an image-caption dataset and write features to the cache.
 
@@ -89,8 +92,8 @@ def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, p
     if list_encoders:
         _list_encoders()
         return
-    if merge_only and (shard_text or force):
-        raise click.UsageError("--merge computes nothing: drop --shard/--force (run the shards first).")
+    if merge_only and (shard_text or force or repair):
+        raise click.UsageError("--merge computes nothing: drop --shard/--force/--repair (run the shards first).")
     try:
         shard = Shard.parse(shard_text) if shard_text else None
     except ShardError as exc:
@@ -101,7 +104,7 @@ def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, p
         "extract.batch_size": batch_size, "extract.precision": precision, "extract.device": device,
         "extract.workers": workers, "extract.layers": layers, "extract.on_error": on_error,
         "extract.decode": decode, "extract.encoder_options": _encoder_options(encoder_options)}, verbose)
-    entries = merge(cfg) if merge_only else extract(cfg, force=force, shard=shard)
+    entries = merge(cfg) if merge_only else extract(cfg, force=force, shard=shard, repair=repair)
     ranked = torchrun_shard()
     if ranked is not None and ranked.index != 0:
         return  # torchrun: rank 0 prints the table

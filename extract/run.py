@@ -4,8 +4,11 @@
 
 1. checks every ``[extract]`` value, loads the split (``extract.datasets``) and resolves every
    requested encoder (``extract.encoders``), all before anything is written;
-2. opens one resumable ``EntryWriter`` per encoder (``pipeline.cache``): finished entries with the
-   same request are reused, stale ones refused unless ``force``;
+2. hashes the split's image files (``extract.datasets.content``: once, then cached by path, size
+   and times) and opens one resumable ``EntryWriter`` per encoder (``pipeline.cache``) in the
+   cache folder of this dataset and data folder: finished entries with the same request (encoder,
+   options, data fingerprint, data folder, content) are verified against their checksums and
+   reused, stale ones refused unless ``force``, damaged ones refused unless ``repair``;
 3. decodes each image ONCE per batch in DataLoader workers (``extract.loader``), applies every
    distinct preprocessing the image encoders ask for, and feeds each encoder; captions are
    tokenized in the workers. With ``extract.decode`` gpu (auto on CUDA) the workers send JPEG
@@ -41,7 +44,8 @@ from extract.gpu_decode import CPU, DECODES, GPU_NVJPEG, GpuDecoder, decode_key,
 from extract.loader import batches, loader_workers, make_loader
 from extract.sharding import (IncompleteExtractionError, Shard, ShardError, Team, describe_missing, shard_totals,
                               team, torchrun_shard)
-from pipeline.cache import FORMATS, Entry, EntryWriter, entry_path, open_entry, staging_path
+from pipeline.cache import (CACHE_FORMAT, FORMATS, Entry, EntryWriter, dataset_dir, entry_path, open_entry,
+                            resolved_data_dir, staging_folders)
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.errors import did_you_mean
 from pipeline.runtime import PRECISIONS, autocast, resolve_device, utc_now, versions
@@ -117,18 +121,42 @@ def _load_split(cfg: PipelineConfig, name: str) -> D.Split:
     return D.load_split(cfg.data.dataset, cfg.data.data_dir, name, **D.config_options(cfg.data))
 
 
-def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, decoder: str = CPU):
-    """(path, row ids, key) of one encoder's entry for one split; the key is what makes it stale.
-    decoder: the effective image decoder (``gpu_decode.effective_decoder``), in image keys."""
+def _content(cfg: PipelineConfig, split: D.Split, us: Team | None = None) -> dict:
+    """{"ids", "digests", "digest"}: the content hash of every image of the split (cached between
+    runs in the dataset's cache folder) and their digest, which every key of the split records.
+    Under torchrun rank 0 hashes first, so the other ranks find the hashes in the side file."""
+    if us is not None and us.distributed and not us.leader:
+        us.barrier()
+    side = dataset_dir(cfg.data.cache, cfg.data.dataset, cfg.data.data_dir, write=True) / D.SIDE_FILE
+    digests = D.content_hashes(split, side)
+    if us is not None and us.distributed and us.leader:
+        us.barrier()
+    return {"ids": split.ids, "digests": digests, "digest": D.content_digest(split.ids, digests)}
+
+
+def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, content: dict, decoder: str = CPU):
+    """(path, row ids, key) of one encoder's entry for one split; the key is what makes it stale:
+    the encoder, the request options, and the data (the split's fingerprint of ids, file names and
+    captions; the resolved data folder; the digest of the images' content hashes); for images the
+    effective decoder (``gpu_decode.effective_decoder``)."""
     if spec.modality == "image":
         rows, extra = split.items, decode_key(decoder)
     else:
         rows, extra = split.caption_rows(cfg.data.captions), {"captions": cfg.data.captions}
-    path = entry_path(cfg.data.cache, cfg.data.dataset, split.name, spec.name, cfg.extract.format)
+    path = entry_path(cfg.data.cache, cfg.data.dataset, split.name, spec.name, cfg.extract.format,
+                      cfg.data.data_dir, write=True)
     key = {"entry": spec.name, "encoder": spec.provenance(), "dataset": cfg.data.dataset, "split": split.name,
-           "fingerprint": split.fingerprint(), "precision": cfg.extract.precision,
+           "fingerprint": split.fingerprint(), "data_dir": resolved_data_dir(cfg.data.data_dir),
+           "content": content["digest"], "cache_format": CACHE_FORMAT, "precision": cfg.extract.precision,
            "layers": cfg.extract.layers, **extra}
     return path, [r.id for r in rows], key
+
+
+def _writer(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, content: dict, force: bool = False,
+            repair: bool = False, decoder: str = CPU) -> EntryWriter:
+    path, ids, key = _entry_request(cfg, split, spec, content, decoder)
+    record = {"ids": content["ids"], "digests": content["digests"]}
+    return EntryWriter(path, spec.name, ids, key, cfg.extract.chunk_rows, force, repair, record)
 
 
 def _provenance(cfg: PipelineConfig, split: D.Split, device: torch.device | str) -> dict:
@@ -148,8 +176,12 @@ def _skipped(split: D.Split) -> list[dict]:
 
 # ----------------------------------------------------------------------------- entry points
 
-def extract(cfg: PipelineConfig, force: bool = False, shard: Shard | None = None) -> list[Entry]:
+def extract(cfg: PipelineConfig, force: bool = False, shard: Shard | None = None,
+            repair: bool = False) -> list[Entry]:
     """Extract every requested encoder over every requested split; returns the finished entries.
+
+    force: recompute stale entries (another request) and discard other requests' staging;
+    repair: recompute finished entries that fail their checksums (damaged), keep the others.
 
     shard: compute only this share of the chunks (``extract --shard K/N``); entries are assembled
     only if all their chunks are staged by then (the last shard to finish does it, else run
@@ -167,10 +199,11 @@ def extract(cfg: PipelineConfig, force: bool = False, shard: Shard | None = None
     with team(cfg.extract.device, shard) as us:
         for split_name in splits_of(cfg):
             split = _load_split(cfg, split_name)
+            content = _content(cfg, split, us)
             for modality in MODALITIES:
                 chosen = [s for s in specs if s.modality == modality]
                 if chosen:
-                    entries += _extract_modality(cfg, split, chosen, us, force)
+                    entries += _extract_modality(cfg, split, content, chosen, us, force, repair)
     return entries
 
 
@@ -187,14 +220,15 @@ def merge(cfg: PipelineConfig) -> list[Entry]:
     entries, problems = [], []
     for split_name in splits_of(cfg):
         split = _load_split(cfg, split_name)
+        content = _content(cfg, split)
         for spec in sorted(specs, key=lambda s: MODALITIES.index(s.modality)):
-            path, ids, key = _entry_request(cfg, split, spec, decoder)
+            path, _, _ = _entry_request(cfg, split, spec, content, decoder)
             where = f"{cfg.data.dataset}/{split.name}/{spec.name}"
-            if not path.exists() and not staging_path(path).exists():
-                problems.append(f"{where}: nothing staged at {staging_path(path)}; run the shards "
+            if not path.exists() and not staging_folders(path):
+                problems.append(f"{where}: nothing staged beside {path}; run the shards "
                                 "(extract --shard K/N with the same options) first.")
                 continue
-            writer = EntryWriter(path, spec.name, ids, key, cfg.extract.chunk_rows)
+            writer = _writer(cfg, split, spec, content, decoder=decoder)
             notes = writer.notes()
             entry = writer.finalize(_multi_provenance(cfg, split, notes), _skipped(split))
             if entry is None:
@@ -209,27 +243,27 @@ def merge(cfg: PipelineConfig) -> list[Entry]:
 
 # ----------------------------------------------------------------------------- one modality
 
-def _open_jobs(cfg: PipelineConfig, split: D.Split, specs: list[EncoderSpec], us: Team, force: bool) -> list[_Job]:
+def _open_jobs(cfg: PipelineConfig, split: D.Split, content: dict, specs: list[EncoderSpec], us: Team,
+               force: bool, repair: bool) -> list[_Job]:
     """One writer per encoder, each with the chunks this process must compute. Under torchrun
-    rank 0 sets up (and under --force discards) the entries before the other ranks look."""
+    rank 0 sets up (and under --force / --repair discards) the entries before the other ranks look."""
     if not us.leader:
         us.barrier()
     jobs, decoder = [], effective_decoder(cfg.extract.decode, us.device)
     for spec in specs:
-        path, ids, key = _entry_request(cfg, split, spec, decoder)
-        writer = EntryWriter(path, spec.name, ids, key, cfg.extract.chunk_rows, force and us.leader)
+        writer = _writer(cfg, split, spec, content, force and us.leader, repair, decoder)
         jobs.append(_Job(spec, writer, {c for c in writer.pending() if us.shard.owns(c)}))
     if us.leader:
         us.barrier()
     return jobs
 
 
-def _extract_modality(cfg: PipelineConfig, split: D.Split, specs: list[EncoderSpec], us: Team,
-                      force: bool) -> list[Entry]:
+def _extract_modality(cfg: PipelineConfig, split: D.Split, content: dict, specs: list[EncoderSpec], us: Team,
+                      force: bool, repair: bool) -> list[Entry]:
     """Compute this process's chunks of every encoder of one modality, then assemble the entries
     whose chunks are all staged; returns the finished ones."""
     rows = split.items if specs[0].modality == "image" else split.caption_rows(cfg.data.captions)
-    jobs = _open_jobs(cfg, split, specs, us, force)
+    jobs = _open_jobs(cfg, split, content, specs, us, force, repair)
     todo = sorted(set().union(*(j.pending for j in jobs)))
     note = us.note(len(todo))
     if us.multi:

@@ -1,217 +1,165 @@
-"""The feature cache: the one module that knows how features are stored.
+"""The feature cache: the public API (import everything cache-related from here).
 
-Layout: ``<cache>/<dataset>/<split>/<entry>.h5`` (HDF5) or ``.zarr`` (Zarr v3), one file per
-(dataset, split, entry). An entry is an encoder (``resnet18``) or an aligned embedding
-written by fit-adapters (``resnet18@run``). Each holds
-
-    features      (n, d) float32
-    layers/<k>    (n, d_k) float32, optional: pooled hidden layer k (0-based) when extracted
-    ids           (n,) UTF-8 strings: the sample ids (image id, or ``<image id>#<k>`` for captions)
-    attributes    ``key`` (JSON: what was asked for; a different request makes the entry stale),
-                  ``provenance`` (JSON: key + versions, config, timings), ``skipped`` (JSON list
-                  of {"id", "reason"} for rows left out by a documented skip option), and a few
-                  flat copies (entry, encoder, dataset, split, n, dim) for people browsing the file.
+Layout (``pipeline.layout``): ``<cache>/<dataset folder>/<split>/<entry>.h5`` (HDF5) or ``.zarr``
+(Zarr v3), one file per (dataset, data folder, split, entry); the dataset folder is
+``<format>-<data folder name>-<hash>``, so two datasets never share one. An entry is an encoder
+(``resnet18``) or an aligned embedding written by fit-adapters (``resnet18@run``); what a file holds
+and how every read is checked against its checksums: ``pipeline.entry``.
 
 Writing is resumable and safe under kill -9 and concurrent writers: ``EntryWriter`` stages
-each chunk of rows as its own file in ``<entry>.partial/`` (``pipeline.staging``: written to a
-temporary name, flushed, fsynced, then renamed, so a chunk exists only once complete) and
-assembles the final file under a lock into a temporary name that is atomically renamed.
-Separate processes may write disjoint chunks of one entry (multi-process extraction) and leave
-small JSON notes (``note-<name>.json``, e.g. which shard ran where) beside them. A finished
-entry is never modified in place.
+each chunk of rows as its own file in ``<entry>.partial-<request>/`` (``pipeline.staging``: named by
+the request, written to a temporary name, flushed, fsynced, then renamed, so a chunk exists only
+once complete and two requests never mix) and assembles the final file under a lock into a
+temporary name that is atomically renamed. Separate processes may write disjoint chunks of one
+entry (multi-process extraction) and leave small JSON notes (``note-<name>.json``, e.g. which
+shard ran where) beside them. A finished entry is never modified in place; leftovers of killed
+writers (an orphan staging folder of a finished entry, temporary files) are removed on the next
+run under the lock, and staging folders of other requests are reported.
 
 Readers open the file per call and keep no handle, so an ``Entry`` can be passed to
 DataLoader workers (h5py handles do not survive fork).
 
-Modules: this one is the public API and the entry format; ``pipeline.staging`` the staging
-folder of an unfinished entry; ``pipeline.storage`` the HDF5/Zarr backends, the folder lock and
-the errors (re-exported here). Import everything from ``pipeline.cache``.
+Modules: this one (paths, the resumable writer); ``pipeline.layout`` (the folder layout);
+``pipeline.entry`` (the entry format, reading and writing one file); ``pipeline.integrity``
+(checksums); ``pipeline.staging`` (the staging folder of an unfinished entry);
+``pipeline.storage`` (HDF5/Zarr backends, the folder lock, the errors).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from pipeline.entry import Entry, open_entry, write_file
 from pipeline.errors import did_you_mean
-from pipeline.runtime import first_nonfinite_row, utc_now
-from pipeline.staging import PARTIAL_SUFFIX, Chunk, Staging, canonical_json, staging_path
-from pipeline.storage import FORMATS, CacheError, StaleCacheError, backend, locked, remove, replace, stale_message
+from pipeline.integrity import repair_hint
+from pipeline.layout import (CACHE_FORMAT, cached_datasets, dataset_dir, dataset_folder, entry_filename,
+                             legacy_hint, resolved_data_dir)
+from pipeline.runtime import first_nonfinite_row
+from pipeline.staging import (PARTIAL_SUFFIX, Chunk, Staging, StagingLostError, canonical_json, read_manifest,
+                              staging_folders)
+from pipeline.storage import (FORMATS, CacheError, DamagedEntryError, OldFormatError, StaleCacheError, backend,
+                              locked, orphans, remove, stale_message)
 
-__all__ = ["FORMATS", "PARTIAL_SUFFIX", "CacheError", "StaleCacheError", "Entry", "EntryWriter", "entry_filename",
-           "entry_path", "find_entry", "list_entries", "list_splits", "open_entry", "split_dir", "staging_path",
+__all__ = ["CACHE_FORMAT", "FORMATS", "PARTIAL_SUFFIX", "CacheError", "DamagedEntryError", "Entry", "EntryWriter",
+           "OldFormatError", "StaleCacheError", "StagingLostError", "cached_datasets", "dataset_dir",
+           "dataset_folder", "entry_filename", "entry_path", "find_entry", "list_entries", "list_splits",
+           "open_entry", "resolved_data_dir", "scan_entries", "sibling_path", "split_dir", "staging_folders",
            "write_entry"]
 
 log = logging.getLogger(__name__)
+MAX_LISTED = 5  # ids named by a changed-content message
 
 
 # --------------------------------------------------------------------------------------- paths
 
-def entry_filename(entry: str) -> str:
-    """File stem of an entry name; ``/`` and ``:`` (hub ids, generic encoders) become ``--``."""
-    return entry.replace("/", "--").replace(":", "--")
+def split_dir(cache: str | Path, dataset: str, split: str, data_dir: str | Path | None = None,
+              write: bool = False) -> Path:
+    """The folder of one split's entries (``pipeline.layout.dataset_dir`` resolves the dataset)."""
+    return dataset_dir(cache, dataset, data_dir, write) / split
 
 
-def split_dir(cache: str | Path, dataset: str, split: str) -> Path:
-    return Path(cache) / entry_filename(dataset) / split
-
-
-def entry_path(cache: str | Path, dataset: str, split: str, entry: str, fmt: str = "h5") -> Path:
+def entry_path(cache: str | Path, dataset: str, split: str, entry: str, fmt: str = "h5",
+               data_dir: str | Path | None = None, write: bool = False) -> Path:
+    """Where entry ``entry`` of ``split`` lives (``write``: the writer's exact folder, created)."""
     if fmt not in FORMATS:
         raise CacheError(f"Unknown cache format {fmt!r}; use one of {', '.join(FORMATS)}.{did_you_mean(fmt, FORMATS)}")
-    return split_dir(cache, dataset, split) / f"{entry_filename(entry)}.{fmt}"
+    return split_dir(cache, dataset, split, data_dir, write) / f"{entry_filename(entry)}.{fmt}"
 
 
-def list_entries(cache: str | Path, dataset: str, split: str) -> list[str]:
-    """Names of the finished entries of one split (as stored in their attributes), sorted."""
-    folder = split_dir(cache, dataset, split)
-    if not folder.is_dir():
-        return []
-    names = []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lstrip(".") in FORMATS:
+def sibling_path(entry: Entry, name: str) -> Path:
+    """Where entry ``name`` lives beside ``entry`` (same folder and format), e.g. its aligned entry."""
+    return entry.path.parent / f"{entry_filename(name)}{entry.path.suffix}"
+
+
+def scan_entries(cache: str | Path, dataset: str, split: str,
+                 data_dir: str | Path | None = None) -> tuple[list[str], list[tuple[Path, str]]]:
+    """(names of the readable finished entries of one split, sorted; [(path, why)] of the unreadable ones)."""
+    folder = split_dir(cache, dataset, split, data_dir)
+    names, bad = [], []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if p.suffix.lstrip(".") in FORMATS and not p.name.startswith("."):
             try:
                 names.append(open_entry(p).name)
             except CacheError as exc:
-                log.warning("ignoring unreadable cache entry %s: %s", p, exc)
-    return sorted(names)
+                bad.append((p, str(exc)))
+    return sorted(names), bad
 
 
-def list_splits(cache: str | Path, dataset: str) -> list[str]:
-    folder = Path(cache) / entry_filename(dataset)
+def list_entries(cache: str | Path, dataset: str, split: str, data_dir: str | Path | None = None) -> list[str]:
+    """Names of the readable finished entries of one split, sorted (unreadable ones are logged)."""
+    names, bad = scan_entries(cache, dataset, split, data_dir)
+    for p, why in bad:
+        log.warning("ignoring unreadable cache entry %s: %s", p, why)
+    return names
+
+
+def list_splits(cache: str | Path, dataset: str, data_dir: str | Path | None = None) -> list[str]:
+    folder = dataset_dir(cache, dataset, data_dir)
     return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
-def find_entry(cache: str | Path, dataset: str, split: str, entry: str) -> "Entry":
+def find_entry(cache: str | Path, dataset: str, split: str, entry: str, data_dir: str | Path | None = None) -> Entry:
     """Open an entry by name, whichever format it was written in; a clear error otherwise."""
     for fmt in FORMATS:
-        path = entry_path(cache, dataset, split, entry, fmt)
+        path = entry_path(cache, dataset, split, entry, fmt, data_dir)
         if path.exists():
             return open_entry(path)
-    available = list_entries(cache, dataset, split)
+    available = list_entries(cache, dataset, split, data_dir)
     if not available:
-        splits = list_splits(cache, dataset)
+        splits = list_splits(cache, dataset, data_dir)
         where = f"splits present: {', '.join(splits)}" if splits else "nothing is cached for this dataset"
         raise CacheError(
             f"No cache entries for dataset {dataset!r}, split {split!r} under {str(cache)!r} ({where}). "
-            f"Run `extract --encoder {entry.split('@')[0]} --split {split}` first.")
+            f"Run `extract --encoder {entry.split('@')[0]} --split {split}` first.{legacy_hint(cache, dataset)}")
     raise CacheError(
         f"No cache entry {entry!r} for {dataset}/{split} under {str(cache)!r}.{did_you_mean(entry, available)} "
         f"Available: {', '.join(available)}.")
 
 
-# ------------------------------------------------------------------------------------ reading
-
-@dataclass(frozen=True)
-class Entry:
-    """A finished cache entry. Holds metadata only; arrays are read on demand."""
-
-    path: Path
-    name: str
-    ids: np.ndarray  # (n,) str
-    dim: int
-    layers: tuple[int, ...]  # indices of stored hidden layers (empty when not extracted)
-    key: dict  # the request identity (stale check)
-    provenance: dict
-    skipped: tuple[dict, ...]  # rows left out by a documented skip: {"id", "reason"}
-
-    @property
-    def n(self) -> int:
-        return len(self.ids)
-
-    def features(self, layer: int | None = None, rows: slice | None = None) -> np.ndarray:
-        """(n, d) float32 features, or hidden layer ``layer``; ``rows`` reads a contiguous slice."""
-        name = "features" if layer is None else f"layers/{layer}"
-        if layer is not None and layer not in self.layers:
-            raise CacheError(
-                f"Entry {self.name!r} has no layer {layer} (stored: {list(self.layers) or 'none'}; "
-                f"extract with --layers all).")
-        with backend(self.path).open(self.path, "r") as g:
-            out = g[name][rows if rows is not None else slice(None)]
-        return np.asarray(out, dtype=np.float32)
-
-    def iter_rows(self, block: int, layer: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (start, (m, d) features) blocks without loading the whole entry."""
-        for start in range(0, self.n, block):
-            yield start, self.features(layer, slice(start, min(start + block, self.n)))
-
-
-def open_entry(path: str | Path) -> Entry:
-    """The finished entry at ``path`` (metadata only); CacheError when missing or malformed."""
-    path = Path(path)
-    if not path.exists():
-        raise CacheError(f"Cache entry {str(path)!r} does not exist.")
-    store = backend(path)
-    with store.open(path, "r") as g:
-        try:
-            attrs = dict(g.attrs)
-            ids = store.read_strings(g, "ids")
-            dim = int(g["features"].shape[1])
-            n = int(g["features"].shape[0])
-            layers = tuple(sorted(int(k) for k in store.keys(g, "layers")))
-            key = json.loads(attrs["key"])
-            provenance = json.loads(attrs["provenance"])
-            skipped = tuple(json.loads(attrs.get("skipped", "[]")))
-        except KeyError as exc:
-            raise CacheError(f"Cache entry {str(path)!r} is incomplete or not a feature cache (missing {exc}).") from None
-    if n != len(ids):
-        raise CacheError(f"Cache entry {str(path)!r} is corrupt: {n} feature rows but {len(ids)} ids.")
-    return Entry(path, str(attrs.get("entry", path.stem)), ids, dim, layers, key, provenance, skipped)
-
-
 # ------------------------------------------------------------------------------------ writing
-
-def _attributes(name: str, n: int, dim: int, key: Mapping, provenance: Mapping, skipped: Sequence[Mapping]) -> dict:
-    """The attributes of an entry file (see the module docstring)."""
-    full = {**provenance, "key": dict(key), "created": utc_now()}
-    attrs = {"entry": name, "key": canonical_json(dict(key)), "provenance": canonical_json(full),
-             "skipped": canonical_json(list(skipped)), "n": n, "dim": dim}
-    attrs.update({k: str(key[k]) for k in ("encoder", "dataset", "split") if k in key})
-    return attrs
-
 
 def write_entry(path: str | Path, name: str, ids: Sequence[str], features: np.ndarray, key: Mapping,
                 provenance: Mapping, layers: Sequence[np.ndarray] = (), skipped: Sequence[Mapping] = (),
-                chunk_rows: int = 1024) -> Entry:
-    """Write a whole entry at once, atomically (temporary name, then rename).
+                chunk_rows: int = 1024, content: Mapping | None = None) -> Entry:
+    """Write a whole entry at once, atomically (temporary name, then rename), under the folder lock.
 
-    features: (n, d); layers: optional list of (n, d_k) arrays stored as ``layers/<k>``.
+    features: (n, d); layers: optional list of (n, d_k) arrays stored as ``layers/<k>``;
+    content: optional {"ids", "digests"} content hashes of the source split's images.
     """
     path = Path(path)
-    ids = [str(i) for i in ids]
-    features = np.asarray(features, dtype=np.float32)
-    if features.ndim != 2 or features.shape[0] != len(ids):
-        raise CacheError(f"features must be (n, d) with n = {len(ids)} ids, got {features.shape}.")
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise CacheError(f"Duplicate ids in entry {name!r}: {dup}.")
-    store = backend(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
-    try:
-        with store.open(tmp, "w") as g:
-            store.write_strings(g, "ids", ids)
-            store.create(g, "features", features.shape, chunk_rows)[:] = features
-            for k, layer in enumerate(layers):
-                layer = np.asarray(layer, dtype=np.float32)
-                if layer.shape[0] != len(ids):
-                    raise CacheError(f"layer {k} has {layer.shape[0]} rows, expected {len(ids)}.")
-                if k == 0:
-                    g.create_group("layers")
-                store.create(g, f"layers/{k}", layer.shape, chunk_rows)[:] = layer
-            g.attrs.update(_attributes(name, len(ids), int(features.shape[1]), key, provenance, skipped))
-        with locked(path):
-            replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+    backend(path)  # an unknown extension fails before anything is written
+    with locked(path):
+        _remove_orphans(path)
+        write_file(path, name, ids, features, key, provenance, layers, skipped, chunk_rows, content)
     return open_entry(path)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Remove leftovers of killed writers of ``path`` (call under the lock)."""
+    for p in orphans(path):
+        log.info("removing %s, left by an interrupted writer", p)
+        remove(p)
+
+
+def _content_changes(old: Mapping | None, new: Mapping | None) -> str:
+    """' Images changed since ...: 3 of 12 (first: a, b); 1 new, 0 gone.' ('' when unknown)."""
+    if not old or not new:
+        return ""
+    before = dict(zip(old["ids"], old["digests"]))
+    after = dict(zip(new["ids"], new["digests"]))
+    changed = [i for i, d in after.items() if i in before and before[i] != d]
+    added = [i for i in after if i not in before]
+    gone = [i for i in before if i not in after]
+    if not (changed or added or gone):
+        return ""
+    shown = ", ".join(repr(i) for i in changed[:MAX_LISTED])
+    return (f" Image files changed since it was extracted: {len(changed)} of {len(after)}"
+            f"{f' (first: {shown})' if shown else ''}; {len(added)} new, {len(gone)} gone.")
 
 
 class EntryWriter:
@@ -220,44 +168,84 @@ class EntryWriter:
     ``ids`` is the full ordered list of rows the entry is asked to hold; rows are grouped in
     chunks of ``chunk_rows``. Call ``pending()`` for the chunks still to compute, ``write_chunk``
     for each, then ``finalize()``. Chunks already staged by an earlier (interrupted) run or by
-    another process are kept, so a rerun computes only what is missing.
+    another process of the same request are kept, so a rerun computes only what is missing.
 
-    A staged run or finished entry whose ``key`` differs from this request raises
-    ``StaleCacheError`` unless ``force=True`` (then it is discarded).
+    A finished entry of the same request is verified against its checksums (DamagedEntryError
+    unless ``repair=True``: then it is recomputed). A finished entry or a staging folder of a
+    different request raises ``StaleCacheError`` unless ``force=True`` (then both are discarded; a
+    process still writing the discarded staging fails with StagingLostError). ``content``:
+    {"ids", "digests"} of the source split's images, stored with the entry so that a stale
+    message can name the changed images.
     """
 
     def __init__(self, path: str | Path, name: str, ids: Sequence[str], key: Mapping,
-                 chunk_rows: int = 1024, force: bool = False):
+                 chunk_rows: int = 1024, force: bool = False, repair: bool = False,
+                 content: Mapping | None = None):
         self.path = Path(path)
         self.name = name
         self.ids = [str(i) for i in ids]
         self.key = json.loads(canonical_json(dict(key)))  # as it reads back from the file
         self.chunk_rows = int(chunk_rows)
-        self._staging = Staging(self.path)
-        self.staging = self._staging.folder  # the staging folder, <entry>.partial
+        self.content = content
         if self.chunk_rows < 1:
             raise CacheError("chunk_rows must be >= 1.")
+        self._staging = Staging(self.path, Staging.make_manifest(name, self.key, self.ids, self.chunk_rows))
+        self.staging = self._staging.folder  # this request's staging folder, <entry>.partial-<request>
         with locked(self.path):
+            _remove_orphans(self.path)
             if force:
-                for old in (self.path, self.staging):
+                for old in (self.path, *staging_folders(self.path)):
                     if old.exists():
                         log.warning("--force: discarding %s", old)
                         remove(old)
-            self.done = self._check_existing()
+            self.done = self._check_existing(repair)
+            self._check_other_staging()
             if not self.done:
-                self._staging.open(Staging.manifest(name, self.key, self.ids, self.chunk_rows))
+                self._staging.open()
 
-    def _check_existing(self) -> bool:
-        """True when the finished entry answers this request; StaleCacheError when it does not."""
+    def _check_existing(self, repair: bool) -> bool:
+        """True when the finished entry answers this request (verified); StaleCacheError when it
+        answers another, DamagedEntryError when it is damaged (removed instead with ``repair``)."""
         if not self.path.exists():
             return False
         try:
             existing = open_entry(self.path)
+            if existing.key == self.key:
+                existing.verify()
+                return True
+        except DamagedEntryError as exc:
+            if not repair:
+                raise
+            log.warning("--repair: recomputing %s (%s)", self.path, exc)
+            remove(self.path)
+            return False
+        except OldFormatError:
+            raise
         except CacheError:
             existing = None
-        if existing is not None and existing.key == self.key:
-            return True
-        raise StaleCacheError(stale_message(self.path, existing.key if existing else None, self.key))
+        old = existing.key if existing else None
+        changes = _content_changes(existing.content(), self.content) if existing else ""
+        raise StaleCacheError(stale_message(self.path, old, self.key) + changes)
+
+    def _check_other_staging(self) -> None:
+        """A finished entry: remove this request's leftover staging (a kill during finalisation),
+        report the others. Unfinished: refuse while another request's staging exists."""
+        others = [f for f in staging_folders(self.path) if f != self.staging]
+        if self.done and self._staging.exists():
+            log.info("removing %s: left by an interrupted finalisation of the finished entry", self.staging)
+            self._staging.remove()
+        for folder in others:
+            old = (read_manifest(folder) or {}).get("key")
+            if self.done:
+                log.warning("%s is the partial extraction of a different request (%s); rerun that request to "
+                            "finish it, or extract --force (the request you want) to discard it.",
+                            folder, stale_message(folder, old, self.key, partial=True))
+            else:
+                same = old == self.key
+                raise StaleCacheError(
+                    stale_message(folder, old, self.key, partial=True)
+                    + (" (same request, but the row list or chunk size changed)" if same else "")
+                    + " If that extraction is running now, let it finish first.")
 
     # -- chunks ----------------------------------------------------------------------------
     @property
@@ -267,12 +255,13 @@ class EntryWriter:
     def rows(self, chunk: int) -> range:
         return range(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, len(self.ids)))
 
-    def _finished(self) -> bool:
-        """True when a matching finished entry exists (another process may have finalised it)."""
+    def _finished(self) -> Entry | None:
+        """The finished entry of this request, if one exists (another process may have finalised it)."""
         try:
-            return self.path.exists() and open_entry(self.path).key == self.key
+            entry = open_entry(self.path) if self.path.exists() else None
         except CacheError:
-            return False
+            return None
+        return entry if entry is not None and entry.key == self.key else None
 
     def pending(self) -> list[int]:
         """Chunks not yet staged (empty when the entry is already finished)."""
@@ -317,24 +306,35 @@ class EntryWriter:
         return self._staging.notes()
 
     def finalize(self, provenance: Mapping, skipped: Sequence[Mapping] = ()) -> Entry | None:
-        """Assemble the staged chunks into the entry once every chunk is there.
+        """Assemble the staged chunks into the entry once every chunk is there (under the lock,
+        start to end, after checking that the staging folder still holds this request).
 
         skipped: extra {"id", "reason"} records to store (rows dropped before extraction,
         e.g. a missing image file or an empty caption under a skip option).
 
         Returns the finished Entry, or None if chunks are still missing (another process may
         be writing them). Safe to call from several processes: one assembles, the others find
-        the finished entry.
+        the finished entry. StagingLostError when another request's --force discarded our work.
         """
         with locked(self.path):
-            if self.path.exists():
-                entry = open_entry(self.path)
-                if entry.key == self.key:
-                    self.done = True
-                    return entry
-            if self.pending():
+            entry = self._finished()
+            if entry is not None:
+                self.done = True
+                if self._staging.exists():
+                    self._staging.remove()
+                return entry
+            if not self._staging.intact():
+                raise self._staging.lost()
+            if any(not self._staging.has_chunk(c) for c in range(self.num_chunks)):
                 return None
-            parts = [self._staging.read_chunk(c) for c in range(self.num_chunks)]
+            self._assemble(provenance, skipped)
+            self._staging.remove()
+        self.done = True
+        return open_entry(self.path)
+
+    def _assemble(self, provenance: Mapping, skipped: Sequence[Mapping]) -> None:
+        """Read every staged chunk, check it holds the requested rows, write the entry file."""
+        parts = [self._staging.read_chunk(c) for c in range(self.num_chunks)]
         ids = [i for p in parts for i in p.ids]
         staged_skips = [{"id": i, "reason": r} for p in parts for i, r in p.skipped.items()]
         left_out = {s["id"] for s in staged_skips}
@@ -346,9 +346,5 @@ class EntryWriter:
         layers = [np.concatenate([p.layers[k] for p in parts if k < len(p.layers)]) for k in range(n_layers)]
         for s in staged_skips:
             log.warning("%s: skipped %s (%s)", self.name, s["id"], s["reason"])
-        entry = write_entry(self.path, self.name, ids, features, self.key, provenance, layers,
-                            [*skipped, *staged_skips], chunk_rows=self.chunk_rows)
-        with locked(self.path):
-            self._staging.remove()
-        self.done = True
-        return entry
+        write_file(self.path, self.name, ids, features, self.key, provenance, layers, [*skipped, *staged_skips],
+                   self.chunk_rows, self.content)

@@ -7,6 +7,11 @@ Ids: an image row carries the image id (``1000092795``); a caption row carries
 Rows present in one entry but not the other are an error naming the first missing ids,
 unless the other entry recorded them as skipped (a documented, logged skip): then they are
 dropped with a warning.
+
+Before any id is compared, the entries must come from the same data (:func:`check_same_data`):
+the same dataset, data folder, split, split fingerprint and image content digest, as their keys
+record them (``Entry.data``; an aligned entry ``<encoder>@<run>`` carries its source's). Entries
+whose keys say nothing about their data (written by hand) are joined by id alone.
 """
 
 from __future__ import annotations
@@ -25,6 +30,24 @@ log = logging.getLogger(__name__)
 
 class JoinError(PipelineError, ValueError):
     """Entries whose ids do not join."""
+
+
+def _describe(data: dict) -> str:
+    return (f"{data.get('dataset')} split {data.get('split')!r} from {data.get('data_dir')} "
+            f"(fingerprint {str(data.get('fingerprint'))[:12]}, content {str(data.get('content'))[:12]})")
+
+
+def check_same_data(entries: Sequence[Entry]) -> None:
+    """JoinError naming both entries and both data sources unless every entry that records its
+    data records the same (dataset, data folder, split, fingerprint, content)."""
+    known = [(e, e.data) for e in entries if e.data is not None]
+    for e, data in known[1:]:
+        first, ref = known[0]
+        if data != ref:
+            raise JoinError(
+                f"Cache entries {first.name!r} ({first.path}) and {e.name!r} ({e.path}) were extracted from "
+                f"different data: {_describe(ref)} vs {_describe(data)}. Joining them would pair rows of "
+                f"different images or captions; re-extract both from the same data (extract --force).")
 
 
 def image_id(row_id: str) -> str:
@@ -68,6 +91,7 @@ class Pairs:
 
 def join_pairs(image: Entry, text: Entry) -> Pairs:
     """Pair captions with images by id; see the module docstring for the skip rule."""
+    check_same_data([image, text])
     img_index = {i: r for r, i in enumerate(image.ids)}
     text_images = [image_id(t) for t in text.ids]
     img_skipped = _skipped_images(image)
@@ -102,6 +126,7 @@ def join_rows(entries: Sequence[Entry]) -> tuple[list[str], list[np.ndarray]]:
     """
     if not entries:
         raise JoinError("join_rows needs at least one entry.")
+    check_same_data(entries)
     firsts: list[dict[str, int]] = []
     for e in entries:
         first: dict[str, int] = {}

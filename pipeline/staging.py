@@ -1,12 +1,19 @@
 """The staging folder of an unfinished cache entry: how a resumable extraction keeps its work.
 
-``<entry>.partial/`` (beside the entry file ``<entry>.h5`` or ``<entry>.zarr``) holds
+``<entry>.partial-<request>/`` (beside the entry file ``<entry>.h5`` or ``<entry>.zarr``; ``<request>``
+is the first REQUEST_CHARS hex characters of the sha256 of the manifest) holds
 
     manifest.json       the request this staging belongs to: entry name, key, chunk size, row count
-                        and the sha256 of the row ids; a different request is stale
+                        and the sha256 of the row ids
     chunk-<c>.npz       chunk c, complete: ``features`` (m, d) float32, ``ids`` (m,) str, ``layer<k>``
                         (m, d_k) float32, ``skipped`` (1,) str holding JSON {id: reason}
     note-<name>.json    small records of the processes sharing the work (which shard ran where)
+
+The folder is named by the request, so two extractions of one entry with different requests (say
+``extract --force`` with another pooling while an older run still computes) never write into the
+same folder: each writer only ever writes into its own request's folder, and never creates it
+again once it is gone (another writer's ``--force`` discarded it): it fails with
+:class:`StagingLostError` instead.
 
 Every file is written to a temporary name, flushed, fsynced and renamed (``pipeline.runtime.
 atomic_write``), so a file exists only once complete and a kill -9 at any point leaves at most a
@@ -20,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -28,16 +34,30 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pipeline.runtime import atomic_write, dumps_json
-from pipeline.storage import CacheError, StaleCacheError, stale_message
+from pipeline.storage import CacheError, remove
 
-PARTIAL_SUFFIX = ".partial"  # staging folder of an unfinished entry: <entry file name> + this
+PARTIAL_SUFFIX = ".partial"  # staging folders of an unfinished entry: <entry file name> + this + "-<request>"
+REQUEST_CHARS = 12  # hex characters of the manifest digest in a staging folder's name
 NOTE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # allowed names of notes
 
 
-def staging_path(entry_path: str | Path) -> Path:
-    """``<entry>.h5`` -> ``<entry>.h5.partial``: where an unfinished entry stages its chunks."""
+class StagingLostError(CacheError):
+    """This writer's staging folder was discarded by another process while it ran."""
+
+
+def staging_folders(entry_path: str | Path) -> list[Path]:
+    """Every staging folder of an entry, whatever its request (also the ``<entry>.partial`` of
+    cache format 1), sorted."""
     entry_path = Path(entry_path)
-    return entry_path.with_name(entry_path.name + PARTIAL_SUFFIX)
+    return sorted(p for p in entry_path.parent.glob(entry_path.name + PARTIAL_SUFFIX + "*") if p.is_dir())
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of a staging folder, None when it has none (or it is unreadable)."""
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def canonical_json(doc) -> str:
@@ -64,33 +84,38 @@ class Chunk:
 
 
 class Staging:
-    """The staging folder ``folder`` of one entry (it may not exist yet)."""
+    """The staging folder of one request for one entry (it may not exist yet)."""
 
-    def __init__(self, entry_path: str | Path):
-        self.folder = staging_path(entry_path)
+    def __init__(self, entry_path: str | Path, manifest: dict):
+        entry_path = Path(entry_path)
+        self.manifest = manifest
+        request = hashlib.sha256(canonical_json(manifest).encode("utf-8")).hexdigest()[:REQUEST_CHARS]
+        self.folder = entry_path.with_name(f"{entry_path.name}{PARTIAL_SUFFIX}-{request}")
 
     def exists(self) -> bool:
         return self.folder.is_dir()
 
     # -- manifest ------------------------------------------------------------------------
     @staticmethod
-    def manifest(name: str, key: Mapping, ids: Sequence[str], chunk_rows: int) -> dict:
+    def make_manifest(name: str, key: Mapping, ids: Sequence[str], chunk_rows: int) -> dict:
         return {"entry": name, "key": dict(key), "chunk_rows": int(chunk_rows),
                 "ids_sha256": ids_digest(ids), "n": len(ids)}
 
-    def open(self, manifest: dict) -> None:
-        """Create the folder with ``manifest``, or check that an existing one was made for the
-        same request (StaleCacheError naming the differing key fields otherwise)."""
-        mfile = self.folder / "manifest.json"
-        if not mfile.exists():
+    def open(self) -> None:
+        """Create the folder with its manifest (nothing when it exists). Call under the lock."""
+        if not (self.folder / "manifest.json").exists():
             self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write(mfile, canonical_json(manifest) + "\n")
-            return
-        old = json.loads(mfile.read_text())
-        if old != manifest:
-            same_key = old.get("key") == manifest["key"]
-            raise StaleCacheError(stale_message(self.folder, old.get("key"), manifest["key"], partial=True)
-                                  + (" (same request, but the row list or chunk size changed)" if same_key else ""))
+            atomic_write(self.folder / "manifest.json", canonical_json(self.manifest) + "\n")
+
+    def intact(self) -> bool:
+        """True when the folder still exists and holds this request's manifest."""
+        return read_manifest(self.folder) == self.manifest
+
+    def lost(self) -> StagingLostError:
+        return StagingLostError(
+            f"The partial extraction {str(self.folder)!r} of {self.manifest['entry']!r} was discarded by another "
+            "process while this one ran (an `extract --force` with a different request?). Nothing of this run "
+            "was kept; rerun the extraction you want (the last --force wins).")
 
     # -- chunks --------------------------------------------------------------------------
     def chunk_file(self, chunk: int) -> Path:
@@ -111,8 +136,12 @@ class Staging:
             with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a name
                 np.savez(fh, **arrays)
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.chunk_file(chunk), save)
+        if not self.exists():
+            raise self.lost()
+        try:
+            atomic_write(self.chunk_file(chunk), save)
+        except FileNotFoundError:  # the folder vanished while we wrote
+            raise self.lost() from None
 
     def read_chunk(self, chunk: int) -> Chunk:
         with np.load(self.chunk_file(chunk), allow_pickle=False) as z:
@@ -125,6 +154,8 @@ class Staging:
         """Store ``data`` as ``note-<name>.json`` (atomically; replaces an older note of that name)."""
         if not NOTE_NAME.fullmatch(name):
             raise CacheError(f"Note name {name!r} must match {NOTE_NAME.pattern}.")
+        if not self.exists():
+            raise self.lost()
         atomic_write(self.folder / f"note-{name}.json", canonical_json(dict(data)) + "\n")
 
     def notes(self) -> dict[str, dict]:
@@ -136,4 +167,4 @@ class Staging:
         return out
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove(self.folder)

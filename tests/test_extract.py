@@ -115,15 +115,15 @@ def test_kill_9_mid_extraction_then_resume(tmp_path):
     data = make_flickr30k(tmp_path / "data", n_per_split=(2, 2, 60))
     args = [sys.executable, "-m", "extract.cli", "--encoder", "tiny-resnet", "--data-dir", str(data),
             "--split", "test", "--workers", "0", "--batch-size", "1", "--set", "extract.chunk_rows=1"]
-    staging = tmp_path / "b" / "flickr30k" / "test" / "tiny-resnet.h5.partial"
+    staged = "flickr30k-*/test/tiny-resnet.h5.partial-*/chunk-*.npz"  # the request's staging folder
     proc = subprocess.Popen(args + ["--cache", str(tmp_path / "b")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(staging.glob("chunk-*.npz"))) < 3:
+    while time.time() < deadline and len(list((tmp_path / "b").glob(staged))) < 3:
         assert proc.poll() is None, "extraction exited before it could be killed"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list(staging.glob("chunk-*.npz")))
+    done_before = len(list((tmp_path / "b").glob(staged)))
     assert 3 <= done_before < 60, "the kill should land mid-extraction"
     subprocess.run(args + ["--cache", str(tmp_path / "b")], cwd=ROOT, check=True)
     subprocess.run(args + ["--cache", str(tmp_path / "a")], cwd=ROOT, check=True)

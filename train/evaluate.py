@@ -82,7 +82,7 @@ def load_reference(cfg: PipelineConfig, data: TrainData, required: bool) -> Refe
         return None
     val = data.splits["val"]
     try:
-        ref = find_entry(cfg.data.cache, cfg.data.dataset, "val", name)
+        ref = find_entry(cfg.data.cache, cfg.data.dataset, "val", name, cfg.data.data_dir)
     except CacheError as exc:
         if required:
             raise TrainError(f"Reference entry {name!r} is not in the cache for the val split: {exc} "

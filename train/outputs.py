@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pipeline import runs
-from pipeline.cache import entry_path, write_entry
+from pipeline.cache import sibling_path, write_entry
 from pipeline.config import PipelineConfig
 from pipeline.runtime import atomic_write
 from train.adapters import AlignModel
@@ -92,7 +92,7 @@ def write_aligned_entries(cfg: PipelineConfig, run_name: str, run_dir: Path, mod
                    "dataset": cfg.data.dataset, "split": split}
             prov = {"run_dir": str(run_dir.resolve()), "source_entry": entry.name, "source_path": str(entry.path),
                     "modality": m, "adapter": cfg.train.adapter, "normalised": False}
-            path = entry_path(cfg.data.cache, cfg.data.dataset, split, name, fmt)
+            path = sibling_path(entry, name)  # the source's folder: same dataset, data folder and split
             if isinstance(sd, StreamSplit):
                 _write_streamed(path, name, entry, sd, m, model, cfg.train.dim, key, prov, run_dir)
             else:

@@ -33,6 +33,10 @@ A format's own options come from the config table ``data.options`` (``--set data
 Split names: ``"validation"`` and ``"valid"`` are read as ``"val"`` (``Split.name`` is then ``"val"``).
 Image ids may not contain ``#`` (caption ids are ``<image id>#<k>``): such a file is refused at load.
 
+Content: :func:`content_hashes` (``content.py``) gives one digest of each item's image bytes, kept
+between runs in a side file; extract puts their digest in every cache key, so changed images make
+the entries stale.
+
 Ordering: ``Split.items`` is sorted by image id (plain string order), whatever the file order,
 so it is stable across runs, machines and formats. Captions keep file order (k).
 """
@@ -44,6 +48,7 @@ from typing import Any
 from pipeline.errors import close_matches, did_you_mean
 
 from . import coco, flickr30k, hf, imagefolder
+from .content import SIDE_FILE, content_digest, content_hashes
 from .loading import IMAGE_EXTENSIONS, Format, Source, norm_split, ordered_splits
 from .split import (
     CAPTION_ID_SEPARATOR, CAPTION_POLICIES, COMMON_OPTIONS, HF_ROW_PREFIX, CaptionRow, DatasetError, ImageError, Item,
@@ -52,8 +57,9 @@ from .split import (
 
 __all__ = [
     "CAPTION_ID_SEPARATOR", "CAPTION_POLICIES", "COMMON_OPTIONS", "DATASETS", "FORMATS", "HF_ROW_PREFIX",
-    "IMAGE_EXTENSIONS", "CaptionRow", "DatasetError", "Format", "ImageError", "Item", "Split", "Source",
-    "available_splits", "config_options", "load_split", "option_hint", "pad_square", "requested_splits", "to_rgb",
+    "IMAGE_EXTENSIONS", "SIDE_FILE", "CaptionRow", "DatasetError", "Format", "ImageError", "Item", "Split", "Source",
+    "available_splits", "config_options", "content_digest", "content_hashes", "load_split", "option_hint",
+    "pad_square", "requested_splits", "to_rgb",
 ]
 
 FORMATS: dict[str, Format] = {f.name: f for f in (flickr30k.FORMAT, coco.FORMAT, imagefolder.FORMAT, hf.FORMAT)}

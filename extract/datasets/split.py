@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +225,7 @@ class Split:
             return _decode(lambda: Image.open(item.image), item.id, item.image)
         row = int(item.image[len(HF_ROW_PREFIX):])
         where = f"{self.source} row {row}"
-        value = self._hf_images[row].column(0)[0].as_py()
+        value = self.hf_image_value(row)
         if isinstance(value, dict) and value.get("bytes"):
             data = value["bytes"]
             return _decode(lambda: Image.open(io.BytesIO(data)), item.id, where)
@@ -241,7 +242,7 @@ class Split:
         path = item.image
         try:
             if self._hf_images is not None:
-                value = self._hf_images[int(item.image[len(HF_ROW_PREFIX):])].column(0)[0].as_py()
+                value = self.hf_image_value(int(item.image[len(HF_ROW_PREFIX):]))
                 if isinstance(value, dict) and value.get("bytes"):
                     return bytes(value["bytes"])
                 path = value.get("path") if isinstance(value, dict) else value
@@ -250,6 +251,23 @@ class Split:
             return Path(path).read_bytes()
         except (OSError, ValueError):
             return None
+
+    def hf_image_value(self, row: int) -> Any:
+        """The raw image cell of row ``row`` of an hf dataset: {"bytes", "path"} or a path string."""
+        return self._hf_images[row].column(0)[0].as_py()
+
+    def hf_identity(self) -> str | None:
+        """For an hf dataset read from Arrow files: sha256 of the image column's name and the files'
+        (resolved path, size, mtime_ns), which changes whenever those files do; else None."""
+        files = [f.get("filename") for f in getattr(self._hf_images, "cache_files", None) or []]
+        if not files or not all(files):
+            return None
+        stamps = []
+        for f in files:
+            st = os.stat(f)
+            stamps.append([os.path.realpath(f), st.st_size, st.st_mtime_ns])
+        blob = json.dumps([self._hf_images.column_names, stamps], sort_keys=True)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def caption_rows(self, policy: str) -> list[CaptionRow]:
         """Text samples under a caption policy, in item order.

@@ -1,0 +1,113 @@
+"""Checksums of finished cache entries: recorded once when an entry is written, checked on every read.
+
+Each entry holds a ``checksums`` record (one JSON string, see :class:`Checksums`):
+
+    algorithm     "sha256" (hex digests cut to DIGEST_CHARS characters: 128 bits, for corruption,
+                  not for adversaries)
+    block_rows    rows per checksum block of the float arrays (BLOCK_ROWS)
+    arrays        {"features": [digest of rows 0..R-1, of rows R..2R-1, ...], "layers/<k>": [...],
+                   "ids": [digest of the ids], "content": [digest of the content record]}
+    attrs         digest of the ``key`` and ``skipped`` attributes
+
+A float block's digest covers its bytes as little-endian float32 in C order, so it does not depend on
+the storage format (HDF5 or Zarr) or its chunking. ``pipeline.cache.Entry`` reads whole blocks and
+checks each before returning rows: a flipped bit, a lost Zarr chunk (read back as the fill value) or
+a truncated file gives :class:`DamagedEntryError` instead of wrong numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from pipeline.storage import DamagedEntryError
+
+ALGORITHM = "sha256"
+DIGEST_CHARS = 32  # hex characters kept of each digest (128 bits)
+BLOCK_ROWS = 1024  # rows per checksum block of a float array
+
+
+def repair_hint(name: str) -> str:
+    """How a user recomputes entry ``name`` (an encoder entry, or ``<encoder>@<run>`` of fit-adapters)."""
+    if "@" in name:
+        return f"Rerun fit-adapters for run {name.split('@', 1)[1]!r} to rewrite it."
+    return ("Re-extract it: `extract --repair` (recomputes only damaged entries) or `extract --force` "
+            "with the same options.")
+
+
+def damaged(path, name: str, what: str) -> DamagedEntryError:
+    return DamagedEntryError(f"Cache entry {name!r} ({str(path)!r}) is damaged: {what}. {repair_hint(name)}")
+
+
+def digest(data) -> str:
+    """Hex digest (DIGEST_CHARS characters) of bytes or a buffer."""
+    return hashlib.new(ALGORITHM, data).hexdigest()[:DIGEST_CHARS]
+
+
+def float_bytes(block: np.ndarray) -> np.ndarray:
+    """The bytes a float block's digest covers: little-endian float32, C order, as a flat uint8
+    view (no copy when the block already is that)."""
+    return np.ascontiguousarray(block, dtype="<f4").reshape(-1).view(np.uint8)
+
+
+def block_digests(array: np.ndarray, block_rows: int = BLOCK_ROWS) -> list[str]:
+    """Digests of the (n, d) array's row blocks [0, R), [R, 2R), ... (at least one, for n = 0)."""
+    n = array.shape[0]
+    return [digest(float_bytes(array[s:s + block_rows])) for s in range(0, max(n, 1), block_rows)]
+
+
+def strings_digest(values: Iterable[str]) -> str:
+    """Digest of a list of strings (UTF-8, each followed by a newline)."""
+    h = hashlib.new(ALGORITHM)
+    for v in values:
+        h.update(str(v).encode("utf-8") + b"\n")
+    return h.hexdigest()[:DIGEST_CHARS]
+
+
+@dataclass
+class Checksums:
+    """The checksum record of one entry (see the module docstring)."""
+
+    block_rows: int = BLOCK_ROWS
+    arrays: dict[str, list[str]] = field(default_factory=dict)
+    attrs: str = ""
+    algorithm: str = ALGORITHM
+
+    def to_json(self) -> str:
+        return json.dumps({"algorithm": self.algorithm, "block_rows": self.block_rows, "arrays": self.arrays,
+                           "attrs": self.attrs}, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Checksums":
+        doc = json.loads(text)
+        if doc.get("algorithm") != ALGORITHM or int(doc.get("block_rows", 0)) < 1:
+            raise ValueError(f"unknown checksum algorithm {doc.get('algorithm')!r}")
+        return cls(int(doc["block_rows"]), {k: list(v) for k, v in doc["arrays"].items()}, doc["attrs"])
+
+    def block_range(self, start: int, stop: int) -> tuple[int, int]:
+        """(first block, end block) covering rows [start, stop), start < stop."""
+        return start // self.block_rows, -(-stop // self.block_rows)
+
+    def check_blocks(self, array_name: str, data: np.ndarray, first_block: int, path, entry: str) -> None:
+        """Check ``data`` (rows of whole blocks from block ``first_block`` on) against the record."""
+        stored = self.arrays.get(array_name)
+        if stored is None:
+            raise damaged(path, entry, f"no checksum recorded for {array_name!r}")
+        R = self.block_rows
+        for b in range(-(-data.shape[0] // R)):
+            k = first_block + b
+            if k >= len(stored) or digest(float_bytes(data[b * R:(b + 1) * R])) != stored[k]:
+                lo = k * R
+                raise damaged(path, entry, f"rows {lo}-{lo + min(R, data.shape[0] - b * R) - 1} of {array_name!r} "
+                                           "do not match their checksum (a lost Zarr chunk file, a changed byte, "
+                                           "or a truncated file)")
+
+    def check_value(self, name: str, value: str, path, entry: str) -> None:
+        """Check a single-digest item (``ids``, ``content``, ``attrs``) against its stored digest."""
+        stored = self.attrs if name == "attrs" else (self.arrays.get(name) or [None])[0]
+        if stored != value:
+            raise damaged(path, entry, f"its {name} do not match their checksum")
