@@ -35,6 +35,7 @@ from pipeline.cache import Entry, entry_filename, find_entry, list_entries
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
+from pipeline.runs import check_aligned
 from pipeline.runtime import finite_rows, utc_now, write_json
 from similarity.metrics import METRICS, get_metric
 
@@ -119,11 +120,12 @@ def load_joined(cfg: PipelineConfig, names: Sequence[str], split: str | None = N
     """Open cache entries ``names`` of ``split`` (default ``analyze.split``), join them by sample
     id, keep the ``analyze.max_rows`` subset and (``read``) load their final features.
 
-    Errors: CacheError (missing entry, with close matches), JoinError (ids that do not join),
-    AnalyzeError (NaN/inf)."""
+    Errors: CacheError (missing entry, with close matches), RunIntegrityError (an aligned entry
+    its run's adapters did not write), JoinError (ids that do not join), AnalyzeError (NaN/inf)."""
     split = split or cfg.analyze.split
     names = list(dict.fromkeys(names))
     entries = {n: find_entry(cfg.data.cache, cfg.data.dataset, split, n) for n in names}
+    check_aligned(cfg.data.cache, entries.values())
     ids, rows = join_rows(list(entries.values()))
     keep = subset_rows(len(ids), cfg.analyze.max_rows, cfg.analyze.seed)
     joined = Joined(entries, [ids[i] for i in keep], {n: r[keep] for n, r in zip(names, rows)})

@@ -18,7 +18,7 @@ from analyze.compare import (AnalyzeError, check_k, header, load_joined, metric_
                              resolve_metrics, write_csv)
 from pipeline.cache import find_entry, list_entries
 from pipeline.config import PipelineConfig
-from pipeline.runs import is_aligned, list_runs
+from pipeline.runs import is_aligned, list_runs, verify_run
 from pipeline.runtime import write_json
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ def rank_pairs(cfg: PipelineConfig) -> dict:
     F = joined.features
     runs = [r for r in list_runs(cfg.data.cache)
             if r.mean_R is not None and (r.dataset or cfg.data.dataset) == cfg.data.dataset]
+    for r in runs:
+        verify_run(r.path, r.name)  # its metrics.json must describe its adapters
     rows = []
     for im in images:
         for tx in texts:

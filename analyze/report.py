@@ -33,8 +33,8 @@ from analyze.platonic import SIDES, TERMS, platonic_test
 from pipeline.cache import CacheError, Entry, find_entry, list_entries, list_splits
 from pipeline.config import PipelineConfig
 from pipeline.join import JoinError, image_id
-from pipeline.runs import (ADAPTERS_METHOD, RECALL_COLUMNS, RunFolder, RunNotFoundError, aligned_name, find_run,
-                           is_aligned, run_name)
+from pipeline.runs import (ADAPTERS_METHOD, RECALL_COLUMNS, RunFolder, RunIntegrityError, RunNotFoundError,
+                           aligned_name, check_aligned, find_run, is_aligned, run_name, verify_run)
 from pipeline.runtime import utc_now
 
 log = logging.getLogger(__name__)
@@ -289,6 +289,8 @@ def section_heatmaps(doc: Document, cfg: PipelineConfig) -> None:
     try:
         result = (_reusable(folder / "scores.json", cfg, ("metrics", "k", "max_rows", "seed"), default_entries(cfg))
                   or compare_entries(cfg))
+    except RunIntegrityError:
+        raise  # an aligned entry its run did not write: refuse the report
     except (CacheError, JoinError, ValueError) as exc:
         doc.para(f"Not available: {exc}")
         return
@@ -312,6 +314,8 @@ def section_platonic(doc: Document, cfg: PipelineConfig, run: str) -> None:
     entries = [tc.image, tc.text, aligned_name(tc.image, run), aligned_name(tc.text, run), cfg.analyze.reference]
     try:
         result = _reusable(folder / "platonic.json", cfg, PLATONIC_KEYS, entries) or platonic_test(cfg, run)
+    except RunIntegrityError:
+        raise
     except (CacheError, JoinError, ValueError) as exc:
         doc.para(f"Not available: {exc}")
         return
@@ -341,6 +345,20 @@ def section_platonic(doc: Document, cfg: PipelineConfig, run: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the command
+def _check_run(cfg: PipelineConfig, run: str, info: RunFolder | None) -> None:
+    """RunIntegrityError when the run folder mixes trainings or one of its aligned entries (of
+    any split) was written by other adapters; saved outputs are reused only after this check."""
+    if info is not None:
+        verify_run(info.path, run)
+    for split in list_splits(cfg.data.cache, cfg.data.dataset):
+        for name in (aligned_name(cfg.train.image, run), aligned_name(cfg.train.text, run)):
+            try:
+                entry = find_entry(cfg.data.cache, cfg.data.dataset, split, name)
+            except CacheError:
+                continue  # absent: the sections say so
+            check_aligned(cfg.data.cache, [entry])
+
+
 def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
     """``analyze report``: write report.md and report.html for one run (default: ``train.name``
     or fit-adapters' default name); returns the Markdown path."""
@@ -350,6 +368,7 @@ def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
     except RunNotFoundError as exc:
         log.warning("%s", exc)
         info = None
+    _check_run(cfg, run, info)
     folder = output_dir(cfg, "runs", run)
     doc = Document(f"Experiment report: {cfg.data.dataset}, run {run}", folder)
     doc.para(f"Generated {utc_now()} by `analyze report` (config: {cfg.source}; cache: {cfg.data.cache}; "
