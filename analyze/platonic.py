@@ -305,7 +305,8 @@ def _engine(name: str, fn: Callable, kwargs: dict, reps: list[np.ndarray], ref: 
                     name, got, want)
     elif use_fast and fast:
         log.warning("n=%d > %d rows: %s uses the slow path (one library call per draw); "
-                    "set analyze.max_rows to subsample", n, fast.max_rows, name)
+                    "subsample with --max-rows %d (or --set analyze.max_rows=%d)", n, fast.max_rows, name,
+                    fast.max_rows, fast.max_rows)
     return _Generic(fn, kwargs, reps, ref)
 
 
@@ -382,7 +383,9 @@ def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray
     reps = [X, Y, RX, RY]
     n = check_paired({"image": X, "text": Y, "image aligned": RX, "text aligned": RY, "reference": ref})
     if bootstrap < 0 or permutations < 0:
-        raise AnalyzeError(f"bootstrap ({bootstrap}) and permutations ({permutations}) must be >= 0.")
+        raise AnalyzeError(f"--bootstrap ({bootstrap}) and --permutations ({permutations}) must be >= 0 "
+                           f"(0 skips the intervals / the null); set them with --set analyze.bootstrap=N "
+                           f"and --set analyze.permutations=N.")
     m_sub = int(round(SUBSAMPLE_FRACTION * n))
     check_k(metrics, k, m_sub if bootstrap else n, f"rows in each {SUBSAMPLE_FRACTION:.0%} subsample")
     rng = np.random.default_rng(seed)  # draws are made up front, in a fixed order, for every metric

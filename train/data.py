@@ -220,7 +220,8 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
     if stream is None:
         stream = 0 < tc.max_rows_in_memory < len(train_pairs)
     if stream and tc.max_rows_in_memory <= 0:
-        raise TrainError("Streaming the train split needs train.max_rows_in_memory > 0 (pairs held at once).")
+        raise TrainError("Streaming the train split needs train.max_rows_in_memory > 0 (pairs held at once): "
+                         "pass --max-rows-in-memory PAIRS (or --set train.max_rows_in_memory=PAIRS).")
     used = {m: _used_mask(entries["train"][m].n, train_pairs[:, j]) for j, m in enumerate(names)}
     block = max(1, tc.stream_block)
     raw = {s: None if (s == "train" and stream) else {m: read_features(e) for m, e in entries[s].items()}

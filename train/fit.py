@@ -74,15 +74,17 @@ def check_config(tc: TrainConfig) -> None:
         hint = did_you_mean(tc.schedule, SCHEDULES)
         raise ConfigValueError(f"Unknown schedule train.schedule = {tc.schedule!r}.{hint} "
                                f"Use one of: {', '.join(SCHEDULES)}.")
-    rules = [("epochs", tc.epochs >= 1), ("batch_size", tc.batch_size >= 2), ("lr", tc.lr > 0),
-             ("dim", tc.dim >= 1), ("temperature", tc.temperature > 0), ("mixup", tc.mixup >= 0),
-             ("eval_every", tc.eval_every >= 1), ("warmup_epochs", tc.warmup_epochs >= 0),
-             ("weight_decay", tc.weight_decay >= 0), ("dropout", 0 <= tc.dropout < 1),
-             ("hidden", tc.hidden >= 1), ("bottleneck", tc.bottleneck >= 1), ("depth", tc.depth >= 0),
-             ("max_rows_in_memory", tc.max_rows_in_memory >= 0), ("stream_block", tc.stream_block >= 1)]
-    for key, ok in rules:
+    rules = [("epochs", tc.epochs >= 1, ">= 1"), ("batch_size", tc.batch_size >= 2, ">= 2"),
+             ("lr", tc.lr > 0, "> 0"), ("dim", tc.dim >= 1, ">= 1"), ("temperature", tc.temperature > 0, "> 0"),
+             ("mixup", tc.mixup >= 0, ">= 0"), ("eval_every", tc.eval_every >= 1, ">= 1"),
+             ("warmup_epochs", tc.warmup_epochs >= 0, ">= 0"), ("weight_decay", tc.weight_decay >= 0, ">= 0"),
+             ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("hidden", tc.hidden >= 1, ">= 1"),
+             ("bottleneck", tc.bottleneck >= 1, ">= 1"), ("depth", tc.depth >= 0, ">= 0"),
+             ("max_rows_in_memory", tc.max_rows_in_memory >= 0, ">= 0"), ("stream_block", tc.stream_block >= 1, ">= 1")]
+    for key, ok, allowed in rules:
         if not ok:
-            raise ConfigValueError(f"train.{key} = {getattr(tc, key)!r} is out of range.")
+            raise ConfigValueError(f"train.{key} = {getattr(tc, key)!r} is out of range: it must be {allowed} "
+                                   f"(set it with --set train.{key}=VALUE).")
     resolve_device(tc.device)  # DeviceError for names torch does not know, or CUDA without CUDA
     runs.check_run_name(runs.default_run_name(tc))
 
