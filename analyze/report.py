@@ -277,10 +277,11 @@ def _reusable(path: Path, cfg: PipelineConfig, keys: Sequence[str], entries: Seq
             and saved.get("split") == cfg.analyze.split and all(have.get(k) == want[k] for k in keys)
             and list(names.values() if isinstance(names, dict) else names or []) == list(entries))
     try:
-        files = [find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, e).path for e in entries]
+        opened = [find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, e) for e in entries]
     except CacheError:
         return None
-    return saved if same and all(f.stat().st_mtime <= path.stat().st_mtime for f in files) else None
+    check_aligned(cfg.data.cache, opened)  # saved numbers of aligned entries count only while their run matches
+    return saved if same and all(e.path.stat().st_mtime <= path.stat().st_mtime for e in opened) else None
 
 
 def section_heatmaps(doc: Document, cfg: PipelineConfig) -> None:

@@ -100,10 +100,11 @@ def run_name(tc: TrainConfig, run: str | None = None) -> str:
 
 
 def check_run_name(name: str) -> str:
-    """A run name must be non-empty and free of ``@`` (it ends aligned entry names)."""
-    if not name or SEPARATOR in name:
-        raise RunError(f"Run name {name!r} must be non-empty and must not contain {SEPARATOR!r} "
-                       f"(aligned entries are named <encoder>{SEPARATOR}<run>); pass another --name.")
+    """A run name must be non-empty, free of ``@`` (it ends aligned entry names) and must not
+    start with ``.`` (hidden names are runs being written)."""
+    if not name or SEPARATOR in name or name.startswith("."):
+        raise RunError(f"Run name {name!r} must be non-empty, must not contain {SEPARATOR!r} (aligned entries are "
+                       f"named <encoder>{SEPARATOR}<run>) and must not start with '.'; pass another --name.")
     return name
 
 

@@ -35,7 +35,7 @@ import torch
 from pipeline.cache import CacheError, Entry, find_entry
 from pipeline.config import PipelineConfig
 from pipeline.join import join_pairs, join_rows
-from pipeline.runs import modality_entries, source_of
+from pipeline.runs import check_aligned, modality_entries, source_of
 from train.errors import TrainError
 from train.stream import (RunningMoments, StreamSplit, check_finite_rows, plan_stream, read_rows,
                           used_row_blocks)
@@ -55,6 +55,7 @@ def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
             f"fit-adapters needs entry {entry!r} for the {split!r} split of dataset "
             f"{cfg.data.dataset!r} in cache {cfg.data.cache!r}. Run `extract --cache {cfg.data.cache} "
             f"--encoder {source_of(entry)[0]} --split {split}` first. ({exc})") from None
+    check_aligned(cfg.data.cache, [e])  # an aligned entry as a source: its run must have written it
     if e.n == 0:
         raise TrainError(f"Cache entry {entry!r} of split {split!r} ({e.path}) is empty (0 rows); "
                          f"re-extract it (`extract --encoder {source_of(entry)[0]} --split {split} --force`).")
