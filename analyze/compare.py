@@ -37,6 +37,7 @@ from pipeline.cache import Entry, entry_filename, find_entry, scan_entries
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
+from pipeline.runs import check_aligned
 from pipeline.runtime import finite_rows, utc_now, write_json
 from similarity.metrics import METRICS, get_metric
 
@@ -75,7 +76,7 @@ def check_k(metrics: Mapping[str, Callable], k: int, n: int, what: str = "rows")
     if knn and not 1 <= k < n:
         raise AnalyzeError(
             f"k={k} neighbours needs at least k+1 {what}, but there are n={n} (metrics {', '.join(knn)}). "
-            f"Lower --k (analyze.k) below {n}, or use more rows (analyze.max_rows = 0 keeps all).")
+            f"Lower --k (or --set analyze.k=N) below {n}, or use more rows (--max-rows 0 keeps all).")
 
 
 # ----------------------------------------------------------------------------- reading entries
@@ -97,11 +98,17 @@ class Joined:
         return len(self.ids)
 
 
-def subset_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
+def option_hint(key: str) -> str:
+    """How a user sets an [analyze] key: ``--max-rows N (--set analyze.max_rows=N)``."""
+    return f"--{key.split('.')[-1].replace('_', '-')} N (or --set {key}=N)"
+
+
+def subset_rows(n: int, max_rows: int, seed: int, key: str = "analyze.max_rows") -> np.ndarray:
     """Sorted positions of a fixed random subset of ``max_rows`` of ``n`` rows (all when
-    max_rows is 0 or >= n)."""
+    max_rows is 0 or >= n); ``key``: the config key the count comes from, for the error."""
     if max_rows < 0:
-        raise AnalyzeError(f"max_rows must be >= 0 (0 = all rows), got {max_rows}.")
+        raise AnalyzeError(f"{key} = {max_rows} is out of range: use a row count >= 0 (0 = all rows), "
+                           f"e.g. {option_hint(key)}.")
     if max_rows == 0 or max_rows >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
@@ -121,11 +128,12 @@ def load_joined(cfg: PipelineConfig, names: Sequence[str], split: str | None = N
     """Open cache entries ``names`` of ``split`` (default ``analyze.split``), join them by sample
     id, keep the ``analyze.max_rows`` subset and (``read``) load their final features.
 
-    Errors: CacheError (missing entry, with close matches), JoinError (ids that do not join),
-    AnalyzeError (NaN/inf)."""
+    Errors: CacheError (missing entry, with close matches), RunIntegrityError (an aligned entry
+    its run's adapters did not write), JoinError (ids that do not join), AnalyzeError (NaN/inf)."""
     split = split or cfg.analyze.split
     names = list(dict.fromkeys(names))
     entries = {n: find_entry(cfg.data.cache, cfg.data.dataset, split, n, cfg.data.data_dir) for n in names}
+    check_aligned(cfg.data.cache, entries.values())
     ids, rows = join_rows(list(entries.values()))
     keep = subset_rows(len(ids), cfg.analyze.max_rows, cfg.analyze.seed)
     joined = Joined(entries, [ids[i] for i in keep], {n: r[keep] for n, r in zip(names, rows)})
@@ -200,11 +208,11 @@ def cluster_order(X: np.ndarray) -> np.ndarray:
 
 def kernel_figure(features: Mapping[str, np.ndarray], order_by: str, rows: int, seed: int,
                   path: str | Path, title: str = "") -> Path:
-    """Kernel heatmaps of several representations on the SAME random sample of ``rows`` rows,
-    all sorted by the clustering order of ``order_by`` (typically the reference). One panel
-    per representation, ``centred_cosine_kernel`` of each."""
+    """Kernel heatmaps of several representations on the SAME random sample of ``rows`` rows
+    (``analyze.kernel_rows``), all sorted by the clustering order of ``order_by`` (typically the
+    reference). One panel per representation, ``centred_cosine_kernel`` of each."""
     n = check_paired(features)
-    sample = subset_rows(n, rows, seed)
+    sample = subset_rows(n, rows, seed, key="analyze.kernel_rows")
     order = sample[cluster_order(features[order_by][sample])] if len(sample) > 2 else sample
     kernels = {name: centred_cosine_kernel(np.asarray(X, dtype=np.float64)[order]) for name, X in features.items()}
     title = title or f"Cosine kernels of centred features, {len(order)} rows, ordered by clustering of {order_by}"

@@ -27,6 +27,10 @@ import math
 from typing import Callable, NamedTuple
 
 import numpy as np
+import torch
+
+from similarity.kernels import as_features
+from similarity.metrics import ranking_units, stable_topk
 
 log = logging.getLogger(__name__)
 
@@ -129,38 +133,32 @@ class _LinearCKA:
         return np.array(out).reshape(-1, R)
 
 
-def _unit(X: np.ndarray) -> np.ndarray:
-    """(n, d) rows scaled to unit length (cosine similarity = dot product), float64."""
-    Z = np.asarray(X, dtype=np.float64)
-    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-300)
-
-
-def _top(S: np.ndarray, width: int) -> np.ndarray:
-    """(r, c) similarities -> (r, width) column indices, most similar first."""
-    part = np.argpartition(-S, width - 1, axis=1)[:, :width]
-    order = np.argsort(-np.take_along_axis(S, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
-
-
 def _mutual(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean |a_i & b_i| / k for (m, k) neighbour index sets."""
-    return float((a[:, :, None] == b[:, None, :]).sum() / a.size)
+    """Mean |a_i & b_i| / k for (m, k) neighbour index sets, rounded as similarity.metrics.mutual_knn
+    does (an exact integer mean, then / k), so equal neighbour sets give the same float."""
+    return float((a[:, :, None] == b[:, None, :]).any(axis=2).sum(axis=1).astype(np.float64).mean() / a.shape[1])
 
 
 class _MutualKnn:
-    """Mutual kNN from each row's precomputed neighbour list (its ``width`` most similar rows
-    by cosine, self excluded; memory n x width, computed in row blocks).
+    """Mutual kNN from each row's precomputed neighbour list: its ``width`` most similar rows by
+    cosine, self excluded, equal similarities in index order: the library's ranking
+    (``similarity.metrics.ranking_units``, whose dot products are exact, so a similarity is the
+    same number in any matrix product) and tie rule (``stable_topk``); computed in row blocks on
+    the library's device, memory n x width.
 
     A resample ``rows`` (row ids, possibly repeated) keeps, for every drawn row, the first k
     distinct drawn rows of its list other than itself (rows whose list has fewer than k drawn
     entries are recomputed exactly), and averages the per-row overlaps over ``rows``, so a row
-    drawn c times counts c times. Without repeats this is the library metric on the subsample;
-    with repeats (a bootstrap draw) it is the multiplicity-weighted mutual kNN among the
-    distinct drawn rows: a copy of a row is never its own neighbour (in the library metric on
-    A[rows] copies are each other's nearest neighbours in every representation, which inflates
-    the score). ``distinct_bootstrap`` tells hypothesis_test it can take bootstrap draws.
+    drawn c times counts c times. Without repeats (rows sorted) this is exactly the library metric
+    on the subsample; with repeats (a bootstrap draw) it is the multiplicity-weighted mutual kNN
+    among the distinct drawn rows: a copy of a row is never its own neighbour (in the library
+    metric on A[rows] copies are each other's nearest neighbours in every representation, which
+    inflates the score). ``distinct_bootstrap`` tells hypothesis_test it can take bootstrap draws.
+
     A permutation relabels the reference's lists: the neighbours of row i in ref[perm] are
-    perm^-1 of those of perm[i]."""
+    perm^-1 of those of perm[i]. Ties are then broken by the NEW positions, so for reference rows
+    whose k-th similarity recurs beyond the k-th place (duplicate rows) the whole tie group is
+    kept and the members with the lowest new positions are chosen per permutation (``_tied``)."""
 
     distinct_bootstrap = True
 
@@ -170,16 +168,37 @@ class _MutualKnn:
         n = ref.shape[0]
         self.k, self.width = k, min(n - 1, 4 * k + 32)
         self.R = len(reps)
-        self.units = [_unit(A) for A in (*reps, ref)]  # index R = the reference
-        self.lists = [self._lists(Z) for Z in self.units]
+        self.units = [ranking_units(as_features(A)) for A in (*reps, ref)]  # index R = the reference
+        self.lists = [self._lists(Z)[0] for Z in self.units[:self.R]]
+        ref_lists, self.ties = self._lists(self.units[self.R], ties=True)
+        self.lists.append(ref_lists)
 
-    def _lists(self, Z: np.ndarray) -> np.ndarray:
-        out = []
+    def _lists(self, Z: torch.Tensor, ties: bool = False) -> tuple[np.ndarray, tuple | None]:
+        """(n, width) neighbour lists of unit rows Z (n, d) and, with ``ties``, the tie groups of
+        rows whose k-th and (k+1)-th similarities are equal: (rows (r,), above (r, k): ids more
+        similar than the k-th, padded with -1; tied (r, t): ids exactly as similar, padded with -1;
+        need (r,): how many tied ids are neighbours), or None. Both from the same similarity
+        block, so ties are exact."""
+        out, groups = [], []
         for s in range(0, Z.shape[0], self.BLOCK):
             S = Z[s:s + self.BLOCK] @ Z.T
-            S[np.arange(S.shape[0]), np.arange(s, s + S.shape[0])] = -np.inf
-            out.append(_top(S, self.width))
-        return np.concatenate(out)
+            S[torch.arange(S.shape[0], device=S.device), torch.arange(s, s + S.shape[0], device=S.device)] = -math.inf
+            v, i = stable_topk(S, self.width)
+            out.append(i.cpu().numpy())
+            if ties and self.width > self.k:
+                for r in torch.nonzero(v[:, self.k - 1] == v[:, self.k]).flatten().tolist():
+                    kth = v[r, self.k - 1]
+                    groups.append((s + r, torch.nonzero(S[r] > kth).flatten().cpu().numpy(),
+                                   torch.nonzero(S[r] == kth).flatten().cpu().numpy()))
+        if not groups:
+            return np.concatenate(out), None
+        width = max(len(t) for _, _, t in groups)
+
+        def pad(g, w):
+            return np.pad(g, (0, w - len(g)), constant_values=-1)
+        return np.concatenate(out), (np.array([r for r, _, _ in groups]), np.stack([pad(a, self.k) for _, a, _ in groups]),
+                                     np.stack([pad(t, width) for _, _, t in groups]),
+                                     np.array([self.k - len(a) for _, a, _ in groups]))
 
     def _within(self, t: int, rows: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """(m, k) neighbours (original row ids) of each row of ``rows`` among the other kept rows
@@ -192,9 +211,10 @@ class _MutualKnn:
         out[~short] = L[~short][take[~short]].reshape(-1, self.k)
         if short.any():  # rare: recompute these rows against every distinct kept row but themselves
             Z, cols = self.units[t], np.flatnonzero(kept)
-            S = Z[rows[short]] @ Z[cols].T
-            S[rows[short][:, None] == cols[None, :]] = -np.inf
-            out[short] = cols[_top(S, self.k)]
+            dev = Z.device
+            S = Z[torch.as_tensor(rows[short], device=dev)] @ Z[torch.as_tensor(cols, device=dev)].T
+            S[torch.as_tensor(rows[short][:, None] == cols[None, :], device=dev)] = -math.inf
+            out[short] = cols[stable_topk(S, self.k)[1].cpu().numpy()]
         return out
 
     def resample(self, rows: np.ndarray) -> np.ndarray:
@@ -206,6 +226,17 @@ class _MutualKnn:
             out.append([_mutual(self._within(t, r, kept), ref) for t in range(self.R)])
         return np.array(out).reshape(-1, self.R)
 
+    def _tied(self, inverse: np.ndarray) -> np.ndarray:
+        """(r, k) neighbours, as new positions, of the tie-group rows under the permutation whose
+        inverse is ``inverse``: every id above the k-th similarity, then the ``need`` tied ids
+        with the lowest new positions."""
+        _, above, tied, need = self.ties
+        n = len(inverse)
+        cand = np.concatenate([np.where(above >= 0, inverse[above], -1),
+                               np.sort(np.where(tied >= 0, inverse[tied], n), axis=1)], axis=1)
+        valid = np.concatenate([above >= 0, np.arange(tied.shape[1]) < need[:, None]], axis=1)
+        return cand[valid].reshape(-1, self.k)
+
     def permuted(self, perms: np.ndarray) -> np.ndarray:
         mine = [L[:, :self.k] for L in self.lists]
         out = []
@@ -213,6 +244,8 @@ class _MutualKnn:
             inverse = np.empty_like(p)
             inverse[p] = np.arange(len(p))
             ref = inverse[mine[self.R][p]]
+            if self.ties is not None:
+                ref[inverse[self.ties[0]]] = self._tied(inverse)
             out.append([_mutual(mine[t], ref) for t in range(self.R)])
         return np.array(out).reshape(-1, self.R)
 
@@ -256,7 +289,7 @@ def build_engine(name: str, fn: Callable, kwargs: dict, reps: list[np.ndarray], 
                     name, got, want)
     elif use_fast and fast:
         log.warning("n=%d > %d rows with %d representations: %s uses the slow path (one library call per draw); "
-                    "set analyze.max_rows to subsample", n, limit, len(reps), name)
+                    "subsample with --max-rows N (or --set analyze.max_rows=N)", n, limit, len(reps), name)
     return Generic(fn, kwargs, reps, ref)
 
 

@@ -5,7 +5,8 @@ representations already are on paired samples. Here every image entry is scored 
 every text entry of the split (aligned ``<entry>@<run>`` entries left out; modality from
 ``Entry.key["encoder"]["modality"]``) with each metric of ``analyze.metrics``, ranked by the
 first. Where fit-adapters runs exist for a pair (``<cache>/runs/*/``), their test mean recall
-is shown next to the score, with the Spearman rank correlation over runs when there are >= 3.
+is shown next to the score, with the Spearman rank correlation over runs when they cover >= 3
+distinct encoder pairs (runs of one pair share one score: they say nothing about the ranking).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from analyze.compare import (AnalyzeError, check_k, header, load_joined, metric_
                              resolve_metrics, write_csv)
 from pipeline.cache import find_entry, list_entries
 from pipeline.config import PipelineConfig
-from pipeline.runs import is_aligned, list_runs
+from pipeline.runs import is_aligned, list_runs, verify_run
 from pipeline.runtime import write_json
 
 log = logging.getLogger(__name__)
 
-MIN_RUNS_FOR_CORRELATION = 3  # Spearman's rho is reported only with at least this many runs
+MIN_PAIRS_FOR_CORRELATION = 3  # Spearman's rho is reported only when runs cover this many distinct encoder pairs
 
 
 def modality(entry) -> str | None:
@@ -59,6 +60,15 @@ def spearman(x, y) -> float | None:
     return float(rho) if math.isfinite(rho) else None
 
 
+def _missing(n_pairs: int, n_runs: int) -> str:
+    """Why no rank correlation is given, in terms of what is missing."""
+    found = f"found {n_pairs} pair{'s' if n_pairs != 1 else ''} with {n_runs} run{'s' if n_runs != 1 else ''}"
+    if n_pairs < MIN_PAIRS_FOR_CORRELATION:
+        return (f"rank correlation needs runs with test metrics for >= {MIN_PAIRS_FOR_CORRELATION} distinct encoder "
+                f"pairs ({found}); run fit-adapters --image IMAGE --text TEXT for more pairs")
+    return f"rank correlation is undefined: every run has the same test mean_R or every pair the same score ({found})"
+
+
 def rank_pairs(cfg: PipelineConfig) -> dict:
     """``analyze pairs``: score, rank and (where runs exist) relate to retrieval. Writes
     ``pairs/pairs.json``, ``pairs/pairs.csv`` and, when runs exist, ``pairs/pairs.png``.
@@ -72,6 +82,8 @@ def rank_pairs(cfg: PipelineConfig) -> dict:
     F = joined.features
     runs = [r for r in list_runs(cfg.data.cache)
             if r.mean_R is not None and (r.dataset or cfg.data.dataset) == cfg.data.dataset]
+    for r in runs:
+        verify_run(r.path, r.name)  # its metrics.json must describe its adapters
     rows = []
     for im in images:
         for tx in texts:
@@ -86,15 +98,15 @@ def rank_pairs(cfg: PipelineConfig) -> dict:
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     points = [(row[rank_by], run["test_mean_R"], run["run"]) for row in rows for run in row["runs"]]
-    rho = spearman([p[0] for p in points], [p[1] for p in points]) if len(points) >= MIN_RUNS_FOR_CORRELATION else None
+    n_pairs = sum(1 for row in rows if row["runs"])
+    rho = spearman([p[0] for p in points], [p[1] for p in points]) if n_pairs >= MIN_PAIRS_FOR_CORRELATION else None
     out = output_dir(cfg, "pairs")
     doc = {**header(cfg, "pairs"), "n": joined.n, "rank_by": rank_by, "metrics": list(metrics),
            "images": images, "texts": texts, "left_out": left_out, "pairs": rows,
-           "runs_used": len(points), "spearman_rho": rho,
-           "spearman_note": (f"Spearman rank correlation between {rank_by} and test mean_R over {len(points)} runs"
-                             if rho is not None else
-                             f"rank correlation needs >= {MIN_RUNS_FOR_CORRELATION} runs with test metrics "
-                             f"(found {len(points)})"), "figure": None}
+           "runs_used": len(points), "pairs_used": n_pairs, "spearman_rho": rho,
+           "spearman_note": (f"Spearman rank correlation between {rank_by} and test mean_R over {len(points)} runs "
+                             f"of {n_pairs} encoder pairs" if rho is not None else _missing(n_pairs, len(points))),
+           "figure": None}
     if points:
         title = f"{rank_by} before training vs test mean recall after" + (f" (Spearman rho {rho:.2f})" if rho is not None else "")
         doc["figure"] = plots.scatter([p[0] for p in points], [p[1] for p in points], [p[2] for p in points], title,

@@ -2,11 +2,14 @@
 
 Every function draws one figure, saves it as a PNG at ``path`` (parent folders created) and
 returns the path; figures are closed after saving so long runs do not accumulate memory.
+Titles are wrapped to the width of what they label (``_wrap``) and figures are saved with a
+tight bounding box, so long entry and run names are never cut off.
 """
 
 from __future__ import annotations
 
 import base64
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -19,13 +22,21 @@ import numpy as np  # noqa: E402
 DPI = 110  # resolution of saved figures, dots per inch
 CELL_INCHES = 0.55  # side of one heatmap cell, inches (figures grow with the number of entries)
 ANNOTATE_MAX = 16  # heatmaps with at most this many rows and columns print the value in each cell
+CHAR_WIDTH = 0.6  # average width of a character in units of the font size (DejaVu Sans), for wrapping
+LONG_LABEL = 8  # tick labels longer than this many characters are rotated
+
+
+def _wrap(text: str, inches: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``inches`` at ``fontsize`` points (72 points per inch)."""
+    chars = max(12, int(inches * 72 / (fontsize * CHAR_WIDTH)))
+    return "\n".join(textwrap.fill(line, chars) for line in str(text).split("\n"))
 
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.1)  # grows to hold every label
     plt.close(fig)
     return path
 
@@ -38,12 +49,21 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
     (e.g. the best and the last layer pair)."""
     matrix = np.asarray(matrix, dtype=float)
     r, c = matrix.shape
-    fig, ax = plt.subplots(figsize=(max(4.5, 2.5 + CELL_INCHES * c), max(3.5, 1.8 + CELL_INCHES * r)))
+    char = 10 * CHAR_WIDTH / 72  # inches per tick-label character (10 pt)
+    longest_col = max((len(str(s)) for s in col_labels), default=0)
+    tilt = c > 3 or longest_col > LONG_LABEL
+    left = 0.5 + char * max((len(str(s)) for s in row_labels), default=0)  # room for the row labels
+    width = max(4.5, left + max(2.5, CELL_INCHES * c) + 1.2)  # + the colour bar
+    title = _wrap(title, width - left, 12)  # centred over the cells, right of the row labels
+    bottom = 0.6 + char * longest_col * (0.75 if tilt else 0.0)  # room for the (rotated) column labels
+    height = bottom + max(2.5, CELL_INCHES * r) + 0.25 * (title.count("\n") + 1) + 0.3
+    fig, ax = plt.subplots(figsize=(width, height))
     im = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(c), [str(s) for s in col_labels], rotation=45 if c > 3 else 0, ha="right" if c > 3 else "center")
+    ax.set_xticks(range(c), [str(s) for s in col_labels], rotation=45 if tilt else 0, ha="right" if tilt else "center")
     ax.set_yticks(range(r), [str(s) for s in row_labels])
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=12)
     if r <= ANNOTATE_MAX and c <= ANNOTATE_MAX:
         lo, hi = np.nanmin(matrix) if np.isfinite(matrix).any() else 0, np.nanmax(matrix) if np.isfinite(matrix).any() else 1
         mid = (lo + hi) / 2
@@ -66,11 +86,11 @@ def kernel_panels(kernels: Mapping[str, np.ndarray], title: str, path: str | Pat
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         im = ax.imshow(kernels[name], cmap="magma", interpolation="nearest")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(_wrap(name, 2.8, 9), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, 3.6 * len(names), 10), fontsize=10)
     return _save(fig, path)
 
 
@@ -82,8 +102,8 @@ def grouped_bars(groups: Mapping[str, Sequence[dict]], title: str, path: str | P
     ``null_q95`` (the null distribution's 95th percentile) over its bar. NaN or None bounds
     draw no error bar / dash."""
     names = list(groups)
-    fig, axes = plt.subplots(1, len(names), figsize=(max(4.0, 1.1 * max(len(v) for v in groups.values())) * len(names) + 0.5,
-                                                     4.0), squeeze=False)
+    panel = max(4.0, 1.1 * max(len(v) for v in groups.values()))
+    fig, axes = plt.subplots(1, len(names), figsize=(panel * len(names) + 0.5, 4.0), squeeze=False)
     for ax, name in zip(axes[0], names):
         items = groups[name]
         x = np.arange(len(items))
@@ -98,11 +118,11 @@ def grouped_bars(groups: Mapping[str, Sequence[dict]], title: str, path: str | P
             ax.hlines(q, i - 0.4, i + 0.4, colors="black", linestyles="--", lw=1.5,
                       label="shuffled-pairing null, 95th pct" if n == 0 else None)
         ax.set_xticks(x, [it["label"] for it in items], rotation=30, ha="right", fontsize=8)
-        ax.set_title(name)
+        ax.set_title(_wrap(name, panel - 0.5, 12))
         ax.axhline(0, color="grey", lw=0.5)
         if nulls:
             ax.legend(fontsize=7, loc="best")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, panel * len(names), 10), fontsize=10)
     return _save(fig, path)
 
 
@@ -117,7 +137,8 @@ def scatter(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title
     ax.scatter(x, y, color="tab:blue")
     for xi, yi, label in zip(x, y, labels):
         ax.annotate(str(label), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(_wrap(title, 5.5, 12), fontsize=12)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -34,8 +34,8 @@ from analyze.platonic import SIDES, TERMS, platonic_test
 from pipeline.cache import CacheError, Entry, find_entry, list_entries, list_splits
 from pipeline.config import PipelineConfig
 from pipeline.join import JoinError, image_id
-from pipeline.runs import (ADAPTERS_METHOD, RECALL_COLUMNS, RunFolder, RunNotFoundError, aligned_name, find_run,
-                           is_aligned, run_name)
+from pipeline.runs import (ADAPTERS_METHOD, RECALL_COLUMNS, RunFolder, RunIntegrityError, RunNotFoundError,
+                           aligned_name, check_aligned, find_run, is_aligned, run_name, verify_run)
 from pipeline.runtime import utc_now
 
 log = logging.getLogger(__name__)
@@ -295,10 +295,11 @@ def _reusable(path: Path, cfg: PipelineConfig, keys: Sequence[str], entries: Seq
             and saved.get("split") == cfg.analyze.split and all(have.get(k) == want[k] for k in keys)
             and list(names.values() if isinstance(names, dict) else names or []) == list(entries))
     try:
-        files = [find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, e, cfg.data.data_dir).path for e in entries]
+        opened = [find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, e, cfg.data.data_dir) for e in entries]
     except CacheError:
         return None
-    return saved if same and all(f.stat().st_mtime <= path.stat().st_mtime for f in files) else None
+    check_aligned(cfg.data.cache, opened)  # saved numbers of aligned entries count only while their run matches
+    return saved if same and all(e.path.stat().st_mtime <= path.stat().st_mtime for e in opened) else None
 
 
 def section_heatmaps(doc: Document, cfg: PipelineConfig) -> None:
@@ -307,6 +308,8 @@ def section_heatmaps(doc: Document, cfg: PipelineConfig) -> None:
     try:
         result = (_reusable(folder / "scores.json", cfg, ("metrics", "k", "max_rows", "seed"), default_entries(cfg))
                   or compare_entries(cfg))
+    except RunIntegrityError:
+        raise  # an aligned entry its run did not write: refuse the report
     except (CacheError, JoinError, ValueError) as exc:
         doc.para(f"Not available: {exc}")
         return
@@ -330,6 +333,8 @@ def section_platonic(doc: Document, cfg: PipelineConfig, run: str) -> None:
     entries = [tc.image, tc.text, aligned_name(tc.image, run), aligned_name(tc.text, run), cfg.analyze.reference]
     try:
         result = _reusable(folder / "platonic.json", cfg, PLATONIC_KEYS, entries) or platonic_test(cfg, run)
+    except RunIntegrityError:
+        raise
     except (CacheError, JoinError, ValueError) as exc:
         doc.para(f"Not available: {exc}")
         return
@@ -359,6 +364,20 @@ def section_platonic(doc: Document, cfg: PipelineConfig, run: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the command
+def _check_run(cfg: PipelineConfig, run: str, info: RunFolder | None) -> None:
+    """RunIntegrityError when the run folder mixes trainings or one of its aligned entries (of
+    any split) was written by other adapters; saved outputs are reused only after this check."""
+    if info is not None:
+        verify_run(info.path, run)
+    for split in list_splits(cfg.data.cache, cfg.data.dataset):
+        for name in (aligned_name(cfg.train.image, run), aligned_name(cfg.train.text, run)):
+            try:
+                entry = find_entry(cfg.data.cache, cfg.data.dataset, split, name)
+            except CacheError:
+                continue  # absent: the sections say so
+            check_aligned(cfg.data.cache, [entry])
+
+
 def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
     """``analyze report``: write report.md and report.html for one run (default: ``train.name``
     or fit-adapters' default name); returns the Markdown path."""
@@ -368,6 +387,7 @@ def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
     except RunNotFoundError as exc:
         log.warning("%s", exc)
         info = None
+    _check_run(cfg, run, info)
     folder = output_dir(cfg, "runs", run)
     doc = Document(f"Experiment report: {cfg.data.dataset}, run {run}", folder)
     doc.para(f"Generated {utc_now()} by `analyze report` (config: {cfg.source}; cache: {cfg.data.cache}; "

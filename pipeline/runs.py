@@ -14,22 +14,39 @@ A run also writes, next to each source entry in the cache, an *aligned entry* na
 is ``train.name``, else ``<image>-<text>[-<extra>...]-<adapter>`` (:func:`default_run_name`).
 
 Both stages use only this module for these names, so neither has to guess the other's layout.
+
+Integrity (what makes a run trustworthy, and what readers check):
+
+* A run folder is written whole: fit-adapters writes into a hidden sibling
+  ``runs/.<name>.partial-<pid>`` (:func:`staging_dir`) and renames it into place at the end
+  (:func:`commit`; an older run of that name is renamed aside, the new one renamed in, the old
+  one removed: ``pipeline.storage.replace``). A ``kill -9`` leaves the old complete run or the
+  new complete run; leftovers of dead writers are removed (or, in the instant between the two
+  renames, the old run is put back) by :func:`recover`.
+* ``adapters.json`` records the sha256 of ``adapters.safetensors``, ``metrics.json`` and every
+  aligned entry's key (``adapter_sha256``) record it too. :func:`verify_run` checks the folder
+  and :func:`check_aligned` an aligned entry against its run; both raise
+  :class:`RunIntegrityError` saying to rerun fit-adapters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import hashlib
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
-from pipeline.cache import entry_filename
+from pipeline.cache import Entry, entry_filename
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError, did_you_mean
-from pipeline.runtime import write_json
+from pipeline.runtime import process_alive, write_json
+from pipeline.storage import locked, replace
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +60,8 @@ CURVES = "curves.png"
 SEPARATOR = "@"  # aligned entry = <encoder>@<run>
 ADAPTERS_METHOD = "infonce"  # the trained adapters' row in RunMetrics.test; the other rows are baselines
 RECALL_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R")  # per method
+STAGING_MARK = ".partial-"  # runs/.<name>.partial-<pid>: a run being written by process <pid>
+TRASH_MARK = ".old-"  # runs/<name>.old-<pid>: the replaced run, for an instant during commit (storage.replace)
 
 
 class RunError(PipelineError, ValueError):
@@ -51,6 +70,11 @@ class RunError(PipelineError, ValueError):
 
 class RunNotFoundError(RunError, FileNotFoundError):
     """No run folder of that name in the cache."""
+
+
+class RunIntegrityError(RunError):
+    """A run folder whose files come from different trainings, or an aligned entry written by
+    another training of its run (the adapters' sha256 differ)."""
 
 
 # ----------------------------------------------------------------------------- names
@@ -76,10 +100,11 @@ def run_name(tc: TrainConfig, run: str | None = None) -> str:
 
 
 def check_run_name(name: str) -> str:
-    """A run name must be non-empty and free of ``@`` (it ends aligned entry names)."""
-    if not name or SEPARATOR in name:
-        raise RunError(f"Run name {name!r} must be non-empty and must not contain {SEPARATOR!r} "
-                       f"(aligned entries are named <encoder>{SEPARATOR}<run>); pass another --name.")
+    """A run name must be non-empty, free of ``@`` (it ends aligned entry names) and must not
+    start with ``.`` (hidden names are runs being written)."""
+    if not name or SEPARATOR in name or name.startswith("."):
+        raise RunError(f"Run name {name!r} must be non-empty, must not contain {SEPARATOR!r} (aligned entries are "
+                       f"named <encoder>{SEPARATOR}<run>) and must not start with '.'; pass another --name.")
     return name
 
 
@@ -124,7 +149,8 @@ class RunMetrics:
     ``ADAPTERS_METHOD`` ("infonce") is the trained adapters, the others are baselines (cca,
     procrustes). val_best: the best epoch's validation row (recall, and ``cka_<modality>`` with
     a reference). sizes: split -> {"pairs": n, <modality>: rows}. reference: {"entry", "split",
-    "raw_cka", "aligned_cka"} or None. Non-finite numbers are stored as JSON null.
+    "raw_cka", "aligned_cka"} or None. adapter_sha256: the adapters these numbers were measured
+    with. Non-finite numbers are stored as JSON null.
     """
 
     run: str
@@ -142,6 +168,7 @@ class RunMetrics:
     temperature: float | None = None
     train_time_s: float | None = None
     tracking: dict | None = None  # the Platonic criterion on val at the best epoch (train.tracking)
+    adapter_sha256: str = ""  # sha256 of the run's adapters.safetensors ("" in runs of older versions)
 
     @property
     def adapters(self) -> dict[str, float] | None:
@@ -237,21 +264,165 @@ def read_run(path: str | Path) -> RunFolder:
     return RunFolder(path.name, path, _read_json(path / CONFIG) or {}, metrics)
 
 
+def _is_leftover(path: Path) -> bool:
+    """A staging folder (``.<name>.partial-<pid>``) or a replaced run (``<name>.old-<pid>``)."""
+    return path.name.startswith(".") or _pid_of(path, TRASH_MARK) is not None
+
+
 def list_runs(cache: str | Path) -> list[RunFolder]:
-    """Every run folder under ``<cache>/runs/`` (folders holding a config.json or metrics.json)."""
+    """Every run folder under ``<cache>/runs/`` (folders holding a config.json or metrics.json;
+    runs being written are not listed)."""
     root = runs_dir(cache)
     if not root.is_dir():
         return []
+    for p in list(root.iterdir()):
+        if not p.name.startswith(".") and _pid_of(p, TRASH_MARK) is not None:
+            recover(root / p.name.rpartition(TRASH_MARK)[0])  # a run moved aside by a killed commit
     return [read_run(p) for p in sorted(root.iterdir())
-            if p.is_dir() and ((p / CONFIG).is_file() or (p / METRICS).is_file())]
+            if p.is_dir() and not _is_leftover(p) and ((p / CONFIG).is_file() or (p / METRICS).is_file())]
 
 
 def find_run(cache: str | Path, name: str) -> RunFolder:
     """The run folder ``<cache>/runs/<name>``; RunNotFoundError naming close matches otherwise."""
     path = run_dir(cache, name)
+    recover(path)
     if path.is_dir():
         return read_run(path)
     known = [r.name for r in list_runs(cache)]
     hint = did_you_mean(entry_filename(name), known) or (
         f" Runs: {', '.join(known)}." if known else " No runs yet: run fit-adapters first.")
     raise RunNotFoundError(f"No run folder {str(path)!r}.{hint}")
+
+
+# ----------------------------------------------------------------------------- writing a run whole
+def _pid_of(path: Path, mark: str) -> int | None:
+    """The writer's pid in a leftover's name (``...<mark><pid>``), None for other names."""
+    head, sep, tail = path.name.rpartition(mark)
+    return int(tail) if sep and head and tail.isdigit() else None
+
+
+def recover(final: Path, clean: bool = False) -> None:
+    """Undo what a killed fit-adapters left next to run folder ``final``: if ``final`` is missing
+    because the writer died between the two renames of :func:`commit`, the replaced run
+    (``<name>.old-<pid>``) is put back; with ``clean`` (the next writer of that name), staging
+    folders and replaced runs of dead writers are deleted. Folders of live processes are left
+    alone."""
+    root = final.parent
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        for mark, prefix in ((TRASH_MARK, final.name), (STAGING_MARK, "." + final.name)):
+            pid = _pid_of(path, mark)
+            if pid is None or path.name != f"{prefix}{mark}{pid}" or process_alive(pid):
+                continue
+            if mark == TRASH_MARK and not final.exists():
+                os.replace(path, final)
+                log.warning("run %s: an interrupted fit-adapters had moved it aside; restored it", final)
+            elif clean:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def staging_dir(cache: str | Path, name: str) -> Path:
+    """A new, empty hidden folder ``<cache>/runs/.<name>.partial-<pid>`` to write run ``name``
+    into (leftovers of killed writers of that name are removed first)."""
+    final = run_dir(cache, check_run_name(name))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover(final, clean=True)
+    path = final.with_name(f".{final.name}{STAGING_MARK}{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path
+
+
+def commit(staging: Path, cache: str | Path, name: str) -> Path:
+    """Rename the finished ``staging`` folder to ``<cache>/runs/<name>``, replacing an older run
+    of that name only now (under the runs folder's lock); returns the run folder."""
+    final = run_dir(cache, name)
+    with locked(final):
+        replace(staging, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames themselves reach the disk
+    finally:
+        os.close(fd)
+    return final
+
+
+def discard(staging: Path) -> None:
+    """Remove a staging folder that will not be committed (nothing when already renamed)."""
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- verifying a run
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hash each file once
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (remembered per path, size and modification time)."""
+    path = Path(path)
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _SHA_MEMO:
+        with open(path, "rb") as fh:
+            _SHA_MEMO[memo] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return _SHA_MEMO[memo]
+
+
+def rerun_hint(path: Path, name: str) -> str:
+    """The command that rewrites run ``name`` (its entries from config.json when readable)."""
+    train = read_run(path).train if path.is_dir() else {}
+    opts = "".join(f" --{m} {train[m]}" for m in ("image", "text") if train.get(m))
+    return f"Rerun `fit-adapters{opts or ' ...'} --name {name}` to rewrite the run and its aligned entries."
+
+
+def verify_run(path: str | Path, name: str | None = None) -> str:
+    """The sha256 of a finished run's adapters, after checking that ``adapters.safetensors``
+    matches the hash recorded in ``adapters.json`` and, when metrics.json records one, there.
+    RunIntegrityError otherwise (files of two trainings side by side, or a modified file)."""
+    path = Path(path)
+    name = name or path.name
+    doc = _read_json(path / ADAPTER_JSON)
+    if doc is None or not (path / ADAPTER_WEIGHTS).is_file():
+        raise RunIntegrityError(f"Run {name!r} ({path}) has no readable {ADAPTER_JSON} and {ADAPTER_WEIGHTS}: it is "
+                                f"not a finished fit-adapters run. {rerun_hint(path, name)}")
+    recorded = doc.get("sha256")
+    if not recorded:
+        raise RunIntegrityError(f"Run {name!r} ({path}): {ADAPTER_JSON} records no sha256 of the adapters (written "
+                                f"by an old version), so its outputs cannot be checked. {rerun_hint(path, name)}")
+    actual = file_sha256(path / ADAPTER_WEIGHTS)
+    if actual != recorded:
+        raise RunIntegrityError(
+            f"Run {name!r} ({path}): {ADAPTER_WEIGHTS} (sha256 {actual[:12]}) is not the file {ADAPTER_JSON} "
+            f"describes (sha256 {recorded[:12]}): the folder mixes two trainings or a file was modified. "
+            f"{rerun_hint(path, name)}")
+    metrics = _read_json(path / METRICS) or {}
+    if metrics.get("adapter_sha256") and metrics["adapter_sha256"] != recorded:
+        raise RunIntegrityError(
+            f"Run {name!r} ({path}): {METRICS} was measured with other adapters (sha256 "
+            f"{str(metrics['adapter_sha256'])[:12]}) than {ADAPTER_WEIGHTS} ({recorded[:12]}). {rerun_hint(path, name)}")
+    return recorded
+
+
+def check_aligned(cache: str | Path, entries: Iterable[Entry]) -> None:
+    """Refuse aligned entries (``<encoder>@<run>``) that their run's current adapters did not
+    write: the ``adapter_sha256`` in the entry's key must equal the run folder's (checked with
+    :func:`verify_run`). Plain encoder entries pass. RunIntegrityError naming the entry, the run
+    and the command to rerun."""
+    for entry in entries:
+        run = source_of(entry.name)[1]
+        if run is None:
+            continue
+        path = run_dir(cache, run)
+        recover(path)
+        if not path.is_dir():
+            raise RunIntegrityError(
+                f"Aligned entry {entry.name!r} ({entry.path}) belongs to run {run!r}, but there is no run folder "
+                f"{str(path)!r} (deleted, renamed, or its fit-adapters was interrupted). {rerun_hint(path, run)} "
+                f"Or delete the entry.")
+        sha = verify_run(path, run)
+        recorded = entry.key.get("adapter_sha256") if isinstance(entry.key, Mapping) else None
+        if recorded != sha:
+            raise RunIntegrityError(
+                f"Aligned entry {entry.name!r} ({entry.path}) was written by another training of run {run!r} "
+                f"(adapter sha256 {str(recorded)[:12]}; the run's adapters: {sha[:12]}): a fit-adapters run was "
+                f"interrupted, or the run was retrained without rewriting this entry. {rerun_hint(path, run)}")

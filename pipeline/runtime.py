@@ -111,6 +111,17 @@ def _umask() -> int:
     return mask
 
 
+def process_alive(pid: int) -> bool:
+    """True when a process with this id runs on this machine (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def jsonable(obj: Any) -> Any:
     """The project's JSON convention: NaN/inf -> null, numpy scalars/arrays -> Python values,
     paths -> str, tuples -> lists, anything else unknown -> str."""

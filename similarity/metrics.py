@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from pipeline.errors import did_you_mean
 from pipeline.runtime import resolve_device
 from similarity.kernel_alignment import kernel_alignment
-from similarity.kernels import (MetricError, ScaledSqDist, as_features, centered, resolve_sigma, sq_row_norms,
-                                tile_size, upper_tiles)
+from similarity.kernels import (BLOCK_ELEMENTS, MetricError, ScaledSqDist, as_features, centered, resolve_sigma,
+                                sq_row_norms, tile_size, upper_tiles)
 
 DEFAULT_K = 10  # neighbours per sample for the kNN metrics (Huh et al. 2024)
+RANK_GRID_BITS = 26  # kNN rankings use unit rows rounded to multiples of 2^-26: exact dot products (ranking_units)
 DEFAULT_SVCCA_DIM = 10  # top singular directions kept per side by svcca (Raghu et al. 2017)
 KERNELS = ("linear", "rbf")  # kernels accepted by cka()
 
@@ -196,21 +197,71 @@ def kernel_cka(K, L, unbiased: bool = False) -> float:
 
 
 # ----------------------------------------------------------------------------- nearest neighbours
+def stable_topk(S: torch.Tensor, k: int, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of S (r, c): (values (r, k), column ids (r, k)), largest
+    first, and among EQUAL values the lower id first. This tie rule is the one every kNN metric
+    uses (torch.topk alone leaves the order of ties unspecified, and duplicate rows, e.g. of
+    repeated captions, tie exactly), so neighbour lists restricted to a sorted subset of rows
+    stay exact, which the fast paths in analyze.platonic rely on.
+
+    index: (r, c) ids of S's entries (a few candidates each, e.g. two merged lists: sorted fully);
+    None = the column positions (a wide tile: torch.topk, then exact ids for rows whose k-th value
+    also occurs outside the chosen k)."""
+    if index is not None:  # a narrow candidate list: sort by id, then stably by value
+        index, order = index.sort(dim=1)
+        v, order = S.gather(1, order).sort(dim=1, descending=True, stable=True)
+        return v[:, :k], index.gather(1, order)[:, :k]
+    v, i = S.topk(k, dim=1)
+    kth = v[:, -1:]
+    ambiguous = torch.nonzero((S == kth).sum(dim=1) > (v == kth).sum(dim=1)).flatten()
+    if ambiguous.numel():  # the k-th value ties with entries left out: take the lowest column ids
+        Sa, ka = S[ambiguous], kth[ambiguous]
+        equal = Sa == ka
+        need = k - (Sa > ka).sum(dim=1, keepdim=True)
+        take = (Sa > ka) | (equal & (equal.cumsum(dim=1) <= need))
+        i[ambiguous] = torch.nonzero(take)[:, 1].view(-1, k)  # row-major: ascending ids per row
+        v[ambiguous] = Sa.gather(1, i[ambiguous])
+    return stable_topk(v, k, i)
+
+
+def ranking_units(X: torch.Tensor) -> torch.Tensor:
+    """(n, d) float64 -> the rows scaled to unit length (an all-zero row stays zero) and rounded
+    to multiples of 2^-RANK_GRID_BITS: the vectors whose dot products rank neighbours.
+
+    Every dot product of two such rows is EXACT in float64: each product of components is a
+    multiple of 2^-52 and every partial sum is below 2 in magnitude (Cauchy-Schwarz), so it fits
+    the 53-bit significand. The ranking is therefore the same whatever the order of summation
+    (tile shape, BLAS kernel, device), and equal similarities, as of duplicate rows, are exactly
+    equal, so ``stable_topk``'s index rule decides between them. (Plain float64 products of
+    identical rows differ in the last bit with their position in a matrix product.) The
+    rounding moves a cosine by about 1e-8 (at most sqrt(d) 2^-26), below the float32 precision
+    of stored features; reported similarities come from the unrounded rows."""
+    scale = 2.0 ** RANK_GRID_BITS
+    return torch.round(F.normalize(X, dim=1) * scale) / scale
+
+
+def _row_dots(Z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(n, k) dot products Z[i] . Z[idx[i, j]] for Z (n, d), in row blocks of bounded memory."""
+    rows = max(1, BLOCK_ELEMENTS // max(1, idx.shape[1] * Z.shape[1]))
+    return torch.cat([(Z[s:s + rows, None, :] * Z[idx[s:s + rows]]).sum(dim=2)
+                      for s in range(0, Z.shape[0], rows)])
+
+
 def _knn(X: torch.Tensor, k: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise top-k of cosine similarity, self excluded: indices (n, k) int64 and
-    similarities (n, k), most similar first. Visits each b x b upper-triangle tile of the
-    similarity matrix once and merges its row- and column-wise top-k into running (n, k)
-    lists, so the cost is n^2 d / 2 multiply-adds and memory O(b^2 + n k)."""
-    Z = F.normalize(X, dim=1)  # an all-zero row gets similarity 0 to every row
+    similarities (n, k), most similar first, ties to the lower index (ranked by the exact
+    products of ``ranking_units``, chosen by ``stable_topk``). Visits each b x b upper-triangle
+    tile of the similarity matrix once and merges its row- and column-wise top-k into running
+    (n, k) lists, so the cost is n^2 d / 2 multiply-adds and memory O(b^2 + n k)."""
+    Z = ranking_units(X)
     n = Z.shape[0]
     best_v = Z.new_full((n, k), -math.inf)
-    best_i = torch.zeros((n, k), dtype=torch.long, device=Z.device)
+    best_i = torch.full((n, k), n, dtype=torch.long, device=Z.device)  # placeholders sort after every real id
 
     def merge(rows: slice, S: torch.Tensor, col0: int) -> None:
-        v, i = S.topk(min(k, S.shape[1]), dim=1)
+        v, i = stable_topk(S, min(k, S.shape[1]))
         v, i = torch.cat([best_v[rows], v], dim=1), torch.cat([best_i[rows], i + col0], dim=1)
-        best_v[rows], pos = v.topk(k, dim=1)
-        best_i[rows] = i.gather(1, pos)
+        best_v[rows], best_i[rows] = stable_topk(v, k, i)
 
     for I, J in upper_tiles(n, b):
         S = Z[I] @ Z[J].T
@@ -219,14 +270,15 @@ def _knn(X: torch.Tensor, k: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         merge(I, S, J.start)
         if I != J:
             merge(J, S.T, I.start)
-    return best_i, best_v
+    return best_i, _row_dots(F.normalize(X, dim=1), best_i)  # an all-zero row: similarity 0 to every row
 
 
 def nearest_neighbours(X, k: int = DEFAULT_K, *, device: str = "auto",
                        block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's k nearest neighbours by cosine similarity, self excluded (Huh et al. 2024).
     X: (n, d) -> (indices (n, k) int64, cosine similarities (n, k) float64), most similar
-    first. Blockwise: never holds more than a few ``block_rows`` x ``block_rows`` tiles."""
+    first; equal similarities (duplicate rows) in index order (``stable_topk``). Blockwise:
+    never holds more than a few ``block_rows`` x ``block_rows`` tiles."""
     X = as_features(X, device=device)
     return _knn(X, _check_k(k, X.shape[0]), tile_size(block_rows))
 

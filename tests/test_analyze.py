@@ -11,6 +11,7 @@ same with the rows shuffled against their ids (it must not).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -44,15 +45,22 @@ def _write(cache, split, name, ids, X, modality=None, layers=(), key=None):
                 {"note": "synthetic"}, layers=list(layers))
 
 
-def _run_folder(cache, run, image, text, mean_r):
+def _run_folder(cache, run, image, text, mean_r=None) -> str:
+    """A run folder with stand-in adapters (their sha256 recorded as fit-adapters does, and
+    returned) and, with ``mean_r``, metrics and history."""
     d = Path(cache) / "runs" / run
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"source": "test", "data": {"dataset": DATASET},
                                                "train": {"image": image, "text": text, "name": run}}))
+    (d / "adapters.safetensors").write_bytes(f"stand-in weights of {run}".encode())
+    sha = hashlib.sha256((d / "adapters.safetensors").read_bytes()).hexdigest()
+    (d / "adapters.json").write_text(json.dumps({"format": 2, "sha256": sha, "train": {}, "modalities": {}}))
+    if mean_r is None:
+        return sha
     rec = {f"{w}_R@{k}": min(1.0, mean_r * k / 5) for w in ("i2t", "t2i") for k in (1, 5, 10)}
     rec["mean_R"] = mean_r
     base = {key: v / 2 for key, v in rec.items()}
-    (d / "metrics.json").write_text(json.dumps({"run": run, "best_epoch": 3, "test": {
+    (d / "metrics.json").write_text(json.dumps({"run": run, "best_epoch": 3, "adapter_sha256": sha, "test": {
         "infonce": rec, "cca": base, "procrustes": base}, "sizes": {"test": {"pairs": 2 * N, "image": N, "text": 2 * N}}}))
     with open(d / "history.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -62,6 +70,7 @@ def _run_folder(cache, run, image, text, mean_r):
     from analyze import plots
 
     plots.scatter([1, 2], [1, 2], ["a", "b"], "curves", d / "curves.png", xlabel="epoch", ylabel="loss")
+    return sha
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +94,14 @@ def cache(tmp_path_factory) -> Path:
     _write(cache, "test", "bert", cap_ids, np.repeat(Z @ rng.normal(size=(6, 12)), 2, axis=0) + noise(12, 2 * N), "text")
     # run "good": aligned entries are linear maps of the reference; run "shuf": rows shuffled against ids
     W = rng.normal(size=(32, 16))
+    shas = {"good": _run_folder(cache, "good", "resnet18", "gpt2", 0.6),
+            "shuf": _run_folder(cache, "shuf", "resnet18", "gpt2")}  # "shuf": no metrics (not in pairs)
     for run, order in (("good", np.arange(N)), ("shuf", rng.permutation(N))):
         aligned = (ref @ W)[order]
         ri, rt = aligned_name("resnet18", run), aligned_name("gpt2", run)
-        _write(cache, "test", ri, ids, aligned, key={"entry": ri, "run": run})
+        _write(cache, "test", ri, ids, aligned, key={"entry": ri, "run": run, "adapter_sha256": shas[run]})
         _write(cache, "test", rt, cap_ids, np.repeat(aligned, 2, axis=0) + 0.05 * noise(16, 2 * N),
-               key={"entry": rt, "run": run})
-    _run_folder(cache, "good", "resnet18", "gpt2", 0.6)
+               key={"entry": rt, "run": run, "adapter_sha256": shas[run]})
     _run_folder(cache, "vit-bert", "vit", "bert", 0.3)
     _run_folder(cache, "resnet-bert", "resnet18", "bert", 0.2)
     _run_folder(cache, "vit-gpt2", "vit", "gpt2", 0.1)
@@ -320,8 +330,8 @@ def test_report_markdown_and_self_contained_html(cache):
 
 
 def test_report_without_run_folder_still_writes(cache):
-    _ok(cache, "report", "--run", "shuf", *FAST)  # aligned entries exist, no run folder
-    md = (_reports(cache) / "runs" / "shuf" / "report.md").read_text()
+    _ok(cache, "report", "--run", "absent", *FAST)  # neither a run folder nor aligned entries
+    md = (_reports(cache) / "runs" / "absent" / "report.md").read_text()
     assert "No run folder" in md and "image side: supported" not in md
 
 

@@ -276,7 +276,9 @@ def test_load_run_detects_other_encoder(trained, cache_all, tmp_path):
     res = fit_adapters(cfg, progress=False)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    (mixed / "adapters.json").write_bytes((trained.run_dir / "adapters.json").read_bytes())
+    doc = json.loads((trained.run_dir / "adapters.json").read_text())
+    doc["sha256"] = json.loads((res.run_dir / "adapters.json").read_text())["sha256"]  # past the hash check
+    (mixed / "adapters.json").write_text(json.dumps(doc))
     (mixed / "adapters.safetensors").write_bytes((res.run_dir / "adapters.safetensors").read_bytes())
     with pytest.raises(AdapterMismatchError, match="another run or encoder"):
         load_run(mixed)

@@ -6,14 +6,13 @@ section the adapters were built from (``"train"``), and per modality the source 
 (name, input dim, key, dataset fingerprint) and the train-split standardisation statistics
 (mean, std). ``load_run`` rebuilds the model from that section, so a new adapter hyperparameter
 needs only its ``TrainConfig`` field and its use in ``train.adapters``. It checks the weights
-against the description, and ``Run.embed`` / ``Run.embed_entry`` refuse features from another
+against the sha256 recorded in adapters.json and against the description, and ``Run.embed`` / ``Run.embed_entry`` refuse features from another
 encoder. Format 1 files (a ``"model"`` dict of selected settings) still load.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.cache import Entry
 from pipeline.config import TrainConfig
-from pipeline.runs import ADAPTER_JSON, ADAPTER_WEIGHTS
+from pipeline.runs import ADAPTER_JSON, ADAPTER_WEIGHTS, file_sha256, verify_run
 from pipeline.runtime import atomic_write, write_json
 from train.adapters import AlignModel
 from train.data import Stats
@@ -59,7 +58,7 @@ def save_adapters(run_dir: Path, model: AlignModel, tc: TrainConfig, sources: di
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = atomic_write(run_dir / ADAPTER_WEIGHTS,
                            lambda p: save_file(state, p, metadata={"format": str(FORMAT_VERSION)}))
-    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    sha = file_sha256(weights)
     doc = {"format": FORMAT_VERSION, "train": dataclasses.asdict(tc), "modalities": sources, "sha256": sha, **extra}
     write_json(run_dir / ADAPTER_JSON, doc)
     return sha
@@ -144,7 +143,8 @@ class Run:
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
-    """Load the adapters of a run folder (written by fit-adapters)."""
+    """Load the adapters of a run folder (written by fit-adapters). RunIntegrityError when
+    adapters.safetensors is not the file whose sha256 adapters.json (or metrics.json) records."""
     run_dir = Path(run_dir)
     cfg_path, w_path = run_dir / ADAPTER_JSON, run_dir / ADAPTER_WEIGHTS
     for p in (cfg_path, w_path):
@@ -154,6 +154,10 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     if doc.get("format") not in READABLE_FORMATS:
         raise TrainError(f"{str(cfg_path)!r} has format {doc.get('format')!r}; this version reads "
                          f"{', '.join(map(str, READABLE_FORMATS))}.")
+    if doc.get("sha256"):
+        verify_run(run_dir)  # RunIntegrityError when the weights are not the file adapters.json describes
+    else:
+        log.warning("%s records no sha256 of the adapters (an old run): the weights cannot be checked", cfg_path)
     tc = train_config_of(doc, str(cfg_path))
     mods = doc["modalities"]
     model = AlignModel({m: s["dim"] for m, s in mods.items()}, tc)

@@ -35,7 +35,7 @@ import torch
 from pipeline.cache import CacheError, DamagedEntryError, Entry, OldFormatError, find_entry
 from pipeline.config import PipelineConfig
 from pipeline.join import join_pairs, join_rows
-from pipeline.runs import modality_entries, source_of
+from pipeline.runs import check_aligned, modality_entries, source_of
 from train.errors import TrainError
 from train.stream import (RunningMoments, StreamSplit, check_finite_rows, plan_stream, read_rows,
                           used_row_blocks)
@@ -57,6 +57,7 @@ def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
             f"fit-adapters needs entry {entry!r} for the {split!r} split of dataset "
             f"{cfg.data.dataset!r} in cache {cfg.data.cache!r}. Run `extract --cache {cfg.data.cache} "
             f"--encoder {source_of(entry)[0]} --split {split}` first. ({exc})") from None
+    check_aligned(cfg.data.cache, [e])  # an aligned entry as a source: its run must have written it
     if e.n == 0:
         raise TrainError(f"Cache entry {entry!r} of split {split!r} ({e.path}) is empty (0 rows); "
                          f"re-extract it (`extract --encoder {source_of(entry)[0]} --split {split} --force`).")
@@ -222,7 +223,8 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
     if stream is None:
         stream = 0 < tc.max_rows_in_memory < len(train_pairs)
     if stream and tc.max_rows_in_memory <= 0:
-        raise TrainError("Streaming the train split needs train.max_rows_in_memory > 0 (pairs held at once).")
+        raise TrainError("Streaming the train split needs train.max_rows_in_memory > 0 (pairs held at once): "
+                         "pass --max-rows-in-memory PAIRS (or --set train.max_rows_in_memory=PAIRS).")
     used = {m: _used_mask(entries["train"][m].n, train_pairs[:, j]) for j, m in enumerate(names)}
     block = max(1, tc.stream_block)
     raw = {s: None if (s == "train" and stream) else {m: read_features(e) for m, e in entries[s].items()}

@@ -6,6 +6,11 @@ split, evaluates val retrieval (and, with a reference entry, val linear CKA) eve
 ``eval_every`` epochs, keeps the epoch with the best val mean recall, then reports test
 recall next to the closed-form baselines and writes the run folder and the aligned entries.
 
+The run folder is written whole: everything goes to a hidden staging folder that replaces
+``<cache>/runs/<name>`` only once the run and its aligned entries are complete
+(``pipeline.runs.staging_dir`` / ``commit``); an error or Ctrl-C leaves the previous run of that
+name as it was. A diverged run is committed as it stands (history and last good checkpoint).
+
 Scale: a train split with more pairs than ``train.max_rows_in_memory`` is streamed from the
 cache in shuffled windows (``train.stream``); under ``torchrun`` the run uses
 DistributedDataParallel, each rank embedding a shard of every global batch
@@ -77,16 +82,17 @@ def check_config(tc: TrainConfig) -> None:
         if value not in allowed:
             raise ConfigValueError(f"Unknown train.{key} = {value!r}.{did_you_mean(value, allowed)} "
                                    f"Use one of: {', '.join(allowed)}.")
-    rules = [("margin", tc.margin >= 0), ("epochs", tc.epochs >= 1), ("batch_size", tc.batch_size >= 2),
-             ("lr", tc.lr > 0),
-             ("dim", tc.dim >= 1), ("temperature", tc.temperature > 0), ("mixup", tc.mixup >= 0),
-             ("eval_every", tc.eval_every >= 1), ("warmup_epochs", tc.warmup_epochs >= 0),
-             ("weight_decay", tc.weight_decay >= 0), ("dropout", 0 <= tc.dropout < 1),
-             ("hidden", tc.hidden >= 1), ("bottleneck", tc.bottleneck >= 1), ("depth", tc.depth >= 0),
-             ("max_rows_in_memory", tc.max_rows_in_memory >= 0), ("stream_block", tc.stream_block >= 1)]
-    for key, ok in rules:
+    rules = [("margin", tc.margin >= 0, ">= 0"), ("epochs", tc.epochs >= 1, ">= 1"), ("batch_size", tc.batch_size >= 2, ">= 2"),
+             ("lr", tc.lr > 0, "> 0"), ("dim", tc.dim >= 1, ">= 1"), ("temperature", tc.temperature > 0, "> 0"),
+             ("mixup", tc.mixup >= 0, ">= 0"), ("eval_every", tc.eval_every >= 1, ">= 1"),
+             ("warmup_epochs", tc.warmup_epochs >= 0, ">= 0"), ("weight_decay", tc.weight_decay >= 0, ">= 0"),
+             ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("hidden", tc.hidden >= 1, ">= 1"),
+             ("bottleneck", tc.bottleneck >= 1, ">= 1"), ("depth", tc.depth >= 0, ">= 0"),
+             ("max_rows_in_memory", tc.max_rows_in_memory >= 0, ">= 0"), ("stream_block", tc.stream_block >= 1, ">= 1")]
+    for key, ok, allowed in rules:
         if not ok:
-            raise ConfigValueError(f"train.{key} = {getattr(tc, key)!r} is out of range.")
+            raise ConfigValueError(f"train.{key} = {getattr(tc, key)!r} is out of range: it must be {allowed} "
+                                   f"(set it with --set train.{key}=VALUE).")
     resolve_device(tc.device)  # DeviceError for names torch does not know, or CUDA without CUDA
     runs.check_run_name(runs.default_run_name(tc))
 
@@ -305,10 +311,12 @@ def _evaluate(model, data: TrainData, reference: Reference | None, tracker: Trac
 
 @dataclass
 class _RunIO:
-    """Where a run writes while training: name, folder, checkpoint writer, progress-bar switch."""
+    """Where a run writes while training: name, folder written into (the staging folder on
+    rank 0), the run folder it becomes, checkpoint writer, progress-bar switch."""
 
     name: str
     run_dir: Path
+    final: Path
     save: Callable[[_Best], str]
     progress: bool | None
     log_epoch: Callable[[dict], None] = lambda row: None  # experiment tracking (train.wandb_log)
@@ -342,8 +350,8 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
             history.append(row)
             if dist.is_main:
                 outputs.write_history(run_dir, history)
-            kept = (f"the last good checkpoint (epoch {best.epoch}) is kept in {run_dir}" if best.state
-                    else f"no checkpoint was written (history in {run_dir})")
+            kept = (f"the last good checkpoint (epoch {best.epoch}) is kept in {io.final}" if best.state
+                    else f"no checkpoint was written (history in {io.final})")
             raise TrainingDiverged(
                 f"Training diverged at epoch {epoch}: train loss {loss:.4g} (first epoch: {first}). Stopped; "
                 f"{kept}. Lower --lr (now {tc.lr:g}), raise --temperature, or add warm-up "
@@ -427,49 +435,60 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
     try:
         reference = load_reference(cfg, data, require_reference) if dist.is_main else None
         name = runs.default_run_name(tc)
-        run_dir = runs.run_dir(cfg.data.cache, name)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / runs.CONFIG, {"source": cfg.source, **cfg.to_dict()})
-        torch.manual_seed(tc.seed)
-        model = AlignModel(data.dims, tc).to(device)
-        sources = describe_sources(data.splits["train"].entries, data.stats)
-        meta = {"run": name, "dataset": cfg.data.dataset}
-        if dist.enabled:
-            meta["processes"] = dist.world_size
+        final = runs.run_dir(cfg.data.cache, name)
+        run_dir = runs.staging_dir(cfg.data.cache, name) if dist.is_main else final  # only rank 0 writes
+        try:
+            if dist.is_main:
+                write_json(run_dir / runs.CONFIG, {"source": cfg.source, **cfg.to_dict()})
+            torch.manual_seed(tc.seed)
+            model = AlignModel(data.dims, tc).to(device)
+            sources = describe_sources(data.splits["train"].entries, data.stats)
+            meta = {"run": name, "dataset": cfg.data.dataset}
+            if dist.enabled:
+                meta["processes"] = dist.world_size
 
-        def save(best: _Best) -> str:
-            return save_adapters(run_dir, model, tc, sources, {**meta, "best_epoch": best.epoch, "val": best.val})
+            def save(best: _Best) -> str:
+                return save_adapters(run_dir, model, tc, sources, {**meta, "best_epoch": best.epoch, "val": best.val})
 
-        tracker = make_tracker(cfg, data, reference) if dist.is_main else None
-        logger = open_logger(cfg, name, run_dir) if dist.is_main else None
-        io = _RunIO(name, run_dir, save, progress, logger.log_epoch if logger else (lambda row: None))
-        history, best = _train(model, data, reference, tc, io, dist, tracker)
-        data.splits["train"].close()  # stop reading ahead; free the streaming buffers
-        result = _finish(cfg, data, reference, model, history, best, meta, save, run_dir, device, t_start,
-                         tracker, logger) if dist.is_main else None
+            tracker = make_tracker(cfg, data, reference) if dist.is_main else None
+            logger = open_logger(cfg, name, run_dir) if dist.is_main else None
+            io = _RunIO(name, run_dir, final, save, progress, logger.log_epoch if logger else (lambda row: None))
+            history, best = _train(model, data, reference, tc, io, dist, tracker)
+            data.splits["train"].close()  # stop reading ahead; free the streaming buffers
+            result = _finish(cfg, data, reference, model, history, best, meta, io, device, t_start,
+                             tracker, logger) if dist.is_main else None
+            if dist.is_main:
+                runs.commit(run_dir, cfg.data.cache, name)
+        except TrainingDiverged:
+            if dist.is_main:
+                runs.commit(run_dir, cfg.data.cache, name)  # the record of the failed run, as the message says
+            raise
+        finally:
+            if dist.is_main:
+                runs.discard(run_dir)  # an error or Ctrl-C: the previous run stays (no-op after commit)
     finally:
         data.close()
     dist.barrier()  # the other ranks wait here while rank 0 writes
     return dist.broadcast(result)
 
 
-def _finish(cfg, data, reference, model, history, best, meta, save, run_dir, device, t_start,
+def _finish(cfg, data, reference, model, history, best, meta, io: _RunIO, device, t_start,
             tracker=None, logger=None) -> RunResult:
-    """Rank 0 after training: best weights, test metrics, baselines, run folder, aligned entries,
-    the tracked Platonic values (``tracker``) and the experiment log's final tables (``logger``)."""
-    tc = cfg.train
+    """Rank 0 after training: best weights, test metrics, baselines, run files, aligned entries
+    (tagged with the adapters' sha256), all in the staging folder ``io.run_dir``; the tracked
+    Platonic values (``tracker``) and the experiment log's final tables (``logger``)."""
+    tc, run_dir = cfg.train, io.run_dir
     train_time = time.perf_counter() - t_start
     model.load_state_dict(best.state)
-    sha = save(best)
+    sha = io.save(best)
     test = {runs.ADAPTERS_METHOD: retrieval_metrics(model, data.splits["test"]), **baseline_metrics(data, tc.dim)}
     tracking = (tracker.summary(next(r for r in history if r["epoch"] == best.epoch)) if tracker is not None
                 else None)
     metrics = RunMetrics(
-        run=meta["run"], dataset=meta["dataset"], processes=meta.get("processes", 1), run_dir=str(run_dir),
+        run=meta["run"], dataset=meta["dataset"], processes=meta.get("processes", 1), run_dir=str(io.final),
         best_epoch=best.epoch, epochs_run=len(history), test=test, val_best=best.val, sizes=_sizes(data),
         device=str(device), streamed=data.streaming, temperature=model.temperature(), train_time_s=train_time,
-        reference=None if reference is None else
+        adapter_sha256=sha, reference=None if reference is None else
         {"entry": reference.name, "split": "val", "raw_cka": reference.raw_cka,
          "aligned_cka": {m: best.val.get(f"cka_{m}") for m in reference.rows}}, tracking=tracking)
     metrics.write(run_dir / runs.METRICS)
@@ -477,4 +496,4 @@ def _finish(cfg, data, reference, model, history, best, meta, save, run_dir, dev
     entries = outputs.write_aligned_entries(cfg, meta["run"], run_dir, model, data, sha)
     if logger is not None:
         logger.finish(metrics.to_json(), history, [curves])
-    return RunResult(meta["run"], run_dir, best.epoch, history, metrics, entries)
+    return RunResult(meta["run"], io.final, best.epoch, history, metrics, entries)

@@ -82,7 +82,10 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str,
 def write_aligned_entries(cfg: PipelineConfig, run_name: str, run_dir: Path, model: AlignModel,
                           data: TrainData, adapter_sha256: str) -> dict[str, dict[str, str]]:
     """Embed every row of every split's source entries and write ``<entry>@<run>`` entries
-    next to them (same format); returns {split: {modality: entry name}}."""
+    next to them (same format), their key tagged with ``adapter_sha256`` (readers check it
+    against the run: ``pipeline.runs.check_aligned``); returns {split: {modality: entry name}}.
+    ``run_dir``: the folder being written (scratch space); provenance names the run folder."""
+    final = runs.run_dir(cfg.data.cache, run_name).resolve()
     written: dict[str, dict[str, str]] = {}
     for split, sd in data.splits.items():
         for m, entry in sd.entries.items():
@@ -90,7 +93,7 @@ def write_aligned_entries(cfg: PipelineConfig, run_name: str, run_dir: Path, mod
             fmt = entry.path.suffix.lstrip(".")
             key = {"entry": name, "run": run_name, "source": entry.key, "adapter_sha256": adapter_sha256,
                    "dataset": cfg.data.dataset, "split": split}
-            prov = {"run_dir": str(run_dir.resolve()), "source_entry": entry.name, "source_path": str(entry.path),
+            prov = {"run_dir": str(final), "source_entry": entry.name, "source_path": str(entry.path),
                     "modality": m, "adapter": cfg.train.adapter, "normalised": False}
             path = sibling_path(entry, name)  # the source's folder: same dataset, data folder and split
             if isinstance(sd, StreamSplit):
