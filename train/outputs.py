@@ -85,7 +85,8 @@ def write_aligned_entries(cfg: PipelineConfig, run_name: str, run_dir: Path, mod
             key = {"entry": name, "run": run_name, "source": entry.key, "adapter_sha256": adapter_sha256,
                    "dataset": cfg.data.dataset, "split": split}
             prov = {"run_dir": str(run_dir.resolve()), "source_entry": entry.name, "source_path": str(entry.path),
-                    "modality": m, "adapter": cfg.train.adapter, "normalised": False}
+                    "modality": m, "adapter": cfg.train.adapter, "normalised": False,
+                    "layer": data.layers.get(m)}
             path = entry_path(cfg.data.cache, cfg.data.dataset, split, name, fmt)
             if isinstance(sd, StreamSplit):
                 _write_streamed(path, name, entry, sd, m, model, cfg.train.dim, key, prov, run_dir)
