@@ -330,10 +330,9 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
     rng = np.random.default_rng(tc.seed)
     history: list[dict] = []
     best, first = _Best(), None
-    skipped = ({k: float("nan") for k in _evaluate(model, data, reference)}  # columns of epochs without eval
-               if dist.is_main else {})
+    start = _evaluate(model, data, reference) if dist.is_main else {}  # the weights before any step
+    skipped = {k: float("nan") for k in start}  # columns of epochs without eval
     if tc.init != "random" and dist.is_main:  # the closed-form start is "epoch 0", a candidate for the best
-        start = _evaluate(model, data, reference)
         best = _Best(0, start["val_mean_R"], {k: v.detach().clone() for k, v in model.state_dict().items()},
                      {k[4:]: v for k, v in start.items() if k.startswith("val_")})
         io.save(best)

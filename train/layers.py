@@ -7,8 +7,8 @@ among the stored layers, the one whose features are most similar to the other mo
 The "auto" rule follows STRUCTURE (Gröger, Wen, Le & Brbić, NeurIPS 2025, arXiv 2506.16895, §
 "layer selection"): align the layer pair with the highest representational similarity across
 modalities instead of the last layers. Here the similarity is ``train.layer_metric`` (any name in
-``similarity.metrics.METRICS``; mutual k-NN with k = 10 by default, as in that paper and in
-Huh et al. 2024) between the raw features of the two layers on the train split: one row per
+``similarity.metrics.METRICS``; by default mutual k-NN with k = 10, the measure of Huh et al. 2024
+that the paper uses) between the raw features of the two layers on the train split: one row per
 image (captions: the first one), at most ``train.layer_rows`` rows (a fixed random subset, seed
 0, so the choice does not change with ``train.seed``). Every candidate pair is scored: when
 both sides are "auto" that is the full (image layers x text layers) table; a fixed side is a
