@@ -96,6 +96,15 @@ class TrainConfig:
     wandb_project: str = "platonic-align"  # W&B project name
     wandb_mode: str = "offline"  # offline (no login or network; sync later) | online | disabled
     wandb_group: str = ""  # W&B group (a study sets its name); "" = none
+    init: str = "random"  # adapter start: random | procrustes | cca (closed-form fit on train; linear adapters)
+    structure_weight: float = 0.0  # STRUCTURE geometry-preserving regulariser lambda (0 = off; the paper uses 10)
+    structure_levels: int = 1  # random-walk scales L of the regulariser (softmax similarity matrix powers 1..L)
+    structure_temperature: float = 0.05  # temperature of the regulariser's neighbourhood softmax
+    structure_warmup_epochs: float = 0.0  # linear ramp of structure_weight from 0, in epochs
+    image_layer: str | int = "last"  # image features: last (the entry's features) | k (stored layer k) | auto
+    text_layer: str | int = "last"  # text features: last | k | auto (pair with the highest layer_metric on train)
+    layer_metric: str = "mutual_knn"  # similarity.metrics name used by layer "auto"
+    layer_rows: int = 1000  # train images (fixed random subset) the layer metric is computed on
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extract.on_error": ("error", "skip"),
     "extract.decode": ("auto", "cpu", "gpu"),
     "train.schedule": ("constant", "cosine"),
+    "train.init": ("random", "procrustes", "cca"),
 }
 
 
@@ -171,6 +181,12 @@ def _check_choice(where: str, value: Any) -> None:
 def _coerce(where: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field annotation; convert lists to tuples, ints to floats."""
     origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):  # e.g. str | int: the first member the value fits
+        for member in typing.get_args(annotation):
+            if type(value) is member:
+                return value
+        names = " or ".join(a.__name__ for a in typing.get_args(annotation))
+        raise ConfigError(f"Config key {where!r} expects {names}, got {value!r} ({type(value).__name__}).")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (str, int, float, bool):

@@ -28,7 +28,7 @@ from pipeline.config import TrainConfig
 from pipeline.runs import ADAPTER_JSON, ADAPTER_WEIGHTS, file_sha256, verify_run
 from pipeline.runtime import atomic_write, write_json
 from train.adapters import AlignModel
-from train.data import Stats
+from train.data import Stats, entry_dim
 from train.errors import AdapterMismatchError, TrainError
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,14 @@ def _fingerprint(entry: Entry) -> str | None:
     return None
 
 
-def describe_sources(entries: Mapping[str, Entry], stats: Stats) -> dict:
-    """modality -> {entry, dim, key, fingerprint, mean, std} (JSON-ready)."""
-    return {m: {"entry": e.name, "dim": e.dim, "key": e.key, "fingerprint": _fingerprint(e),
-                "mean": stats.mean[m].tolist(), "std": stats.std[m].tolist()} for m, e in entries.items()}
+def describe_sources(entries: Mapping[str, Entry], stats: Stats,
+                     layers: Mapping[str, int | None] | None = None) -> dict:
+    """modality -> {entry, layer, dim, key, fingerprint, mean, std} (JSON-ready); ``layer`` is the
+    stored hidden layer the adapter reads (None = the entry's features), ``dim`` its width."""
+    layers = layers or {}
+    return {m: {"entry": e.name, "layer": layers.get(m), "dim": entry_dim(e, layers.get(m)), "key": e.key,
+                "fingerprint": _fingerprint(e), "mean": stats.mean[m].tolist(), "std": stats.std[m].tolist()}
+            for m, e in entries.items()}
 
 
 def save_adapters(run_dir: Path, model: AlignModel, tc: TrainConfig, sources: dict, extra: Mapping) -> str:
@@ -118,12 +122,19 @@ class Run:
         return out.cpu().numpy()
 
     def check_entry(self, modality: str, entry: Entry) -> None:
-        """Error unless ``entry`` comes from the encoder this modality's adapter was trained on."""
+        """Error unless ``entry`` comes from the encoder (and has the layer) this modality's
+        adapter was trained on."""
         src = self.source(modality)
-        enc_a, enc_b = src["key"].get("encoder"), entry.key.get("encoder")
-        if entry.name != src["entry"] or entry.dim != src["dim"] or (enc_a and enc_b and enc_a != enc_b):
+        layer = src.get("layer")
+        if layer is not None and layer not in entry.layers:
             raise AdapterMismatchError(
-                f"Cache entry {entry.name!r} ({entry.dim}-d, {entry.path}) is not the encoder adapter "
+                f"Adapter {modality!r} of run {str(self.run_dir)!r} reads hidden layer {layer} of {src['entry']!r}, "
+                f"which cache entry {entry.name!r} ({entry.path}) does not store; extract it with --layers all.")
+        dim = entry_dim(entry, layer)
+        enc_a, enc_b = src["key"].get("encoder"), entry.key.get("encoder")
+        if entry.name != src["entry"] or dim != src["dim"] or (enc_a and enc_b and enc_a != enc_b):
+            raise AdapterMismatchError(
+                f"Cache entry {entry.name!r} ({dim}-d, {entry.path}) is not the encoder adapter "
                 f"{modality!r} of run {str(self.run_dir)!r} was trained on ({src['entry']!r}, {src['dim']}-d).")
 
     def modality_of(self, entry: Entry) -> str:
@@ -136,10 +147,11 @@ class Run:
                                    f"(trained on {trained}).")
 
     def embed_entry(self, entry: Entry, modality: str | None = None, normalize: bool = False) -> np.ndarray:
-        """(n, dim) embeddings of every row of a cache entry, after checking its encoder."""
+        """(n, dim) embeddings of every row of a cache entry (of the hidden layer the adapter was
+        trained on, if any), after checking its encoder."""
         modality = modality or self.modality_of(entry)
         self.check_entry(modality, entry)
-        return self.embed(modality, entry.features(), normalize)
+        return self.embed(modality, entry.features(self.source(modality).get("layer")), normalize)
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> Run:

@@ -26,7 +26,7 @@ contributes to the train pairs) are accumulated exactly in float64 over blocks o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -64,11 +64,17 @@ def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
     return e
 
 
-def read_features(entry: Entry) -> np.ndarray:
-    """(n, d) float32 features of an entry; NaN/inf is an error naming the first bad row id."""
-    x = entry.features()
+def read_features(entry: Entry, layer: int | None = None) -> np.ndarray:
+    """(n, d) float32 features of an entry (or its stored hidden layer ``layer``); NaN/inf is an
+    error naming the first bad row id."""
+    x = entry.features(layer)
     check_finite_rows(entry, x)
     return x
+
+
+def entry_dim(entry: Entry, layer: int | None = None) -> int:
+    """Feature dimension of an entry's ``features`` or of its hidden layer ``layer``."""
+    return entry.dim if layer is None else int(entry.features(layer, slice(0, 1)).shape[1])
 
 
 
@@ -138,11 +144,13 @@ class Stats:
 
 @dataclass
 class TrainData:
-    """Every split plus the train-split statistics. dims: modality -> input dimension."""
+    """Every split plus the train-split statistics. dims: modality -> input dimension;
+    layers: modality -> the stored hidden layer read (None = the entry's features)."""
 
     splits: dict[str, SplitData]
     stats: Stats
     dims: dict[str, int]
+    layers: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def modalities(self) -> list[str]:
@@ -196,38 +204,45 @@ def _used_mask(n: int, rows: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _check_dims(split: str, entries: Mapping[str, Entry], dims: Mapping[str, int]) -> None:
+def _check_dims(split: str, entries: Mapping[str, Entry], dims: Mapping[str, int],
+                layers: Mapping[str, int | None]) -> None:
     for m, e in entries.items():
-        if e.dim != dims[m]:
-            raise TrainError(f"Entry {e.name!r} has {e.dim}-d features in split {split!r} but "
+        if entry_dim(e, layers[m]) != dims[m]:
+            raise TrainError(f"Entry {e.name!r} has {entry_dim(e, layers[m])}-d features in split {split!r} but "
                              f"{dims[m]}-d in 'train'; the splits were extracted with different encoders. "
                              f"Re-extract with --force.")
 
 
 def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, ...] = SPLITS,
-              stream: bool | None = None) -> TrainData:
+              stream: bool | None = None, layers: Mapping[str, int | None] | None = None) -> TrainData:
     """Open, check, join and standardise ``splits`` (must include train); features end up on
     ``device``, except a streamed train split (read during training).
 
     stream: None = stream the train split when ``train.max_rows_in_memory`` > 0 and the split
     has more pairs than that; True/False forces it (True needs max_rows_in_memory > 0).
+    layers: modality -> stored hidden layer to read instead of the entry's features (None or
+    absent = features); see ``train.layers``. Not with a streamed train split.
     """
     tc = cfg.train
     names = modality_entries(tc)
+    layers = {m: (layers or {}).get(m) for m in names}
     entries = {s: {m: open_entry_for(cfg, s, e) for m, e in names.items()} for s in splits}
     joined = {s: _join(entries[s]) for s in splits}
-    dims = {m: e.dim for m, e in entries["train"].items()}
+    dims = {m: entry_dim(e, layers[m]) for m, e in entries["train"].items()}
     for s in splits:
-        _check_dims(s, entries[s], dims)
+        _check_dims(s, entries[s], dims, layers)
     train_pairs = joined["train"][0]
     if stream is None:
         stream = 0 < tc.max_rows_in_memory < len(train_pairs)
     if stream and tc.max_rows_in_memory <= 0:
         raise TrainError("Streaming the train split needs train.max_rows_in_memory > 0 (pairs held at once): "
                          "pass --max-rows-in-memory PAIRS (or --set train.max_rows_in_memory=PAIRS).")
+    if stream and any(v is not None for v in layers.values()):
+        raise TrainError("A streamed train split reads the entries' last-layer features only; set "
+                         "train.image_layer/text_layer = \"last\" or raise train.max_rows_in_memory.")
     used = {m: _used_mask(entries["train"][m].n, train_pairs[:, j]) for j, m in enumerate(names)}
     block = max(1, tc.stream_block)
-    raw = {s: None if (s == "train" and stream) else {m: read_features(e) for m, e in entries[s].items()}
+    raw = {s: None if (s == "train" and stream) else {m: read_features(e, layers[m]) for m, e in entries[s].items()}
            for s in splits}
 
     def train_blocks(m: str) -> Iterable[np.ndarray]:  # lazy: nothing is read unless standardising
@@ -253,4 +268,4 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
         out[s] = SplitData(s, list(names), feats, torch.as_tensor(pairs, dtype=torch.long, device=device),
                            ret, entries[s])
         raw[s] = None
-    return TrainData(out, stats, dims)
+    return TrainData(out, stats, dims, layers)

@@ -39,8 +39,8 @@ from pipeline.runtime import resolve_device, write_json
 from train import outputs
 from train.adapters import AlignModel, check_adapter_name
 from train.api import describe_sources, save_adapters
-from train.baselines import FROM_MOMENTS, accumulate_moments, pair_moments
-from train.data import SPLITS, SplitData, TrainData, load_data
+from train.baselines import FROM_MOMENTS
+from train.data import SPLITS, SplitData, Stats, TrainData, load_data, open_entry_for
 from train.distributed import Dist, gather_with_grad, setup
 from train.errors import ConfigValueError, TrainError, TrainingDiverged
 from train.evaluate import Reference, check_finite, load_reference, retrieval_metrics
@@ -49,6 +49,9 @@ from train.retrieval import retrieval_summary
 from train.stream import StreamSplit
 from train.tracking import Tracker, check_track_metrics, make_tracker
 from train.wandb_log import check_settings, open_logger
+from train.init import apply_init, check_init, train_moments
+from train.layers import check_layers, choose_layers
+from train.structure import StructureTerm, check_structure
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,8 @@ def check_config(tc: TrainConfig) -> None:
         if not ok:
             raise ConfigValueError(f"train.{key} = {getattr(tc, key)!r} is out of range: it must be {allowed} "
                                    f"(set it with --set train.{key}=VALUE).")
+    for check in (check_structure, check_layers, check_init):  # small-data options (their own modules)
+        check(tc)
     resolve_device(tc.device)  # DeviceError for names torch does not know, or CUDA without CUDA
     runs.check_run_name(runs.default_run_name(tc))
 
@@ -162,7 +167,7 @@ class Trainer:
     """
 
     def __init__(self, model: AlignModel, split: SplitData | StreamSplit, tc: TrainConfig,
-                 graph: bool | None = None, dist: Dist | None = None):
+                 graph: bool | None = None, dist: Dist | None = None, stats: Stats | None = None):
         self.model, self.split, self.tc = model, split, tc
         self.dist = dist or Dist()
         self.batch = min(tc.batch_size, split.n_pairs)
@@ -193,6 +198,9 @@ class Trainer:
         self.perm = torch.arange(self.batch, device=self.device)  # (batch,) mixup partner rows
         self.lam = torch.ones((), device=self.device)  # mixup lambda
         self.total = torch.zeros((), device=self.device)  # summed loss of the current epoch
+        self.structure = None if tc.structure_weight == 0 else StructureTerm(  # STRUCTURE regulariser
+            tc, stats.mean if stats else {m: 0.0 for m in split.modalities},
+            stats.std if stats else {m: 1.0 for m in split.modalities}, self.steps_per_epoch, self.device)
         self._graph = self._capture() if self.graph else None
 
     def batch_loss(self) -> torch.Tensor:
@@ -209,7 +217,11 @@ class Trainer:
         zs, scale = self.embed(xs)
         if self.dist.enabled:
             zs = [gather_with_grad(z) for z in zs]  # (batch, dim): every rank sees all negatives
-        return multi_info_nce(zs, scale, self.loss)
+        loss = multi_info_nce(zs, scale, self.loss)
+        if self.structure is not None:  # on the whole global batch, like the InfoNCE term
+            xs = [gather_with_grad(x) for x in xs] if self.dist.enabled else xs
+            loss = loss + self.structure(self.split.modalities, xs, zs)
+        return loss
 
     def _body(self) -> None:
         """Forward, backward and update on the static buffers (also what the graph records)."""
@@ -259,6 +271,8 @@ class Trainer:
     def step(self, rows: torch.Tensor, gen: torch.Generator, rng: np.random.Generator) -> None:
         """One update on the global batch of pairs ``rows`` (batch, M) (rows into ``features``)."""
         self._set_lr(self.lr_at(self.step_count))
+        if self.structure is not None:
+            self.structure.set_step(self.step_count)
         self.rows.copy_(rows)
         if self.tc.mixup > 0:
             self.lam.fill_(float(rng.beta(self.tc.mixup, self.tc.mixup)))
@@ -332,13 +346,17 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
     dist = dist or Dist()
     run_dir = io.run_dir
     train = data.splits["train"]
-    trainer = Trainer(model, train, tc, dist=dist)
+    trainer = Trainer(model, train, tc, dist=dist, stats=data.stats)
     gen = torch.Generator(device=trainer.device).manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     history: list[dict] = []
     best, first = _Best(), None
-    skipped = ({k: float("nan") for k in _evaluate(model, data, reference, tracker)}  # columns of epochs without eval
-               if dist.is_main else {})
+    start = _evaluate(model, data, reference, tracker) if dist.is_main else {}  # the weights before any step
+    skipped = {k: float("nan") for k in start}  # columns of epochs without eval
+    if tc.init != "random" and dist.is_main:  # the closed-form start is "epoch 0", a candidate for the best
+        best = _Best(0, start["val_mean_R"], {k: v.detach().clone() for k, v in model.state_dict().items()},
+                     {k[4:]: v for k, v in start.items() if k.startswith("val_")})
+        io.save(best)
     bar = tqdm(range(1, tc.epochs + 1), desc=f"fit {io.name}", unit="epoch",
                disable=(None if io.progress is None else not io.progress) if dist.is_main else True)
     for epoch in bar:
@@ -382,12 +400,9 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
 def baseline_metrics(data: TrainData, dim: int) -> dict[str, dict[str, float]]:
     """Test recall of each closed-form baseline, fitted on the train pairs of the first two
     modalities (their moments accumulated over blocks, streamed when the train split is)."""
-    train, test = data.splits["train"], data.splits["test"]
-    (a, b), r = next(iter(test.retrieval.items()))
-    if isinstance(train, StreamSplit):
-        mom = accumulate_moments(train.iter_pairs([a, b]))
-    else:
-        mom = pair_moments(train.features[a], train.features[b], train.pairs[:, 0], train.pairs[:, 1])
+    test = data.splits["test"]
+    a, b, mom = train_moments(data)
+    r = test.retrieval[(a, b)]
     out = {}
     for name, fit in FROM_MOMENTS.items():
         al = fit(mom, dim)
@@ -431,7 +446,9 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
     if require_reference is None:
         require_reference = tc.reference != TrainConfig().reference
     t_start = time.perf_counter()
-    data = load_data(cfg, device, splits=SPLITS if dist.is_main else ("train",))
+    choice = choose_layers(cfg, {m: open_entry_for(cfg, "train", e) for m, e in runs.modality_entries(tc).items()},
+                           str(device))
+    data = load_data(cfg, device, splits=SPLITS if dist.is_main else ("train",), layers=choice.layers)
     try:
         reference = load_reference(cfg, data, require_reference) if dist.is_main else None
         name = runs.default_run_name(tc)
@@ -442,8 +459,9 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
                 write_json(run_dir / runs.CONFIG, {"source": cfg.source, **cfg.to_dict()})
             torch.manual_seed(tc.seed)
             model = AlignModel(data.dims, tc).to(device)
-            sources = describe_sources(data.splits["train"].entries, data.stats)
-            meta = {"run": name, "dataset": cfg.data.dataset}
+            apply_init(model, data, tc)  # closed-form start (train.init), same on every rank
+            sources = describe_sources(data.splits["train"].entries, data.stats, data.layers)
+            meta = {"run": name, "dataset": cfg.data.dataset, "layers": choice.to_json()}
             if dist.enabled:
                 meta["processes"] = dist.world_size
 

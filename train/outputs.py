@@ -90,11 +90,11 @@ def write_aligned_entries(cfg: PipelineConfig, run_name: str, run_dir: Path, mod
     for split, sd in data.splits.items():
         for m, entry in sd.entries.items():
             name = runs.aligned_name(entry.name, run_name)
-            fmt = entry.path.suffix.lstrip(".")
             key = {"entry": name, "run": run_name, "source": entry.key, "adapter_sha256": adapter_sha256,
                    "dataset": cfg.data.dataset, "split": split}
             prov = {"run_dir": str(final), "source_entry": entry.name, "source_path": str(entry.path),
-                    "modality": m, "adapter": cfg.train.adapter, "normalised": False}
+                    "modality": m, "adapter": cfg.train.adapter, "normalised": False,
+                    "layer": data.layers.get(m)}
             path = sibling_path(entry, name)  # the source's folder: same dataset, data folder and split
             if isinstance(sd, StreamSplit):
                 _write_streamed(path, name, entry, sd, m, model, cfg.train.dim, key, prov, run_dir)
