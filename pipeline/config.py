@@ -83,6 +83,8 @@ class TrainConfig:
     mixup: float = 0.0  # latent mixup alpha (0 = off); one lambda ~ Beta(alpha, alpha) for both modalities
     standardize: bool = True  # z-score inputs with train-split mean/std (saved with the adapters)
     seed: int = 0  # seeds init, batch order and mixup
+    train_fraction: float = 1.0  # share of the train images used, in (0, 1]: a seeded, nested subset
+    #   (the first round(f * n) of a permutation of the image ids seeded by train.seed)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     reference: str = "dinov2"  # cache entry used for the per-epoch CKA curve ("" = none)
     name: str = ""  # run name; "" = <image>-<text>-<adapter>
@@ -126,11 +128,19 @@ class AnalyzeConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    name: str = "study"  # study name: outputs go to <analyze.out>/<dataset>/<analyze.split>/studies/<name>/
+    repeat: str = "train.seed"  # the axis the summary averages over (its values are repeats); "" = none
+    axes: dict = field(default_factory=dict)  # dotted config key -> list of values; the grid is their product
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     source: str = "defaults"  # where the values came from (file path), for provenance
 
     def to_dict(self) -> dict:
@@ -138,7 +148,7 @@ class PipelineConfig:
         return {s: _plain(dataclasses.asdict(getattr(self, s))) for s in SECTIONS}
 
 
-SECTIONS = ("data", "extract", "train", "analyze")
+SECTIONS = ("data", "extract", "train", "analyze", "study")
 
 # Keys whose value is one of a fixed set; checked when the config is built, before any work starts.
 # (Names that live in a registry of a stage above pipeline/ -- encoders, adapters, metrics, datasets --
@@ -283,19 +293,37 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
         config = dataclasses.replace(_merge(config, tree, str(path)), source=str(path))
     extra: dict = {}
     for text in overrides:
-        keys, value = parse_override(text)
-        if len(keys) > 2:  # a path into a dict-valued key: merge into the current dict
-            section, key = keys[0], keys[1]
-            hints = _section_fields(section) if section in SECTIONS else {}
-            if section in SECTIONS and key in hints and hints[key] is dict:
-                current = extra.get(section, {}).get(key, getattr(getattr(config, section), key))
-                value = _deep_update(dict(current), _nest(keys[2:], value))
-                keys = keys[:2]
-        _deep_update(extra, _nest(keys, value))
+        _add_path(extra, config, *parse_override(text))
     for key, value in (options or {}).items():
         if value is not None:
             _deep_update(extra, _nest(key.split("."), value))
     return _merge(config, extra, "command-line options") if extra else config
+
+
+def _add_path(extra: dict, config: PipelineConfig, keys: list[str], value: Any) -> None:
+    """Put ``value`` at ``keys`` (section, key[, deeper...]) into the update tree ``extra``; a
+    path into a dict-valued key merges into that key's current dict."""
+    if len(keys) > 2:
+        section, key = keys[0], keys[1]
+        hints = _section_fields(section) if section in SECTIONS else {}
+        if section in SECTIONS and key in hints and hints[key] is dict:
+            current = extra.get(section, {}).get(key, getattr(getattr(config, section), key))
+            value = _deep_update(dict(current), _nest(keys[2:], value))
+            keys = keys[:2]
+    _deep_update(extra, _nest(keys, value))
+
+
+def with_values(config: PipelineConfig, values: Mapping[str, Any], origin: str = "values") -> PipelineConfig:
+    """``config`` with dotted keys set, e.g. ``{"train.lr": 3e-4, "extract.encoder_options.gpt2.pooling":
+    "last"}``: checked as a config file is (unknown keys with close matches, types, choices);
+    ``origin`` names the source in errors. ``config.source`` is kept."""
+    extra: dict = {}
+    for key, value in values.items():
+        keys = [p for p in str(key).split(".") if p]
+        if len(keys) < 2:
+            raise ConfigError(f"Config key {key!r} ({origin}) must name a section and a key, e.g. train.lr.")
+        _add_path(extra, config, keys, value)
+    return _merge(config, extra, origin) if extra else config
 
 
 def config_default(key: str) -> Any:

@@ -148,7 +148,8 @@ class RunMetrics:
     test: method -> {"i2t_R@1", ..., "t2i_R@10", "mean_R"} test recall in [0, 1]; the method
     ``ADAPTERS_METHOD`` ("infonce") is the trained adapters, the others are baselines (cca,
     procrustes). val_best: the best epoch's validation row (recall, and ``cka_<modality>`` with
-    a reference). sizes: split -> {"pairs": n, <modality>: rows}. reference: {"entry", "split",
+    a reference). sizes: split -> {"pairs": n, <modality>: rows}; train also has
+    "pairs_before_fraction" (``train_fraction`` < 1 keeps a subset). reference: {"entry", "split",
     "raw_cka", "aligned_cka"} or None. adapter_sha256: the adapters these numbers were measured
     with. Non-finite numbers are stored as JSON null.
     """
@@ -169,6 +170,7 @@ class RunMetrics:
     train_time_s: float | None = None
     tracking: dict | None = None  # the Platonic criterion on val at the best epoch (train.tracking)
     adapter_sha256: str = ""  # sha256 of the run's adapters.safetensors ("" in runs of older versions)
+    train_fraction: float = 1.0  # train.train_fraction: share of the train images used (sizes: pairs kept)
 
     @property
     def adapters(self) -> dict[str, float] | None:

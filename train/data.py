@@ -18,6 +18,10 @@ split is a ``train.stream.StreamSplit`` instead: its features are read from the 
 windows during training (see that module). Val and test stay in memory (they are small:
 about 1,000 images each for Flickr30k and COCO's Karpathy split).
 
+``train.train_fraction`` < 1 keeps a seeded, nested subset of the train pairs (by image id;
+``train.fraction``) before anything else, so the statistics, the baselines and streaming all see
+only the kept pairs.
+
 Standardisation statistics (per-column mean and std over the distinct rows each modality
 contributes to the train pairs) are accumulated exactly in float64 over blocks of
 ``train.stream_block`` entry rows, in both paths alike, so both give the same numbers.
@@ -37,6 +41,7 @@ from pipeline.config import PipelineConfig
 from pipeline.join import join_pairs, join_rows
 from pipeline.runs import check_aligned, modality_entries, source_of
 from train.errors import TrainError
+from train.fraction import subset_train
 from train.stream import (RunningMoments, StreamSplit, check_finite_rows, plan_stream, read_rows,
                           used_row_blocks)
 
@@ -151,6 +156,7 @@ class TrainData:
     stats: Stats
     dims: dict[str, int]
     layers: dict[str, int | None] = field(default_factory=dict)
+    train_pairs_total: int = 0  # train pairs before train.train_fraction was applied
 
     @property
     def modalities(self) -> list[str]:
@@ -228,6 +234,11 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
     layers = {m: (layers or {}).get(m) for m in names}
     entries = {s: {m: open_entry_for(cfg, s, e) for m, e in names.items()} for s in splits}
     joined = {s: _join(entries[s]) for s in splits}
+    total = len(joined["train"][0])
+    first = next(iter(names))
+    joined["train"] = subset_train(entries["train"][first], joined["train"], tc.train_fraction, tc.seed)
+    if tc.train_fraction != 1.0:
+        log.info("train.train_fraction = %g: %d of %d train pairs", tc.train_fraction, len(joined["train"][0]), total)
     dims = {m: entry_dim(e, layers[m]) for m, e in entries["train"].items()}
     for s in splits:
         _check_dims(s, entries[s], dims, layers)
@@ -268,4 +279,4 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
         out[s] = SplitData(s, list(names), feats, torch.as_tensor(pairs, dtype=torch.long, device=device),
                            ret, entries[s])
         raw[s] = None
-    return TrainData(out, stats, dims, layers)
+    return TrainData(out, stats, dims, layers, total)

@@ -91,7 +91,8 @@ def check_config(tc: TrainConfig) -> None:
              ("warmup_epochs", tc.warmup_epochs >= 0, ">= 0"), ("weight_decay", tc.weight_decay >= 0, ">= 0"),
              ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("hidden", tc.hidden >= 1, ">= 1"),
              ("bottleneck", tc.bottleneck >= 1, ">= 1"), ("depth", tc.depth >= 0, ">= 0"),
-             ("max_rows_in_memory", tc.max_rows_in_memory >= 0, ">= 0"), ("stream_block", tc.stream_block >= 1, ">= 1")]
+             ("max_rows_in_memory", tc.max_rows_in_memory >= 0, ">= 0"), ("stream_block", tc.stream_block >= 1, ">= 1"),
+             ("train_fraction", 0 < tc.train_fraction <= 1, "in (0, 1]")]
     for key, ok, allowed in rules:
         if not ok:
             raise ConfigValueError(f"train.{key} = {getattr(tc, key)!r} is out of range: it must be {allowed} "
@@ -415,6 +416,8 @@ def _sizes(data: TrainData) -> dict:
     for s, sd in data.splits.items():
         (a, b), r = next(iter(sd.retrieval.items()))
         out[s] = {"pairs": sd.n_pairs, a: int(r.rows_a.shape[0]), b: int(r.rows_b.shape[0])}
+    if "train" in out and data.train_pairs_total:
+        out["train"]["pairs_before_fraction"] = data.train_pairs_total
     return out
 
 
@@ -506,7 +509,8 @@ def _finish(cfg, data, reference, model, history, best, meta, io: _RunIO, device
         run=meta["run"], dataset=meta["dataset"], processes=meta.get("processes", 1), run_dir=str(io.final),
         best_epoch=best.epoch, epochs_run=len(history), test=test, val_best=best.val, sizes=_sizes(data),
         device=str(device), streamed=data.streaming, temperature=model.temperature(), train_time_s=train_time,
-        adapter_sha256=sha, reference=None if reference is None else
+        adapter_sha256=sha, train_fraction=tc.train_fraction,
+        reference=None if reference is None else
         {"entry": reference.name, "split": "val", "raw_cka": reference.raw_cka,
          "aligned_cka": {m: best.val.get(f"cka_{m}") for m in reference.rows}}, tracking=tracking)
     metrics.write(run_dir / runs.METRICS)

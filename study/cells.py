@@ -1,0 +1,179 @@
+"""Running one cell of a study, and its result file.
+
+A cell runs only what it needs:
+
+1. extraction, for the encoders it uses (``train.image``, ``train.text``, ``train.modalities``,
+   ``train.reference``, ``analyze.reference``) that are not yet cached for every split it reads
+   (train, val, test and ``analyze.split``): ``extract.run.extract`` with just those encoders;
+2. training, unless its run folder already holds a finished run (metrics.json) whose
+   config.json has the cell's training configuration (:func:`study.grid.train_hash`) and whose
+   aligned entries exist: ``train.fit.fit_adapters``;
+3. the Platonic test: ``analyze.platonic.platonic_test`` (no kernel figure).
+
+Its result is one JSON file, ``<study>/cells/<cell_id>.json``, written atomically when the cell
+ends (done or failed): ``cell_id``, ``index``, ``values``, ``config_hash``, ``run``, ``status``,
+``error`` (and ``traceback`` for an unexpected error), ``trained`` (False when the run was
+reused), ``seconds``, ``finished`` and ``row`` (the cells.csv row). A cell whose file has
+status "done" and the current ``config_hash`` is finished; anything else (no file, failed,
+another hash) runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from analyze.compare import load_joined, metric_kwargs, resolve_metrics
+from analyze.platonic import platonic_test
+from extract.run import extract
+from pipeline.cache import CacheError, find_entry
+from pipeline.config import PipelineConfig, with_values
+from pipeline.errors import PipelineError
+from pipeline.runs import CONFIG, METRICS, aligned_name, is_aligned, modality_entries, read_run, run_dir
+from pipeline.runtime import utc_now, write_json
+from study.grid import Cell, train_hash
+from study.table import flat_platonic, retrieval_columns
+from train.data import SPLITS
+from train.fit import fit_adapters
+
+log = logging.getLogger(__name__)
+
+CELLS_DIR = "cells"  # <study>/cells/<cell_id>.json
+FORMAT = 1  # version of the cell result file
+
+
+@dataclass
+class Memo:
+    """What a study computes once and shares between cells: encoder entries known to be cached
+    ({(cache, dataset, split, entry)}) and the pre-training pair scores ({key: columns})."""
+
+    cached: set = field(default_factory=set)
+    pair_scores: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- result files
+def cell_path(study_dir: Path, cell: Cell) -> Path:
+    return study_dir / CELLS_DIR / f"{cell.cell_id}.json"
+
+
+def read_result(path: Path) -> dict | None:
+    """A cell result file, or None when absent or unreadable (a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        log.warning("ignoring unreadable cell result %s: %s", path, exc)
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def is_finished(doc: dict | None, cell: Cell) -> bool:
+    """True when ``doc`` records this cell done with its current configuration hash."""
+    return bool(doc) and doc.get("status") == "done" and doc.get("config_hash") == cell.config_hash
+
+
+# ----------------------------------------------------------------------------- the three steps
+def encoders_of(cfg: PipelineConfig) -> list[str]:
+    """Encoder entries a cell reads (aligned ``<encoder>@<run>`` sources excluded)."""
+    names = [*modality_entries(cfg.train).values(), cfg.train.reference, cfg.analyze.reference]
+    return [n for n in dict.fromkeys(names) if n and not is_aligned(n)]
+
+
+def ensure_entries(cfg: PipelineConfig, memo: Memo) -> list[str]:
+    """Extract the cell's encoders missing from the cache (module docstring); returns their names."""
+    splits = list(dict.fromkeys([*SPLITS, cfg.analyze.split]))
+    missing = []
+    for name in encoders_of(cfg):
+        for split in splits:
+            key = (str(cfg.data.cache), cfg.data.dataset, split, name)
+            if key in memo.cached:
+                continue
+            try:
+                find_entry(cfg.data.cache, cfg.data.dataset, split, name)
+                memo.cached.add(key)
+            except CacheError:
+                missing.append(name)
+                break
+    if missing:
+        log.info("extracting %s", ", ".join(missing))
+        options = {k: v for k, v in cfg.extract.encoder_options.items() if k in missing}
+        extract(with_values(cfg, {"extract.encoders": missing, "extract.encoder_options": options}))
+    return missing
+
+
+def finished_run(cfg: PipelineConfig, run: str):
+    """The run's RunMetrics when its folder holds a finished training of this configuration
+    (same training hash, aligned entries present), else None."""
+    folder = run_dir(cfg.data.cache, run)
+    if not (folder / METRICS).is_file() or not (folder / CONFIG).is_file():
+        return None
+    info = read_run(folder)
+    if info.metrics is None or train_hash(info.config) != train_hash(cfg):
+        return None
+    try:
+        for name in (cfg.train.image, cfg.train.text):
+            find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, aligned_name(name, run))
+    except CacheError:
+        return None
+    return info.metrics
+
+
+def pair_columns(cfg: PipelineConfig, memo: Memo) -> dict[str, float]:
+    """``pair.<metric>``: each analyze metric between the frozen image and text encoders on
+    ``analyze.split`` (rows joined by image id), computed once per pair and settings."""
+    a, tc = cfg.analyze, cfg.train
+    key = (str(cfg.data.cache), cfg.data.dataset, a.split, tc.image, tc.text, a.metrics, a.k, a.max_rows, a.seed)
+    if key not in memo.pair_scores:
+        joined = load_joined(cfg, [tc.image, tc.text])
+        X, Y = joined.features[tc.image], joined.features[tc.text]
+        memo.pair_scores[key] = {f"pair.{m}": float(fn(X, Y, **metric_kwargs(fn, a.k)))
+                                 for m, fn in resolve_metrics(a.metrics).items()}
+    return memo.pair_scores[key]
+
+
+def compute_cell(cell: Cell, memo: Memo) -> tuple[dict, bool]:
+    """Run the cell's three steps; returns (its measured columns, whether it trained)."""
+    cfg = cell.config
+    ensure_entries(cfg, memo)
+    metrics = finished_run(cfg, cell.run)
+    trained = metrics is None
+    if trained:
+        metrics = fit_adapters(cfg, progress=False).metrics
+    platonic = platonic_test(cfg, cell.run, kernels=False)
+    row = {**retrieval_columns(metrics), **pair_columns(cfg, memo), **flat_platonic(platonic)}
+    return row, trained
+
+
+def run_cell(cell: Cell, study_dir: Path, memo: Memo) -> dict:
+    """Run one cell and write its result file; an error is recorded (status "failed") and not
+    raised, except KeyboardInterrupt / SystemExit, which stop the study (the cell runs again
+    next time). Returns the result document."""
+    t0 = time.perf_counter()
+    doc: dict[str, Any] = {"format": FORMAT, "cell_id": cell.cell_id, "index": cell.index, "values": cell.values,
+                           "config_hash": cell.config_hash, "run": cell.run}
+    try:
+        row, trained = compute_cell(cell, memo)
+        doc.update(status="done", error="", trained=trained, row=row)
+    except Exception as exc:  # noqa: BLE001 - one failing cell must not stop the study
+        expected = isinstance(exc, PipelineError)
+        doc.update(status="failed", error=f"{type(exc).__name__}: {exc}", trained=None, row={})
+        if not expected:  # a bug, not a bad setting: keep the traceback
+            doc["traceback"] = traceback.format_exc()
+        log.error("cell %s failed: %s", cell.cell_id, doc["error"], exc_info=not expected)
+    doc.update(seconds=time.perf_counter() - t0, finished=utc_now())
+    path = cell_path(study_dir, cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, doc)
+    return doc
+
+
+def cell_row(cell: Cell, doc: dict) -> dict:
+    """The cells.csv row of a result document: axes, run, status, error, then its columns."""
+    return {**cell.values, "run": cell.run, "status": doc.get("status", ""), "error": doc.get("error", ""),
+            **(doc.get("row") or {})}

@@ -1,0 +1,185 @@
+"""The grid of a study: ``[study.axes]`` (dotted config key -> list of values) expanded into cells.
+
+A cell is one combination of axis values (the product of the axes, in the order the axes are
+written, the last axis varying fastest) applied to the base configuration. Every cell gets
+
+* ``config_hash``: sha256 of its resolved configuration (every section but ``[study]``, without
+  the execution-only keys of ``EXECUTION_KEYS``). The cell's result file records it, and a rerun
+  skips a cell only when the file's hash equals the current one (a finished cell is recognised
+  by its configuration, not by its name);
+* ``run``: the fit-adapters run it trains, ``<study>_<values of the data/extract/train axes>-<hash>``
+  with the hash of the training configuration (sections data, extract, train) only, so cells
+  that differ only in an ``analyze.*`` axis share one training;
+* ``cell_id``: ``<values of every axis>-<config hash>``, the name of its result file.
+
+Everything is checked before any work starts: unknown keys (with close matches), values of the
+wrong type (each cell's configuration is built), empty or repeated values, and keys a study
+cannot vary (``train.name``: the study names the runs; ``study.*``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pipeline.config import SECTIONS, ConfigError, PipelineConfig, config_default, with_values
+from pipeline.errors import did_you_mean
+from pipeline.runs import check_run_name
+from pipeline.runtime import dumps_json
+
+STUDY_SECTION = "study"
+FIXED_KEYS = ("train.name",)  # the study sets these itself
+# Keys that change how a cell runs, not what it computes; left out of the configuration hashes.
+EXECUTION_KEYS = ("train.name", "train.device", "extract.device", "extract.workers", "extract.batch_size",
+                  "extract.chunk_rows", "extract.encoders", "analyze.kernel_rows", "analyze.out")
+TRAIN_SECTIONS = ("data", "extract", "train")  # what a run's training depends on
+HASH_CHARS = 8  # hex digits of a hash shown in names
+READABLE_MAX = 60  # characters of axis values kept in a name
+
+
+class StudyError(ConfigError):
+    """A [study] section that cannot be run (it is a config error: nothing has started)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid. values: {axis key: value}; config: the resolved configuration
+    (``train.name`` = ``run``)."""
+
+    index: int
+    values: dict
+    config: PipelineConfig
+    config_hash: str
+    run: str
+    cell_id: str
+
+
+# ----------------------------------------------------------------------------- axes
+def flatten_axes(axes: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables to dotted keys: ``{"train": {"seed": [0, 1]}}`` -> ``{"train.seed": [0, 1]}``
+    (``[study.axes.train]`` tables and ``--set study.axes.train.seed=[0,1]`` give nested dicts).
+    The values of an axis are a list, so every table is a level of the key."""
+    out: dict[str, Any] = {}
+    for key, value in axes.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_axes(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_key(key: str) -> None:
+    """A StudyError unless ``key`` is a config key a study may vary (close matches in the message)."""
+    section, _, rest = key.partition(".")
+    if section == STUDY_SECTION:
+        raise StudyError(f"Study axis {key!r}: the [study] section cannot be an axis.")
+    if key in FIXED_KEYS:
+        raise StudyError(f"Study axis {key!r}: the study names each cell's run itself; remove this axis.")
+    name, _, deeper = rest.partition(".")
+    try:
+        default = config_default(f"{section}.{name}")
+    except ConfigError as exc:
+        raise StudyError(f"Study axis {key!r}: {exc}") from None
+    if deeper and not isinstance(default, dict):
+        raise StudyError(f"Study axis {key!r}: {section}.{name} is not a table, so it has no key {deeper!r}.")
+
+
+def check_axes(axes: Mapping[str, Any]) -> dict[str, list]:
+    """The axes as {dotted key: list of values}, checked (see the module docstring)."""
+    flat = flatten_axes(axes)
+    if not flat:
+        raise StudyError('study.axes is empty: add a [study.axes] table, e.g. "train.seed" = [0, 1, 2].')
+    out = {}
+    for key, values in flat.items():
+        check_key(key)
+        if not isinstance(values, (list, tuple)) or not values:
+            raise StudyError(f"Study axis {key!r} must be a non-empty list of values, got {values!r}.")
+        seen = [dumps_json(v, indent=None, sort_keys=True) for v in values]
+        if len(set(seen)) != len(seen):
+            raise StudyError(f"Study axis {key!r} lists a value twice: {list(values)!r}.")
+        out[key] = list(values)
+    return out
+
+
+def check_repeat(repeat: str, axes: Mapping[str, list]) -> str:
+    """``study.repeat``: "" (none) or one of the axes; a valid config key that is not an axis is
+    treated as none (one cell per setting); anything else is an error."""
+    if not repeat or repeat in axes:
+        return repeat
+    try:
+        check_key(repeat)
+    except StudyError:
+        raise StudyError(f"study.repeat = {repeat!r} is not one of the axes ({', '.join(axes)})."
+                         f"{did_you_mean(repeat, axes)}") from None
+    return ""
+
+
+# ----------------------------------------------------------------------------- names and hashes
+def config_hash(config: PipelineConfig | Mapping, sections=tuple(s for s in SECTIONS if s != STUDY_SECTION)) -> str:
+    """sha256 (hex) of the configuration's ``sections`` without ``EXECUTION_KEYS``. ``config``
+    is a PipelineConfig or its ``to_dict()`` tree (e.g. a run's config.json: the same JSON)."""
+    tree = config.to_dict() if isinstance(config, PipelineConfig) else config
+    tree = {s: dict(v) for s, v in tree.items() if s in sections and isinstance(v, Mapping)}
+    for key in EXECUTION_KEYS:
+        section, name = key.split(".")
+        if section in tree:
+            tree[section].pop(name, None)
+    return hashlib.sha256(dumps_json(tree, indent=None, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def train_hash(config: PipelineConfig | Mapping) -> str:
+    """:func:`config_hash` of the sections a training depends on (data, extract, train)."""
+    return config_hash(config, TRAIN_SECTIONS)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, (list, tuple)):
+        text = "+".join(_format(v) for v in value)
+    elif isinstance(value, Mapping):
+        text = "+".join(f"{k}-{_format(v)}" for k, v in value.items())
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
+
+
+def readable(values: Mapping[str, Any]) -> str:
+    """``adapter-mlp_train_fraction-0.25_seed-1``: each axis's last key part and value."""
+    text = "_".join(f"{k.split('.')[-1]}-{_format(v)}" for k, v in values.items())
+    return text[:READABLE_MAX].rstrip("_-")
+
+
+# ----------------------------------------------------------------------------- expansion
+def expand(config: PipelineConfig) -> list[Cell]:
+    """Every cell of ``config.study``'s grid, checked up front (see the module docstring)."""
+    study = config.study
+    name = _format(study.name) if study.name else ""
+    if not name or name != study.name:
+        raise StudyError(f"study.name = {study.name!r} must be a non-empty name of letters, digits, '.', '+' "
+                         f"or '-' (it names a folder and the runs), e.g. {name or 'adapters-vs-data'!r}.")
+    axes = check_axes(study.axes)
+    cells = []
+    for index, combo in enumerate(itertools.product(*axes.values())):
+        values = dict(zip(axes, combo))
+        try:
+            cfg = with_values(config, values, f"study axes, cell {readable(values)}")
+        except ConfigError as exc:
+            raise StudyError(str(exc)) from None
+        h = config_hash(cfg)
+        train_values = {k: v for k, v in values.items() if k.split(".")[0] in TRAIN_SECTIONS}
+        run = f"{name}_{readable(train_values) or 'base'}-{train_hash(cfg)[:HASH_CHARS]}"
+        check_run_name(run)
+        cfg = with_values(cfg, {"train.name": run})
+        cells.append(Cell(index, values, cfg, h, run, f"{readable(values)}-{h[:HASH_CHARS]}"))
+    return cells
+
+
+def is_number(value: Any) -> bool:
+    """True for int/float values (not bools) that are finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,203 @@
+"""``study.md`` and ``study.html`` (self-contained: figures embedded as base64 PNG, the same
+document model and style as ``analyze report``), and one sentence per research question.
+
+Q1, can frozen encoders be aligned? Per setting (the cells sharing every axis but the repeat
+axis), the held-out mean recall minus chance and minus each closed-form baseline (paired: same
+cell, same train pairs), with the 95% t-interval over repeats; a setting counts as "above" when
+the interval lies above 0, "below" when it lies below 0.
+
+Q2, does alignment move the representations toward the reference? Per metric, side and
+setting, the Platonic delta (after - mean of the two before-scores) with its 95% t-interval
+over repeats, counted the same way; plus how many single cells the per-cell test calls
+"supported", and, when platonic reports controls, how many settings have a trained-minus-control
+excess above 0.
+
+Without repeats (one cell per setting) there are no intervals; the sentences then count signs of
+the point estimates and say so.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from analyze.report import Document
+from pipeline.runtime import utc_now
+from study.figures import quantities, varying
+from study.grid import is_number
+
+SIDES = ("image", "text")
+
+
+def _v(row: Mapping, key: str) -> float:
+    x = row.get(key)
+    return float(x) if is_number(x) else math.nan
+
+
+def _ci(row: Mapping, col: str) -> str:
+    """``0.468 [0.451, 0.485]`` (mean and 95% interval over repeats) or ``0.468`` without one."""
+    m, lo, hi = _v(row, f"{col}.mean"), _v(row, f"{col}.lo95"), _v(row, f"{col}.hi95")
+    if not math.isfinite(m):
+        return "n/a"
+    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) and math.isfinite(hi) else f"{m:.3f}"
+
+
+def _label(row: Mapping, keys: Sequence[str]) -> str:
+    return ", ".join(f"{k}={row[k]}" for k in keys) or "the single setting"
+
+
+def classify(row: Mapping, col: str) -> str:
+    """"above" | "below" | "undecided" from the interval over repeats; "above*" / "below*" /
+    "undecided*" from the sign of the mean when there is no interval; "" when no value."""
+    m, lo, hi = _v(row, f"{col}.mean"), _v(row, f"{col}.lo95"), _v(row, f"{col}.hi95")
+    if not math.isfinite(m):
+        return ""
+    if math.isfinite(lo) and math.isfinite(hi):
+        return "above" if lo > 0 else "below" if hi < 0 else "undecided"
+    return "above*" if m > 0 else "below*" if m < 0 else "undecided*"
+
+
+def _counts(labels: Sequence[str]) -> tuple[int, int, int, bool]:
+    """(above, below, total, any without interval) over non-empty labels."""
+    labels = [x for x in labels if x]
+    return (sum(x.startswith("above") for x in labels), sum(x.startswith("below") for x in labels), len(labels),
+            any(x.endswith("*") for x in labels))
+
+
+def _repeats(settings: Sequence[Mapping], repeat: str) -> str:
+    ns = sorted({int(r["n"]) for r in settings})
+    what = repeat or "repeat"
+    return f"{ns[0]} {what} values" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} {what} values"
+
+
+def _methods(summary: Sequence[Mapping]) -> list[str]:
+    cols = summary[0] if summary else {}
+    return [c[len("mean_R.vs_"):-len(".mean")] for c in cols
+            if c.startswith("mean_R.vs_") and c.endswith(".mean") and c != "mean_R.vs_chance.mean"]
+
+
+def answer_q1(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str) -> str:
+    """One sentence: held-out mean recall against chance and the closed-form baselines."""
+    settings = [r for r in summary if r.get("n", 0) > 0]
+    if not settings:
+        return "Q1 (can frozen encoders be aligned?): no cell finished, so the grid says nothing yet."
+    keys = varying(axes, repeat)
+    up, down, total, point = _counts([classify(r, "mean_R.vs_chance") for r in settings])
+    best = max(settings, key=lambda r: _v(r, "mean_R.mean") if math.isfinite(_v(r, "mean_R.mean")) else -1)
+    where = ("yes: in every setting" if up == total and total else f"partly: in {up} of {total} settings" if up
+             else "not shown: in none of the settings")
+    how = (f"95% t-intervals over {_repeats(settings, repeat)}" if not point else
+           "point estimates only: one cell per setting gives no interval")
+    text = (f"Q1 (can frozen encoders be aligned?): {where} the held-out mean recall lies above chance ({how}; "
+            f"best: {_label(best, keys)}, mean_R {_ci(best, 'mean_R')} against chance "
+            f"{_v(best, 'chance.mean_R.mean'):.3f})")
+    parts = []
+    for method in _methods(summary):
+        a, b, n, _ = _counts([classify(r, f"mean_R.vs_{method}") for r in settings])
+        parts.append(f"above {method} in {a}, below in {b}, indistinguishable in {n - a - b} of {n} settings")
+    if parts:
+        text += "; against the closed-form baselines fitted on the same train pairs, the trained adapters are " + \
+                "; ".join(parts)
+    return text + "."
+
+
+def _word(up: int, down: int, total: int) -> str:
+    if total == 0:
+        return "no data"
+    if up == total:
+        return "yes, in every test"
+    if up * 2 >= total:
+        return "mostly"
+    if up:
+        return "partly"
+    return "no" if down else "undecided"
+
+
+def answer_q2(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str, n_cells: int) -> str:
+    """One sentence: the Platonic deltas per side over metrics and settings, single-cell
+    verdicts, and controls when present."""
+    settings = [r for r in summary if r.get("n", 0) > 0]
+    deltas = [q for q in quantities(summary) if q != "mean_R"]
+    if not settings or not deltas:
+        return "Q2 (does alignment move representations toward the reference?): no finished Platonic test yet."
+    metrics = list(dict.fromkeys(q.split(".")[0] for q in deltas))
+    cols = summary[0]
+    clauses = []
+    for side in SIDES:
+        mine = [q for q in deltas if q.endswith(f".delta_{side}")]
+        if not mine:
+            continue
+        up, down, total, point = _counts([classify(r, q) for q in mine for r in settings])
+        means = ", ".join(f"{q.split('.')[0]} {_mean_over(settings, q):+.3f}" for q in mine)
+        sup = sum(_v(r, f"{q.split('.')[0]}.supported_{side}.mean") * r["n"] for q in mine for r in settings
+                  if math.isfinite(_v(r, f"{q.split('.')[0]}.supported_{side}.mean")))
+        clause = (f"{side} side: {_word(up, down, total)} (delta above 0 in {up} and below 0 in {down} of {total} "
+                  f"metric x setting tests{' by sign only, no interval' if point else ''}; mean delta {means}; "
+                  f"the per-cell test says supported in {int(round(sup))} of {len(mine) * n_cells} metric x cell tests")
+        excess = [c[:-len(".mean")] for c in cols if re.fullmatch(rf"[^.]+\.control_[^.]+\.excess_{side}\.mean", c)]
+        if excess:
+            a, b, n, _ = _counts([classify(r, c) for c in excess for r in settings])
+            clause += (f"; against the controls (trained minus control delta) above 0 in {a}, below in {b} "
+                       f"of {n} metric x control x setting tests")
+        clauses.append(clause + ")")
+    how = f"95% t-intervals over {_repeats(settings, repeat)}"
+    return (f"Q2 (does alignment move representations toward the reference?) over {', '.join(metrics)} with "
+            f"{how}: " + "; ".join(clauses) + ". The criterion compares each aligned side with the mean of the "
+            "two frozen encoders' scores.")
+
+
+def _mean_over(settings: Sequence[Mapping], q: str) -> float:
+    vals = [_v(r, f"{q}.mean") for r in settings]
+    vals = [v for v in vals if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+# ----------------------------------------------------------------------------- the document
+def summary_table(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str) -> tuple[list, list]:
+    """(columns, rows) of the report's summary table: the varying axes, n, mean_R, chance,
+    each baseline's mean_R and every Platonic delta, as mean [95% interval]."""
+    keys = varying(axes, repeat) or [a for a in axes if a != repeat]
+    methods = _methods(summary)
+    deltas = [q for q in quantities(summary) if q != "mean_R"]
+    head = [*keys, "n", "mean_R", "chance", *(f"{m} mean_R" for m in methods), *deltas]
+    rows = []
+    for r in summary:
+        rows.append([*(r.get(k) for k in keys), r.get("n"), _ci(r, "mean_R"), _v(r, "chance.mean_R.mean"),
+                     *(_v(r, f"{m}.mean_R.mean") for m in methods), *(_ci(r, q) for q in deltas)])
+    return head, rows
+
+
+def build_report(folder: Path, title: str, intro: str, answers: Sequence[str], summary: Sequence[Mapping],
+                 cells: Sequence[Mapping], axes: Mapping[str, list], repeat: str,
+                 figures: Sequence[tuple[Path, str]]) -> Path:
+    """Write ``study.md`` and ``study.html`` in ``folder``; returns the HTML path."""
+    doc = Document(title, folder)
+    doc.para(f"Generated {utc_now()} by `study`. {intro}")
+    doc.heading("Answers")
+    for a in answers:
+        doc.para(a)
+    doc.heading("Summary over repeats")
+    doc.para(f"Mean [95% t-interval over {repeat or 'repeats'}] per setting; deltas are the Platonic criterion "
+             "after - mean(before image, before text) on the test split. All columns: summary.csv.")
+    doc.table(*summary_table(summary, axes, repeat))
+    if figures:
+        doc.heading("Figures")
+        for path, caption in figures:
+            doc.figure(path, caption)
+    doc.heading("Cells")
+    keys = list(axes)
+    deltas = [q for q in quantities(summary) if q != "mean_R"]
+    doc.table([*keys, "status", "run", "mean_R", *deltas],
+              [[*(c.get(k) for k in keys), c.get("status"), c.get("run"), c.get("mean_R"), *(c.get(q) for q in deltas)]
+               for c in cells])
+    failed = [c for c in cells if c.get("status") != "done"]
+    if failed:
+        doc.heading("Failed cells")
+        for c in failed:
+            doc.para(f"{_label(c, keys)}: {c.get('error') or 'no result'}")
+    (folder / "study.md").write_text(doc.markdown(), encoding="utf-8")
+    html = folder / "study.html"
+    html.write_text(doc.html(), encoding="utf-8")
+    return html
