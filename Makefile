@@ -45,7 +45,7 @@ demo: install $(TUX_DEB)
 
 # 27 cells (configs/study-demo.toml): extraction is shared with `make demo`; prints the path of study.html.
 study: install $(TUX_DEB)
-	$(BIN)/python -m extract.tuxpaint $(TUX_DEB) data/tuxpaint
+	$(BIN)/python -m demo.tuxpaint $(TUX_DEB) data/tuxpaint
 	$(BIN)/study --config configs/study-demo.toml
 
 bench: install
