@@ -26,7 +26,8 @@ Uncertainty
     1989, d = n - m); the spread of the subsample scores is scaled by sqrt(m / d) to the spread
     of an n-row estimate. This is conservative for kNN scores, which are not smooth functions
     of the rows (benchmarks/coverage_platonic.py measured 98-99% coverage of the nominal 95%
-    for mutual kNN), and the reason mutual kNN uses the distinct-neighbour bootstrap.
+    for mutual kNN), and the reason mutual kNN uses the distinct-neighbour bootstrap (except
+    on tiny samples where a bootstrap draw has no more than k distinct rows).
 * Interval: the 2.5th and 97.5th percentiles of theta + s (theta_b - mean_b theta_b), i.e. the
   resampling distribution re-centred on the full-sample estimate theta (s = 1 for the
   bootstrap, sqrt(m/d) for subsamples). Re-centring removes the shift that resampling itself
@@ -241,8 +242,8 @@ def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray
         raise AnalyzeError(f"bootstrap ({bootstrap}) and permutations ({permutations}) must be >= 0.")
     m_sub = int(round(SUBSAMPLE_FRACTION * n))
     boot_rows, sub_rows, perms = _draws(n, bootstrap, permutations, seed, m_sub)
-    distinct = min([m_sub] + [len(np.unique(r)) for r in boot_rows]) if bootstrap else n
-    check_k(metrics, k, distinct, "distinct rows in each resample")
+    check_k(metrics, k, m_sub if bootstrap else n, f"rows in each {SUBSAMPLE_FRACTION:.0%} subsample")
+    distinct = min((len(np.unique(r)) for r in boot_rows), default=n)  # fewest distinct rows in a bootstrap draw
     out = {}
     for name, fn in metrics.items():
         t0 = time.perf_counter()
@@ -256,7 +257,7 @@ def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray
                         "--bootstrap/--permutations or --max-rows for a quicker answer", name, eta, bootstrap,
                         permutations, n)
         knn = accepts_k(fn)
-        subsample = knn and not getattr(engine, "distinct_bootstrap", False)
+        subsample = knn and not (getattr(engine, "distinct_bootstrap", False) and distinct > k)
         rows, scale = (sub_rows, math.sqrt(m_sub / max(1, n - m_sub))) if subsample else (boot_rows, 1.0)
         boot = engine.resample(rows) if bootstrap else np.zeros((0, len(reps)))
         null = engine.permuted(perms) if permutations else np.zeros((0, len(reps)))

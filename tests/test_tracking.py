@@ -7,7 +7,6 @@ import json
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -130,7 +129,9 @@ class FakeWandb(types.ModuleType):
         return ("image", path)
 
 
-def test_no_wandb_import_with_tracking_off(tracked):
+def test_no_wandb_import_with_tracking_off(cache, monkeypatch):
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)  # whatever imported it before
+    fit_adapters(_cfg(cache, **{"train.name": "quiet", "train.epochs": 1}), progress=False)
     assert "wandb" not in sys.modules
 
 
