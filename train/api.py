@@ -173,7 +173,11 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     tc = train_config_of(doc, str(cfg_path))
     mods = doc["modalities"]
     model = AlignModel({m: s["dim"] for m, s in mods.items()}, tc)
-    state = load_file(str(w_path))
+    try:
+        state = load_file(str(w_path))
+    except Exception as exc:  # safetensors raises its own SafetensorError for a damaged or foreign file
+        raise AdapterMismatchError(f"{str(w_path)!r} is not a readable safetensors file ({exc}); "
+                                   f"rerun fit-adapters to rewrite the run.") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
