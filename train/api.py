@@ -79,7 +79,8 @@ def train_config_of(doc: Mapping, where: str = ADAPTER_JSON) -> TrainConfig:
     unknown = sorted(set(stored) - known)
     if unknown:
         log.warning("%s: ignoring settings this version does not know: %s", where, ", ".join(unknown))
-    return dataclasses.replace(TrainConfig(), **{k: v for k, v in stored.items() if k in known})
+    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known}  # JSON lists -> tuples
+    return dataclasses.replace(TrainConfig(), **kept)
 
 
 @dataclass
