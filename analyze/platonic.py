@@ -239,7 +239,9 @@ def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray
     named.update({f"control {c} {i}": A for c, pairs in controls.items() for i, pair in enumerate(pairs) for A in pair})
     n = check_paired(named)
     if bootstrap < 0 or permutations < 0:
-        raise AnalyzeError(f"bootstrap ({bootstrap}) and permutations ({permutations}) must be >= 0.")
+        raise AnalyzeError(f"--bootstrap ({bootstrap}) and --permutations ({permutations}) must be >= 0 "
+                           f"(0 skips the intervals / the null); set them with --set analyze.bootstrap=N "
+                           f"and --set analyze.permutations=N.")
     m_sub = int(round(SUBSAMPLE_FRACTION * n))
     boot_rows, sub_rows, perms = _draws(n, bootstrap, permutations, seed, m_sub)
     check_k(metrics, k, m_sub if bootstrap else n, f"rows in each {SUBSAMPLE_FRACTION:.0%} subsample")

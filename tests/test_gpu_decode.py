@@ -129,14 +129,17 @@ def test_the_key_records_the_gpu_decoder_and_cpu_keys_stay_as_before(tmp_path):
     cfg = load_config(ROOT / "pipeline.toml", options={"data.data_dir": str(data), "data.cache": str(tmp_path)})
     split = D.load_split("flickr30k", data, "test")
     image, text = get_spec("tiny-resnet"), get_spec("tiny-gpt2")
-    _, ids, before = run._entry_request(cfg, split, image)  # the default: what every cache so far recorded
-    _, _, cpu = run._entry_request(cfg, split, image, G.effective_decoder("auto", torch.device("cpu")))
-    _, _, gpu = run._entry_request(cfg, split, image, G.effective_decoder("auto", torch.device("cuda")))
+    content = run._content(cfg, split)
+    _, ids, before = run._entry_request(cfg, split, image, content)  # the default: what every cache so far recorded
+    _, _, cpu = run._entry_request(cfg, split, image, content, G.effective_decoder("auto", torch.device("cpu")))
+    _, _, gpu = run._entry_request(cfg, split, image, content, G.effective_decoder("auto", torch.device("cuda")))
     assert cpu == before and "decode" not in cpu  # auto on a CPU machine: today's key, old caches stay fresh
     assert gpu == {**cpu, "decode": "gpu-nvjpeg"} and gpu != cpu
-    assert set(before) == {"entry", "encoder", "dataset", "split", "fingerprint", "precision", "layers"}
+    assert set(before) == {"entry", "encoder", "dataset", "split", "fingerprint", "data_dir", "content",
+                           "cache_format", "precision", "layers"}
     for decoder in ("cpu", "gpu-nvjpeg"):  # text entries do not depend on the image decoder
-        assert run._entry_request(cfg, split, text, decoder)[2] == run._entry_request(cfg, split, text)[2]
+        assert (run._entry_request(cfg, split, text, content, decoder)[2]
+                == run._entry_request(cfg, split, text, content)[2])
 
 
 def test_decode_gpu_without_cuda_is_refused_before_any_work(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 import sys
 import types
 
@@ -71,13 +72,13 @@ def test_tracked_values_equal_analyze_platonic_on_the_val_split(tracked):
                                      "analyze.bootstrap": 0, "analyze.permutations": 0, "analyze.controls": [],
                                      "analyze.metrics": list(TRACKED)})
     out = platonic_test(cfg, "tracked", kernels=False)
-    best = res.metrics["tracking"]["best"]
+    best = res.metrics.tracking["best"]
     for m in TRACKED:
         r = out["results"][m]
         for side in ("image", "text"):
             assert best[m][f"val_{m}_after_{side}"] == pytest.approx(r["terms"][f"after_{side}"]["score"], abs=1e-4)
             assert best[m][f"val_{m}_delta_{side}"] == pytest.approx(r["delta"][side]["delta"], abs=1e-4)
-        assert res.metrics["tracking"]["before"][m]["image"] == pytest.approx(r["terms"]["before_image"]["score"],
+        assert res.metrics.tracking["before"][m]["image"] == pytest.approx(r["terms"]["before_image"]["score"],
                                                                              abs=1e-5)
 
 
@@ -89,7 +90,7 @@ def _flat(cfg):
 def test_tracking_off_and_unknown_metrics(cache):
     res = fit_adapters(_cfg(cache, **{"train.name": "untracked", "train.track_metrics": [], "train.epochs": 1}),
                        progress=False)
-    assert not any("_delta_" in k for k in res.history[0]) and "tracking" not in res.metrics
+    assert not any("_delta_" in k for k in res.history[0]) and res.metrics.tracking is None
     with pytest.raises(TrainError, match="Did you mean: cka"):
         fit_adapters(_cfg(cache, **{"train.track_metrics": ["ckaa"]}), progress=False)
 
@@ -145,12 +146,15 @@ def test_wandb_logs_config_history_tables_and_figures(cache, monkeypatch):
     assert len(init) == 1
     kw = init[0][1]
     assert kw["mode"] == "offline" and kw["group"] == "study-x" and kw["project"] == "platonic-align"
-    assert kw["name"] == "logged" and kw["dir"] == str(res.run_dir) and kw["config"]["train"]["wandb"] is True
+    # wandb writes into the run's staging folder, which becomes the run folder when the run commits
+    staging = Path(kw["dir"])
+    assert kw["name"] == "logged" and staging.parent == res.run_dir.parent and kw["config"]["train"]["wandb"] is True
+    assert staging.name.startswith(".logged.partial") and not staging.exists()
     steps = [c for c in fake.calls if c[0] == "log" and c[2] is not None]
     assert [c[2] for c in steps] == [1, 2, 3] and "train_loss" in steps[0][1] and "val_cka_delta_image" in steps[0][1]
     final = next(c for c in fake.calls if c[0] == "log" and c[2] is None)[1]
     assert {"test_retrieval", "history", "curves"} <= set(final)
-    assert ("Image", str(res.run_dir / "curves.png")) in fake.calls
+    assert ("Image", str(staging / "curves.png")) in fake.calls and (res.run_dir / "curves.png").exists()
     summary = next(c for c in fake.calls if c[0] == "summary")[1]
     assert summary["best_epoch"] == res.best_epoch and "test/infonce/mean_R" in summary and "test/cca/mean_R" in summary
     assert fake.calls[-1] == ("finish",)
