@@ -152,28 +152,28 @@ def control_columns(controls: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray
     return cols
 
 
-def control_stats(name: str, cols: tuple[list[int], list[int]], point: np.ndarray, boot: np.ndarray,
+def control_stats(name: str, cols: tuple[list[int], list[int]], point: np.ndarray, draws: np.ndarray,
                   calib: Mapping[str, np.ndarray], before: tuple[np.ndarray, np.ndarray],
                   after: tuple[np.ndarray, np.ndarray], interval: Callable) -> dict:
     """One control's statistics for one metric.
 
-    point (R,) full-sample scores and boot (B, R) resampled scores of every representation;
-    calib: calibration arrays (R,) of the point scores; before: (point (), boot (B,)) of the
-    mean before-score; after: per side index 0/1, (point (2,), boot (B, 2)) trained after-scores;
-    interval(theta, draws) -> (lo, hi). Returns {"seeds", "terms": {after_<side>: {...}},
+    point (R,) full-sample scores and draws (D, R) resampled (bootstrap or leave-one-out) scores
+    of every representation; calib: calibration arrays (R,) of the point scores; before:
+    (point (), draws (D,)) of the mean before-score; after: (point (2,), draws (D, 2)) of the
+    trained after-scores; interval(theta, draws) -> (lo, hi) for a difference. Returns {"seeds", "terms": {after_<side>: {...}},
     "delta": {side: {delta, ci_lo, ci_hi, excess, excess_ci_lo, excess_ci_hi, exceeds}}}."""
     res = {"seeds": len(cols[0]), "terms": {}, "delta": {}}
     for s, side in enumerate(SIDES):
         c = cols[s]
-        ctrl, ctrl_boot = point[c].mean(), boot[:, c].mean(axis=1)
+        ctrl, ctrl_draws = point[c].mean(), draws[:, c].mean(axis=1)
         res["terms"][f"after_{side}"] = {
             "score": ctrl, "calibrated": float(np.mean(calib["calibrated"][c])),
             "threshold": float(np.mean(calib["threshold"][c])), "p_value": float(np.mean(calib["p_value"][c])),
             "per_seed": point[c].tolist()}
-        delta, delta_boot = ctrl - before[0], ctrl_boot - before[1]
-        excess, excess_boot = after[0][s] - ctrl, after[1][:, s] - ctrl_boot
-        dlo, dhi = interval(np.asarray(delta), delta_boot)
-        elo, ehi = interval(np.asarray(excess), excess_boot)
+        delta, delta_draws = ctrl - before[0], ctrl_draws - before[1]
+        excess, excess_draws = after[0][s] - ctrl, after[1][:, s] - ctrl_draws
+        dlo, dhi = interval(np.asarray(delta), delta_draws)
+        elo, ehi = interval(np.asarray(excess), excess_draws)
         exceeds = bool(elo > 0) if np.isfinite(elo) else None
         res["delta"][side] = {"delta": float(delta), "ci_lo": float(dlo), "ci_hi": float(dhi), "excess": float(excess),
                               "excess_ci_lo": float(elo), "excess_ci_hi": float(ehi), "exceeds": exceeds}

@@ -81,11 +81,12 @@ def run_one(args, cache: Path, variant: str, seed: int, frac: float) -> dict:
                  *VARIANTS[variant], *args.set]
     result = fit_adapters(load_config(args.config, overrides), progress=False)
     m = result.metrics
+    layers = json.loads((result.run_dir / "adapters.json").read_text())["layers"]["layers"]
     return {"variant": variant, "seed": seed, "fraction": frac, "image": args.image, "text": args.text,
             "train_pairs": m.sizes["train"]["pairs"], "best_epoch": m.best_epoch,
             "val_mean_R": m.val_best["mean_R"], "test_mean_R": m.test["infonce"]["mean_R"],
             "procrustes_test_mean_R": m.test["procrustes"]["mean_R"], "cca_test_mean_R": m.test["cca"]["mean_R"],
-            "run_dir": str(result.run_dir)}
+            "layers": layers, "run_dir": str(result.run_dir)}
 
 
 def _ms(values: list[float]) -> str:

@@ -256,3 +256,25 @@ def test_knn_metrics_without_fast_path_keep_rescaled_subsampling():
     res = platonic.hypothesis_test(X, Y, R, noise, ref, {"cycle_knn": METRICS["cycle_knn"]}, k=5, bootstrap=5,
                                    permutations=0)
     assert res["cycle_knn"]["resampling"].startswith("subsampling without replacement, 32 of 40 rows")
+
+
+@pytest.mark.parametrize("name", ["cka", "unbiased_cka"])
+def test_closed_form_jackknife_equals_leave_one_out_resamples(name):
+    X, Y, R, noise, ref = _data(n=30)
+    engine = platonic.FAST_PATHS[name].build([X, Y, R, noise], ref, None)
+    loo = np.stack([np.delete(np.arange(30), i) for i in range(30)])
+    np.testing.assert_allclose(engine.jackknife(), engine.resample(loo), atol=1e-12)
+    np.testing.assert_allclose(engine.resample(loo[:3]), [[METRICS[name](A[r], ref[r]) for A in (X, Y, R, noise)]
+                                                         for r in loo[:3]], atol=1e-10)
+
+
+def test_cka_deltas_use_the_jackknife_normal_interval():
+    X, Y, R, noise, ref = _data(n=50)
+    res = platonic.hypothesis_test(X, Y, R, noise, ref, METRIC3, k=5, bootstrap=20, permutations=0)
+    assert res["cka"]["difference_interval"].startswith("normal, jackknife")
+    assert res["mutual_knn"]["difference_interval"].startswith("re-centred percentile")
+    engine = platonic.FAST_PATHS["cka"].build([X, Y, R, noise], ref, None)
+    jack = platonic._deltas(engine.jackknife())
+    d = res["cka"]["delta"]["image"]
+    se = np.sqrt(49 / 50 * ((jack[:, 0] - jack[:, 0].mean()) ** 2).sum())
+    assert (d["ci_lo"], d["ci_hi"]) == pytest.approx((d["delta"] - 1.959964 * se, d["delta"] + 1.959964 * se))

@@ -157,7 +157,8 @@ def make_layer_cache(root, n=(90, 30, 30), seed=0):
         img = [rng.normal(size=(rows, d)) for d in IMG_LAYERS]
         txt = [rng.normal(size=(rows, d)) for d in TXT_LAYERS]
         txt[PLANT[1]] = img[PLANT[0]] @ maps + 0.05 * rng.normal(size=(rows, TXT_LAYERS[PLANT[1]]))
-        for name, feats, layers in (("img", rng.normal(size=(rows, 16)), img), ("txt", rng.normal(size=(rows, 7)), txt)):
+        last = {"img": rng.normal(size=(rows, 16)), "txt": rng.normal(size=(rows, 7))}  # unrelated final features
+        for name, feats, layers in (("img", last["img"], img), ("txt", last["txt"], txt)):
             key = {"entry": name, "encoder": {"name": name}, "dataset": "fake", "split": split}
             write_entry(entry_path(root, "fake", split, name, "h5"), name, ids, feats, key, {}, layers=layers)
     return root
@@ -268,3 +269,11 @@ def test_closed_form_start_refuses_non_linear_adapters_and_extra_modalities(init
         fit_adapters(tiny_cfg(init_cache, init="cca", modalities={"audio": "x"}), progress=False)
     with pytest.raises(ConfigError, match="train.init"):
         tiny_cfg(init_cache, init="pca")
+
+
+def test_recommended_small_data_config_loads_and_passes_the_checks():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "small-data.toml")
+    assert cfg.train.init == "procrustes" and cfg.train.adapter == "linear"
+    fit_mod.check_config(cfg.train)

@@ -111,8 +111,9 @@ class Run:
         src = self.source(modality)
         x = torch.as_tensor(np.asarray(features, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != src["dim"]:
+            which = "features" if src.get("layer") is None else f"hidden layer {src['layer']}"
             raise AdapterMismatchError(
-                f"Adapter {modality!r} of run {str(self.run_dir)!r} was trained on {src['entry']!r} features "
+                f"Adapter {modality!r} of run {str(self.run_dir)!r} was trained on {src['entry']!r} {which} "
                 f"of dimension {src['dim']}, got an array of shape {tuple(x.shape)}. Use the run trained on "
                 f"this encoder (or fit one: fit-adapters --{modality} <entry>).")
         self.model.eval()

@@ -56,7 +56,8 @@ def check_layers(tc: TrainConfig) -> None:
         if isinstance(value, int) and value < 0:
             raise ConfigValueError(f"train.{key} = {value} is out of range: layers are numbered from 0.")
     if tc.layer_metric not in METRICS:
-        raise ConfigValueError(f"Unknown train.layer_metric = {tc.layer_metric!r}.{did_you_mean(tc.layer_metric, METRICS)} "
+        hint = did_you_mean(tc.layer_metric, METRICS)
+        raise ConfigValueError(f"Unknown train.layer_metric = {tc.layer_metric!r}.{hint} "
                                f"Choose one of: {', '.join(METRICS)}.")
     if tc.layer_rows < 2:
         raise ConfigValueError(f"train.layer_rows = {tc.layer_rows} is out of range (at least 2 rows).")
