@@ -37,16 +37,16 @@ import numpy as np
 from pipeline.entry import Entry, open_entry, write_file
 from pipeline.errors import did_you_mean
 from pipeline.integrity import repair_hint
-from pipeline.layout import (CACHE_FORMAT, cached_datasets, dataset_dir, dataset_folder, entry_filename,
-                             legacy_hint, resolved_data_dir)
+from pipeline.layout import (CACHE_FORMAT, AmbiguousDatasetError, cached_datasets, dataset_dir, dataset_folder,
+                             entry_filename, legacy_hint, resolved_data_dir)
 from pipeline.runtime import first_nonfinite_row
 from pipeline.staging import (PARTIAL_SUFFIX, Chunk, Staging, StagingLostError, canonical_json, read_manifest,
                               staging_folders)
 from pipeline.storage import (FORMATS, CacheError, DamagedEntryError, OldFormatError, StaleCacheError, backend,
                               locked, orphans, remove, stale_message)
 
-__all__ = ["CACHE_FORMAT", "FORMATS", "PARTIAL_SUFFIX", "CacheError", "DamagedEntryError", "Entry", "EntryWriter",
-           "OldFormatError", "StaleCacheError", "StagingLostError", "cached_datasets", "dataset_dir",
+__all__ = ["CACHE_FORMAT", "FORMATS", "PARTIAL_SUFFIX", "AmbiguousDatasetError", "CacheError", "DamagedEntryError",
+           "Entry", "EntryWriter", "OldFormatError", "StaleCacheError", "StagingLostError", "cached_datasets", "dataset_dir",
            "dataset_folder", "entry_filename", "entry_path", "find_entry", "list_entries", "list_splits",
            "open_entry", "resolved_data_dir", "scan_entries", "sibling_path", "split_dir", "staging_folders",
            "write_entry"]

@@ -37,7 +37,7 @@ class DataConfig:
     missing: str = "error"  # missing image file: error | skip (logged, recorded in the cache)
     options: dict = field(default_factory=dict)  # the format's own options, e.g. {"caption_column": "text"}
     #   (imagefolder), {"restval": "train"} (coco); README: Datasets
-    cache: str = "cache"  # feature-cache directory: <cache>/<dataset>/<split>/<entry>.h5|.zarr
+    cache: str = "cache"  # feature-cache directory: <cache>/<format>-<data folder>-<hash>/<split>/<entry>.h5|.zarr
     label_from: str = "label"  # zero-shot class labels: a metadata column (imagefolder) | dir (first folder of file_name)
 
 

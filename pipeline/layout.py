@@ -16,7 +16,7 @@ Writers (``extract``) always use the exact folder of their ``data_dir`` (:func:`
 2. else the only dataset folder of that format in the cache, provided the configured ``data_dir``
    does not exist on this machine (it cannot be the data meant: e.g. the default
    ``data/flickr30k`` when the data was extracted with ``extract --data-dir elsewhere``);
-3. several candidates, or one that does not match an existing ``data_dir``: CacheError listing the
+3. several candidates, or one that does not match an existing ``data_dir``: AmbiguousDatasetError listing the
    cached datasets and their data folders, with the ``--set data.data_dir=...`` to pick one;
 4. else ``<cache>/<dataset>`` itself: hand-written caches (tests, benchmarks, ``write_entry``
    users) and the layout of cache format 1 (entries there are refused with a re-extract message).
@@ -36,6 +36,10 @@ CACHE_FORMAT = 2  # 1: before content fingerprints, per-dataset folders and chec
 DATASET_MARKER = "dataset.json"  # in every dataset folder written by extract
 FOLDER_HASH_CHARS = 10  # hex characters of the dataset-folder hash
 READABLE_CHARS = 40  # at most this many characters of the data folder's name in the folder name
+
+
+class AmbiguousDatasetError(CacheError):
+    """The cache holds several folders of a dataset format and the configuration does not pick one."""
 
 
 def entry_filename(entry: str) -> str:
@@ -83,7 +87,7 @@ def _choose(dataset: str, data_dir: str | Path | None, found: list[dict], cache:
         why = f"none was extracted from data.data_dir {resolved_data_dir(data_dir)}"
     else:
         why = "data.data_dir does not name one of them"
-    raise CacheError(
+    raise AmbiguousDatasetError(
         f"The cache {str(cache)!r} holds {len(found)} {dataset} dataset(s): {listing}; {why}. Pick one with "
         f"--set data.data_dir=DIR (the folder it was extracted from), or extract this one first "
         f"(extract --data-dir DIR).")

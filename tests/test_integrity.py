@@ -25,8 +25,8 @@ from extract.cli import main as extract_cli
 from extract.datasets import content as content_mod
 from extract.run import extract
 from pipeline.cache import (CacheError, DamagedEntryError, EntryWriter, OldFormatError, StaleCacheError,
-                            StagingLostError, cached_datasets, dataset_dir, entry_path, find_entry, open_entry, staging_folders,
-                            write_entry)
+                            StagingLostError, cached_datasets, dataset_dir, entry_path, find_entry, open_entry,
+                            staging_folders, write_entry)
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.join import JoinError, join_pairs, join_rows
@@ -39,7 +39,8 @@ KEY = {"entry": "enc", "encoder": {"name": "enc"}, "dataset": "toy", "split": "t
 
 def _cfg(data_dir, cache, encoders=("tiny-resnet", "tiny-gpt2"), dataset="imagefolder", captions="longest",
          **extract_opts):
-    opts = {"data.data_dir": str(data_dir), "data.cache": str(cache), "data.dataset": dataset, "data.captions": captions,
+    opts = {"data.data_dir": str(data_dir), "data.cache": str(cache), "data.dataset": dataset,
+            "data.captions": captions,
             "extract.encoders": tuple(encoders), "extract.split": "test", "extract.workers": 0,
             "extract.batch_size": 2, "extract.chunk_rows": 2}
     opts.update({f"extract.{k}": v for k, v in extract_opts.items()})

@@ -36,7 +36,8 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from pipeline.cache import CacheError, DamagedEntryError, Entry, OldFormatError, find_entry
+from pipeline.cache import (AmbiguousDatasetError, CacheError, DamagedEntryError, Entry, OldFormatError,
+                            find_entry)
 from pipeline.config import PipelineConfig
 from pipeline.join import join_pairs, join_rows
 from pipeline.runs import check_aligned, modality_entries, source_of
@@ -55,8 +56,8 @@ def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
     """The cache entry of one split, with an error naming the split and the command to run."""
     try:
         e = find_entry(cfg.data.cache, cfg.data.dataset, split, entry, cfg.data.data_dir)
-    except (DamagedEntryError, OldFormatError):
-        raise  # their message already says how to recompute the entry
+    except (AmbiguousDatasetError, DamagedEntryError, OldFormatError):
+        raise  # their message already says what to do
     except CacheError as exc:
         raise TrainError(
             f"fit-adapters needs entry {entry!r} for the {split!r} split of dataset "
