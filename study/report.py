@@ -86,11 +86,12 @@ def answer_q1(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str)
     keys = varying(axes, repeat)
     up, down, total, point = _counts([classify(r, "mean_R.vs_chance") for r in settings])
     best = max(settings, key=lambda r: _v(r, "mean_R.mean") if math.isfinite(_v(r, "mean_R.mean")) else -1)
-    where = ("yes: in every setting" if up == total and total else f"partly: in {up} of {total} settings" if up
-             else "not shown: in none of the settings")
+    where = ("yes: the held-out mean recall lies above chance in every setting" if up == total and total else
+             f"partly: the held-out mean recall lies above chance in {up} of {total} settings" if up else
+             f"not shown: the held-out mean recall lies above chance in none of the {total} settings")
     how = (f"95% t-intervals over {_repeats(settings, repeat)}" if not point else
            "point estimates only: one cell per setting gives no interval")
-    text = (f"Q1 (can frozen encoders be aligned?): {where} the held-out mean recall lies above chance ({how}; "
+    text = (f"Q1 (can frozen encoders be aligned?): {where} ({how}; "
             f"best: {_label(best, keys)}, mean_R {_ci(best, 'mean_R')} against chance "
             f"{_v(best, 'chance.mean_R.mean'):.3f})")
     parts = []

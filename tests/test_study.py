@@ -303,7 +303,7 @@ def test_figures_and_answers_from_a_hand_made_summary(tmp_path):
     assert heatmap_figure(summary, {"train.seed": [0, 1], "train.adapter": ["x", "y"]}, "train.seed",
                           tmp_path / "none.png") is None  # one categorical axis: no heatmap
     q1 = answer_q1(summary, axes, "train.seed")
-    assert "yes: in every setting the held-out mean recall lies above chance" in q1 and "2 train.seed values" in q1
+    assert "yes: the held-out mean recall lies above chance in every setting" in q1 and "2 train.seed values" in q1
     q2 = answer_q2(summary, axes, "train.seed", n_cells=24)
     assert "image side: yes, in every test (delta above 0 in 12 and below 0 in 0 of 12" in q2
     assert "supported in 24 of 24" in q2 and "text side: no (delta above 0 in 0 and below 0 in 12 of 12" in q2
