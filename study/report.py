@@ -86,11 +86,12 @@ def answer_q1(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str)
     keys = varying(axes, repeat)
     up, down, total, point = _counts([classify(r, "mean_R.vs_chance") for r in settings])
     best = max(settings, key=lambda r: _v(r, "mean_R.mean") if math.isfinite(_v(r, "mean_R.mean")) else -1)
-    where = ("yes: in every setting" if up == total and total else f"partly: in {up} of {total} settings" if up
-             else "not shown: in none of the settings")
+    where = ("yes: the held-out mean recall lies above chance in every setting" if up == total and total else
+             f"partly: the held-out mean recall lies above chance in {up} of {total} settings" if up else
+             f"not shown: the held-out mean recall lies above chance in none of the {total} settings")
     how = (f"95% t-intervals over {_repeats(settings, repeat)}" if not point else
            "point estimates only: one cell per setting gives no interval")
-    text = (f"Q1 (can frozen encoders be aligned?): {where} the held-out mean recall lies above chance ({how}; "
+    text = (f"Q1 (can frozen encoders be aligned?): {where} ({how}; "
             f"best: {_label(best, keys)}, mean_R {_ci(best, 'mean_R')} against chance "
             f"{_v(best, 'chance.mean_R.mean'):.3f})")
     parts = []
@@ -130,11 +131,12 @@ def answer_q2(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str,
         if not mine:
             continue
         up, down, total, point = _counts([classify(r, q) for q in mine for r in settings])
-        means = ", ".join(f"{q.split('.')[0]} {_mean_over(settings, q):+.3f}" for q in mine)
+        means = ", ".join(f"{q.split('.')[0]} {_mean_over(settings, q):+.3f} ({_updown(settings, q)})" for q in mine)
         sup = sum(_v(r, f"{q.split('.')[0]}.supported_{side}.mean") * r["n"] for q in mine for r in settings
                   if math.isfinite(_v(r, f"{q.split('.')[0]}.supported_{side}.mean")))
         clause = (f"{side} side: {_word(up, down, total)} (delta above 0 in {up} and below 0 in {down} of {total} "
-                  f"metric x setting tests{' by sign only, no interval' if point else ''}; mean delta {means}; "
+                  f"metric x setting tests{' by sign only, no interval' if point else ''}; mean delta and settings "
+                  f"above / below 0 per metric: {means}; "
                   f"the per-cell test says supported in {int(round(sup))} of {len(mine) * n_cells} metric x cell tests")
         excess = [c[:-len(".mean")] for c in cols if re.fullmatch(rf"[^.]+\.control_[^.]+\.excess_{side}\.mean", c)]
         if excess:
@@ -146,6 +148,11 @@ def answer_q2(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str,
     return (f"Q2 (does alignment move representations toward the reference?) over {', '.join(metrics)} with "
             f"{how}: " + "; ".join(clauses) + ". The criterion compares each aligned side with the mean of the "
             "two frozen encoders' scores.")
+
+
+def _updown(settings: Sequence[Mapping], q: str) -> str:
+    up, down, total, _ = _counts([classify(r, q) for r in settings])
+    return f"{up} up, {down} down of {total}"
 
 
 def _mean_over(settings: Sequence[Mapping], q: str) -> float:

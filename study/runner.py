@@ -117,7 +117,8 @@ def run_study(cfg: PipelineConfig, progress: bool | None = None, dry_run: bool =
     intro = (f"Config: {cfg.source}; dataset {cfg.data.dataset}, analysis split {cfg.analyze.split}, cache "
              f"{cfg.data.cache}. Grid: {' x '.join(f'{k} {v}' for k, v in axes.items())} = {len(cells)} cells "
              f"({len(cells) - result.failed} done, {result.failed} failed); repeat axis: {repeat or 'none'}. "
-             f"This call ran {result.ran} cells ({result.trained} trainings) in {result.seconds:.0f} s.")
+             f"This call ran {result.ran} cells ({result.trained} trainings) in {result.seconds:.0f} s; the cells' "
+             f"own times (all calls) sum to {sum((d or {}).get('seconds', 0.0) for d in docs.values()):.0f} s.")
     result.html = build_report(folder, f"Study {cfg.study.name}: {cfg.data.dataset}", intro, result.answers,
                                summary, rows, axes, repeat, figures)
     return result

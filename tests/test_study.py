@@ -275,3 +275,35 @@ def test_platonic_columns_are_read_generically():
     assert cols["cka.after_image"] == 0.5 and cols["cka.p_image"] == 0.01 and cols["cka.after_image_ci_lo"] == 0.4
     assert cols["cka.delta_image"] == 0.2 and cols["cka.delta_image_ci_lo"] == 0.1
     assert cols["cka.supported_image"] == 0.0 and cols["cka.calibrated.after_image"] == 0.3
+
+
+def test_figures_and_answers_from_a_hand_made_summary(tmp_path):
+    from study.figures import fraction_figure, heatmap_figure, pair_figure
+    from study.report import answer_q1, answer_q2
+
+    axes = {"train.image": ["a", "b", "c"], "train.adapter": ["linear", "mlp"], "train.train_fraction": [0.5, 1.0],
+            "train.seed": [0, 1]}
+    summary = []
+    for i, image in enumerate(axes["train.image"]):
+        for adapter in axes["train.adapter"]:
+            for f in axes["train.train_fraction"]:
+                r = 0.2 + 0.1 * i + 0.05 * f
+                summary.append({"train.image": image, "train.adapter": adapter, "train.train_fraction": f, "n": 2,
+                                "mean_R.mean": r, "mean_R.lo95": r - 0.01, "mean_R.hi95": r + 0.01,
+                                "chance.mean_R.mean": 0.05, "mean_R.vs_chance.mean": r - 0.05,
+                                "mean_R.vs_chance.lo95": r - 0.06, "mean_R.vs_chance.hi95": r - 0.04,
+                                "pair.cka.mean": 0.1 * i, "cka.delta_image.mean": 0.02,
+                                "cka.delta_image.lo95": 0.01, "cka.delta_image.hi95": 0.03,
+                                "cka.delta_text.mean": -0.02, "cka.delta_text.lo95": -0.03,
+                                "cka.delta_text.hi95": -0.01, "cka.supported_image.mean": 1.0})
+    assert fraction_figure(summary, axes, "train.seed", tmp_path / "fraction.png").is_file()
+    path, rho, x_col = pair_figure(summary, axes, "train.seed", tmp_path / "pair.png")
+    assert path.is_file() and x_col == "pair.cka" and rho == pytest.approx(0.9, abs=0.1)  # ties in fraction
+    assert heatmap_figure(summary, axes, "train.seed", tmp_path / "heat.png").is_file()
+    assert heatmap_figure(summary, {"train.seed": [0, 1], "train.adapter": ["x", "y"]}, "train.seed",
+                          tmp_path / "none.png") is None  # one categorical axis: no heatmap
+    q1 = answer_q1(summary, axes, "train.seed")
+    assert "yes: the held-out mean recall lies above chance in every setting" in q1 and "2 train.seed values" in q1
+    q2 = answer_q2(summary, axes, "train.seed", n_cells=24)
+    assert "image side: yes, in every test (delta above 0 in 12 and below 0 in 0 of 12" in q2
+    assert "supported in 24 of 24" in q2 and "text side: no (delta above 0 in 0 and below 0 in 12 of 12" in q2
