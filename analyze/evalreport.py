@@ -111,7 +111,7 @@ def _entry_cost(cfg: PipelineConfig, name: str) -> tuple[int | None, float, int]
     params, seconds, rows = None, 0.0, 0
     for split in list_splits(cfg.data.cache, cfg.data.dataset):
         try:
-            e = find_entry(cfg.data.cache, cfg.data.dataset, split, name)
+            e = find_entry(cfg.data.cache, cfg.data.dataset, split, name, cfg.data.data_dir)
         except CacheError:
             continue
         params = e.provenance.get("parameters", params)

@@ -78,7 +78,7 @@ class RunView:
                    hashlib.sha256((self.path / ADAPTER_WEIGHTS).read_bytes()).hexdigest())
 
     def entry(self, split: str, modality: str) -> Entry:
-        return find_entry(self.cfg.data.cache, self.cfg.data.dataset, split, self.entries[modality])
+        return find_entry(self.cfg.data.cache, self.cfg.data.dataset, split, self.entries[modality], self.cfg.data.data_dir)
 
     def split(self, split: str) -> SplitPairs:
         """The joined image and caption rows of ``split`` (read once, then kept)."""

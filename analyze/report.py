@@ -372,7 +372,7 @@ def _check_run(cfg: PipelineConfig, run: str, info: RunFolder | None) -> None:
     for split in list_splits(cfg.data.cache, cfg.data.dataset):
         for name in (aligned_name(cfg.train.image, run), aligned_name(cfg.train.text, run)):
             try:
-                entry = find_entry(cfg.data.cache, cfg.data.dataset, split, name)
+                entry = find_entry(cfg.data.cache, cfg.data.dataset, split, name, cfg.data.data_dir)
             except CacheError:
                 continue  # absent: the sections say so
             check_aligned(cfg.data.cache, [entry])

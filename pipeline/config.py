@@ -132,6 +132,8 @@ class StudyConfig:
     name: str = "study"  # study name: outputs go to <analyze.out>/<dataset>/<analyze.split>/studies/<name>/
     repeat: str = "train.seed"  # the axis the summary averages over (its values are repeats); "" = none
     axes: dict = field(default_factory=dict)  # dotted config key -> list of values; the grid is their product
+    variants: dict = field(default_factory=dict)  # name -> {dotted key: value}: named recipes, a leading axis "variant"
+    evaluations: tuple[str, ...] = ("platonic",)  # what each cell measures after training: platonic, zeroshot
 
 
 @dataclass(frozen=True)

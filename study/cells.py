@@ -8,7 +8,8 @@ A cell runs only what it needs:
 2. training, unless its run folder already holds a finished run (metrics.json) whose
    config.json has the cell's training configuration (:func:`study.grid.train_hash`) and whose
    aligned entries exist: ``train.fit.fit_adapters``;
-3. the Platonic test: ``analyze.platonic.platonic_test`` (no kernel figure).
+3. what ``study.evaluations`` lists: the Platonic test (``analyze.platonic.platonic_test``, no
+   kernel figure) and zero-shot classification (``analyze.zeroshot.zero_shot``).
 
 Its result is one JSON file, ``<study>/cells/<cell_id>.json``, written atomically when the cell
 ends (done or failed): ``cell_id``, ``index``, ``values``, ``config_hash``, ``run``, ``status``,
@@ -30,6 +31,7 @@ from typing import Any
 
 from analyze.compare import load_joined, metric_kwargs, resolve_metrics
 from analyze.platonic import platonic_test
+from analyze.zeroshot import zero_shot
 from extract.run import extract
 from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig, with_values
@@ -37,7 +39,7 @@ from pipeline.errors import PipelineError
 from pipeline.runs import CONFIG, METRICS, aligned_name, is_aligned, modality_entries, read_run, run_dir
 from pipeline.runtime import utc_now, write_json
 from study.grid import Cell, train_hash
-from study.table import flat_platonic, retrieval_columns
+from study.table import flat_platonic, flat_zeroshot, retrieval_columns
 from train.data import SPLITS
 from train.fit import fit_adapters
 
@@ -81,7 +83,8 @@ def is_finished(doc: dict | None, cell: Cell) -> bool:
 # ----------------------------------------------------------------------------- the three steps
 def encoders_of(cfg: PipelineConfig) -> list[str]:
     """Encoder entries a cell reads (aligned ``<encoder>@<run>`` sources excluded)."""
-    names = [*modality_entries(cfg.train).values(), cfg.train.reference, cfg.analyze.reference]
+    platonic = "platonic" in cfg.study.evaluations  # only the Platonic test reads analyze.reference
+    names = [*modality_entries(cfg.train).values(), cfg.train.reference, cfg.analyze.reference if platonic else ""]
     return [n for n in dict.fromkeys(names) if n and not is_aligned(n)]
 
 
@@ -95,7 +98,7 @@ def ensure_entries(cfg: PipelineConfig, memo: Memo) -> list[str]:
             if key in memo.cached:
                 continue
             try:
-                find_entry(cfg.data.cache, cfg.data.dataset, split, name)
+                find_entry(cfg.data.cache, cfg.data.dataset, split, name, cfg.data.data_dir)
                 memo.cached.add(key)
             except CacheError:
                 missing.append(name)
@@ -118,7 +121,7 @@ def finished_run(cfg: PipelineConfig, run: str):
         return None
     try:
         for name in (cfg.train.image, cfg.train.text):
-            find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, aligned_name(name, run))
+            find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, aligned_name(name, run), cfg.data.data_dir)
     except CacheError:
         return None
     return info.metrics
@@ -138,15 +141,18 @@ def pair_columns(cfg: PipelineConfig, memo: Memo) -> dict[str, float]:
 
 
 def compute_cell(cell: Cell, memo: Memo) -> tuple[dict, bool]:
-    """Run the cell's three steps; returns (its measured columns, whether it trained)."""
+    """Run the cell's steps; returns (its measured columns, whether it trained)."""
     cfg = cell.config
     ensure_entries(cfg, memo)
     metrics = finished_run(cfg, cell.run)
     trained = metrics is None
     if trained:
         metrics = fit_adapters(cfg, progress=False).metrics
-    platonic = platonic_test(cfg, cell.run, kernels=False)
-    row = {**retrieval_columns(metrics), **pair_columns(cfg, memo), **flat_platonic(platonic)}
+    row = {**retrieval_columns(metrics), **pair_columns(cfg, memo)}
+    if "platonic" in cfg.study.evaluations:
+        row.update(flat_platonic(platonic_test(cfg, cell.run, kernels=False)))
+    if "zeroshot" in cfg.study.evaluations:
+        row.update(flat_zeroshot(zero_shot(cfg, cell.run)))
     return row, trained
 
 

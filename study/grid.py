@@ -1,7 +1,10 @@
 """The grid of a study: ``[study.axes]`` (dotted config key -> list of values) expanded into cells.
 
 A cell is one combination of axis values (the product of the axes, in the order the axes are
-written, the last axis varying fastest) applied to the base configuration. Every cell gets
+written, the last axis varying fastest) applied to the base configuration. ``[study.variants]``
+(variant name -> {dotted key: value}) adds a leading axis ``variant`` whose values are the
+variant names: each variant sets several keys at once, for grids that compare named recipes
+("plain", "+mixup", "all") rather than the full product of their options. Every cell gets
 
 * ``config_hash``: sha256 of its resolved configuration (every section but ``[study]``, without
   the execution-only keys of ``EXECUTION_KEYS``). The cell's result file records it, and a rerun
@@ -33,6 +36,8 @@ from pipeline.runtime import dumps_json
 
 STUDY_SECTION = "study"
 FIXED_KEYS = ("train.name",)  # the study sets these itself
+VARIANT_AXIS = "variant"  # the axis [study.variants] adds (its values: the variant names)
+EVALUATIONS = ("platonic", "zeroshot")  # study.evaluations: what a cell measures besides test recall
 # Keys that change how a cell runs, not what it computes; left out of the configuration hashes.
 EXECUTION_KEYS = ("train.name", "train.device", "extract.device", "extract.workers", "extract.batch_size",
                   "extract.chunk_rows", "extract.encoders", "analyze.kernel_rows", "analyze.out")
@@ -155,6 +160,45 @@ def readable(values: Mapping[str, Any]) -> str:
     return text[:READABLE_MAX].rstrip("_-")
 
 
+def check_variants(variants: Mapping[str, Any], axes: Mapping[str, list]) -> dict[str, dict]:
+    """``[study.variants]`` as {name: {dotted key: value}}, checked: names usable in file names,
+    keys a study may vary (close matches), no key that is also an axis (which would win?)."""
+    out = {}
+    for name, settings in variants.items():
+        if _format(name) != name:
+            raise StudyError(f"Study variant {name!r}: a variant name is letters, digits, '.', '+' or '-' "
+                             f"(it names files and runs), e.g. {_format(name)!r}.")
+        if not isinstance(settings, Mapping):
+            raise StudyError(f"Study variant {name!r} must be a table of dotted config keys -> values, e.g. "
+                             f'{name} = {{"train.mixup" = 1.0}} ({{}} = the base configuration); got {settings!r}.')
+        flat = flatten_axes(settings)
+        for key in flat:
+            check_key(key)
+            if key in axes:
+                raise StudyError(f"Study variant {name!r} sets {key!r}, which is also an axis; set it in one place.")
+        out[name] = flat
+    return out
+
+
+def study_axes(study) -> dict[str, list]:
+    """The grid's axes: ``variant`` (the names of ``[study.variants]``, when there are any) first,
+    then ``[study.axes]``, checked (see the module docstring)."""
+    if VARIANT_AXIS in flatten_axes(study.axes):
+        raise StudyError(f"Study axis {VARIANT_AXIS!r} is made by [study.variants]; list the variants there.")
+    axes = check_axes(study.axes) if study.axes or not study.variants else {}
+    if study.variants:
+        axes = {VARIANT_AXIS: list(check_variants(study.variants, axes)), **axes}
+    return axes
+
+
+def cell_settings(study, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The config keys one cell sets: its variant's keys, then its other axis values."""
+    settings = {k: v for k, v in values.items() if k != VARIANT_AXIS}
+    if VARIANT_AXIS in values:
+        settings = {**flatten_axes(study.variants[values[VARIANT_AXIS]]), **settings}
+    return settings
+
+
 # ----------------------------------------------------------------------------- expansion
 def expand(config: PipelineConfig) -> list[Cell]:
     """Every cell of ``config.study``'s grid, checked up front (see the module docstring)."""
@@ -163,16 +207,23 @@ def expand(config: PipelineConfig) -> list[Cell]:
     if not name or name != study.name:
         raise StudyError(f"study.name = {study.name!r} must be a non-empty name of letters, digits, '.', '+' "
                          f"or '-' (it names a folder and the runs), e.g. {name or 'adapters-vs-data'!r}.")
-    axes = check_axes(study.axes)
+    axes = study_axes(study)
+    for evaluation in study.evaluations:
+        if evaluation not in EVALUATIONS:
+            raise StudyError(f"Unknown study.evaluations entry {evaluation!r}.{did_you_mean(evaluation, EVALUATIONS)} "
+                             f"Use some of: {', '.join(EVALUATIONS)}.")
     cells = []
     for index, combo in enumerate(itertools.product(*axes.values())):
         values = dict(zip(axes, combo))
+        settings = cell_settings(study, values)
         try:
-            cfg = with_values(config, values, f"study axes, cell {readable(values)}")
+            cfg = with_values(config, settings, f"study axes, cell {readable(values)}")
         except ConfigError as exc:
             raise StudyError(str(exc)) from None
         h = config_hash(cfg)
-        train_values = {k: v for k, v in values.items() if k.split(".")[0] in TRAIN_SECTIONS}
+        trains = any(k.split(".")[0] in TRAIN_SECTIONS for k in settings if k not in values)  # the variant's keys
+        train_values = {k: v for k, v in values.items()
+                        if (k == VARIANT_AXIS and trains) or k.split(".")[0] in TRAIN_SECTIONS}
         run = f"{name}_{readable(train_values) or 'base'}-{train_hash(cfg)[:HASH_CHARS]}"
         check_run_name(run)
         cfg = with_values(cfg, {"train.name": run})

@@ -31,7 +31,7 @@ from pipeline.config import PipelineConfig
 from pipeline.runtime import atomic_write, utc_now, write_json
 from study.cells import Memo, cell_path, cell_row, is_finished, read_result, run_cell
 from study.figures import fraction_figure, heatmap_figure, pair_figure
-from study.grid import Cell, check_axes, check_repeat, expand
+from study.grid import Cell, check_repeat, expand, study_axes
 from study.report import answer_q1, answer_q2, build_report
 from study.table import columns, summarize
 
@@ -73,7 +73,7 @@ def run_study(cfg: PipelineConfig, progress: bool | None = None, dry_run: bool =
     progress: a tqdm bar over cells; None = only on a terminal."""
     t0 = time.perf_counter()
     cells = expand(cfg)  # every check before any work
-    axes = check_axes(cfg.study.axes)
+    axes = study_axes(cfg.study)
     repeat = check_repeat(cfg.study.repeat, axes)
     if cfg.study.repeat and not repeat:
         log.warning("study.repeat = %r is not an axis: every setting has one cell and no interval", cfg.study.repeat)
@@ -146,7 +146,7 @@ def _figures(folder: Path, summary: list[dict], axes: dict, repeat: str, result:
 def _write_study_json(cfg: PipelineConfig, folder: Path, cells: list[Cell], axes: dict, repeat: str,
                       status: dict, result: StudyResult | None = None) -> None:
     doc = {"name": cfg.study.name, "updated": utc_now(), "config_source": cfg.source, "axes": axes,
-           "repeat": repeat, "config": cfg.to_dict(),
+           "variants": cfg.study.variants, "repeat": repeat, "config": cfg.to_dict(),
            "cells": [{"cell_id": c.cell_id, "values": c.values, "run": c.run, "config_hash": c.config_hash,
                       "status": status.get(c.cell_id, "pending")} for c in cells]}
     if result is not None:

@@ -12,6 +12,9 @@ cell produced, flattened generically so that new fields of the stages appear as 
   ``run.best_epoch``, ...);
 * the pre-training similarity of the encoder pair: ``pair.<metric>`` (image vs text encoder on
   ``analyze.split``, the Freeze-Align criterion);
+* zero-shot classification (``study.evaluations`` has "zeroshot"): ``zeroshot.<method>.<figure>``
+  for the adapters, the baselines and ASIF (``relative``), figure = top1, top5, balanced; chance
+  as ``zeroshot.chance.<figure>`` and ``zeroshot.chance.majority``;
 * the Platonic test: platonic.json's ``"flat"`` columns when it has them, else the same names
   built from its ``"results"`` (:func:`flat_platonic`): ``<metric>.<term>`` (before_image ...
   after_text), ``<metric>.delta_<side>`` with ``_ci_lo`` / ``_ci_hi``, ``<metric>.p_<side>``,
@@ -22,7 +25,7 @@ The summary (:func:`summarize`) groups the finished cells by every axis except t
 Per group: ``n`` (finished cells), ``failed``, and for every numeric column c the mean and the
 sample standard deviation (ddof 1) over the group's finite values, ``c.mean`` and ``c.std``;
 for the columns of :func:`wants_interval` (``mean_R``, ``mean_R.vs_*``, every delta and
-excess) also the 95% t-interval over repeats,
+excess, zero-shot top-1 and balanced accuracy) also the 95% t-interval over repeats,
 
     c.lo95, c.hi95 = mean -+ t_{0.975, m-1} * std / sqrt(m)     (m finite values; NaN when m < 2).
 """
@@ -41,7 +44,8 @@ from study.grid import is_number
 
 CONFIDENCE = 0.95  # level of the intervals over repeats
 LEAD = ("run", "status", "error")  # columns after the axes
-INTERVAL = re.compile(r"(^mean_R$|^mean_R\.vs_|(delta|excess)_[A-Za-z0-9]+$)")
+INTERVAL = re.compile(r"(^mean_R$|^mean_R\.vs_|(delta|excess)_[A-Za-z0-9]+$|^zeroshot\.[^.]+\.(top1|balanced)$)")
+ZEROSHOT_FIGURES = ("top1", "top5", "balanced")  # per method, as zeroshot.<method>.<figure>
 SKIP_RUN_FIELDS = ("test", "run", "run_dir", "dataset", "device")  # metrics.json fields not copied as run.*
 
 
@@ -87,6 +91,14 @@ def flat_platonic(doc: Mapping) -> dict[str, Any]:
         flat[key.replace(".verdict_", ".supported_")] = 1.0 if flat[key] == "supported" else 0.0
     if is_number(doc.get("n")):
         flat["platonic.n"] = float(doc["n"])
+    return flat
+
+
+def flat_zeroshot(doc: Mapping) -> dict[str, float]:
+    """The columns of a zeroshot.json document (see the module docstring)."""
+    flat = {f"zeroshot.{method}.{f}": float(r[f]) for method, r in doc.get("results", {}).items()
+            for f in ZEROSHOT_FIGURES if is_number(r.get(f))}
+    flat.update({f"zeroshot.chance.{f}": float(v) for f, v in doc.get("chance", {}).items() if is_number(v)})
     return flat
 
 

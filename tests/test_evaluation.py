@@ -2,6 +2,7 @@
 cached prompt entries), the analyze zeroshot / matching commands and the report's gallery and
 cost table, on a tiny imagefolder with class folders and tiny random encoders."""
 
+import csv
 import dataclasses
 import json
 import re
@@ -15,12 +16,13 @@ from PIL import Image
 import analyze.prompts as prompts_mod
 from analyze.cli import main as analyze_cli
 from analyze.prompts import DEFAULT_TEMPLATES, prompt_entry_path, prompt_features, prompt_texts
-from analyze.zeroshot import accuracy, chance, class_embeddings, predictions, summarize, true_ranks
+from analyze.zeroshot import accuracy, chance, class_embeddings, predictions, summarize, true_ranks, zero_shot
 from extract.labels import class_name, dataset_classes, image_labels
 from extract.run import extract
 from pipeline.cache import StaleCacheError, find_entry
-from pipeline.config import load_config
+from pipeline.config import load_config, with_values
 from pipeline.errors import PipelineError
+from study.runner import run_study
 from tests.fixtures import write_metadata
 from train.fit import fit_adapters
 
@@ -201,3 +203,27 @@ def test_fit_with_the_proposal_formulation(tiny):
     assert {"rsum", "i2t_medr", "t2i_meanr"} <= set(test) and 0 <= test["rsum"] <= 600
     with pytest.raises(PipelineError, match="Did you mean: symmetric"):
         fit_adapters(dataclasses.replace(cfg, train=dataclasses.replace(tc, loss_direction="symetric")))
+
+
+def test_a_study_of_variants_with_zero_shot_columns(tiny, tmp_path):
+    """study.variants x seeds with study.evaluations = [zeroshot]: one column per method and figure,
+    equal to `analyze zeroshot` on the cell's run, with t-intervals over seeds in the summary."""
+    _, cfg = tiny
+    cfg = with_values(cfg, {"study.name": "zs", "study.variants": {"plain": {}, "mix": {"train.mixup": 1.0}},
+                            "study.axes": {"train.seed": [0, 1]}, "study.evaluations": ["zeroshot"],
+                            "analyze.out": str(tmp_path)})
+    result = run_study(cfg, progress=False)
+    assert result.failed == 0 and result.ran == 4
+    with open(result.folder / "cells.csv", newline="") as fh:
+        cells = list(csv.DictReader(fh))
+    assert list(cells[0])[:2] == ["variant", "train.seed"] and [c["variant"] for c in cells] == ["plain"] * 2 + ["mix"] * 2
+    assert not any(k.startswith("cka.") for k in cells[0])  # no platonic test asked for
+    direct = zero_shot(with_values(cfg, {"train.name": cells[2]["run"]}), cells[2]["run"])
+    for method in ("adapters", "procrustes", "relative"):
+        for figure in ("top1", "top5", "balanced"):
+            assert float(cells[2][f"zeroshot.{method}.{figure}"]) == pytest.approx(direct["results"][method][figure])
+    assert float(cells[0]["zeroshot.chance.top1"]) == pytest.approx(1 / len(CLASSES))
+    with open(result.folder / "summary.csv", newline="") as fh:
+        summary = list(csv.DictReader(fh))
+    assert [s["variant"] for s in summary] == ["plain", "mix"] and all(s["n"] == "2" for s in summary)
+    assert {"zeroshot.adapters.top1.lo95", "zeroshot.adapters.balanced.hi95"} <= set(summary[0])

@@ -101,6 +101,40 @@ def test_grid_is_the_product_of_the_axes():
         [c.cell_id for c in cells]
 
 
+def test_variants_are_a_leading_axis_of_named_recipes():
+    variants = {"plain": {}, "mixup": {"train.mixup": 1.0}, "all": {"train": {"mixup": 1.0, "adapter": "mlp"}},
+                "k3": {"analyze.k": 3}}
+    cfg = with_values(PipelineConfig(), {"study.variants": variants, "study.axes": {"train.seed": [0, 1]}})
+    cells = expand(cfg)
+    assert [tuple(c.values.items()) for c in cells] == [(("variant", v), ("train.seed", s))
+                                                        for v in variants for s in (0, 1)]
+    got = [(c.config.train.mixup, c.config.train.adapter, c.config.analyze.k, c.config.train.seed) for c in cells]
+    base = PipelineConfig()
+    assert got == [(m, a, k, s) for m, a, k in ((base.train.mixup, "linear", base.analyze.k), (1.0, "linear", base.analyze.k),
+                                               (1.0, "mlp", base.analyze.k), (base.train.mixup, "linear", 3))
+                   for s in (0, 1)]
+    runs = [c.run for c in cells]
+    assert "variant-mixup" in runs[2] and "variant" not in runs[6]  # an analyze-only variant shares plain's training
+    assert runs[0] == runs[6] and len(set(runs)) == 6
+    only = expand(with_values(PipelineConfig(), {"study.variants": variants}))  # variants alone make a grid
+    assert [c.values for c in only] == [{"variant": v} for v in variants]
+
+
+@pytest.mark.parametrize("variants, axes, evaluations, match", [
+    ({"plain": {}, "x": {"train.mixp": 1.0}}, {}, ["platonic"], "Did you mean: train.mixup"),
+    ({"plain": {}, "x": {"train.seed": 1}}, {"train.seed": [0, 1]}, ["platonic"], "also an axis"),
+    ({"a b": {}}, {}, ["platonic"], "variant name"),
+    ({"x": 1.0}, {}, ["platonic"], "must be a table"),
+    ({"x": {}}, {"variant": ["x"]}, ["platonic"], "made by \\[study.variants\\]"),
+    ({"x": {}}, {}, ["platonic", "zeroshoot"], "Did you mean: zeroshot"),
+])
+def test_bad_variants_and_evaluations_are_clear_errors(variants, axes, evaluations, match):
+    cfg = with_values(PipelineConfig(), {"study.variants": variants, "study.axes": axes,
+                                         "study.evaluations": evaluations})
+    with pytest.raises(StudyError, match=match):
+        run_study(cfg, dry_run=True)
+
+
 @pytest.mark.parametrize("axes, repeat, match", [
     ({"train.sed": [0, 1]}, "", "Did you mean: train.seed"),
     ({"trian.seed": [0, 1]}, "", "Did you mean: train"),
