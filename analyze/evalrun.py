@@ -80,8 +80,13 @@ class RunView:
     def entry(self, split: str, modality: str) -> Entry:
         return find_entry(self.cfg.data.cache, self.cfg.data.dataset, split, self.entries[modality], self.cfg.data.data_dir)
 
+    def layer(self, modality: str) -> int | None:
+        """The stored hidden layer the run's adapter of ``modality`` reads (None = the features)."""
+        return self.run.source(modality).get("layer")
+
     def split(self, split: str) -> SplitPairs:
-        """The joined image and caption rows of ``split`` (read once, then kept)."""
+        """The joined image and caption rows of ``split`` (read once, then kept), from the hidden
+        layers the adapters were trained on when the run chose layers."""
         if split not in self._splits:
             img, txt = self.entry(split, "image"), self.entry(split, "text")
             for m, e in (("image", img), ("text", txt)):
@@ -89,7 +94,8 @@ class RunView:
             pairs = join_pairs(img, txt)
             self._splits[split] = SplitPairs(
                 split, [str(img.ids[r]) for r in pairs.image_rows], [str(txt.ids[r]) for r in pairs.text_rows],
-                img.features()[pairs.image_rows], txt.features()[pairs.text_rows], pairs.text_to_image,
+                img.features(self.layer("image"))[pairs.image_rows], txt.features(self.layer("text"))[pairs.text_rows],
+                pairs.text_to_image,
                 pairs.first_caption)
         return self._splits[split]
 

@@ -91,32 +91,41 @@ def encoder_for(text: Entry):
 
 
 @torch.no_grad()
-def embed_texts(spec, texts: Sequence[str], device: str = "auto", precision: str = "fp32") -> np.ndarray:
-    """(len(texts), d) float32 features of ``texts`` by the frozen encoder ``spec``."""
+def embed_texts(spec, texts: Sequence[str], device: str = "auto", precision: str = "fp32",
+                layer: int | None = None) -> np.ndarray:
+    """(len(texts), d) float32 features of ``texts`` by the frozen encoder ``spec``: its pooled
+    features, or hidden layer ``layer`` (an index of the list ``extract --layers all`` stores)."""
     dev = resolve_device(device)
     encoder = load_encoder(spec, dev)
     out = []
     with autocast(dev, precision):
         for s in range(0, len(texts), BATCH):
-            out.append(encoder(encoder.tokenize(list(texts[s:s + BATCH]))).float().cpu().numpy())
+            batch = encoder.tokenize(list(texts[s:s + BATCH]))
+            feats = encoder(batch) if layer is None else encoder(batch, all_layers=True)[layer]
+            out.append(feats.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
 
 
 def prompt_features(cache: str | Path, dataset: str, text: Entry, classes: Sequence[str],
-                    templates: Sequence[str], device: str = "auto", force: bool = False) -> np.ndarray:
+                    templates: Sequence[str], device: str = "auto", force: bool = False,
+                    layer: int | None = None) -> np.ndarray:
     """(C * T, d_text) features of every class in every template (row order of ``prompt_texts``),
-    from the cache, else computed by the text entry's encoder and cached. A cached entry made
-    for other classes, templates or another encoder is refused (StaleCacheError) unless ``force``."""
+    from the cache, else computed by the text entry's encoder and cached; ``layer``: the stored
+    hidden layer a run's text adapter reads (None = the pooled features), cached apart. A cached
+    entry made for other classes, templates or another encoder is refused (StaleCacheError)
+    unless ``force``."""
     templates = check_templates(templates)
     ids, texts = prompt_texts(classes, templates)
     precision = str(text.key.get("precision", "fp32"))
     key = {"entry": text.name, "kind": "zeroshot-prompts", "encoder": text.key.get("encoder"), "dataset": dataset,
-           "classes": list(classes), "templates": list(templates), "precision": precision}
-    path = prompt_entry_path(cache, dataset, text.name)
-    writer = EntryWriter(path, text.name, ids, key, chunk_rows=max(1, len(ids)), force=force)
+           "classes": list(classes), "templates": list(templates), "precision": precision,
+           **({} if layer is None else {"layer": int(layer)})}
+    name = text.name if layer is None else f"{text.name}.layer{int(layer)}"
+    path = prompt_entry_path(cache, dataset, name)
+    writer = EntryWriter(path, name, ids, key, chunk_rows=max(1, len(ids)), force=force)
     if writer.pending():
         t0 = time.perf_counter()
-        feats = embed_texts(encoder_for(text), texts, device, precision)
+        feats = embed_texts(encoder_for(text), texts, device, precision, layer)
         writer.write_chunk(0, feats)
         log.info("embedded %d prompts with %s in %.1f s -> %s", len(texts), text.name, time.perf_counter() - t0, path)
         prov = {"versions": versions(), "source_entry": str(text.path), "texts": texts,

@@ -168,7 +168,8 @@ def zero_shot(cfg: PipelineConfig, run: str | None = None, templates: str | Path
     labels = np.asarray([index[by_id[i]] for i in test.image_ids])
     tpl = read_templates(templates)
     t_prompt = time.perf_counter()
-    prompts = prompt_features(d.cache, d.dataset, rv.entry(split, "text"), classes, tpl, cfg.extract.device, force)
+    prompts = prompt_features(d.cache, d.dataset, rv.entry(split, "text"), classes, tpl, cfg.extract.device, force,
+                              rv.layer("text"))
     t_prompt = time.perf_counter() - t_prompt
     results = {m: summarize(S, labels, classes) for m, S in _method_scores(rv, test, prompts, len(classes)).items()}
     out = output_dir(cfg, "runs", rv.name)

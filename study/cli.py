@@ -17,9 +17,11 @@ from study.runner import run_study
 @friendly_errors
 def main(dry_run, progress, config_path, overrides, verbose, **kwargs):
     """Run a grid of cells defined by [study.axes] (dotted config key -> list of values; the grid is
-    their product): each cell extracts what is missing, trains adapters (fit-adapters) and runs the
-    Platonic test, then the study writes cells.csv, summary.csv, figures, study.md and study.html.
-    Finished cells are skipped, a killed study resumes, a failing cell is recorded and skipped.
+    their product) and [study.variants] (named recipes, a leading axis "variant"): each cell
+    extracts what is missing, trains adapters (fit-adapters) and measures study.evaluations (the
+    Platonic test, zero-shot accuracy), then the study writes cells.csv, summary.csv, figures,
+    study.md and study.html. Finished cells are skipped, a killed study resumes, a failing cell is
+    recorded and skipped.
 
     Example: study --config configs/study-demo.toml
     """

@@ -227,3 +227,20 @@ def test_a_study_of_variants_with_zero_shot_columns(tiny, tmp_path):
         summary = list(csv.DictReader(fh))
     assert [s["variant"] for s in summary] == ["plain", "mix"] and all(s["n"] == "2" for s in summary)
     assert {"zeroshot.adapters.top1.lo95", "zeroshot.adapters.balanced.hi95"} <= set(summary[0])
+
+
+def test_zero_shot_of_a_run_trained_on_hidden_layers(tiny, tmp_path):
+    """A run that reads stored hidden layers (train.image_layer / text_layer) is evaluated on those
+    layers, and its prompts are embedded from the same text layer (cached apart from the pooled ones)."""
+    _, cfg = tiny
+    cfg = with_values(cfg, {"data.cache": str(tmp_path / "cache"), "extract.layers": "all", "train.name": "deep",
+                            "train.image_layer": 1, "train.text_layer": 0, "analyze.out": str(tmp_path / "r")})
+    extract(cfg)
+    fit_adapters(cfg, progress=False)
+    doc = zero_shot(cfg, "deep")
+    text = find_entry(cfg.data.cache, cfg.data.dataset, "test", "tiny-gpt2", cfg.data.data_dir)
+    layered = prompt_entry_path(cfg.data.cache, cfg.data.dataset, "tiny-gpt2.layer0")
+    assert layered.exists() and not prompt_entry_path(cfg.data.cache, cfg.data.dataset, "tiny-gpt2").exists()
+    prompts = prompt_features(cfg.data.cache, cfg.data.dataset, text, doc["classes"], doc["templates"], "cpu", layer=0)
+    assert prompts.shape[1] == text.features(0).shape[1]  # the hidden layer's width
+    assert 0.0 <= doc["results"]["adapters"]["top1"] <= 1.0

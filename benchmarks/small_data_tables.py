@@ -1,0 +1,123 @@
+"""Tables of the small-data studies (configs/study-small-data*.toml) for the README, and the
+recipe chosen on validation recall only.
+
+    study --config configs/study-small-data.toml
+    study --config configs/study-small-data-pair2.toml
+    python benchmarks/small_data_tables.py reports/small-data/imagefolder/test/studies/small-data \
+        reports/small-data-pair2/imagefolder/test/studies/small-data-pair2
+
+Per study, recipe (the ``variant`` axis) and train fraction, over the seeds (mean and the 95%
+t-interval, mean +- t(0.975, m-1) * sd / sqrt(m)): val mean recall of the kept epoch, test mean
+recall, zero-shot top-1 accuracy of the adapters; the paired difference to the ``plain`` recipe
+(same fraction and seed, hence the same train subset) for test recall and zero-shot top-1; the
+closed-form PCA + Procrustes map's test recall and zero-shot top-1 on the same subsets.
+
+The selection rule, fixed before the test columns were read: the recipe with the highest val
+mean recall averaged over every study and fraction (each setting weighs the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+BASE = "plain"  # the recipe the paired differences are taken against
+
+
+def interval(values) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval); half-width NaN for fewer than 2 values."""
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan
+    if len(v) < 2:
+        return float(v.mean()), math.nan
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def fmt(mean_hw: tuple[float, float], scale: float = 100.0, signed: bool = False) -> str:
+    mean, hw = mean_hw
+    if not math.isfinite(mean):
+        return "-"
+    text = f"{mean * scale:+.1f}" if signed else f"{mean * scale:.1f}"
+    return text + (f" ± {hw * scale:.1f}" if math.isfinite(hw) else "")
+
+
+def load(folder: Path) -> dict:
+    """{(variant, fraction): {seed: row}} of the finished cells of a study folder."""
+    with open(folder / "cells.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["status"] == "done"]
+    out: dict = defaultdict(dict)
+    for r in rows:
+        out[(r["variant"], float(r["train.train_fraction"]))][int(r["train.seed"])] = r
+    return out
+
+
+def num(row: dict, col: str) -> float:
+    try:
+        return float(row[col])
+    except (KeyError, ValueError):
+        return math.nan
+
+
+def table(folder: Path) -> tuple[list[str], dict[str, list[float]]]:
+    """Markdown lines of one study, and {variant: [val mean recall per fraction]}."""
+    cells = load(folder)
+    variants = list(dict.fromkeys(v for v, _ in cells))
+    fractions = sorted({f for _, f in cells})
+    pairs = {f: int(round(np.mean([num(r, "run.sizes.train.pairs") for r in cells[(variants[0], f)].values()])))
+             for f in fractions}
+    lines = [f"**{folder.name}** (test mean recall and zero-shot top-1 in %; mean ± 95% t-interval half-width over "
+             f"{len(next(iter(cells.values())))} seeds; Δ = paired difference to `{BASE}`, same subset and seed)", "",
+             "| recipe | train pairs | val mean_R | test mean_R | Δ test mean_R | zero-shot top-1 | Δ zero-shot |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    val: dict[str, list[float]] = defaultdict(list)
+    for v in variants:
+        for f in fractions:
+            seeds = cells[(v, f)]
+            base = cells.get((BASE, f), {})
+            col = {c: [num(r, c) for r in seeds.values()] for c in ("run.val_best.mean_R", "mean_R",
+                                                                   "zeroshot.adapters.top1")}
+            diff = {c: [num(r, c) - num(base[s], c) for s, r in seeds.items() if s in base]
+                    for c in ("mean_R", "zeroshot.adapters.top1")}
+            val[v].append(interval(col["run.val_best.mean_R"])[0])
+            lines.append(f"| {v} | {pairs[f]} | {fmt(interval(col['run.val_best.mean_R']))} | "
+                         f"{fmt(interval(col['mean_R']))} | "
+                         f"{'-' if v == BASE else fmt(interval(diff['mean_R']), signed=True)} | "
+                         f"{fmt(interval(col['zeroshot.adapters.top1']))} | "
+                         f"{'-' if v == BASE else fmt(interval(diff['zeroshot.adapters.top1']), signed=True)} |")
+    for f in fractions:
+        seeds = cells[(variants[0], f)]
+        lines.append(f"| Procrustes (closed form) | {pairs[f]} | - | "
+                     f"{fmt(interval([num(r, 'procrustes.mean_R') for r in seeds.values()]))} | - | "
+                     f"{fmt(interval([num(r, 'zeroshot.procrustes.top1') for r in seeds.values()]))} | - |")
+    chance = [num(r, "zeroshot.chance.top1") for r in next(iter(cells.values())).values()]
+    majority = [num(r, "zeroshot.chance.majority") for r in next(iter(cells.values())).values()]
+    lines += ["", f"Zero-shot chance {np.mean(chance) * 100:.1f}% (majority class {np.mean(majority) * 100:.1f}%).", ""]
+    return lines, val
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("studies", nargs="+", type=Path, help="study folders (with cells.csv)")
+    args = ap.parse_args()
+    by_variant: dict[str, list[float]] = defaultdict(list)
+    for folder in args.studies:
+        lines, val = table(folder)
+        print("\n".join(lines))
+        for v, values in val.items():
+            by_variant[v] += values
+    ranking = sorted(by_variant.items(), key=lambda kv: -np.mean(kv[1]))
+    print("Val mean recall averaged over every study and fraction (the selection rule):")
+    for v, values in ranking:
+        print(f"  {v:<12} {np.mean(values) * 100:.2f}%  ({len(values)} settings)")
+    print(f"chosen on val: {ranking[0][0]}")
+
+
+if __name__ == "__main__":
+    main()
