@@ -274,6 +274,17 @@ def test_closed_form_start_refuses_non_linear_adapters_and_extra_modalities(init
 def test_recommended_small_data_config_loads_and_passes_the_checks():
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "small-data.toml")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(configs / "small-data.toml")
     assert cfg.train.init == "procrustes" and cfg.train.adapter == "linear"
     fit_mod.check_config(cfg.train)
+    # it is exactly the recipe the studies chose ("all"), apart from what names the data and the run
+    from study.grid import expand
+
+    for study_file in ("study-small-data.toml", "study-small-data-pair2.toml"):
+        cells = expand(load_config(configs / study_file))
+        chosen = next(c for c in cells if c.values["variant"] == "all").config
+        ignore = {"image", "text", "reference", "name", "seed", "train_fraction"}
+        theirs, ours = chosen.to_dict()["train"], cfg.to_dict()["train"]
+        assert {k: v for k, v in theirs.items() if k not in ignore} == {k: v for k, v in ours.items() if k not in ignore}
+        assert chosen.extract.layers == cfg.extract.layers == "all"
