@@ -25,19 +25,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+
+from study.table import describe
 
 BASE = "plain"  # the recipe the paired differences are taken against
 
 
 def interval(values) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval); half-width NaN for fewer than 2 values."""
-    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
-    if len(v) == 0:
-        return math.nan, math.nan
-    if len(v) < 2:
-        return float(v.mean()), math.nan
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    """(mean, half-width of the 95% t-interval) of the finite values (``study.table.describe``)."""
+    d = describe(values, interval=True)
+    return d["mean"], (d["hi95"] - d["lo95"]) / 2
 
 
 def fmt(mean_hw: tuple[float, float], scale: float = 100.0, signed: bool = False) -> str:

@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from analyze import platonic
@@ -34,12 +33,7 @@ FLAT_CONTROL = ("after_{s}", "calibrated_after_{s}", "delta_{s}", "delta_{s}_ci_
                 "excess_{s}", "excess_{s}_ci_lo", "excess_{s}_ci_hi", "exceeds_{s}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _data(seed=0, n=80):

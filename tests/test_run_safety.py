@@ -38,12 +38,7 @@ SMALL = {"train": 64, "val": 16, "test": 16}  # images per split: a run takes ab
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _fit(cache, seed: int, epochs: int = 2):

@@ -9,7 +9,6 @@ import sys
 import types
 
 import pytest
-import torch
 
 from analyze.platonic import platonic_test
 from pipeline.config import load_config
@@ -21,12 +20,7 @@ from train.tracking import columns
 TRACKED = ("cka", "unbiased_cka", "mutual_knn")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

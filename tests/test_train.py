@@ -34,14 +34,7 @@ REL = np.random.default_rng(123).normal(size=(D_IMG, D_TXT))  # the known linear
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The problems here are tiny: one intra-op thread avoids thread-pool overhead (10x on a busy
-    2-core machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_cache(root, dataset="fake", policy="all", image="resnet18", text="gpt2", reference="dinov2",

@@ -45,12 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 N_PAIRS = 3 * SIZES["train"]  # train pairs of make_cache(policy="all"): 3 captions per image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
