@@ -24,8 +24,10 @@ import csv
 import io
 import json
 import shutil
+import struct
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -259,7 +261,7 @@ BAD_IMAGE_PIXELS = {
     "i16": {(0, 0): (255, 255, 255), (1, 0): (128, 128, 128), (2, 0): (1, 1, 1), (3, 0): (0, 0, 0)},
 }
 # write_bad_images names that cannot be decoded (ImageError expected).
-BAD_IMAGE_BROKEN = ("corrupt", "truncated", "empty")
+BAD_IMAGE_BROKEN = ("corrupt", "truncated", "empty", "bomb")
 
 
 def write_bad_images(folder: str | Path) -> dict[str, Path]:
@@ -269,7 +271,8 @@ def write_bad_images(folder: str | Path) -> dict[str, Path]:
     palette_transparent (P with a transparent index 0), rgba (transparent, opaque red, half-transparent
     black), la, cmyk (TIFF; pure cyan), i16 (16-bit PNG: 65535, 32768, 256, 0), exif_rotated (a 4x2 JPEG
     with EXIF orientation 6, displayed 2x4). Broken (BAD_IMAGE_BROKEN): corrupt (JPEG header + junk),
-    truncated (first half of a valid JPEG), empty (0 bytes).
+    truncated (first half of a valid JPEG), empty (0 bytes), bomb (a 60-byte PNG whose header claims
+    40,000 x 40,000 pixels: PIL's decompression-bomb guard refuses it before decoding).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -317,7 +320,18 @@ def write_bad_images(folder: str | Path) -> dict[str, Path]:
     out["truncated"].write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     out["empty"] = folder / "empty.png"
     out["empty"].write_bytes(b"")
+    out["bomb"] = folder / "bomb.png"
+    out["bomb"].write_bytes(_png_header_only(40_000, 40_000))
     return out
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` 1-bit pixels but holds one empty data chunk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 # Fake tuxpaint-stamps-default tree: relative path under the stamps folder -> (PNG kind, txt bytes or None).

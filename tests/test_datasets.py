@@ -332,7 +332,8 @@ def test_malformed_csv_rows(tmp_path):
 def test_missing_caption_column(tmp_path, fmt):
     _one_image(tmp_path)
     write_metadata(tmp_path, [{"file_name": "a.png", "desc": "x"}], fmt)
-    with pytest.raises(DatasetError, match=r"no caption column: expected 'caption' or 'text' \(columns: file_name, desc\)"):
+    with pytest.raises(DatasetError, match=r"no caption column: expected 'caption' or 'text' \(columns: file_name, desc\)"
+                                           r".*--set data\.options\.caption_column=\.\.\."):  # a flag the user can type
         load_split("imagefolder", tmp_path, "train")
     assert load_split("imagefolder", tmp_path, "train", caption_column="desc").items[0].captions == ("x",)
 

@@ -20,7 +20,7 @@ from extract.run import extract
 from pipeline.cache import EntryWriter, StaleCacheError, find_entry
 from pipeline.config import load_config
 from pipeline.join import join_pairs
-from tests.fixtures import make_flickr30k, make_imagefolder
+from tests.fixtures import BAD_IMAGE_BROKEN, make_flickr30k, make_imagefolder, write_bad_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,10 +148,11 @@ def test_layers_all(flickr, tmp_path):
     assert len(entry.layers) == enc.num_layers and entry.features(layer=entry.layers[-1]).shape[0] == 5
 
 
-def _corrupt_one(folder: Path) -> str:
+def _corrupt_one(folder: Path, broken: Path | None = None) -> str:
+    """Replace the second test image by ``broken``'s bytes (default: its own first 100 bytes)."""
     split = D.load_split("flickr30k", folder, "test")
     victim = Path(split.items[1].image)
-    victim.write_bytes(victim.read_bytes()[:100])  # truncated JPEG
+    victim.write_bytes(broken.read_bytes() if broken else victim.read_bytes()[:100])
     return split.items[1].id
 
 
@@ -171,9 +172,11 @@ def test_corrupt_image_errors_or_is_skipped_and_recorded(tmp_path, workers):
     assert len(pairs.text_rows) == 4
 
 
-def test_corrupt_image_in_a_worker_is_one_line_on_the_cli(tmp_path):
+@pytest.mark.parametrize("kind", BAD_IMAGE_BROKEN)
+def test_broken_image_in_a_worker_is_one_line_on_the_cli(tmp_path, kind):
+    """Corrupt, truncated, empty and decompression-bomb files, decoded in a DataLoader worker."""
     data = make_flickr30k(tmp_path / "data", n_per_split=(2, 2, 5))
-    bad = _corrupt_one(data)
+    bad = _corrupt_one(data, write_bad_images(tmp_path / "bad")[kind])
     res = CliRunner().invoke(extract_cli, ["--encoder", "tiny-resnet", "--data-dir", str(data), "--cache",
                                            str(tmp_path / "c"), "--split", "test", "--workers", "1"])
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
