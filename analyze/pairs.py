@@ -15,9 +15,9 @@ import logging
 import math
 
 from analyze import plots
-from analyze.compare import (AnalyzeError, check_k, header, load_joined, metric_kwargs, output_dir,
+from analyze.compare import (AnalyzeError, check_k, default_entries, header, load_joined, metric_kwargs, output_dir,
                              resolve_metrics, write_csv)
-from pipeline.cache import find_entry, list_entries
+from pipeline.cache import find_entry
 from pipeline.config import PipelineConfig
 from pipeline.runs import is_aligned, list_runs, verify_run
 from pipeline.runtime import write_json
@@ -34,8 +34,9 @@ def modality(entry) -> str | None:
 
 
 def candidates(cfg: PipelineConfig) -> tuple[list[str], list[str], list[str]]:
-    """(image entries, text entries, entries left out) of ``analyze.split`` (or ``analyze.entries``)."""
-    names = list(cfg.analyze.entries) or list_entries(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, cfg.data.data_dir)
+    """(image entries, text entries, entries left out) of ``analyze.split`` (or ``analyze.entries``);
+    an unreadable entry is an error naming it, as in ``analyze cka`` (never dropped silently)."""
+    names = default_entries(cfg)
     images, texts, other = [], [], []
     for name in names:
         if is_aligned(name):  # aligned outputs of a run, not a candidate encoder

@@ -35,7 +35,8 @@ from pipeline.config import load_config
 from pipeline.runtime import resolve_device
 from train.adapters import AlignModel
 from train.data import load_data
-from train.fit import Trainer, fit_adapters, make_optimizer
+from train.fit import Trainer, fit_adapters
+from train.optim import make_optimizer
 from train.losses import multi_info_nce
 
 SIZES = {"train": 29_000, "val": 1_014, "test": 1_000}  # Flickr30k Karpathy split, one caption per image
