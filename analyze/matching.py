@@ -8,9 +8,9 @@ Three methods that use only known pairs, no trained parameters:
   ``quadratic_assignment``, FAQ: Vogelstein et al. 2015, as in Maniparambil et al., CVPR 2024,
   "Do Vision and Language Encoders Represent the World Similarly?"). Kernels are centred
   (H K H, as in CKA). Cost: each FAQ iteration (at most 30) solves an n x n linear assignment
-  and a few n x n matrix products, O(n^3) time and O(n^2) memory: measured on 2 busy CPU cores
-  1.5 s at n = 500 and 4.6 s at n = 1,000 (well-separated data, few iterations); each doubling
-  of n costs about 8x, hence the row bound (``--max-rows``, default ``QAP_ROWS``).
+  and a few n x n matrix products, O(n^3) time and O(n^2) memory (measured times: README,
+  "Zero-shot, training-free matching"); each doubling of n costs about 8x, hence the row bound
+  (``--max-rows``, default ``QAP_ROWS``).
 * ``local_cka_scores``: retrieval by local CKA (same paper). Given a base set of known pairs
   (B_x, B_y), a query image q scores caption c by linear CKA([B_x; q], [B_y; c]) of the base-
   plus-one kernels. Computed for every (q, c) at once from the base kernels and the query

@@ -268,7 +268,7 @@ class StreamSplit:
         """In place, the float32 operations of ``Stats.apply``, (x - mean) / std, each correctly
         rounded, so the result is bit-identical. numpy, not torch: this runs in the reader
         thread, where a torch op would start a second OpenMP thread pool that competes with
-        the training steps for the cores (2.6x slower steps measured on 2 cores)."""
+        the training steps for the cores (slower steps, measured: README "Large caches and several GPUs")."""
         np.subtract(x, self.stats.mean[modality], out=x)
         np.divide(x, self.stats.std[modality], out=x)
 
