@@ -41,8 +41,9 @@ def _saved(cfg: PipelineConfig, run: str, filename: str) -> tuple[dict | None, s
     except (PipelineError, OSError) as exc:
         return None, f"the run cannot be opened ({exc})"
     same = (doc.get("run_sha256") == sha and doc.get("cache") == str(cfg.data.cache)
-            and doc.get("dataset") == cfg.data.dataset and doc.get("split") == cfg.analyze.split)
-    return (doc, "") if same else (None, "the saved result was made for other adapters or data")
+            and doc.get("dataset") == cfg.data.dataset and doc.get("split") == cfg.analyze.split
+            and doc.get("label_from", cfg.data.label_from) == cfg.data.label_from)  # zero-shot labels
+    return (doc, "") if same else (None, "the saved result was made for other adapters, data or labels")
 
 
 def training_free_rows(cfg: PipelineConfig, run: str, n_images: int | None) -> dict[str, dict]:
@@ -63,7 +64,7 @@ def section_zeroshot(doc, cfg: PipelineConfig, run: str) -> None:
     ch = res["chance"]
     rows = [[ZEROSHOT_NAMES.get(m, m), r["top1"], r["top5"], r["balanced"]] for m, r in res["results"].items()]
     rows += [["chance (random ranking)", ch["top1"], ch["top5"], ch["balanced"]],
-             ["majority class", ch["majority"], None, ch["balanced"]]]
+             ["majority class", ch["majority"], None, ch.get("majority_balanced")]]
     doc.table(["method", "top-1", "top-5", "balanced accuracy"], rows)
     a = res["results"]["adapters"]
     doc.para(f"{res['n']} {res['split']} images, {len(res['classes'])} classes (labels: {res['label_from']}), "

@@ -37,6 +37,7 @@ from pipeline.join import JoinError, image_id
 from pipeline.runs import (ADAPTERS_METHOD, RECALL_COLUMNS, RunFolder, RunIntegrityError, RunNotFoundError,
                            aligned_name, check_aligned, find_run, is_aligned, run_name, verify_run)
 from pipeline.runtime import utc_now
+from train.losses import loss_label
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,9 @@ def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunFolder | None)
     if res is None:
         doc.para(f"The run's metrics have no {ADAPTERS_METHOD!r} row (the trained adapters); only baselines are shown.")
         return
-    text = f"The trained adapters ({ADAPTERS_METHOD})"
+    t = run.train
+    loss = loss_label(t.get("loss", "infonce"), t.get("loss_direction", "symmetric"), t.get("normalize", True))
+    text = f"The trained adapters (row {ADAPTERS_METHOD!r}; loss: {loss})"
     if sizes and "i2t_R@10" in res and "t2i_R@10" in res:
         text += (f": held-out image-to-text R@10 is {res['i2t_R@10']:.2f} against {chance['i2t_R@10']:.2f} by chance, "
                  f"text-to-image R@10 {res['t2i_R@10']:.2f} against {chance['t2i_R@10']:.2f} "

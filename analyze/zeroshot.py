@@ -122,10 +122,13 @@ def summarize(scores: np.ndarray, labels: np.ndarray, classes: Sequence[str], ks
 
 
 def chance(labels: np.ndarray, n_classes: int, ks: Sequence[int] = KS) -> dict[str, float]:
-    """Random ranking: top-k = k / C, balanced 1 / C; ``majority``: share of the most frequent class."""
+    """Random ranking: top-k = k / C, balanced 1 / C. Always answering the most frequent class:
+    top-1 ``majority`` (its share of the images), balanced ``majority_balanced`` = 1 / (classes
+    present among the labels), as balanced accuracy averages over the classes present."""
     counts = np.bincount(np.asarray(labels), minlength=n_classes)
     return {**{f"top{k}": min(1.0, k / n_classes) for k in ks}, "balanced": 1.0 / n_classes,
-            "majority": float(counts.max() / max(1, counts.sum()))}
+            "majority": float(counts.max() / max(1, counts.sum())),
+            "majority_balanced": 1.0 / max(1, int((counts > 0).sum()))}
 
 
 # ----------------------------------------------------------------------------- the command

@@ -139,4 +139,4 @@ def heatmap_figure(summary: Sequence[Mapping], axes: Mapping[str, list], repeat:
             acc[i, j] += v
             count[i, j] += 1
     matrix = np.where(count > 0, acc / np.maximum(count, 1), np.nan)
-    return plots.heatmap(matrix, ra, rb, f"test mean_R (mean over seeds and other axes)", path, xlabel=b, ylabel=a)
+    return plots.heatmap(matrix, ra, rb, "test mean_R (mean over seeds and other axes)", path, xlabel=b, ylabel=a)

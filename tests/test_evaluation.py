@@ -25,6 +25,7 @@ from pipeline.errors import PipelineError
 from study.runner import run_study
 from tests.fixtures import write_metadata
 from train.fit import fit_adapters
+from train.losses import loss_label
 
 CLASSES = ("blue", "green", "red_thing")
 COLORS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red_thing": (220, 30, 30)}
@@ -51,7 +52,12 @@ def test_summarize_balanced_accuracy_and_confusion():
     assert res["top1"] == 0.75 and res["confusion"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
     assert res["per_class"]["b"] == {"n": 2, "top1": 0.5}
     assert res["balanced"] == pytest.approx((1 + 0.5 + 1) / 3)
-    assert chance(np.array([0, 1, 1, 2]), 3) == {"top1": 1 / 3, "top5": 1.0, "balanced": 1 / 3, "majority": 0.5}
+    assert chance(np.array([0, 1, 1, 2]), 3) == {"top1": 1 / 3, "top5": 1.0, "balanced": 1 / 3, "majority": 0.5,
+                                                 "majority_balanced": 1 / 3}
+    # always answering the majority class: balanced accuracy averages over the classes present (2 of 4 here)
+    assert chance(np.array([1, 1, 3]), 4)["majority_balanced"] == 0.5
+    majority = summarize(np.tile([0.0, 1.0, 0.0, 0.0], (3, 1)), np.array([1, 1, 3]), ["a", "b", "c", "d"])
+    assert majority["balanced"] == 0.5
 
 
 def test_class_embeddings_mean_of_normalised_prompts():
@@ -187,6 +193,10 @@ def test_zeroshot_matching_and_report_through_the_cli(tiny):
     assert "<link" not in html and "<script" not in html and "http://" not in html and "https://" not in html
     assert html.count("data:image/jpeg;base64") >= 4  # gallery thumbnails
     assert "✓" in html
+    res = runner.invoke(analyze_cli, ["report", "--config", str(toml), "--set", "data.label_from=label"])
+    assert res.exit_code == 0, res.output
+    md = next(reports.rglob("report.md")).read_text()  # zero-shot results of other labels are not shown
+    assert "made for other adapters, data or labels" in md and "analyze zeroshot --run" in md
 
 
 def test_zeroshot_refuses_a_dataset_without_labels(tiny):
@@ -201,6 +211,8 @@ def test_fit_with_the_proposal_formulation(tiny):
     result = fit_adapters(dataclasses.replace(cfg, train=tc), progress=False)
     test = result.metrics.test["infonce"]
     assert {"rsum", "i2t_medr", "t2i_meanr"} <= set(test) and 0 <= test["rsum"] <= 600
+    assert loss_label(tc.loss, tc.loss_direction, tc.normalize) == "image_to_text VSE++ on raw inner products"
+    assert loss_label() == "symmetric InfoNCE"  # the default, as tables and curves.png name it
     with pytest.raises(PipelineError, match="Did you mean: symmetric"):
         fit_adapters(dataclasses.replace(cfg, train=dataclasses.replace(tc, loss_direction="symetric")))
 

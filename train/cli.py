@@ -7,8 +7,10 @@ import os
 import click
 
 from pipeline.cli import build_config, config_options, friendly_errors
+from pipeline.runs import ADAPTERS_METHOD
 from train.adapters import ADAPTERS
 from train.fit import fit_adapters
+from train.losses import loss_label
 from train.outputs import summary_table
 
 
@@ -76,7 +78,9 @@ def main(cache, dataset, image, text, modalities, adapter, dim, epochs, batch_si
     result = fit_adapters(cfg, require_reference=True if reference else None, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
-    click.echo(f"test retrieval (%), best epoch {result.best_epoch} of {result.metrics.epochs_run}:")
+    tc = cfg.train
+    click.echo(f"test retrieval (%), best epoch {result.best_epoch} of {result.metrics.epochs_run} "
+               f"(row {ADAPTERS_METHOD} = the trained adapters, loss: {loss_label(tc.loss, tc.loss_direction, tc.normalize)}):")
     click.echo(summary_table(result.metrics.test))
     click.echo(f"run folder: {result.run_dir}")
 

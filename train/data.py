@@ -253,7 +253,6 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
         raise TrainError("A streamed train split reads the entries' last-layer features only; set "
                          "train.image_layer/text_layer = \"last\" or raise train.max_rows_in_memory.")
     used = {m: _used_mask(entries["train"][m].n, train_pairs[:, j]) for j, m in enumerate(names)}
-    block = max(1, tc.stream_block)
     raw = {s: None if (s == "train" and stream) else {m: read_features(e, layers[m]) for m, e in entries[s].items()}
            for s in splits}
 

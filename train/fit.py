@@ -44,7 +44,7 @@ from train.data import SPLITS, SplitData, Stats, TrainData, load_data, open_entr
 from train.distributed import Dist, gather_with_grad, setup
 from train.errors import ConfigValueError, TrainError, TrainingDiverged
 from train.evaluate import Reference, check_finite, load_reference, retrieval_metrics
-from train.losses import DIRECTIONS, LOSSES, multi_info_nce, pair_loss
+from train.losses import DIRECTIONS, LOSSES, loss_label, multi_info_nce, pair_loss
 from train.optim import SCHEDULES, lr_schedule, make_optimizer
 from train.retrieval import retrieval_summary
 from train.stream import StreamSplit
@@ -483,7 +483,8 @@ def _finish(cfg, data, reference, model, history, best, meta, io: _RunIO, device
         {"entry": reference.name, "split": "val", "raw_cka": reference.raw_cka,
          "aligned_cka": {m: best.val.get(f"cka_{m}") for m in reference.rows}}, tracking=tracking)
     metrics.write(run_dir / runs.METRICS)
-    curves = outputs.plot_curves(run_dir, history, reference.raw_cka if reference else None)
+    curves = outputs.plot_curves(run_dir, history, reference.raw_cka if reference else None,
+                                 loss_label(tc.loss, tc.loss_direction, tc.normalize))
     entries = outputs.write_aligned_entries(cfg, meta["run"], run_dir, model, data, sha)
     if logger is not None:
         logger.finish(metrics.to_json(), history, [curves])

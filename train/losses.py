@@ -11,13 +11,14 @@ every pair of modalities (the first of a pair plays the image).
 
 from __future__ import annotations
 
-import difflib
 import itertools
 from functools import partial
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.errors import did_you_mean
 
 LOSSES = ("infonce", "vsepp")  # train.loss
 DIRECTIONS = ("symmetric", "image_to_text")  # train.loss_direction
@@ -34,9 +35,15 @@ def _similarities(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> torch.Te
 
 def _check_direction(direction: str) -> None:
     if direction not in DIRECTIONS:
-        close = difflib.get_close_matches(str(direction), DIRECTIONS, n=1)
-        hint = f" Did you mean: {close[0]}?" if close else ""
-        raise ValueError(f"Unknown loss direction {direction!r}.{hint} Use one of: {', '.join(DIRECTIONS)}.")
+        raise ValueError(f"Unknown loss direction {direction!r}.{did_you_mean(str(direction), DIRECTIONS)} "
+                         f"Use one of: {', '.join(DIRECTIONS)}.")
+
+
+def loss_label(loss: str = "infonce", direction: str = "symmetric", normalize: bool = True) -> str:
+    """How tables and figures name a training objective, e.g. "symmetric InfoNCE" (the default),
+    "image_to_text VSE++ on raw inner products"."""
+    name = {"infonce": "InfoNCE", "vsepp": "VSE++"}.get(loss, loss)
+    return f"{direction} {name}" + ("" if normalize else " on raw inner products")
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, normalize: bool = True,
@@ -89,9 +96,7 @@ def pair_loss(tc) -> PairLoss:
         def hinge(a, b, logit_scale):
             return vsepp(a, b, tc.margin, normalize=tc.normalize, direction=tc.loss_direction)
         return hinge
-    close = difflib.get_close_matches(str(tc.loss), LOSSES, n=1)
-    hint = f" Did you mean: {close[0]}?" if close else ""
-    raise ValueError(f"Unknown loss {tc.loss!r}.{hint} Use one of: {', '.join(LOSSES)}.")
+    raise ValueError(f"Unknown loss {tc.loss!r}.{did_you_mean(str(tc.loss), LOSSES)} Use one of: {', '.join(LOSSES)}.")
 
 
 def multi_info_nce(embeddings: Sequence[torch.Tensor], logit_scale: torch.Tensor | float,

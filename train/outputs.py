@@ -37,8 +37,9 @@ def write_history(run_dir: Path, history: Sequence[Mapping]) -> None:
     atomic_write(run_dir / runs.HISTORY, text.getvalue())
 
 
-def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str, float] | None) -> Path:
-    """curves.png: train loss; val recall; val CKA with the reference (dashed: unaligned features);
+def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str, float] | None,
+                loss: str = "symmetric InfoNCE") -> Path:
+    """curves.png: train loss (``loss``: its name, ``losses.loss_label``); val recall; val CKA with the reference (dashed: unaligned features);
     with tracked metrics (train.tracking) the val Platonic deltas in a fourth panel."""
     import matplotlib
 
@@ -50,7 +51,7 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str,
     tracked = any("_delta_" in k for k in (history[0] if history else {}))
     fig, axes = plt.subplots(1, 4 if tracked else 3, figsize=(18.5 if tracked else 14, 4))
     axes[0].plot(epochs, [r["train_loss"] for r in history])
-    axes[0].set(title="train loss (symmetric InfoNCE)", xlabel="epoch", ylabel="loss")
+    axes[0].set(title=f"train loss ({loss})", xlabel="epoch", ylabel="loss")
     for key in ("val_mean_R", "val_i2t_R@1", "val_t2i_R@1", "val_i2t_R@10", "val_t2i_R@10"):
         pts = [(e, r[key]) for e, r in zip(epochs, history) if key in r and not math.isnan(r[key])]
         if pts:
