@@ -34,9 +34,9 @@ import numpy as np
 import scipy.sparse
 from scipy.optimize import quadratic_assignment
 
-from analyze.compare import header, output_dir, subset_rows
+from analyze.compare import AnalyzeError, header, output_dir, subset_rows
 from analyze.evalrun import open_run
-from pipeline.runtime import write_json
+from pipeline.runtime import first_nonfinite_row, write_json
 from train.retrieval import ranks_from_scores, retrieval_summary, summarize_ranks
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,10 @@ OUTPUT = "matching.json"  # in <analyze.out>/<dataset>/<split>/runs/<run>/
 # ----------------------------------------------------------------------------- kernels
 def _as_2d(X, name: str) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2 or not np.isfinite(X).all():
+    if X.ndim != 2:
         raise ValueError(f"{name} must be a finite (n, d) array; got shape {X.shape}.")
+    if (row := first_nonfinite_row(X)) is not None:
+        raise ValueError(f"{name} must be a finite (n, d) array; row {row} holds NaN or inf.")
     return X
 
 
@@ -218,6 +220,11 @@ def run_matching(cfg, run: str | None = None, seeds: float = SEED_FRACTION, kern
     a fraction of the matched rows (< 1) or a count. base_rows: local-CKA base pairs from train.
     Writes ``runs/<run>/matching.json``; returns the document (plus ``out``)."""
     a = cfg.analyze
+    if not seeds >= 0:
+        raise AnalyzeError(f"analyze matching --seeds {seeds}: give a fraction of the matched rows (0 <= f < 1) "
+                           "or a count of known pairs (>= 1).")
+    if base_rows < 0:
+        raise AnalyzeError(f"analyze matching --base-rows {base_rows}: use a count >= 0 (0 = all train pairs).")
     rv = open_run(cfg, run)
     train, test = rv.split("train"), rv.split(a.split)
     img_rows, cap_rows, t2i = _subset_test(test, a.max_rows, a.seed)

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.cache import CacheError, EntryWriter
 from pipeline.errors import PipelineError
-from pipeline.runtime import resolve_device, utc_now
+from pipeline.runtime import rank_device, resolve_device, utc_now
 
 DIST_TIMEOUT_S = 6 * 3600  # seconds a torchrun rank may wait at a barrier for the slowest rank
 MAX_LISTED = 5  # how many missing chunk ranges / shards an incomplete-merge error names
@@ -121,18 +121,15 @@ def team(device_name: str, shard: Shard | None) -> Iterator[Team]:
     """Set up this process's share: torchrun rank (process group + cuda:LOCAL_RANK), an explicit
     shard, or the whole job. The process group is destroyed at the end if we created it."""
     ranked = torchrun_shard()
-    device = resolve_device(device_name)
     if ranked is None:
-        yield Team(shard or Shard(), device)
+        yield Team(shard or Shard(), resolve_device(device_name))
         return
     if shard is not None and shard.count > 1:
         raise ShardError(f"--shard {shard} under torchrun (WORLD_SIZE={ranked.count}): both split the work; "
                          "use torchrun alone, or --shard without torchrun.")
     import torch.distributed as dist
 
-    if device.type == "cuda" and device_name in ("auto", "cuda"):  # one GPU per rank
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    device = rank_device(device_name)  # one GPU per rank
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

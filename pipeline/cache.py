@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pipeline.entry import Entry, open_entry, write_file
+from pipeline.names import source_of
 from pipeline.errors import did_you_mean
 from pipeline.integrity import repair_hint
 from pipeline.layout import (CACHE_FORMAT, AmbiguousDatasetError, cached_datasets, dataset_dir, dataset_folder,
@@ -115,7 +116,7 @@ def find_entry(cache: str | Path, dataset: str, split: str, entry: str, data_dir
         where = f"splits present: {', '.join(splits)}" if splits else "nothing is cached for this dataset"
         raise CacheError(
             f"No cache entries for dataset {dataset!r}, split {split!r} under {str(cache)!r} ({where}). "
-            f"Run `extract --encoder {entry.split('@')[0]} --split {split}` first.{legacy_hint(cache, dataset)}")
+            f"Run `extract --encoder {source_of(entry)[0]} --split {split}` first.{legacy_hint(cache, dataset)}")
     raise CacheError(
         f"No cache entry {entry!r} for {dataset}/{split} under {str(cache)!r}.{did_you_mean(entry, available)} "
         f"Available: {', '.join(available)}.")

@@ -24,6 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
+from pipeline.names import source_of
 from pipeline.storage import DamagedEntryError
 
 ALGORITHM = "sha256"
@@ -33,8 +34,9 @@ BLOCK_ROWS = 1024  # rows per checksum block of a float array
 
 def repair_hint(name: str) -> str:
     """How a user recomputes entry ``name`` (an encoder entry, or ``<encoder>@<run>`` of fit-adapters)."""
-    if "@" in name:
-        return f"Rerun fit-adapters for run {name.split('@', 1)[1]!r} to rewrite it."
+    run = source_of(name)[1]
+    if run is not None:
+        return f"Rerun fit-adapters for run {run!r} to rewrite it."
     return ("Re-extract it: `extract --repair` (recomputes only damaged entries) or `extract --force` "
             "with the same options.")
 

@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping
 from pipeline.cache import Entry, entry_filename
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError, did_you_mean
+from pipeline.names import SEPARATOR, is_aligned, source_of  # noqa: F401 (part of the run-folder contract)
 from pipeline.runtime import process_alive, write_json
 from pipeline.storage import locked, replace
 
@@ -57,7 +58,6 @@ CONFIG = "config.json"
 HISTORY = "history.csv"
 METRICS = "metrics.json"
 CURVES = "curves.png"
-SEPARATOR = "@"  # aligned entry = <encoder>@<run>
 ADAPTERS_METHOD = "infonce"  # the trained adapters' row in RunMetrics.test; the other rows are baselines
 RECALL_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R")  # per method
 STAGING_MARK = ".partial-"  # runs/.<name>.partial-<pid>: a run being written by process <pid>
@@ -111,18 +111,6 @@ def check_run_name(name: str) -> str:
 def aligned_name(encoder: str, run: str) -> str:
     """The cache entry holding ``encoder``'s features mapped by run ``run``: ``<encoder>@<run>``."""
     return f"{encoder}{SEPARATOR}{check_run_name(run)}"
-
-
-def source_of(entry: str) -> tuple[str, str | None]:
-    """``"resnet18@base"`` -> ("resnet18", "base"); a plain encoder entry -> (entry, None).
-    Splits at the last ``@`` (run names never contain one)."""
-    encoder, sep, run = entry.rpartition(SEPARATOR)
-    return (encoder, run) if sep else (entry, None)
-
-
-def is_aligned(entry: str) -> bool:
-    """True for the aligned output of a run (``<encoder>@<run>``), False for an encoder's entry."""
-    return source_of(entry)[1] is not None
 
 
 def runs_dir(cache: str | Path) -> Path:

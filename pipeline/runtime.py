@@ -49,6 +49,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def rank_device(device: str) -> torch.device:
+    """This process's device when it is one of several (torchrun): ``auto``/``cuda`` with CUDA
+    -> ``cuda:LOCAL_RANK`` (modulo the GPUs present; made the current device), ``auto`` without
+    CUDA -> CPU, anything else as ``resolve_device``. A fixed ``cuda:N`` is refused: every
+    rank would use the same GPU."""
+    device = str(device)
+    if device.startswith("cuda:"):
+        raise DeviceError(f"Device {device!r} with several processes: every rank would use the same GPU. "
+                          "Use --device cuda (rank r takes cuda:LOCAL_RANK) or auto.")
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        return dev
+    return resolve_device("cpu" if device == "auto" else device)
+
+
 def autocast(device: torch.device, precision: str):
     """Autocast context for ``precision`` (fp32 = no autocast). fp16 on CPU is refused."""
     if precision not in PRECISIONS:

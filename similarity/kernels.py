@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.runtime import resolve_device
+from pipeline.runtime import finite_rows, resolve_device
 
 KERNEL_MAX_ROWS = 16_384  # largest n for which a dense (n, n) kernel is built (2 GiB in float64)
 BLOCK_ELEMENTS = 2**24  # entries in one similarity/kernel tile (128 MiB in float64); bounds the
@@ -63,10 +63,9 @@ def as_features(X, name: str = "X", device: str | torch.device = "auto") -> torc
     t = t.to(device=resolve_device(device), dtype=torch.float64)
     # One reduction, no (n, d) temporary: the sum is finite when every entry is (the row-wise
     # check below runs only if it is not, which overflow alone can also cause).
-    if not torch.isfinite(t.sum()) and not bool((finite := torch.isfinite(t).all(dim=1)).all()):
-        bad = torch.nonzero(~finite).flatten()
+    if not torch.isfinite(t.sum()) and (bad := np.flatnonzero(~finite_rows(t))).size:
         raise MetricError(
-            f"{name} contains NaN or inf in {bad.numel()} row(s), first at row {int(bad[0])};"
+            f"{name} contains NaN or inf in {bad.size} row(s), first at row {int(bad[0])};"
             " drop or impute those rows (in both representations) before comparing."
         )
     return t

@@ -16,6 +16,8 @@ def test_override_errors_are_pipeline_errors():
         with pytest.raises(EncoderSpecError) as info:
             get_spec(name, **overrides)
         assert isinstance(info.value, PipelineError) and isinstance(info.value, ValueError)
+    with pytest.raises(EncoderSpecError, match="max_tokens > 2"):  # no room for text between [CLS] and [SEP]
+        load_encoder(get_spec("tiny-bert", max_tokens=2))
 
 
 def test_overrides_follow_field_types():

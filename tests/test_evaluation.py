@@ -176,6 +176,9 @@ def test_zeroshot_matching_and_report_through_the_cli(tiny):
     assert doc["chance"]["top1"] == pytest.approx(1 / 3)
     for r in doc["results"].values():
         assert 0 <= r["top1"] <= r["top5"] <= 1 and sum(map(sum, r["confusion"])) == 9
+    for bad in (["--seeds", "-1"], ["--base-rows", "-3"]):
+        res = runner.invoke(analyze_cli, ["matching", "--config", str(toml), *bad])
+        assert res.exit_code == 1 and bad[0] in res.output and "Traceback" not in res.output, res.output
     res = runner.invoke(analyze_cli, ["matching", "--config", str(toml), "--seeds", "2"])
     assert res.exit_code == 0, res.output
     doc = json.loads(next(reports.rglob("matching.json")).read_text())

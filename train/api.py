@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.cache import Entry
 from pipeline.config import TrainConfig
 from pipeline.runs import ADAPTER_JSON, ADAPTER_WEIGHTS, file_sha256, verify_run
-from pipeline.runtime import atomic_write, write_json
+from pipeline.runtime import atomic_write, resolve_device, write_json
 from train.adapters import AlignModel
 from train.data import Stats, entry_dim
 from train.errors import AdapterMismatchError, TrainError
@@ -157,7 +157,8 @@ class Run:
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
-    """Load the adapters of a run folder (written by fit-adapters). RunIntegrityError when
+    """Load the adapters of a run folder (written by fit-adapters) onto ``device`` ("auto", "cpu", "cuda", ...;
+    ``pipeline.runtime.resolve_device``). RunIntegrityError when
     adapters.safetensors is not the file whose sha256 adapters.json (or metrics.json) records."""
     run_dir = Path(run_dir)
     cfg_path, w_path = run_dir / ADAPTER_JSON, run_dir / ADAPTER_WEIGHTS
@@ -188,4 +189,4 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
                                    f"{dims}): the weights come from another run or encoder. {exc}") from None
     stats = Stats({m: np.asarray(s["mean"], np.float32) for m, s in mods.items()},
                   {m: np.asarray(s["std"], np.float32) for m, s in mods.items()})
-    return Run(run_dir, doc, tc, model.to(device).eval(), stats)
+    return Run(run_dir, doc, tc, model.to(resolve_device(device)).eval(), stats)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.runtime import resolve_device
+from pipeline.runtime import rank_device, resolve_device
 from train.errors import TrainError
 
 TIMEOUT = datetime.timedelta(hours=2)  # how long ranks wait for rank 0 (evaluation, writing outputs)
@@ -85,15 +85,7 @@ def setup(device_name: str) -> tuple[Dist, torch.device]:
         return Dist(), resolve_device(device_name)
     if not dist.is_available():
         raise TrainError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process.")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name.startswith("cuda:"):
-        raise TrainError(f"train.device = {device_name!r} with several processes: every rank would use the "
-                         f"same GPU. Use --device cuda (rank r takes cuda:LOCAL_RANK) or auto.")
-    if device_name in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", local % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = resolve_device("cpu" if device_name == "auto" else device_name)
+    device = rank_device(device_name)
     owns = False
     if not initialised:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)

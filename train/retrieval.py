@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.runtime import first_nonfinite_row
+
 KS = (1, 5, 10)  # default recall cut-offs
 SUMMARY_KEYS = ("rsum", "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")  # retrieval_summary's extra keys
 BLOCK = 512  # queries scored at once (memory: BLOCK x candidates floats)
@@ -41,8 +43,8 @@ def _unit_rows(x: torch.Tensor, what: str) -> torch.Tensor:
     """(n, d) -> rows of unit length. Rows are first divided by their largest |entry| so huge
     but finite values do not overflow the norm; zero and non-finite rows are errors (their
     cosine similarity is undefined and, under the tie rule, would score as perfect hits)."""
-    if not torch.isfinite(x).all():
-        raise ValueError(f"recall_at_k: {what} contains non-finite values (NaN or inf).")
+    if (row := first_nonfinite_row(x)) is not None:
+        raise ValueError(f"recall_at_k: {what} contains non-finite values (NaN or inf), first in row {row}.")
     peak = x.abs().amax(1, keepdim=True) if x.shape[1] else x.new_zeros((x.shape[0], 1))
     if x.shape[0] and peak.min() == 0:
         raise ValueError(f"recall_at_k: {what} row {int(torch.nonzero(peak[:, 0] == 0)[0])} is all zeros; "

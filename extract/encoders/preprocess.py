@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from extract.encoders.spec import ImagePrep
+from extract.encoders.spec import EncoderSpecError, ImagePrep
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # per-channel RGB mean of ImageNet, on [0, 1] pixels
 IMAGENET_STD = (0.229, 0.224, 0.225)  # per-channel RGB std of ImageNet, on [0, 1] pixels
@@ -111,7 +111,8 @@ class ByteTokenizer:
                  eos_id: int | None = None, empty_id: int | None = None):
         n_special = (bos_id is not None) + (eos_id is not None)
         if max_tokens <= n_special:
-            raise ValueError(f"max_tokens={max_tokens} leaves no room for text after {n_special} special tokens")
+            raise EncoderSpecError(f"max_tokens={max_tokens} leaves no room for text after {n_special} special "
+                                   f"tokens; use max_tokens > {n_special} (--encoder-option NAME.max_tokens=N).")
         self.max_tokens, self.pad_id, self.bos_id, self.eos_id = max_tokens, pad_id, bos_id, eos_id
         self.empty_id = pad_id if empty_id is None else empty_id
 
