@@ -5,6 +5,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,15 @@ def test_tuxpaint_refuses_foreign_folder_and_bad_args(tmp_path):
         tuxpaint.prepare_tuxpaint(tree, tmp_path / "o", fractions=(0.5, 0.5, 0.5))
     with pytest.raises(DatasetError, match="no Tux Paint stamps"):
         tuxpaint.prepare_tuxpaint(tmp_path / "busy", tmp_path / "o")
+
+
+def test_old_module_path_still_runs_the_preparation(tmp_path):
+    """`python -m extract.tuxpaint` (the documented command before demo/ existed) forwards to demo.tuxpaint."""
+    deb = make_tuxpaint_deb(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "extract.tuxpaint", str(deb), str(tmp_path / "out"), "--size", "8"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "moved to `python -m demo.tuxpaint`" in res.stderr, res.stderr
+    assert json.loads(res.stdout)["pairs"] == 4
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")

@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.errors import did_you_mean
-from train.errors import ConfigValueError
+from train.errors import ConfigValueError, out_of_range
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learnable logit scale 1/tau (so tau >= 0.01)
 
@@ -63,11 +63,30 @@ ADAPTERS: dict[str, Callable[[int, TrainConfig], nn.Module]] = {
 }
 
 
+# The adapters' hyperparameters ([train] keys) -> (valid?, the rule in words). A new hyperparameter: its
+# builder above, one line here, and its [train] key in pipeline/config.py + pipeline.toml.
+HYPERPARAMETERS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "dim": (lambda v: v >= 1, ">= 1"),
+    "hidden": (lambda v: v >= 1, ">= 1"),
+    "bottleneck": (lambda v: v >= 1, ">= 1"),
+    "depth": (lambda v: v >= 0, ">= 0"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
 def check_adapter_name(name: str) -> None:
     """ConfigValueError (a PipelineError and ValueError) for a name not in ``ADAPTERS``."""
     if name not in ADAPTERS:
         raise ConfigValueError(f"Unknown adapter train.adapter = {name!r}.{did_you_mean(name, ADAPTERS, n=2)} "
                                f"Choose one of: {', '.join(ADAPTERS)}.")
+
+
+def check_adapter(cfg: TrainConfig) -> None:
+    """The adapter kind and every hyperparameter in ``HYPERPARAMETERS``, before any data is read."""
+    check_adapter_name(cfg.adapter)
+    for key, (ok, allowed) in HYPERPARAMETERS.items():
+        if not ok(getattr(cfg, key)):
+            raise out_of_range(key, getattr(cfg, key), allowed)
 
 
 def build_adapter(d_in: int, cfg: TrainConfig) -> nn.Module:

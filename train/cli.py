@@ -33,8 +33,8 @@ def _modalities(values: tuple[str, ...]) -> dict | None:
               help="An extra modality trained into the same space (repeatable); with more than two "
                    "modalities the loss is the mean pairwise InfoNCE on one row per image.")
 @click.option("--adapter", type=click.Choice(list(ADAPTERS)),
-              help="Adapter kind: linear (d->dim), mlp (d->1024->dim), bottleneck (d->256->dim), "
-                   "residual (residual MLP blocks) [config: train.adapter].")
+              help="Adapter kind: linear (d->dim), mlp (d->train.hidden->dim), bottleneck "
+                   "(d->train.bottleneck->dim), residual (train.depth residual MLP blocks) [config: train.adapter].")
 @click.option("--dim", type=int, help="Shared space dimension d_e [config: train.dim].")
 @click.option("--epochs", type=int, help="Passes over the train split [config: train.epochs].")
 @click.option("--batch-size", type=int, help="Pairs per step; InfoNCE negatives = batch - 1 [config: train.batch_size].")

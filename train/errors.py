@@ -13,6 +13,12 @@ class ConfigValueError(TrainError, ValueError):
     """A ``[train]`` value that is out of range or names nothing (adapter kind, schedule)."""
 
 
+def out_of_range(key: str, value, allowed: str) -> ConfigValueError:
+    """The error for ``train.<key> = value`` outside ``allowed`` (e.g. ">= 1"), naming the flag to fix it."""
+    return ConfigValueError(f"train.{key} = {value!r} is out of range: it must be {allowed} "
+                            f"(set it with --set train.{key}=VALUE).")
+
+
 class AdapterMismatchError(TrainError):
     """Adapters applied to features (or a cache entry) they were not trained for."""
 

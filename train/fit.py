@@ -37,12 +37,12 @@ from pipeline.errors import did_you_mean
 from pipeline.runs import RunMetrics
 from pipeline.runtime import resolve_device, write_json
 from train import outputs
-from train.adapters import AlignModel, check_adapter_name
+from train.adapters import AlignModel, check_adapter
 from train.api import describe_sources, save_adapters
 from train.baselines import FROM_MOMENTS
 from train.data import SPLITS, SplitData, Stats, TrainData, load_data, open_entry_for
 from train.distributed import Dist, gather_with_grad, setup
-from train.errors import ConfigValueError, TrainError, TrainingDiverged
+from train.errors import ConfigValueError, TrainError, TrainingDiverged, out_of_range
 from train.evaluate import Reference, check_finite, load_reference, retrieval_metrics
 from train.losses import DIRECTIONS, LOSSES, loss_label, multi_info_nce, pair_loss
 from train.optim import SCHEDULES, lr_schedule, make_optimizer
@@ -74,8 +74,9 @@ class RunResult:
 
 # ----------------------------------------------------------------------------- setup
 def check_config(tc: TrainConfig) -> None:
-    """Name, range and device checks of the [train] section, before any data is read."""
-    check_adapter_name(tc.adapter)
+    """Name, range and device checks of the [train] section, before any data is read (the adapter's
+    own hyperparameters: ``adapters.check_adapter``)."""
+    check_adapter(tc)
     if tc.schedule not in SCHEDULES:
         hint = did_you_mean(tc.schedule, SCHEDULES)
         raise ConfigValueError(f"Unknown schedule train.schedule = {tc.schedule!r}.{hint} "
@@ -86,17 +87,14 @@ def check_config(tc: TrainConfig) -> None:
             raise ConfigValueError(f"Unknown train.{key} = {value!r}.{did_you_mean(value, allowed)} "
                                    f"Use one of: {', '.join(allowed)}.")
     rules = [("margin", tc.margin >= 0, ">= 0"), ("epochs", tc.epochs >= 1, ">= 1"), ("batch_size", tc.batch_size >= 2, ">= 2"),
-             ("lr", tc.lr > 0, "> 0"), ("dim", tc.dim >= 1, ">= 1"), ("temperature", tc.temperature > 0, "> 0"),
+             ("lr", tc.lr > 0, "> 0"), ("temperature", tc.temperature > 0, "> 0"),
              ("mixup", tc.mixup >= 0, ">= 0"), ("eval_every", tc.eval_every >= 1, ">= 1"),
              ("warmup_epochs", tc.warmup_epochs >= 0, ">= 0"), ("weight_decay", tc.weight_decay >= 0, ">= 0"),
-             ("dropout", 0 <= tc.dropout < 1, "in [0, 1)"), ("hidden", tc.hidden >= 1, ">= 1"),
-             ("bottleneck", tc.bottleneck >= 1, ">= 1"), ("depth", tc.depth >= 0, ">= 0"),
              ("max_rows_in_memory", tc.max_rows_in_memory >= 0, ">= 0"), ("stream_block", tc.stream_block >= 1, ">= 1"),
              ("train_fraction", 0 < tc.train_fraction <= 1, "in (0, 1]")]
     for key, ok, allowed in rules:
         if not ok:
-            raise ConfigValueError(f"train.{key} = {getattr(tc, key)!r} is out of range: it must be {allowed} "
-                                   f"(set it with --set train.{key}=VALUE).")
+            raise out_of_range(key, getattr(tc, key), allowed)
     for check in (check_structure, check_layers, check_init):  # small-data options (their own modules)
         check(tc)
     resolve_device(tc.device)  # DeviceError for names torch does not know, or CUDA without CUDA

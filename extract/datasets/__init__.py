@@ -23,7 +23,7 @@ Options common to every format (config keys ``data.on_empty`` / ``data.missing``
     time (the others keep their original index k), and an image left without captions is removed
     from ``items`` and recorded in ``Split.skipped``.
 ``missing`` (``"error"`` | ``"skip"``, default ``"error"``)
-    Every image file is checked for existence at load time (cheap: tens of ms for 31k files).
+    Every image file is checked for existence at load time (cheap: one stat per file).
     ``"error"`` raises :class:`DatasetError` listing the first missing files; ``"skip"`` removes
     those images from ``items`` and records them in ``Split.skipped``. Corrupt or truncated files
     are only found when decoded: :meth:`Split.load_image` raises :class:`ImageError`.
