@@ -38,11 +38,11 @@ import torch
 from extract import datasets as D
 from extract.encoders import ImagePrep, image_pixels, resize_crop
 from extract.loader import Batch, EncodedImage, Unreadable
-from pipeline.config import ConfigError
+from pipeline.config import CHOICES, ConfigError
 
 log = logging.getLogger(__name__)
 
-DECODES = ("auto", "cpu", "gpu")  # values of extract.decode
+DECODES = CHOICES["extract.decode"]  # auto, cpu, gpu
 CPU, GPU_NVJPEG = "cpu", "gpu-nvjpeg"  # effective decoders; the second is recorded in cache keys
 _SOF_OK = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huffman): nvJPEG decodes these
 _NOT_SOF = (0xC4, 0xC8, 0xCC)  # DHT, JPG, DAC share the 0xC0-0xCF range with the SOF markers

@@ -46,7 +46,7 @@ from extract.sharding import (IncompleteExtractionError, Shard, ShardError, Team
                               team, torchrun_shard)
 from pipeline.cache import (CACHE_FORMAT, FORMATS, Entry, EntryWriter, dataset_dir, entry_path, open_entry,
                             resolved_data_dir, staging_folders)
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import CHOICES, ConfigError, PipelineConfig
 from pipeline.errors import did_you_mean
 from pipeline.runtime import PRECISIONS, autocast, resolve_device, utc_now, versions
 
@@ -54,8 +54,8 @@ __all__ = ["IncompleteExtractionError", "Shard", "extract", "merge", "resolve_sp
 
 log = logging.getLogger(__name__)
 
-ON_ERROR = ("error", "skip")
-LAYERS = ("last", "all")
+ON_ERROR = CHOICES["extract.on_error"]  # error, skip
+LAYERS = CHOICES["extract.layers"]  # last, all
 MODALITIES = ("image", "text")  # extraction order within a split
 
 

@@ -165,6 +165,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extract.on_error": ("error", "skip"),
     "extract.decode": ("auto", "cpu", "gpu"),
     "train.schedule": ("constant", "cosine"),
+    "train.loss": ("infonce", "vsepp"),
+    "train.loss_direction": ("symmetric", "image_to_text"),
     "train.init": ("random", "procrustes", "cca"),
 }
 

@@ -66,3 +66,14 @@ def test_override_parsing():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/pipeline.toml")
+
+
+def test_fixed_choices_live_in_one_table():
+    """Stage constants that the config also checks are read from pipeline.config.CHOICES; the two that
+    a lower module owns (cache file formats, autocast precisions) must equal it."""
+    from pipeline.config import CHOICES
+    from pipeline.runtime import PRECISIONS
+    from pipeline.storage import FORMATS
+
+    assert tuple(FORMATS) == CHOICES["extract.format"] and tuple(PRECISIONS) == CHOICES["extract.precision"]
+    assert CHOICES["data.on_empty"] == CHOICES["data.missing"]

@@ -18,10 +18,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import CHOICES
 from pipeline.errors import did_you_mean
 
-LOSSES = ("infonce", "vsepp")  # train.loss
-DIRECTIONS = ("symmetric", "image_to_text")  # train.loss_direction
+LOSSES = CHOICES["train.loss"]  # infonce, vsepp
+DIRECTIONS = CHOICES["train.loss_direction"]  # symmetric, image_to_text
 
 PairLoss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | float"], torch.Tensor]  # (a, b, logit_scale)
 

@@ -7,10 +7,10 @@ from typing import Callable
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import CHOICES, TrainConfig
 from train.adapters import AlignModel
 
-SCHEDULES = ("constant", "cosine")  # learning-rate shape after the linear warm-up
+SCHEDULES = CHOICES["train.schedule"]  # learning-rate shape after the linear warm-up
 
 
 def make_optimizer(model: AlignModel, tc: TrainConfig, capturable: bool = False) -> torch.optim.AdamW:

@@ -45,6 +45,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import CHOICES
 from pipeline.errors import close_matches, did_you_mean
 
 from . import coco, flickr30k, hf, imagefolder
@@ -64,7 +65,7 @@ __all__ = [
 
 FORMATS: dict[str, Format] = {f.name: f for f in (flickr30k.FORMAT, coco.FORMAT, imagefolder.FORMAT, hf.FORMAT)}
 DATASETS = tuple(f.usage for f in FORMATS.values())  # how each format is named: "flickr30k", "hf:<hub id ...>"
-OPTION_CHOICES = ("error", "skip")  # values of on_empty and missing
+OPTION_CHOICES = CHOICES["data.on_empty"]  # values of on_empty and missing (the same two)
 
 
 def _format_of(dataset: Any) -> Format:

@@ -19,11 +19,12 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from pipeline.config import CHOICES
 from pipeline.errors import PipelineError, did_you_mean
 
 log = logging.getLogger(__name__)
 
-CAPTION_POLICIES = ("longest", "first", "all")  # caption-row policies of Split.caption_rows
+CAPTION_POLICIES = CHOICES["data.captions"]  # caption-row policies of Split.caption_rows
 CAPTION_ID_SEPARATOR = "#"  # caption ids are "<image id>#<k>", so image ids may not contain it
 HF_ROW_PREFIX = "hf-row:"  # Item.image for hf datasets: "hf-row:<row index>"
 MAX_LISTED = 5  # how many offending ids / files / lines an error message names
