@@ -104,12 +104,21 @@ def list_splits(cache: str | Path, dataset: str, data_dir: str | Path | None = N
     return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
+def other_formats(path: Path) -> list[Path]:
+    """The paths the same entry would have in the other formats (``x.h5`` -> ``[x.zarr]``)."""
+    return [path.with_suffix(f".{fmt}") for fmt in FORMATS if f".{fmt}" != path.suffix]
+
+
 def find_entry(cache: str | Path, dataset: str, split: str, entry: str, data_dir: str | Path | None = None) -> Entry:
-    """Open an entry by name, whichever format it was written in; a clear error otherwise."""
-    for fmt in FORMATS:
-        path = entry_path(cache, dataset, split, entry, fmt, data_dir)
-        if path.exists():
-            return open_entry(path)
+    """Open an entry by name, whichever format it was written in; a clear error otherwise (also when
+    it exists in two formats: one of them is stale, and picking one silently could read it)."""
+    found = [p for fmt in FORMATS if (p := entry_path(cache, dataset, split, entry, fmt, data_dir)).exists()]
+    if len(found) > 1:
+        raise CacheError(f"Entry {entry!r} of {dataset}/{split} exists in two formats ({', '.join(map(str, found))}); "
+                         f"one of them is stale. Delete the one you do not want, or re-extract with "
+                         f"`extract --force --format h5|zarr`, which replaces both.")
+    if found:
+        return open_entry(found[0])
     available = list_entries(cache, dataset, split, data_dir)
     if not available:
         splits = list_splits(cache, dataset, data_dir)
@@ -194,11 +203,17 @@ class EntryWriter:
         self.staging = self._staging.folder  # this request's staging folder, <entry>.partial-<request>
         with locked(self.path):
             _remove_orphans(self.path)
+            twins = [p for p in other_formats(self.path) if p.exists()]
             if force:
-                for old in (self.path, *staging_folders(self.path)):
+                for old in (self.path, *staging_folders(self.path), *twins):
                     if old.exists():
                         log.warning("--force: discarding %s", old)
                         remove(old)
+            elif twins:
+                raise StaleCacheError(
+                    f"{str(twins[0])!r} already holds entry {name!r} in another format; a second copy in "
+                    f"{self.path.suffix[1:]} would leave readers to pick one. Keep that format "
+                    f"(--format {twins[0].suffix[1:]}), or rerun with --force to replace it.")
             self.done = self._check_existing(repair)
             self._check_other_staging()
             if not self.done:

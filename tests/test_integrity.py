@@ -154,6 +154,21 @@ def test_two_datasets_of_one_format_never_mix(tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_an_entry_never_lives_in_two_formats(tmp_path):
+    """An h5 entry made stale by new images must not shadow (or be shadowed by) a fresh zarr copy."""
+    data = make_imagefolder(tmp_path / "data", n=4)
+    extract(_cfg(data, tmp_path / "c", ("tiny-resnet",)))
+    _replace_image(data / "test" / "sub" / "test_1.png", 5)
+    with pytest.raises(StaleCacheError, match="another format.*--force"):
+        extract(_cfg(data, tmp_path / "c", ("tiny-resnet",), format="zarr"))
+    (fresh,) = extract(_cfg(data, tmp_path / "c", ("tiny-resnet",), format="zarr"), force=True)
+    assert fresh.path.suffix == ".zarr" and not fresh.path.with_suffix(".h5").exists()
+    assert find_entry(tmp_path / "c", "imagefolder", "test", "tiny-resnet", data).path == fresh.path
+    shutil.copytree(fresh.path, fresh.path.with_suffix(".h5"))  # a second copy put there by hand
+    with pytest.raises(CacheError, match="exists in two formats"):
+        find_entry(tmp_path / "c", "imagefolder", "test", "tiny-resnet", data)
+
+
 def test_aligned_entries_carry_their_source_data(tmp_path):
     src = write_entry(entry_path(tmp_path, "toy", "test", "enc"), "enc", ["a", "b"], np.ones((2, 2)), KEY, {})
     other = {**KEY, "entry": "txt", "fingerprint": "other"}
