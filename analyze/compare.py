@@ -33,7 +33,7 @@ import numpy as np
 
 from analyze import plots
 from analyze.nulls import calibrated_matrices
-from pipeline.cache import Entry, entry_filename, find_entry, scan_entries
+from pipeline.cache import Entry, entry_filename, find_entry, resolved_data_dir, scan_entries
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
@@ -244,11 +244,17 @@ def write_csv(path: str | Path, rows: Sequence[Mapping]) -> Path:
     return path
 
 
+def data_dir_of(cfg: PipelineConfig) -> str | None:
+    """The resolved data folder an output was computed from (None when the cache picks the only one),
+    recorded in every output so that one made from another data folder is never reused."""
+    return str(resolved_data_dir(cfg.data.data_dir)) if cfg.data.data_dir else None
+
+
 def header(cfg: PipelineConfig, command: str) -> dict:
     """Provenance fields shared by every JSON output."""
     a = cfg.analyze
     return {"command": f"analyze {command}", "created": utc_now(), "dataset": cfg.data.dataset, "split": a.split,
-            "cache": str(cfg.data.cache), "max_rows": a.max_rows, "seed": a.seed, "k": a.k,
+            "cache": str(cfg.data.cache), "data_dir": data_dir_of(cfg), "max_rows": a.max_rows, "seed": a.seed, "k": a.k,
             "config_source": cfg.source, "config": cfg.to_dict()}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 
-from analyze.compare import output_dir
+from analyze.compare import data_dir_of, output_dir
 from analyze.evalrun import MODALITIES, open_run
 from analyze.gallery import build_gallery
 from analyze.prompts import prompt_entry_path
@@ -37,10 +37,13 @@ def _saved(cfg: PipelineConfig, run: str, filename: str) -> tuple[dict | None, s
         return None, "not computed yet"
     doc = json.loads(path.read_text(encoding="utf-8"))
     try:
-        sha = open_run(cfg, run).sha256
+        rv = open_run(cfg, run)
+        # entries of the evaluated split rewritten after the result (re-extracted features) make it stale
+        newer = any(rv.entry(cfg.analyze.split, m).path.stat().st_mtime > path.stat().st_mtime for m in rv.entries)
     except (PipelineError, OSError) as exc:
-        return None, f"the run cannot be opened ({exc})"
-    same = (doc.get("run_sha256") == sha and doc.get("cache") == str(cfg.data.cache)
+        return None, f"the run or its entries cannot be opened ({exc})"
+    same = (doc.get("run_sha256") == rv.sha256 and not newer and doc.get("cache") == str(cfg.data.cache)
+            and doc.get("data_dir") == data_dir_of(cfg)
             and doc.get("dataset") == cfg.data.dataset and doc.get("split") == cfg.analyze.split
             and doc.get("label_from", cfg.data.label_from) == cfg.data.label_from)  # zero-shot labels
     return (doc, "") if same else (None, "the saved result was made for other adapters, data or labels")
@@ -110,7 +113,7 @@ def section_gallery(doc, cfg: PipelineConfig, run: str) -> None:
 def _entry_cost(cfg: PipelineConfig, name: str) -> tuple[int | None, float, int]:
     """(frozen parameters or None, extraction seconds summed over splits, rows) of one encoder."""
     params, seconds, rows = None, 0.0, 0
-    for split in list_splits(cfg.data.cache, cfg.data.dataset):
+    for split in list_splits(cfg.data.cache, cfg.data.dataset, cfg.data.data_dir):
         try:
             e = find_entry(cfg.data.cache, cfg.data.dataset, split, name, cfg.data.data_dir)
         except CacheError:

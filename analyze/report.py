@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from analyze import plots
-from analyze.compare import compare_entries, default_entries, output_dir
+from analyze.compare import compare_entries, data_dir_of, default_entries, output_dir
 from analyze.evalreport import eval_sections, training_free_rows
 from analyze.pairs import modality
 from analyze.platonic import SIDES, TERMS, platonic_test
@@ -295,6 +295,7 @@ def _reusable(path: Path, cfg: PipelineConfig, keys: Sequence[str], entries: Seq
     want, have = cfg.to_dict()["analyze"], saved.get("config", {}).get("analyze", {})
     names = saved.get("entries")
     same = (saved.get("cache") == str(cfg.data.cache) and saved.get("dataset") == cfg.data.dataset
+            and saved.get("data_dir") == data_dir_of(cfg)
             and saved.get("split") == cfg.analyze.split and all(have.get(k) == want[k] for k in keys)
             and list(names.values() if isinstance(names, dict) else names or []) == list(entries))
     try:
@@ -372,7 +373,7 @@ def _check_run(cfg: PipelineConfig, run: str, info: RunFolder | None) -> None:
     any split) was written by other adapters; saved outputs are reused only after this check."""
     if info is not None:
         verify_run(info.path, run)
-    for split in list_splits(cfg.data.cache, cfg.data.dataset):
+    for split in list_splits(cfg.data.cache, cfg.data.dataset, cfg.data.data_dir):
         for name in (aligned_name(cfg.train.image, run), aligned_name(cfg.train.text, run)):
             try:
                 entry = find_entry(cfg.data.cache, cfg.data.dataset, split, name, cfg.data.data_dir)

@@ -5,6 +5,7 @@ cost table, on a tiny imagefolder with class folders and tiny random encoders.""
 import csv
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -200,6 +201,16 @@ def test_zeroshot_matching_and_report_through_the_cli(tiny):
     assert res.exit_code == 0, res.output
     md = next(reports.rglob("report.md")).read_text()  # zero-shot results of other labels are not shown
     assert "made for other adapters, data or labels" in md and "analyze zeroshot --run" in md
+    # test features re-extracted after matching.json was written: its numbers are not shown any more
+    entry = find_entry(cfg.data.cache, cfg.data.dataset, "test", "tiny-gpt2", cfg.data.data_dir).path
+    st = entry.stat()
+    os.utime(entry, (st.st_atime + 100, st.st_mtime + 100))
+    try:
+        res = runner.invoke(analyze_cli, ["report", "--config", str(toml)])
+        md = next(reports.rglob("report.md")).read_text()
+        assert res.exit_code == 0 and "analyze matching --run t" in md and "ASIF relative" not in md, res.output
+    finally:
+        os.utime(entry, (st.st_atime, st.st_mtime))
 
 
 def test_zeroshot_refuses_a_dataset_without_labels(tiny):

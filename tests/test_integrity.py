@@ -7,6 +7,7 @@
 Plus orphan staging, caches of the older format, and analyze cka with an unreadable entry.
 """
 
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -152,6 +153,15 @@ def test_two_datasets_of_one_format_never_mix(tmp_path):
     # with A's folder named, A's own pair trains (exit 0, and correctly)
     res = runner.invoke(train_cli, fit + ["--set", f"data.data_dir={a}"])
     assert res.exit_code == 0, res.output
+    # the report of that run works in the two-dataset cache, and its saved outputs name their data folder
+    rep = ["--cache", str(cache), "--dataset", "imagefolder", "--out", str(tmp_path / "rep"), "--set",
+           f"data.data_dir={a}"]
+    res = runner.invoke(analyze_cli, ["cka", "--entries", "tiny-resnet,tiny-gpt2", "--metric", "cka", *rep])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(analyze_cli, ["report", "--run", "tiny-resnet__tiny-gpt2", *rep])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    saved = json.loads(next((tmp_path / "rep").rglob("scores.json")).read_text())
+    assert saved["data_dir"] == str(a.resolve())
 
 
 def test_an_entry_never_lives_in_two_formats(tmp_path):
