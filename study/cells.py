@@ -2,11 +2,15 @@
 
 A cell runs only what it needs:
 
-1. extraction, for the encoders it uses (``train.image``, ``train.text``, ``train.modalities``,
-   ``train.reference``, ``analyze.reference``) that are not yet cached for every split it reads
-   (train, val, test and ``analyze.split``): ``extract.run.extract`` with just those encoders;
+1. extraction of the encoders it uses (``train.image``, ``train.text``, ``train.modalities``,
+   ``train.reference``, ``analyze.reference``): ``extract.run.extract`` with just those encoders,
+   which computes what is missing, verifies what is cached and refuses an entry made for another
+   request (e.g. a study axis over ``data.captions`` or ``extract.*`` that would otherwise read
+   the first cell's entries: give such variants their own encoder names). The keys of the entries
+   (data fingerprint, image content, extraction request) make the cell's data signature;
 2. training, unless its run folder already holds a finished run (metrics.json) whose
-   config.json has the cell's training configuration (:func:`study.grid.train_hash`) and whose
+   config.json has the cell's training configuration (:func:`study.grid.train_hash`), whose
+   train entries are the ones it was trained on (their keys, recorded in adapters.json) and whose
    aligned entries exist: ``train.fit.fit_adapters``;
 3. what ``study.evaluations`` lists: the Platonic test (``analyze.platonic.platonic_test``, no
    kernel figure) and zero-shot classification (``analyze.zeroshot.zero_shot``).
@@ -14,13 +18,14 @@ A cell runs only what it needs:
 Its result is one JSON file, ``<study>/cells/<cell_id>.json``, written atomically when the cell
 ends (done or failed): ``cell_id``, ``index``, ``values``, ``config_hash``, ``run``, ``status``,
 ``error`` (and ``traceback`` for an unexpected error), ``trained`` (False when the run was
-reused), ``seconds``, ``finished`` and ``row`` (the cells.csv row). A cell whose file has
-status "done" and the current ``config_hash`` is finished; anything else (no file, failed,
-another hash) runs again.
+reused), ``data`` (the data signature), ``seconds``, ``finished`` and ``row`` (the cells.csv row).
+A cell whose file has status "done", the current ``config_hash`` and the current data signature
+is finished; anything else (no file, failed, another hash, re-extracted data) runs again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -34,13 +39,14 @@ from analyze.platonic import platonic_test
 from analyze.zeroshot import zero_shot
 from extract.run import extract
 from pipeline.cache import CacheError, find_entry
+from pipeline.staging import canonical_json
 from pipeline.config import PipelineConfig, with_values
 from pipeline.errors import PipelineError
-from pipeline.runs import CONFIG, METRICS, aligned_name, is_aligned, modality_entries, read_run, run_dir
+from pipeline.runs import (ADAPTER_JSON, CONFIG, METRICS, aligned_name, is_aligned, modality_entries, read_run,
+                           run_dir)
 from pipeline.runtime import utc_now, write_json
 from study.grid import Cell, train_hash
 from study.table import flat_platonic, flat_zeroshot, retrieval_columns
-from train.data import SPLITS
 from train.fit import fit_adapters
 
 log = logging.getLogger(__name__)
@@ -51,10 +57,10 @@ FORMAT = 1  # version of the cell result file
 
 @dataclass
 class Memo:
-    """What a study computes once and shares between cells: encoder entries known to be cached
-    ({(cache, dataset, split, entry)}) and the pre-training pair scores ({key: columns})."""
+    """What a study computes once and shares between cells: the data signature of each extraction
+    request ({request: signature}) and the pre-training pair scores ({key: columns})."""
 
-    cached: set = field(default_factory=set)
+    signatures: dict = field(default_factory=dict)
     pair_scores: dict = field(default_factory=dict)
 
 
@@ -75,9 +81,11 @@ def read_result(path: Path) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def is_finished(doc: dict | None, cell: Cell) -> bool:
-    """True when ``doc`` records this cell done with its current configuration hash."""
-    return bool(doc) and doc.get("status") == "done" and doc.get("config_hash") == cell.config_hash
+def is_finished(doc: dict | None, cell: Cell, data: str | None = None) -> bool:
+    """True when ``doc`` records this cell done with its current configuration hash (and, when
+    given, the current data signature ``data``: see ``ensure_entries``)."""
+    return (bool(doc) and doc.get("status") == "done" and doc.get("config_hash") == cell.config_hash
+            and (data is None or doc.get("data") == data))
 
 
 # ----------------------------------------------------------------------------- the three steps
@@ -88,26 +96,27 @@ def encoders_of(cfg: PipelineConfig) -> list[str]:
     return [n for n in dict.fromkeys(names) if n and not is_aligned(n)]
 
 
-def ensure_entries(cfg: PipelineConfig, memo: Memo) -> list[str]:
-    """Extract the cell's encoders missing from the cache (module docstring); returns their names."""
-    splits = list(dict.fromkeys([*SPLITS, cfg.analyze.split]))
-    missing = []
-    for name in encoders_of(cfg):
-        for split in splits:
-            key = (str(cfg.data.cache), cfg.data.dataset, split, name)
-            if key in memo.cached:
-                continue
-            try:
-                find_entry(cfg.data.cache, cfg.data.dataset, split, name, cfg.data.data_dir)
-                memo.cached.add(key)
-            except CacheError:
-                missing.append(name)
-                break
-    if missing:
-        log.info("extracting %s", ", ".join(missing))
-        options = {k: v for k, v in cfg.extract.encoder_options.items() if k in missing}
-        extract(with_values(cfg, {"extract.encoders": missing, "extract.encoder_options": options}))
-    return missing
+def ensure_entries(cfg: PipelineConfig, memo: Memo) -> str:
+    """Extract, or verify, the cell's encoder entries (module docstring); returns the cell's data
+    signature: a digest of the keys of every entry it reads. Once per extraction request."""
+    names = encoders_of(cfg)
+    options = {k: v for k, v in cfg.extract.encoder_options.items() if k in names}
+    sub = with_values(cfg, {"extract.encoders": names, "extract.encoder_options": options})
+    request = canonical_json({s: sub.to_dict()[s] for s in ("data", "extract")})
+    if request not in memo.signatures:
+        keys = sorted((e.key.get("split", ""), e.name, canonical_json(e.key)) for e in extract(sub))
+        memo.signatures[request] = hashlib.sha256(canonical_json(keys).encode()).hexdigest()[:16]
+    return memo.signatures[request]
+
+
+def _trained_on_current_entries(cfg: PipelineConfig, folder: Path) -> bool:
+    """True when every train entry recorded in the run's adapters.json has the key it has now."""
+    try:
+        sources = json.loads((folder / ADAPTER_JSON).read_text(encoding="utf-8"))["modalities"]
+        return all(find_entry(cfg.data.cache, cfg.data.dataset, "train", s["entry"], cfg.data.data_dir).key == s["key"]
+                   for s in sources.values())
+    except (OSError, ValueError, KeyError, TypeError, CacheError):
+        return False
 
 
 def finished_run(cfg: PipelineConfig, run: str):
@@ -117,7 +126,7 @@ def finished_run(cfg: PipelineConfig, run: str):
     if not (folder / METRICS).is_file() or not (folder / CONFIG).is_file():
         return None
     info = read_run(folder)
-    if info.metrics is None or train_hash(info.config) != train_hash(cfg):
+    if info.metrics is None or train_hash(info.config) != train_hash(cfg) or not _trained_on_current_entries(cfg, folder):
         return None
     try:
         for name in (cfg.train.image, cfg.train.text):
@@ -140,10 +149,10 @@ def pair_columns(cfg: PipelineConfig, memo: Memo) -> dict[str, float]:
     return memo.pair_scores[key]
 
 
-def compute_cell(cell: Cell, memo: Memo) -> tuple[dict, bool]:
-    """Run the cell's steps; returns (its measured columns, whether it trained)."""
+def compute_cell(cell: Cell, memo: Memo) -> tuple[dict, bool, str]:
+    """Run the cell's steps; returns (its measured columns, whether it trained, its data signature)."""
     cfg = cell.config
-    ensure_entries(cfg, memo)
+    data = ensure_entries(cfg, memo)
     metrics = finished_run(cfg, cell.run)
     trained = metrics is None
     if trained:
@@ -153,7 +162,7 @@ def compute_cell(cell: Cell, memo: Memo) -> tuple[dict, bool]:
         row.update(flat_platonic(platonic_test(cfg, cell.run, kernels=False)))
     if "zeroshot" in cfg.study.evaluations:
         row.update(flat_zeroshot(zero_shot(cfg, cell.run)))
-    return row, trained
+    return row, trained, data
 
 
 def run_cell(cell: Cell, study_dir: Path, memo: Memo) -> dict:
@@ -164,8 +173,8 @@ def run_cell(cell: Cell, study_dir: Path, memo: Memo) -> dict:
     doc: dict[str, Any] = {"format": FORMAT, "cell_id": cell.cell_id, "index": cell.index, "values": cell.values,
                            "config_hash": cell.config_hash, "run": cell.run}
     try:
-        row, trained = compute_cell(cell, memo)
-        doc.update(status="done", error="", trained=trained, row=row)
+        row, trained, data = compute_cell(cell, memo)
+        doc.update(status="done", error="", trained=trained, data=data, row=row)
     except Exception as exc:  # noqa: BLE001 - one failing cell must not stop the study
         expected = isinstance(exc, PipelineError)
         doc.update(status="failed", error=f"{type(exc).__name__}: {exc}", trained=None, row={})

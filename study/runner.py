@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from analyze.compare import output_dir, write_csv
 from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
 from pipeline.runtime import atomic_write, utc_now, write_json
-from study.cells import Memo, cell_path, cell_row, is_finished, read_result, run_cell
+from study.cells import Memo, cell_path, cell_row, ensure_entries, is_finished, read_result, run_cell
 from study.figures import fraction_figure, heatmap_figure, pair_figure
 from study.grid import Cell, check_repeat, expand, study_axes
 from study.report import answer_q1, answer_q2, build_report
@@ -68,6 +69,19 @@ def _write_table(path: Path, rows: list[dict], cols: list[str]) -> None:
     atomic_write(path, lambda tmp: write_csv(tmp, ordered))
 
 
+def _done(doc: dict | None, cell, memo: Memo, dry_run: bool) -> bool:
+    """Whether a cell is finished: its result is done for its configuration and for the data it
+    reads now (extracting what is missing; entries that cannot be made leave the cell to run and
+    record the error). A dry run checks the configuration only and extracts nothing."""
+    if dry_run:
+        return is_finished(doc, cell)
+    try:
+        data = ensure_entries(cell.config, memo)
+    except PipelineError:
+        return False
+    return is_finished(doc, cell, data)
+
+
 def run_study(cfg: PipelineConfig, progress: bool | None = None, dry_run: bool = False) -> StudyResult:
     """Run (or, with ``dry_run``, only list) the study of ``cfg.study``; see the module docstring.
     progress: a tqdm bar over cells; None = only on a terminal."""
@@ -79,7 +93,8 @@ def run_study(cfg: PipelineConfig, progress: bool | None = None, dry_run: bool =
         log.warning("study.repeat = %r is not an axis: every setting has one cell and no interval", cfg.study.repeat)
     folder = study_dir(cfg)
     docs = {c.cell_id: read_result(cell_path(folder, c)) for c in cells}
-    todo = [c for c in cells if not is_finished(docs[c.cell_id], c)]
+    memo = Memo()
+    todo = [c for c in cells if not _done(docs[c.cell_id], c, memo, dry_run)]
     pending = {c.cell_id for c in todo}
     result = StudyResult(folder, cells, {c.cell_id: "done" if c.cell_id not in pending else
                                          "failed" if (docs[c.cell_id] or {}).get("status") == "failed" else "pending"
@@ -88,7 +103,6 @@ def run_study(cfg: PipelineConfig, progress: bool | None = None, dry_run: bool =
     if dry_run:
         return result
     _write_study_json(cfg, folder, cells, axes, repeat, result.status)
-    memo = Memo()
     cols = list(axes)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"study {cfg.study.name}", unit="cell",
                disable=None if progress is None else not progress)

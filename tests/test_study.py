@@ -219,7 +219,7 @@ def test_study_writes_tables_figures_report_and_a_rerun_trains_nothing(world, tm
                                          "--set", "study.axes.train.seed=[0, 1]"])
     assert res.exit_code == 0, res.output
     assert "4 cells: 4 done, 0 failed" in res.output and "Q1" in res.output and "Q2" in res.output
-    assert len(fits.calls) == 4 and not extracts.calls  # everything was cached already
+    assert len(fits.calls) == 4 and len(extracts.calls) == 1  # one request for all cells, cached already: verified
     folder = tmp_path / "flickr30k" / "test" / "studies" / "grid"
     cells = read_csv(folder / "cells.csv")
     head = list(cells[0])
@@ -341,3 +341,32 @@ def test_figures_and_answers_from_a_hand_made_summary(tmp_path):
     q2 = answer_q2(summary, axes, "train.seed", n_cells=24)
     assert "image side: yes, in every test (delta above 0 in 12 and below 0 in 0 of 12" in q2
     assert "supported in 24 of 24" in q2 and "text side: no (delta above 0 in 0 and below 0 in 12 of 12" in q2
+
+
+def test_a_study_notices_changed_data_and_mismatched_requests(tmp_path):
+    """Re-extracted data (same names, other pixels) makes the finished cells run again and the reused
+    run retrain; a study axis the cached entries do not answer (data.captions here) fails its cells
+    with the stale-entry error instead of silently reading the other cell's entries."""
+    from PIL import Image
+
+    from extract import datasets as D
+
+    data = make_flickr30k(tmp_path / "data", n_per_split=(N_TRAIN, 6, 6))
+    path = tmp_path / "base.toml"
+    path.write_text(BASE.format(data=data, cache=tmp_path / "cache"))
+    cfg = with_values(load_config(path), {"study.name": "d", "study.axes": {"train.seed": [0]},
+                                          "analyze.out": str(tmp_path / "out"), "analyze.bootstrap": 4,
+                                          "analyze.permutations": 4})
+    first = run_study(cfg, progress=False)
+    assert (first.ran, first.trained) == (1, 1)
+    assert run_study(cfg, progress=False).ran == 0
+    image = D.load_split("flickr30k", data, "train").items[0].image
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(image)
+    extract(load_config(path), force=True)
+    again = run_study(cfg, progress=False)
+    assert (again.ran, again.trained) == (1, 1)  # new train features: the run is not reused
+    other = run_study(with_values(cfg, {"study.name": "c", "study.axes": {"data.captions": ["all", "first"]}}),
+                      progress=False)
+    cells = read_csv(other.folder / "cells.csv")
+    assert [c["status"] for c in cells] == ["done", "failed"]
+    assert "captions" in cells[1]["error"] and "--force" in cells[1]["error"]
