@@ -433,3 +433,17 @@ def test_racing_force_with_another_request_never_mixes(tmp_path):
 class _Go:
     def wait(self):
         return True
+
+
+def test_training_refuses_text_entries_of_another_caption_policy(tmp_path):
+    """fit-adapters --set data.captions=first on entries extracted with "all" would train on every
+    caption while recording "first": refused, naming both policies and the fix."""
+    data = make_imagefolder(tmp_path / "data", n=4)
+    cache = tmp_path / "cache"
+    extract(_cfg(data, cache, captions="all", split="all"))
+    fit = ["--cache", str(cache), "--dataset", "imagefolder", "--image", "tiny-resnet", "--text", "tiny-gpt2",
+           "--epochs", "1", "--dim", "8", "--device", "cpu", "--reference", "", "--set", f"data.data_dir={data}"]
+    res = CliRunner().invoke(train_cli, [*fit, "--set", "data.captions=first"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "data.captions = 'all'" in res.output and "--captions first --force" in res.output
+    assert CliRunner().invoke(train_cli, [*fit, "--set", "data.captions=all"]).exit_code == 0

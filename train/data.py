@@ -64,6 +64,12 @@ def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
             f"{cfg.data.dataset!r} in cache {cfg.data.cache!r}. Run `extract --cache {cfg.data.cache} "
             f"--encoder {source_of(entry)[0]} --split {split}` first. ({exc})") from None
     check_aligned(cfg.data.cache, [e])  # an aligned entry as a source: its run must have written it
+    made_for = e.key.get("captions") if isinstance(e.key, dict) else None
+    if made_for is not None and made_for != cfg.data.captions:  # the run would record a policy it did not use
+        raise TrainError(f"Text entry {entry!r} of split {split!r} was extracted with data.captions = {made_for!r}, "
+                         f"but this run asks for {cfg.data.captions!r}. Re-extract it (`extract --encoder "
+                         f"{source_of(entry)[0]} --captions {cfg.data.captions} --force`) or train with "
+                         f"--set data.captions={made_for}.")
     if e.n == 0:
         raise TrainError(f"Cache entry {entry!r} of split {split!r} ({e.path}) is empty (0 rows); "
                          f"re-extract it (`extract --encoder {source_of(entry)[0]} --split {split} --force`).")
