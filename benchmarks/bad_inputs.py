@@ -90,9 +90,9 @@ SECOND_PASS = [
      ["test_study.py::test_a_study_notices_changed_data_and_mismatched_requests"]),
     ("fit-adapters with data.captions other than the entries'", "refused, naming both policies and the fix",
      ["test_integrity.py::test_training_refuses_text_entries_of_another_caption_policy"]),
-    ("report showing matching/zero-shot results of older features or labels", "'Not available', naming the command",
+    ("report showing matching/zero-shot results of older features/labels", "'Not available', naming the command",
      ["test_evaluation.py::test_zeroshot_matching_and_report_through_the_cli"]),
-    ("saved analyze outputs reused for another data folder; report in a two-dataset cache",
+    ("saved outputs reused for another data folder; report in a 2-dataset cache",
      "outputs record their data folder; report reads the one configured",
      ["test_integrity.py::test_two_datasets_of_one_format_never_mix"]),
 ]
