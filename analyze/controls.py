@@ -11,7 +11,8 @@ controls tell that apart; each is a pair of (image, text) embeddings of the test
                 analyze.seed + 0 .. analyze.seed + analyze.control_seeds - 1), applied to the
                 run's standardised features (statistics from the run's adapters.json)
     cca         regularised CCA fitted on the train split (train.baselines, as fit-adapters
-                reports it: the same standardisation, every caption pair, the run's dim)
+                reports it: the same standardisation, every caption pair, the run's dim, the
+                encoder layers the run was trained on)
     procrustes  PCA + orthogonal Procrustes fitted the same way
 
 ``control_stats`` turns the scores of a control into the quantities the test reports: for
@@ -83,11 +84,19 @@ def _random(run: Run, seeds: Sequence[int], X: np.ndarray, Y: np.ndarray) -> lis
     return out
 
 
-def _baselines(cfg: PipelineConfig, names: Sequence[str], dim: int, standardize: bool,
+def run_layers(run: Run) -> dict[str, int | None]:
+    """{"image", "text"} -> the stored hidden layer the run's adapter reads (None = the entry's features)."""
+    return {m: run.source(m).get("layer") for m in SIDES}
+
+
+def _baselines(cfg: PipelineConfig, names: Sequence[str], trained, layers: Mapping[str, int | None],
                X: np.ndarray, Y: np.ndarray) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """CCA / Procrustes fitted on the train split exactly as fit-adapters' baselines, applied to X, Y."""
-    train_cfg = dataclasses.replace(cfg.train, modalities={}, max_rows_in_memory=0, standardize=standardize)
-    data = load_data(dataclasses.replace(cfg, train=train_cfg), torch.device("cpu"), splits=("train",), stream=False)
+    """CCA / Procrustes fitted on the train split exactly as fit-adapters' baselines (``trained``:
+    the run's [train] section; ``layers``: the stored layers its adapters read), applied to X, Y."""
+    train_cfg = dataclasses.replace(trained, modalities={}, max_rows_in_memory=0)
+    dim = trained.dim
+    data = load_data(dataclasses.replace(cfg, train=train_cfg), torch.device("cpu"), splits=("train",), stream=False,
+                     layers=layers)
     try:
         train = data.splits["train"]
         mom = pair_moments(train.features["image"], train.features["text"], train.pairs[:, 0], train.pairs[:, 1])
@@ -114,8 +123,9 @@ def control_embeddings(cfg: PipelineConfig, run: str, X: np.ndarray, Y: np.ndarr
         loaded = load_run(find_run(cfg.data.cache, run).path)
     except (PipelineError, FileNotFoundError) as exc:
         reason = str(exc)
-    trained = loaded.train if loaded else cfg.train
-    dim, standardize = trained.dim, trained.standardize
+    trained = loaded.train if loaded else cfg.train  # the run's own settings (the command's if unloadable)
+    layers = run_layers(loaded) if loaded else {}
+    dim = trained.dim
     if "random" in a.controls:
         if loaded is None:
             out.notes["random"] = f"skipped: the run's adapters could not be loaded ({reason})"
@@ -127,9 +137,11 @@ def control_embeddings(cfg: PipelineConfig, run: str, X: np.ndarray, Y: np.ndarr
     fitted = [c for c in a.controls if c in FROM_MOMENTS]
     if fitted:
         try:
-            out.embeddings.update(_baselines(cfg, fitted, dim, standardize, X, Y))
+            out.embeddings.update(_baselines(cfg, fitted, trained, layers, X, Y))
+            where = {m: "" if layers.get(m) is None else f" layer {layers[m]}" for m in SIDES}
             for name in fitted:
-                out.notes[name] = f"{name} fitted on the train split ({cfg.train.image} x {cfg.train.text}), dim {dim}"
+                out.notes[name] = (f"{name} fitted on the train split ({trained.image}{where['image']} x "
+                                   f"{trained.text}{where['text']}), dim {dim}")
         except PipelineError as exc:
             for name in fitted:
                 out.notes[name] = f"skipped: no train split to fit it on ({exc})"

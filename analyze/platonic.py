@@ -96,13 +96,15 @@ import numpy as np
 from analyze import plots
 from analyze.calibration import calibrate_array
 from analyze.compare import (AnalyzeError, accepts_k, check_k, check_paired, header, kernel_figure, load_joined,
-                             metric_kwargs, output_dir, resolve_metrics, write_csv)
-from analyze.controls import control_columns, control_embeddings, control_stats, versus_controls
+                             metric_kwargs, output_dir, read_rows, resolve_metrics, write_csv)
+from analyze.controls import control_columns, control_embeddings, control_stats, run_layers, versus_controls
 from analyze.engines import FAST_PATHS, build_engine, is_generic  # noqa: F401  (FAST_PATHS: re-exported)
 from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig
-from pipeline.runs import aligned_name, run_name
+from pipeline.errors import PipelineError
+from pipeline.runs import aligned_name, find_run, run_name
 from pipeline.runtime import write_json
+from train.api import load_run
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +385,26 @@ def _bar_groups(results: Mapping[str, Mapping]) -> dict[str, list[dict]]:
 
 
 # ----------------------------------------------------------------------------- the command
+def _before(cfg: PipelineConfig, run: str, joined) -> tuple[np.ndarray, np.ndarray]:
+    """The unaligned image and text representations of the test: the features the run's adapters
+    read (a stored hidden layer when it was trained on one), from entries checked to be the ones it
+    was trained on (same encoder settings: a source re-extracted with, e.g., another pooling is
+    refused). A run whose adapters cannot be loaded is compared on the entries' features (warning)."""
+    try:
+        trained = load_run(find_run(cfg.data.cache, run).path)
+    except PipelineError as exc:
+        log.warning("run %r: its adapters cannot be loaded (%s); 'before' uses the entries' features", run, exc)
+        trained = None
+    out = []
+    for side, name in zip(SIDES, (cfg.train.image, cfg.train.text)):
+        layer = None
+        if trained is not None:
+            trained.check_entry(side, joined.entries[name])
+            layer = run_layers(trained)[side]
+        out.append(joined.features[name] if layer is None else read_rows(joined, name, layer))
+    return out[0], out[1]
+
+
 def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = True) -> dict:
     """``analyze platonic``: the hypothesis test for one fit-adapters run.
 
@@ -408,9 +430,10 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
     joined = load_joined(cfg, names)
     metrics = resolve_metrics(a.metrics)
     F = joined.features
+    X, Y = _before(cfg, run, joined)
     t0 = time.perf_counter()
-    controls = control_embeddings(cfg, run, F[tc.image], F[tc.text])
-    results = hypothesis_test(F[tc.image], F[tc.text], F[ri], F[rt], F[a.reference], metrics, a.k,
+    controls = control_embeddings(cfg, run, X, Y)
+    results = hypothesis_test(X, Y, F[ri], F[rt], F[a.reference], metrics, a.k,
                               a.bootstrap, a.permutations, a.seed, controls=controls.embeddings)
     seconds = time.perf_counter() - t0
     out = output_dir(cfg, "runs", run)
@@ -425,7 +448,7 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
         _bar_groups(results), f"Alignment to {a.reference} before/after run {run} (n={joined.n}; bars: 95% CI; "
                               f"dashes: shuffled-pairing null, 95th pct; grey: controls)", out / "platonic.png").name
     if kernels:
-        panels = {f"K_X ({tc.image})": F[tc.image], f"K_Y ({tc.text})": F[tc.text], f"K_repr image ({ri})": F[ri],
+        panels = {f"K_X ({tc.image})": X, f"K_Y ({tc.text})": Y, f"K_repr image ({ri})": F[ri],
                   f"K_repr text ({rt})": F[rt], f"K_ref ({a.reference})": F[a.reference]}
         doc["figures"]["kernels"] = kernel_figure(panels, f"K_ref ({a.reference})", a.kernel_rows, a.seed,
                                                   out / "kernels.png").name

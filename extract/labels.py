@@ -60,7 +60,8 @@ def _labels_from_column(split, column: str) -> dict[str, str]:
         if column not in row:
             raise DatasetError(f"{meta}: no {column!r} column (columns: {', '.join(row)}). Add one, or set "
                                f"data.label_from = 'dir' to use the first folder of file_name.")
-        name, label = posixpath.normpath(str(row["file_name"])), str(row[column]).strip()
+        value = row[column]  # JSON null (None) is a missing label, not a class called "None"
+        name, label = posixpath.normpath(str(row["file_name"])), "" if value is None else str(value).strip()
         if by_file.setdefault(name, label) != label:
             raise DatasetError(f"{meta}: file {name!r} has two labels, {by_file[name]!r} and {label!r}.")
     out = {}

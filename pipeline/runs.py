@@ -396,8 +396,12 @@ def verify_run(path: str | Path, name: str | None = None) -> str:
 def check_aligned(cache: str | Path, entries: Iterable[Entry]) -> None:
     """Refuse aligned entries (``<encoder>@<run>``) that their run's current adapters did not
     write: the ``adapter_sha256`` in the entry's key must equal the run folder's (checked with
-    :func:`verify_run`). Plain encoder entries pass. RunIntegrityError naming the entry, the run
-    and the command to rerun."""
+    :func:`verify_run`), and when its source entry is among ``entries`` too (a before/after
+    comparison), the source must still be the entry it was computed from (its key: encoder
+    settings, data, extraction request). Plain encoder entries pass. RunIntegrityError naming the
+    entry, the run and the command to rerun."""
+    entries = list(entries)
+    by_name = {e.name: e for e in entries}
     for entry in entries:
         run = source_of(entry.name)[1]
         if run is None:
@@ -416,3 +420,12 @@ def check_aligned(cache: str | Path, entries: Iterable[Entry]) -> None:
                 f"Aligned entry {entry.name!r} ({entry.path}) was written by another training of run {run!r} "
                 f"(adapter sha256 {str(recorded)[:12]}; the run's adapters: {sha[:12]}): a fit-adapters run was "
                 f"interrupted, or the run was retrained without rewriting this entry. {rerun_hint(path, run)}")
+        source = by_name.get(source_of(entry.name)[0])
+        was = entry.key.get("source") if isinstance(entry.key, Mapping) else None  # None: written by hand
+        if source is not None and was is not None and was != source.key:
+            now = source.key
+            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            raise RunIntegrityError(
+                f"Aligned entry {entry.name!r} was computed from {source.name!r} as it was extracted then; "
+                f"{source.name!r} has been re-extracted since ({', '.join(changed)} changed), so comparing them "
+                f"would mix two extractions. {rerun_hint(path, run)}")

@@ -16,6 +16,9 @@ from PIL import Image
 
 import analyze.prompts as prompts_mod
 from analyze.cli import main as analyze_cli
+from analyze.compare import load_joined, read_rows
+from analyze.metrics import cka
+from analyze.platonic import platonic_test
 from analyze.prompts import DEFAULT_TEMPLATES, prompt_entry_path, prompt_features, prompt_texts
 from analyze.zeroshot import accuracy, chance, class_embeddings, predictions, summarize, true_ranks, zero_shot
 from extract.labels import class_name, dataset_classes, image_labels
@@ -145,6 +148,18 @@ def test_labels_from_dir_and_from_a_column(tiny):
         image_labels(d.dataset, d.data_dir, "test", "species")
 
 
+
+def test_a_null_label_is_missing_not_a_class(tmp_path):
+    """JSON null in the label column must not become a class called "None"."""
+    data = make_classed_imagefolder(tmp_path / "data")
+    meta = data / "test" / "metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    rows[1]["label"] = None
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="has no 'label' value"):
+        image_labels("imagefolder", data, "test", "label")
+
+
 def test_prompt_entries_are_cached_and_refused_when_stale(tiny, monkeypatch):
     _, cfg = tiny
     text = find_entry(cfg.data.cache, cfg.data.dataset, "test", "tiny-gpt2")
@@ -270,3 +285,30 @@ def test_zero_shot_of_a_run_trained_on_hidden_layers(tiny, tmp_path):
     prompts = prompt_features(cfg.data.cache, cfg.data.dataset, text, doc["classes"], doc["templates"], "cpu", layer=0)
     assert prompts.shape[1] == text.features(0).shape[1]  # the hidden layer's width
     assert 0.0 <= doc["results"]["adapters"]["top1"] <= 1.0
+
+
+
+def test_platonic_of_a_layer_run_compares_the_layers_it_read(tiny, tmp_path):
+    """'before' = the stored layers the adapters read (not the final features), the controls are fitted
+    on them too; a source re-extracted with other encoder settings afterwards is refused."""
+    _, cfg = tiny
+    cfg = with_values(cfg, {"data.cache": str(tmp_path / "cache"), "extract.layers": "all", "train.name": "deep",
+                            "extract.encoders": ["tiny-resnet", "tiny-gpt2", "tiny-dinov2"],
+                            "train.image_layer": 1, "train.text_layer": 0, "analyze.out": str(tmp_path / "r"),
+                            "analyze.reference": "tiny-dinov2", "analyze.metrics": ["cka"],
+                            "analyze.bootstrap": 4, "analyze.permutations": 4})
+    extract(cfg)
+    fit_adapters(cfg, progress=False)
+    doc = platonic_test(cfg, "deep", kernels=False)
+    joined = load_joined(cfg, ["tiny-resnet", "tiny-gpt2", "tiny-dinov2"])
+    ref = joined.features["tiny-dinov2"]
+    layer1 = read_rows(joined, "tiny-resnet", 1)
+    assert layer1.shape[1] != joined.features["tiny-resnet"].shape[1]  # the case that used to fail outright
+    terms = doc["results"]["cka"]["terms"]
+    assert terms["before_image"]["score"] == pytest.approx(cka(layer1, ref), abs=1e-9)
+    assert terms["before_text"]["score"] == pytest.approx(cka(read_rows(joined, "tiny-gpt2", 0), ref), abs=1e-9)
+    assert "layer 1" in doc["controls"]["cca"] and "control_random.after_image" in str(doc["flat"])
+    gpt2 = with_values(cfg, {"extract.encoders": ["tiny-gpt2"], "extract.encoder_options": {"tiny-gpt2": {"pooling": "last"}}})
+    extract(gpt2, force=True)  # same name and width, other pooling
+    with pytest.raises(PipelineError, match="re-extracted since.*encoder"):
+        platonic_test(cfg, "deep", kernels=False)
