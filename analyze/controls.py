@@ -111,18 +111,23 @@ def _baselines(cfg: PipelineConfig, names: Sequence[str], trained, layers: Mappi
         data.close()
 
 
-def control_embeddings(cfg: PipelineConfig, run: str, X: np.ndarray, Y: np.ndarray) -> Controls:
+def open_trained(cfg: PipelineConfig, run: str) -> tuple[Run | None, str]:
+    """(the run's loaded adapters, "") or (None, why they cannot be loaded)."""
+    try:
+        return load_run(find_run(cfg.data.cache, run).path), ""
+    except (PipelineError, FileNotFoundError) as exc:
+        return None, str(exc)
+
+
+def control_embeddings(cfg: PipelineConfig, run: str, X: np.ndarray, Y: np.ndarray,
+                       trained_run: tuple[Run | None, str] | None = None) -> Controls:
     """The controls ``analyze.controls`` asks for, on the test rows X (n, d_x) (image encoder)
-    and Y (n, d_y) (text encoder) of run ``run``; see the module docstring."""
+    and Y (n, d_y) (text encoder) of run ``run``; see the module docstring. ``trained_run``:
+    ``open_trained(cfg, run)`` when the caller has it already."""
     a = cfg.analyze
     check_controls(a.controls, a.control_seeds)
     out = Controls()
-    loaded: Run | None = None
-    reason = ""
-    try:
-        loaded = load_run(find_run(cfg.data.cache, run).path)
-    except (PipelineError, FileNotFoundError) as exc:
-        reason = str(exc)
+    loaded, reason = trained_run or open_trained(cfg, run)
     trained = loaded.train if loaded else cfg.train  # the run's own settings (the command's if unloadable)
     layers = run_layers(loaded) if loaded else {}
     dim = trained.dim

@@ -97,14 +97,14 @@ from analyze import plots
 from analyze.calibration import calibrate_array
 from analyze.compare import (AnalyzeError, accepts_k, check_k, check_paired, header, kernel_figure, load_joined,
                              metric_kwargs, output_dir, read_rows, resolve_metrics, write_csv)
-from analyze.controls import control_columns, control_embeddings, control_stats, run_layers, versus_controls
+from analyze.controls import (control_columns, control_embeddings, control_stats, open_trained, run_layers,
+                             versus_controls)
 from analyze.engines import FAST_PATHS, build_engine, is_generic  # noqa: F401  (FAST_PATHS: re-exported)
 from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig
-from pipeline.errors import PipelineError
-from pipeline.runs import aligned_name, find_run, run_name
+from pipeline.runs import aligned_name, run_name
 from pipeline.runtime import write_json
-from train.api import load_run
+from train.api import Run
 
 log = logging.getLogger(__name__)
 
@@ -385,16 +385,11 @@ def _bar_groups(results: Mapping[str, Mapping]) -> dict[str, list[dict]]:
 
 
 # ----------------------------------------------------------------------------- the command
-def _before(cfg: PipelineConfig, run: str, joined) -> tuple[np.ndarray, np.ndarray]:
+def _before(cfg: PipelineConfig, trained: Run | None, joined) -> tuple[np.ndarray, np.ndarray]:
     """The unaligned image and text representations of the test: the features the run's adapters
     read (a stored hidden layer when it was trained on one), from entries checked to be the ones it
     was trained on (same encoder settings: a source re-extracted with, e.g., another pooling is
-    refused). A run whose adapters cannot be loaded is compared on the entries' features (warning)."""
-    try:
-        trained = load_run(find_run(cfg.data.cache, run).path)
-    except PipelineError as exc:
-        log.warning("run %r: its adapters cannot be loaded (%s); 'before' uses the entries' features", run, exc)
-        trained = None
+    refused). A run whose adapters cannot be loaded (None) is compared on the entries' features."""
     out = []
     for side, name in zip(SIDES, (cfg.train.image, cfg.train.text)):
         layer = None
@@ -430,9 +425,12 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
     joined = load_joined(cfg, names)
     metrics = resolve_metrics(a.metrics)
     F = joined.features
-    X, Y = _before(cfg, run, joined)
+    trained, reason = open_trained(cfg, run)
+    if trained is None:
+        log.warning("run %r: its adapters cannot be loaded (%s); 'before' uses the entries' features", run, reason)
+    X, Y = _before(cfg, trained, joined)
     t0 = time.perf_counter()
-    controls = control_embeddings(cfg, run, X, Y)
+    controls = control_embeddings(cfg, run, X, Y, (trained, reason))
     results = hypothesis_test(X, Y, F[ri], F[rt], F[a.reference], metrics, a.k,
                               a.bootstrap, a.permutations, a.seed, controls=controls.embeddings)
     seconds = time.perf_counter() - t0
