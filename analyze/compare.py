@@ -37,7 +37,7 @@ from pipeline.cache import Entry, entry_filename, find_entry, resolved_data_dir,
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
-from pipeline.runs import check_aligned
+from pipeline.runs import RunIntegrityError, check_aligned, is_aligned, source_of
 from pipeline.runtime import finite_rows, utc_now, write_json
 from similarity.metrics import METRICS, get_metric
 
@@ -274,7 +274,26 @@ def default_entries(cfg: PipelineConfig) -> list[str]:
     if not names:
         raise AnalyzeError(f"No cache entries for {cfg.data.dataset}/{cfg.analyze.split} under {str(cfg.data.cache)!r}; "
                            f"run `extract --split {cfg.analyze.split}` first, or pass --cache/--dataset/--split.")
-    return names
+    return _vouched(cfg, names)
+
+
+def _vouched(cfg: PipelineConfig, names: list[str]) -> list[str]:
+    """``names`` without the aligned entries their run cannot vouch for (a broken, diverged or
+    retrained run folder, or a source re-extracted since): each is left out with a warning naming
+    it and why, so one broken run never stops a comparison of the others. Naming such an entry in
+    ``--entries`` gives the error instead."""
+    kept = []
+    for name in names:
+        if is_aligned(name):
+            group = [n for n in (name, source_of(name)[0]) if n in names]
+            try:
+                check_aligned(cfg.data.cache, [find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, n,
+                                                          cfg.data.data_dir) for n in group])
+            except RunIntegrityError as exc:
+                log.warning("leaving out cache entry %s: %s", name, exc)
+                continue
+        kept.append(name)
+    return kept
 
 
 def compare_entries(cfg: PipelineConfig, kernels: bool = False) -> dict:

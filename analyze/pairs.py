@@ -19,7 +19,7 @@ from analyze.compare import (AnalyzeError, check_k, default_entries, header, loa
                              resolve_metrics, write_csv)
 from pipeline.cache import find_entry
 from pipeline.config import PipelineConfig
-from pipeline.runs import is_aligned, list_runs, verify_run
+from pipeline.runs import RunIntegrityError, is_aligned, list_runs, verify_run
 from pipeline.runtime import write_json
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,17 @@ def _missing(n_pairs: int, n_runs: int) -> str:
     return f"rank correlation is undefined: every run has the same test mean_R or every pair the same score ({found})"
 
 
+def _verified(run) -> bool:
+    """True when the run's metrics.json describes its adapters (``verify_run``); a broken run
+    folder is left out with a warning naming it, so it never stops the ranking of the others."""
+    try:
+        verify_run(run.path, run.name)
+    except RunIntegrityError as exc:
+        log.warning("leaving out run %s: %s", run.name, exc)
+        return False
+    return True
+
+
 def rank_pairs(cfg: PipelineConfig) -> dict:
     """``analyze pairs``: score, rank and (where runs exist) relate to retrieval. Writes
     ``pairs/pairs.json``, ``pairs/pairs.csv`` and, when runs exist, ``pairs/pairs.png``.
@@ -82,9 +93,7 @@ def rank_pairs(cfg: PipelineConfig) -> dict:
     check_k(metrics, a.k, joined.n)
     F = joined.features
     runs = [r for r in list_runs(cfg.data.cache)
-            if r.mean_R is not None and (r.dataset or cfg.data.dataset) == cfg.data.dataset]
-    for r in runs:
-        verify_run(r.path, r.name)  # its metrics.json must describe its adapters
+            if r.mean_R is not None and (r.dataset or cfg.data.dataset) == cfg.data.dataset and _verified(r)]
     rows = []
     for im in images:
         for tx in texts:

@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pipeline.entry import Entry, open_entry, write_file
-from pipeline.names import source_of
+from pipeline.names import safe_name, source_of
 from pipeline.errors import did_you_mean
 from pipeline.integrity import repair_hint
 from pipeline.layout import (CACHE_FORMAT, AmbiguousDatasetError, cached_datasets, dataset_dir, dataset_folder,
@@ -60,8 +60,9 @@ MAX_LISTED = 5  # ids named by a changed-content message
 
 def split_dir(cache: str | Path, dataset: str, split: str, data_dir: str | Path | None = None,
               write: bool = False) -> Path:
-    """The folder of one split's entries (``pipeline.layout.dataset_dir`` resolves the dataset)."""
-    return dataset_dir(cache, dataset, data_dir, write) / split
+    """The folder of one split's entries (``pipeline.layout.dataset_dir`` resolves the dataset; the
+    split name must be one safe path component, ``pipeline.names.safe_name``)."""
+    return dataset_dir(cache, dataset, data_dir, write) / safe_name(split, "split name")
 
 
 def entry_path(cache: str | Path, dataset: str, split: str, entry: str, fmt: str = "h5",

@@ -12,6 +12,7 @@ Unknown keys and values of the wrong type are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -203,6 +204,8 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"Config key {where!r} expects {names}, got {value!r} ({type(value).__name__}).")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"Config key {where!r} must be a finite number, got {value!r}.")
     if annotation in (str, int, float, bool):
         if type(value) is annotation:
             return value
@@ -219,6 +222,15 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         raise TypeError(f"unsupported annotation {annotation} for {where}")
     name = getattr(annotation, "__name__", str(annotation))
     raise ConfigError(f"Config key {where!r} expects {name}, got {value!r} ({type(value).__name__}).")
+
+
+def check_finite_values(values: Any, section: str) -> None:
+    """Every float of a config section (``values``: its dataclass) must be finite; the config
+    loader already refuses inf and nan, this checks sections built in code."""
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"Config key '{section}.{f.name}' must be a finite number, got {value!r}.")
 
 
 def _section_fields(section: str) -> dict[str, Any]:

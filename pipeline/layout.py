@@ -29,6 +29,7 @@ import json
 import re
 from pathlib import Path
 
+from pipeline.names import name_problem, safe_name
 from pipeline.runtime import atomic_write, dumps_json
 from pipeline.storage import CacheError
 
@@ -42,9 +43,15 @@ class AmbiguousDatasetError(CacheError):
     """The cache holds several folders of a dataset format and the configuration does not pick one."""
 
 
-def entry_filename(entry: str) -> str:
-    """File stem of an entry name; ``/`` and ``:`` (hub ids, generic encoders) become ``--``."""
-    return entry.replace("/", "--").replace(":", "--")
+def _stem(name: str) -> str:
+    return str(name).replace("/", "--").replace(":", "--")
+
+
+def entry_filename(entry: str, what: str = "cache entry name") -> str:
+    """File stem of an entry (or run) name; ``/`` and ``:`` (hub ids, generic encoders) become
+    ``--``; the result is checked to be one safe path component (``pipeline.names.safe_name``:
+    UnsafeNameError for ``..``, hidden or over-long names)."""
+    return safe_name(_stem(entry), what)
 
 
 def resolved_data_dir(data_dir: str | Path) -> str:
@@ -57,7 +64,10 @@ def dataset_folder(dataset: str, data_dir: str | Path) -> str:
     resolved = resolved_data_dir(data_dir)
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(resolved).name)[:READABLE_CHARS].strip("._") or "root"
     digest = hashlib.sha256(f"{dataset}\n{resolved}".encode("utf-8")).hexdigest()[:FOLDER_HASH_CHARS]
-    return f"{entry_filename(dataset)}-{readable}-{digest}"
+    name = f"{_stem(dataset)}-{readable}-{digest}"
+    if name_problem(name):  # e.g. a long hf:<local path>: shortened (the hash covers the whole name)
+        name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', _stem(dataset))[:READABLE_CHARS].strip('._')}-{readable}-{digest}"
+    return safe_name(name, "dataset folder name")
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -115,12 +125,12 @@ def dataset_dir(cache: str | Path, dataset: str, data_dir: str | Path | None = N
     found = [m for m in cached_datasets(cache) if m["dataset"] == dataset]
     if found:
         return _choose(dataset, data_dir, found, cache)
-    return cache / entry_filename(dataset)
+    return cache / entry_filename(dataset, "dataset name")
 
 
 def legacy_hint(cache: str | Path, dataset: str) -> str:
     """A sentence for not-found errors when ``<cache>/<dataset>`` holds the layout of cache format 1."""
-    old = Path(cache) / entry_filename(dataset)
+    old = Path(cache) / _stem(dataset)
     if old.is_dir() and read_marker(old) is None and any(p.is_dir() for p in old.iterdir()):
         return (f" {str(old)!r} holds entries in the layout of an older version (cache format 1, without "
                 f"content fingerprints or checksums); they are no longer read: re-extract (extract --force).")

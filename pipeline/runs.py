@@ -100,17 +100,31 @@ def run_name(tc: TrainConfig, run: str | None = None) -> str:
 
 
 def check_run_name(name: str) -> str:
-    """A run name must be non-empty, free of ``@`` (it ends aligned entry names) and must not
-    start with ``.`` (hidden names are runs being written)."""
-    if not name or SEPARATOR in name or name.startswith("."):
+    """A run name must be non-empty, free of ``@`` (it ends aligned entry names), must not
+    start with ``.`` (hidden names are runs being written) and must be one safe, short folder name
+    (``pipeline.names.safe_name``)."""
+    if not isinstance(name, str) or not name or SEPARATOR in name or name.startswith("."):
         raise RunError(f"Run name {name!r} must be non-empty, must not contain {SEPARATOR!r} (aligned entries are "
                        f"named <encoder>{SEPARATOR}<run>) and must not start with '.'; pass another --name.")
+    entry_filename(name, "run name")
     return name
 
 
 def aligned_name(encoder: str, run: str) -> str:
-    """The cache entry holding ``encoder``'s features mapped by run ``run``: ``<encoder>@<run>``."""
-    return f"{encoder}{SEPARATOR}{check_run_name(run)}"
+    """The cache entry holding ``encoder``'s features mapped by run ``run``: ``<encoder>@<run>``
+    (checked to be usable as a file name: UnsafeNameError when the two together are too long)."""
+    name = f"{encoder}{SEPARATOR}{check_run_name(run)}"
+    entry_filename(name, "aligned entry name (<encoder>@<run>; pass a shorter --name)")
+    return name
+
+
+def check_names(tc: TrainConfig) -> str:
+    """The run name of ``tc`` after checking it and the names of the aligned entries it will
+    write (before any work: a name that cannot be a file fails here, not after training)."""
+    name = check_run_name(default_run_name(tc))
+    for encoder in modality_entries(tc).values():
+        aligned_name(encoder, name)
+    return name
 
 
 def runs_dir(cache: str | Path) -> Path:
@@ -119,8 +133,8 @@ def runs_dir(cache: str | Path) -> Path:
 
 
 def run_dir(cache: str | Path, name: str) -> Path:
-    """``<cache>/runs/<name>`` (the name made file-safe as cache entries are)."""
-    return runs_dir(cache) / entry_filename(name)
+    """``<cache>/runs/<name>`` (the name made file-safe as cache entries are, and checked)."""
+    return runs_dir(cache) / entry_filename(name, "run name")
 
 
 # ----------------------------------------------------------------------------- metrics.json
@@ -330,12 +344,37 @@ def commit(staging: Path, cache: str | Path, name: str) -> Path:
     final = run_dir(cache, name)
     with locked(final):
         replace(staging, final)
-    fd = os.open(final.parent, os.O_RDONLY)
+    _sync_folder(final.parent)
+    return final
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)  # the renames themselves reach the disk
     finally:
         os.close(fd)
-    return final
+
+
+def is_finished(path: str | Path) -> bool:
+    """True for a run folder of a training that ran to the end (it has metrics.json); the record
+    a diverged run leaves (config, history, maybe a checkpoint) is not finished."""
+    return (Path(path) / METRICS).is_file()
+
+
+def commit_failed(staging: Path, cache: str | Path, name: str) -> bool:
+    """Commit the record of a run that failed (diverged), as :func:`commit` does, unless a
+    finished run of that name exists: a failed retrain never replaces a complete run (the record
+    is then discarded). Returns whether the record was committed."""
+    final = run_dir(cache, name)
+    with locked(final):
+        recover(final)
+        if is_finished(final):
+            discard(staging)
+            return False
+        replace(staging, final)
+    _sync_folder(final.parent)
+    return True
 
 
 def discard(staging: Path) -> None:

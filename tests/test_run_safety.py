@@ -9,6 +9,7 @@ fit-adapters; and (slow) ``kill -9`` at random moments never leaves a mixed run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import torch
 from click.testing import CliRunner
 
 from analyze.cli import main as analyze_main
+from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline import runs
 from pipeline.cache import find_entry, list_entries, write_entry
 from pipeline.runs import RunIntegrityError, check_aligned, verify_run
@@ -32,6 +34,7 @@ from tests.test_train import make_cache, tiny_cfg
 from train import fit as fit_mod
 from train import outputs
 from train.api import load_run
+from train.cli import main as fit_main
 from train.fit import fit_adapters
 
 SMALL = {"train": 64, "val": 16, "test": 16}  # images per split: a run takes about a second
@@ -167,12 +170,70 @@ def test_diverged_run_is_committed_as_the_message_says(small_cache, monkeypatch)
     assert load_run(folder).embed("image", np.ones((2, 24))).shape == (2, 16)
 
 
+def _fits(cache, name: str, **train) -> None:
+    fit_adapters(tiny_cfg(cache, epochs=2, name=name, reference="", **train), progress=False)
+
+
+def test_a_diverging_retrain_leaves_the_previous_complete_run_untouched(tmp_path, monkeypatch):
+    cache = make_cache(tmp_path / "cache", splits=SMALL, reference="")
+    _fits(cache, "good")
+    before = _snapshot(runs.run_dir(cache, "good"))
+    res = CliRunner().invoke(fit_main, ["--cache", str(cache), "--dataset", "fake", "--name", "good", "--epochs", "2",
+                                        "--device", "cpu", "--reference", "", "--set", "train.lr=inf"])
+    assert res.exit_code == 1 and "'train.lr' must be a finite number" in res.output and "Traceback" not in res.output
+    monkeypatch.setattr(fit_mod.Trainer, "epoch", lambda self, *a: torch.tensor(float("inf")))  # diverges at once
+    with pytest.raises(fit_mod.TrainingDiverged, match="previous run 'good' in .* is kept unchanged"):
+        _fits(cache, "good")
+    assert _snapshot(runs.run_dir(cache, "good")) == before and _check_consistent_run(cache, "good")
+    assert [p.name for p in runs.runs_dir(cache).iterdir() if p.name != ".lock"] == ["good"]  # no leftovers
+
+
+def _check_consistent_run(cache, name: str) -> bool:
+    verify_run(runs.run_dir(cache, name))
+    check_aligned(cache, [find_entry(cache, "fake", s, f"{e}@{name}") for s in SMALL for e in ("resnet18", "gpt2")])
+    return True
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_hyperparameters_are_refused_up_front(value):
+    floats = [f.name for f in dataclasses.fields(TrainConfig) if f.type in (float, "float")]
+    assert {"lr", "weight_decay", "temperature", "margin", "mixup", "dropout"} <= set(floats)
+    for key in floats:
+        with pytest.raises(ConfigError, match=f"'train.{key}' must be a finite number"):
+            load_config(None, [f"train.{key}={value}"])
+    with pytest.raises(ConfigError, match="'train.lr' must be a finite number"):  # a config built in code
+        fit_mod.check_config(dataclasses.replace(TrainConfig(), lr=float(value)))
+
+
+def test_a_broken_run_folder_never_breaks_commands_about_other_runs(tmp_path, caplog):
+    cache = make_cache(tmp_path / "cache", splits=SMALL, reference="")
+    _fits(cache, "broken")
+    _fits(cache, "other")
+    folder = runs.run_dir(cache, "broken")
+    for f in folder.iterdir():  # what a diverged run used to leave: config and history, beside its old entries
+        if f.name not in ("config.json", "history.csv"):
+            f.unlink()
+    assert [r.name for r in runs.list_runs(cache)] == ["broken", "other"]
+    out = str(tmp_path / "reports")
+    base = ["--cache", str(cache), "--dataset", "fake", "--out", out, "--metric", "cka"]
+    res = CliRunner().invoke(analyze_main, ["cka", *base])
+    assert res.exit_code == 0, res.output
+    assert "leaving out cache entry gpt2@broken" in caplog.text and "Run 'broken'" in caplog.text
+    scores = json.loads((tmp_path / "reports/fake/test/cka/scores.json").read_text())
+    assert "gpt2@other" in scores["entries"] and "gpt2@broken" not in scores["entries"]
+    res = CliRunner().invoke(analyze_main, ["report", *base, "--run", "other", "--reference", "", "--bootstrap", "3",
+                                            "--permutations", "3"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(analyze_main, ["report", *base, "--run", "broken", "--reference", ""])
+    assert res.exit_code == 1 and "Run 'broken'" in res.output  # about the broken run itself: the error
+
+
 # ----------------------------------------------------------------------------- checks on use
 def _rewrite_key(entry, **changes):
     write_entry(entry.path, entry.name, entry.ids, entry.features(), {**entry.key, **changes}, entry.provenance)
 
 
-def test_tampered_aligned_entry_is_refused_by_analyze(small_cache):
+def test_tampered_aligned_entry_is_refused_by_analyze(small_cache, caplog):
     cache = small_cache
     _fit(cache, seed=3)
     args = ["--cache", str(cache), "--dataset", "fake", "--image", "resnet18", "--text", "gpt2", "--run", "r",
@@ -182,13 +243,15 @@ def test_tampered_aligned_entry_is_refused_by_analyze(small_cache):
     assert ok.exit_code == 0, ok.output
     victim = find_entry(cache, "fake", "test", "gpt2@r")
     _rewrite_key(victim, adapter_sha256="0" * 64)
-    for command in (["platonic", *args], ["report", *args[:-2]],
-                    ["cka", "--cache", str(cache), "--dataset", "fake", "--metric", "cka",
-                     "--out", str(cache.parent / "reports")]):
+    cka = ["cka", "--cache", str(cache), "--dataset", "fake", "--metric", "cka", "--out", str(cache.parent / "reports")]
+    for command in (["platonic", *args], ["report", *args[:-2]], [*cka, "--entries", "gpt2,gpt2@r"]):
         res = CliRunner().invoke(analyze_main, command)
         assert res.exit_code == 1, (command[0], res.output)
         assert "'gpt2@r'" in res.output and "another training of run 'r'" in res.output
         assert "fit-adapters --image resnet18 --text gpt2 --name r" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(analyze_main, cka)  # every entry: the tampered one is left out, with a warning
+    assert res.exit_code == 0 and "leaving out cache entry gpt2@r" in caplog.text, res.output
+    assert "gpt2@r" not in json.loads((cache.parent / "reports/fake/test/cka/scores.json").read_text())["entries"]
     _rewrite_key(find_entry(cache, "fake", "test", "gpt2@r"), adapter_sha256=victim.key["adapter_sha256"])
     assert CliRunner().invoke(analyze_main, ["platonic", *args]).exit_code == 0
 
@@ -220,7 +283,7 @@ def test_load_run_refuses_a_folder_that_mixes_trainings(small_cache, tmp_path):
         verify_run(folder)
 
 
-def test_pairs_refuses_a_run_whose_metrics_are_of_other_adapters(small_cache, tmp_path):
+def test_pairs_leaves_out_a_run_whose_metrics_are_of_other_adapters(small_cache, tmp_path, caplog):
     _fit(small_cache, seed=5)
     rng = np.random.default_rng(0)
     ids = [f"i{k}" for k in range(12)]
@@ -233,8 +296,9 @@ def test_pairs_refuses_a_run_whose_metrics_are_of_other_adapters(small_cache, tm
     assert CliRunner().invoke(analyze_main, args).exit_code == 0
     metrics = json.loads((folder / "metrics.json").read_text())
     (folder / "metrics.json").write_text(json.dumps({**metrics, "adapter_sha256": "2" * 64}))
-    res = CliRunner().invoke(analyze_main, args)
-    assert res.exit_code == 1 and "Run 'r'" in res.output and "Rerun `fit-adapters" in res.output, res.output
+    res = CliRunner().invoke(analyze_main, args)  # its numbers are not used; the other runs still are
+    assert res.exit_code == 0 and "leaving out run r: Run 'r'" in caplog.text and "Rerun `fit-adapters" in caplog.text
+    assert json.loads((tmp_path / "out/fake/test/pairs/pairs.json").read_text())["runs_used"] == 0
 
 
 # ----------------------------------------------------------------------------- kill -9 (slow)

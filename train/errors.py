@@ -24,4 +24,9 @@ class AdapterMismatchError(TrainError):
 
 
 class TrainingDiverged(TrainError):
-    """The loss became non-finite or exploded; the last good checkpoint is kept."""
+    """The loss became non-finite or exploded. ``message`` may hold ``{kept}`` (what happened to the
+    run folder, filled in once it is known); ``checkpoint``: the epoch of the last good weights, or None."""
+
+    def __init__(self, message: str, checkpoint: int | None = None):
+        super().__init__(message.replace("{kept}", "rank 0 keeps the run's record"))
+        self.message, self.checkpoint = message, checkpoint

@@ -9,7 +9,8 @@ recall next to the closed-form baselines and writes the run folder and the align
 The run folder is written whole: everything goes to a hidden staging folder that replaces
 ``<cache>/runs/<name>`` only once the run and its aligned entries are complete
 (``pipeline.runs.staging_dir`` / ``commit``); an error or Ctrl-C leaves the previous run of that
-name as it was. A diverged run is committed as it stands (history and last good checkpoint).
+name as it was. A diverged run is committed as it stands (history and last good checkpoint), unless
+a finished run of that name exists: that one is kept untouched (``pipeline.runs.commit_failed``).
 
 Scale: a train split with more pairs than ``train.max_rows_in_memory`` is streamed from the
 cache in shuffled windows (``train.stream``); under ``torchrun`` the run uses
@@ -32,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline import runs
-from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.config import PipelineConfig, TrainConfig, check_finite_values
 from pipeline.errors import did_you_mean
 from pipeline.runs import RunMetrics
 from pipeline.runtime import resolve_device, write_json
@@ -76,6 +77,7 @@ class RunResult:
 def check_config(tc: TrainConfig) -> None:
     """Name, range and device checks of the [train] section, before any data is read (the adapter's
     own hyperparameters: ``adapters.check_adapter``)."""
+    check_finite_values(tc, "train")  # inf passes "> 0"; for sections built in code (the loader refuses it too)
     check_adapter(tc)
     if tc.schedule not in SCHEDULES:
         hint = did_you_mean(tc.schedule, SCHEDULES)
@@ -98,7 +100,7 @@ def check_config(tc: TrainConfig) -> None:
     for check in (check_structure, check_layers, check_init):  # small-data options (their own modules)
         check(tc)
     resolve_device(tc.device)  # DeviceError for names torch does not know, or CUDA without CUDA
-    runs.check_run_name(runs.default_run_name(tc))
+    runs.check_names(tc)  # the run's name and its aligned entries' names, before any work
 
 
 # ----------------------------------------------------------------------------- training
@@ -336,12 +338,10 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
             history.append(row)
             if dist.is_main:
                 outputs.write_history(run_dir, history)
-            kept = (f"the last good checkpoint (epoch {best.epoch}) is kept in {io.final}" if best.state
-                    else f"no checkpoint was written (history in {io.final})")
             raise TrainingDiverged(
                 f"Training diverged at epoch {epoch}: train loss {loss:.4g} (first epoch: {first}). Stopped; "
-                f"{kept}. Lower --lr (now {tc.lr:g}), raise --temperature, or add warm-up "
-                f"(--set train.warmup_epochs=1).")
+                f"{{kept}}. Lower --lr (now {tc.lr:g}), raise --temperature, or add warm-up "
+                f"(--set train.warmup_epochs=1).", best.epoch if best.state else None)
         first = loss if first is None else first
         if not dist.is_main:
             dist.barrier()  # rank 0 evaluates and writes
@@ -447,10 +447,11 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
                              tracker, logger) if dist.is_main else None
             if dist.is_main:
                 runs.commit(run_dir, cfg.data.cache, name)
-        except TrainingDiverged:
-            if dist.is_main:
-                runs.commit(run_dir, cfg.data.cache, name)  # the record of the failed run, as the message says
-            raise
+        except TrainingDiverged as exc:
+            if not dist.is_main:
+                raise
+            kept = _diverged_record(run_dir, cfg, name, exc.checkpoint)
+            raise TrainingDiverged(exc.message.replace("{kept}", kept), exc.checkpoint) from None
         finally:
             if dist.is_main:
                 runs.discard(run_dir)  # an error or Ctrl-C: the previous run stays (no-op after commit)
@@ -458,6 +459,18 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
         data.close()
     dist.barrier()  # the other ranks wait here while rank 0 writes
     return dist.broadcast(result)
+
+
+def _diverged_record(staging: Path, cfg: PipelineConfig, name: str, checkpoint: int | None) -> str:
+    """Commit the record of a diverged run (history, last good checkpoint) unless a finished run of
+    that name exists, which is kept untouched (``runs.commit_failed``); says which happened."""
+    final = runs.run_dir(cfg.data.cache, name)
+    if not runs.commit_failed(staging, cfg.data.cache, name):
+        return (f"the previous run {name!r} in {final} is kept unchanged (this attempt was discarded; "
+                f"train it under another --name to keep its history)")
+    if checkpoint is not None:
+        return f"the last good checkpoint (epoch {checkpoint}) is kept in {final}"
+    return f"no checkpoint was written (history in {final})"
 
 
 def _finish(cfg, data, reference, model, history, best, meta, io: _RunIO, device, t_start,
