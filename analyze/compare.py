@@ -38,7 +38,8 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
 from pipeline.runs import RunIntegrityError, check_aligned, is_aligned, source_of
-from pipeline.runtime import finite_rows, utc_now, write_json
+from pipeline.names import safe_name
+from pipeline.runtime import finite_rows, make_dir, utc_now, write_json
 from similarity.metrics import METRICS, get_metric
 
 log = logging.getLogger(__name__)
@@ -221,12 +222,13 @@ def kernel_figure(features: Mapping[str, np.ndarray], order_by: str, rows: int, 
 
 # ----------------------------------------------------------------------------- outputs
 def output_dir(cfg: PipelineConfig, *parts: str) -> Path:
-    """``<analyze.out>/<dataset>/<split>/<parts...>`` (created)."""
-    path = Path(cfg.analyze.out) / entry_filename(cfg.data.dataset) / cfg.analyze.split
+    """``<analyze.out>/<dataset>/<split>/<parts...>`` (created; each part checked to be one safe
+    folder name, ``pipeline.names.safe_name``; FolderError when it cannot be written)."""
+    path = Path(cfg.analyze.out) / entry_filename(cfg.data.dataset, "dataset name") / safe_name(cfg.analyze.split,
+                                                                                                "analyze.split")
     for p in parts:
-        path = path / entry_filename(p)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        path = path / entry_filename(p, "output folder name")
+    return make_dir(path, "output folder (analyze.out, --out)")
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping]) -> Path:

@@ -44,8 +44,8 @@ from extract.gpu_decode import CPU, DECODES, GPU_NVJPEG, GpuDecoder, decode_key,
 from extract.loader import batches, loader_workers, make_loader
 from extract.sharding import (IncompleteExtractionError, Shard, ShardError, Team, describe_missing, shard_totals,
                               team, torchrun_shard)
-from pipeline.cache import (CACHE_FORMAT, FORMATS, Entry, EntryWriter, dataset_dir, entry_path, open_entry,
-                            resolved_data_dir, staging_folders)
+from pipeline.cache import (CACHE_FORMAT, FORMATS, Entry, EntryWriter, dataset_dir, entry_filename, entry_path,
+                            open_entry, resolved_data_dir, staging_folders)
 from pipeline.config import CHOICES, ConfigError, PipelineConfig
 from pipeline.errors import did_you_mean
 from pipeline.runtime import PRECISIONS, autocast, resolve_device, utc_now, versions
@@ -96,6 +96,8 @@ def _check(cfg: PipelineConfig) -> None:
     if x.workers < -1:
         raise ConfigError(f"extract.workers must be >= 0, or -1 for min(8, CPU cores - 1); got {x.workers}.")
     autocast(resolve_device(x.device), x.precision)  # refuses unknown devices and fp16 on CPU; not entered
+    for name in x.encoders:
+        entry_filename(name, "cache entry name of --encoder (for a local model: a shorter path, e.g. a symlink)")
 
 
 def resolve_specs(cfg: PipelineConfig) -> list[EncoderSpec]:

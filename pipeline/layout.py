@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 
 from pipeline.names import name_problem, safe_name
-from pipeline.runtime import atomic_write, dumps_json
+from pipeline.runtime import atomic_write, dumps_json, make_dir
 from pipeline.storage import CacheError
 
 CACHE_FORMAT = 2  # 1: before content fingerprints, per-dataset folders and checksums
@@ -114,7 +114,7 @@ def dataset_dir(cache: str | Path, dataset: str, data_dir: str | Path | None = N
         folder = cache / dataset_folder(dataset, data_dir)
         marker = folder / DATASET_MARKER
         if not marker.exists():
-            folder.mkdir(parents=True, exist_ok=True)
+            make_dir(folder, "cache folder (data.cache, --cache)")
             doc = {"dataset": dataset, "data_dir": resolved_data_dir(data_dir), "cache_format": CACHE_FORMAT}
             atomic_write(marker, dumps_json(doc) + "\n")
         return folder

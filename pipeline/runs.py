@@ -46,7 +46,7 @@ from pipeline.cache import Entry, entry_filename
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError, did_you_mean
 from pipeline.names import SEPARATOR, is_aligned, source_of  # noqa: F401 (part of the run-folder contract)
-from pipeline.runtime import process_alive, write_json
+from pipeline.runtime import make_dir, process_alive, write_json
 from pipeline.storage import locked, replace
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def staging_dir(cache: str | Path, name: str) -> Path:
     """A new, empty hidden folder ``<cache>/runs/.<name>.partial-<pid>`` to write run ``name``
     into (leftovers of killed writers of that name are removed first)."""
     final = run_dir(cache, check_run_name(name))
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(final.parent, "runs folder of the cache (data.cache, --cache)")
     recover(final, clean=True)
     path = final.with_name(f".{final.name}{STAGING_MARK}{os.getpid()}")
     shutil.rmtree(path, ignore_errors=True)

@@ -1,5 +1,5 @@
 """Runtime helpers shared by every stage, each written once: device choice, autocast, CPU count,
-UTC timestamps, atomic file writes, JSON with one convention for non-finite values, finite-row
+UTC timestamps, folders made writable (or one clear error), atomic file writes, JSON with one convention for non-finite values, finite-row
 checks and provenance facts."""
 
 from __future__ import annotations
@@ -90,6 +90,26 @@ def default_workers() -> int:
 def utc_now() -> str:
     """The current UTC time as ISO 8601 with seconds, e.g. ``2026-11-28T19:10:14+00:00``."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class FolderError(PipelineError, OSError):
+    """A folder the pipeline must write into cannot be created or written to."""
+
+
+def make_dir(path: str | Path, what: str = "folder") -> Path:
+    """``path`` created with its parents and checked writable; FolderError naming it (and
+    ``what`` it is, e.g. "output folder (--out)") otherwise: a path under a file such as
+    ``/dev/null``, in ``/proc``, or without write permission."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FolderError(f"Cannot create the {what} {str(path)!r}: {exc.strerror or exc}. "
+                          f"Choose a folder you can write to.") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FolderError(f"Cannot write to the {what} {str(path)!r}: permission denied. "
+                          f"Choose a folder you can write to.")
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any] | bytes | str) -> Path:

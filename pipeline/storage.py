@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.runtime import make_dir
 
 FORMATS = ("h5", "zarr")  # file extensions of the two backends
 MAX_STALE_FIELDS = 4  # how many differing key fields a stale message names
@@ -175,7 +176,7 @@ def backend(path: Path):
 def locked(path: Path):
     """An exclusive advisory lock on ``path``'s folder (serialises setup and finalisation across
     processes; held only for metadata work, never while computing features)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, "cache folder (data.cache, --cache)")
     with open(path.parent / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pipeline.config import SECTIONS, ConfigError, PipelineConfig, config_default, with_values
-from pipeline.errors import did_you_mean
-from pipeline.runs import check_run_name
+from pipeline.errors import PipelineError, did_you_mean
+from pipeline.names import safe_name
+from pipeline.runs import check_names
 from pipeline.runtime import dumps_json
 
 STUDY_SECTION = "study"
@@ -207,6 +208,7 @@ def expand(config: PipelineConfig) -> list[Cell]:
     if not name or name != study.name:
         raise StudyError(f"study.name = {study.name!r} must be a non-empty name of letters, digits, '.', '+' "
                          f"or '-' (it names a folder and the runs), e.g. {name or 'adapters-vs-data'!r}.")
+    safe_name(name, "study.name")  # a folder name: also short enough
     axes = study_axes(study)
     for evaluation in study.evaluations:
         if evaluation not in EVALUATIONS:
@@ -225,8 +227,12 @@ def expand(config: PipelineConfig) -> list[Cell]:
         train_values = {k: v for k, v in values.items()
                         if (k == VARIANT_AXIS and trains) or k.split(".")[0] in TRAIN_SECTIONS}
         run = f"{name}_{readable(train_values) or 'base'}-{train_hash(cfg)[:HASH_CHARS]}"
-        check_run_name(run)
         cfg = with_values(cfg, {"train.name": run})
+        try:
+            check_names(cfg.train)  # the run and its aligned entries must be usable file names
+        except PipelineError as exc:
+            raise StudyError(f"Study cell {readable(values)}: {exc} (a cell's run is named <study.name>_<axis "
+                             f"values>-<hash>: shorten study.name)") from None
         cells.append(Cell(index, values, cfg, h, run, f"{readable(values)}-{h[:HASH_CHARS]}"))
     return cells
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.errors import did_you_mean
 
-from .loading import IMAGE_EXTENSIONS, Format, Record, Source, captions_from_cell, finish, norm_split
+from .loading import IMAGE_EXTENSIONS, Format, Record, Source, captions_from_cell, finish, norm_split, split_name
 from .loading import strip_image_ext, unknown_split
 from .split import HF_ROW_PREFIX, DatasetError, Split, option_hint
 
@@ -138,8 +138,9 @@ def splits(source: Source) -> list[str]:
     members = list(_members(obj).values())
     col = source.options.get("split_column", "split")
     if col in members[0].column_names:
-        return [v for m in members for v in m.select_columns([col]).to_dict()[col]]
-    return [k for k in _members(obj) if k is not None] or ["train"]
+        return [split_name(v, f"{source.dataset} row {i} (column {col!r})") for m in members
+                for i, v in enumerate(m.select_columns([col]).to_dict()[col])]
+    return [split_name(k, f"{source.dataset} (DatasetDict member)") for k in _members(obj) if k is not None] or ["train"]
 
 
 FORMAT = Format(

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 from pipeline.errors import did_you_mean
 
-from .loading import Format, Record, Source, captions_from_cell, finish, norm_split, read_text, safe_relpath
+from .loading import Format, Record, Source, captions_from_cell, finish, read_text, safe_relpath, split_name
 from .loading import strip_image_ext, unknown_split
 from .split import DatasetError, Split, option_hint
 
@@ -116,11 +116,11 @@ def read_metadata(path: Path, caption_column: str | None) -> list[Row]:
 
 
 def _split_folders(data_dir: Path) -> dict[str, Path]:
-    """{split name: subfolder} for the subfolders that hold a metadata file."""
+    """{split name: subfolder} for the subfolders that hold a metadata file (hidden ones ignored)."""
     folders: dict[str, Path] = {}
-    for sub in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if metadata_file(sub) is not None:
-            name = norm_split(sub.name)
+            name = split_name(sub.name, f"{data_dir} (split folder {sub.name}/)")
             if name in folders:
                 raise DatasetError(f"{data_dir}: both {folders[name].name}/ and {sub.name}/ are split {name!r}; keep one.")
             folders[name] = sub
@@ -141,13 +141,14 @@ def _root_metadata(data_dir: Path, folders: dict[str, Path]) -> Path | None:
 
 
 def _split_values(rows: list[Row]) -> list[str] | None:
-    """The normalised 'split' value of every row, None when the file has no split column."""
+    """The normalised 'split' value of every row (checked: it names a cache folder), None when the
+    file has no split column."""
     if not any("split" in r[3] for r in rows):
         return None
     for where, _, _, row in rows:
         if not isinstance(row.get("split"), str) or not row["split"].strip():
             raise DatasetError(f"{where}: empty or missing 'split' value; give every row a split name.")
-    return [norm_split(r[3]["split"].strip()) for r in rows]
+    return [split_name(r[3]["split"].strip(), r[0]) for r in rows]
 
 
 def _split_rows(source: Source, split: str) -> tuple[Path, Path, list[Row]]:
@@ -201,7 +202,8 @@ def splits(source: Source) -> list[str]:
     if folders:
         return list(folders)
     rows = read_metadata(meta, source.options.get("caption_column"))
-    names = {r[3]["split"].strip() for r in rows if isinstance(r[3].get("split"), str) and r[3]["split"].strip()}
+    names = {split_name(r[3]["split"].strip(), r[0]) for r in rows
+             if isinstance(r[3].get("split"), str) and r[3]["split"].strip()}
     return sorted(names) or ["train"]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .loading import Record, read_json, safe_relpath, stem, unknown_split
+from .loading import Record, read_json, safe_relpath, split_name, stem, unknown_split
 from .split import DatasetError
 
 
@@ -21,8 +21,10 @@ def _images(path: Path) -> list:
 
 
 def karpathy_splits(path: Path) -> list[str]:
-    """The split values of a Karpathy split file (raw, in file order, repeated)."""
-    return [str(im.get("split")) for im in _images(path) if isinstance(im, dict) and "split" in im]
+    """The split values of a Karpathy split file (in file order, repeated; each checked to be a
+    safe folder name, since it names the split's cache folder)."""
+    return [split_name(im["split"], f"{path} images[{i}]") for i, im in enumerate(_images(path))
+            if isinstance(im, dict) and "split" in im]
 
 
 def read_karpathy(path: Path, split: str, with_filepath: bool, merged: tuple[str, ...] = ()) -> list[Record]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.errors import did_you_mean
+from pipeline.names import safe_name
 
 from .split import CAPTION_ID_SEPARATOR, DatasetError, Item, Split, listed, option_hint
 
@@ -88,6 +89,14 @@ class Record:
 def norm_split(name: Any) -> str:
     """"validation" and "valid" -> "val"; other names unchanged."""
     return SPLIT_ALIASES.get(str(name), str(name))
+
+
+def split_name(value: Any, where: str) -> str:
+    """A split name read from data (a 'split' column, a Karpathy ``"split"``, a folder name),
+    normalised (:func:`norm_split`) and checked: it names the split's cache folder, so it must be
+    one safe folder name (``pipeline.names.safe_name``); UnsafeNameError naming ``where`` (the
+    file and row) otherwise."""
+    return safe_name(norm_split(value), "split name", where)
 
 
 def ordered_splits(names: Iterable[Any]) -> list[str]:
