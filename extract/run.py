@@ -267,11 +267,14 @@ def _extract_modality(cfg: PipelineConfig, split: D.Split, content: dict, specs:
     rows = split.items if specs[0].modality == "image" else split.caption_rows(cfg.data.captions)
     jobs = _open_jobs(cfg, split, content, specs, us, force, repair)
     todo = sorted(set().union(*(j.pending for j in jobs)))
+    inputs_by = _load_encoders([j for j in jobs if j.pending], us.device) if todo else {}
+    for job in jobs:  # staging only once the models have loaded: a failed load leaves nothing behind
+        job.writer.open()
     note = us.note(len(todo))
     if us.multi:
         for job in jobs:
             job.writer.write_note(us.shard.name, {**note, "state": "running"})
-    timing = _run_jobs(cfg, split, rows, [j for j in jobs if j.pending], todo, us) if todo else {}
+    timing = _run_jobs(cfg, split, rows, [j for j in jobs if j.pending], todo, us, inputs_by) if todo else {}
     if us.multi:
         for job in jobs:
             job.writer.write_note(us.shard.name, {**note, "rows_computed": 0, "extract_seconds": 0.0, **timing,
@@ -326,12 +329,11 @@ def _load_encoders(jobs: list[_Job], device: torch.device) -> dict:
 
 
 def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_Job], todo: list[int],
-              us: Team) -> dict:
-    """Compute chunks ``todo`` of every job (each job only its pending ones); returns timing facts
-    for the provenance."""
+              us: Team, inputs_by: dict) -> dict:
+    """Compute chunks ``todo`` of every job (each job only its pending ones; their encoders loaded,
+    ``inputs_by`` from :func:`_load_encoders`); returns timing facts for the provenance."""
     x = cfg.extract
     is_image = jobs[0].spec.modality == "image"
-    inputs_by = _load_encoders(jobs, us.device)
     chunk_ranges = [jobs[0].writer.rows(c) for c in todo]
     workers = loader_workers(x.workers, text_on_cpu=not is_image and us.device.type == "cpu")
     gpu = is_image and effective_decoder(x.decode, us.device) == GPU_NVJPEG

@@ -178,7 +178,9 @@ class EntryWriter:
 
     ``ids`` is the full ordered list of rows the entry is asked to hold; rows are grouped in
     chunks of ``chunk_rows``. Call ``pending()`` for the chunks still to compute, ``write_chunk``
-    for each, then ``finalize()``. Chunks already staged by an earlier (interrupted) run or by
+    for each, then ``finalize()``. The staging folder is created by ``open()`` (or the first
+    ``write_chunk``), not by the constructor, so a request that fails before any work (an encoder
+    whose weights do not load) leaves nothing that a corrected request would be refused for. Chunks already staged by an earlier (interrupted) run or by
     another process of the same request are kept, so a rerun computes only what is missing.
 
     A finished entry of the same request is verified against its checksums (DamagedEntryError
@@ -198,6 +200,7 @@ class EntryWriter:
         self.key = json.loads(canonical_json(dict(key)))  # as it reads back from the file
         self.chunk_rows = int(chunk_rows)
         self.content = content
+        self.force = force
         if self.chunk_rows < 1:
             raise CacheError("chunk_rows must be >= 1.")
         self._staging = Staging(self.path, Staging.make_manifest(name, self.key, self.ids, self.chunk_rows))
@@ -217,8 +220,29 @@ class EntryWriter:
                     f"(--format {twins[0].suffix[1:]}), or rerun with --force to replace it.")
             self.done = self._check_existing(repair)
             self._check_other_staging()
-            if not self.done:
-                self._staging.open()
+        self._opened = False  # this writer created (or found) its staging folder
+
+    def open(self) -> None:
+        """Create this request's staging folder (nothing once finished or already open); call it
+        when the work can start (extract: once the encoders have loaded). StaleCacheError if
+        another request's staging appeared meanwhile (with ``force`` it is discarded)."""
+        if self._opened or self.done:
+            return
+        with locked(self.path):
+            self._open_locked()
+
+    def _open_locked(self) -> None:
+        if self._finished():
+            self.done = True
+            return
+        if self.force:  # another request that started meanwhile: the last --force wins
+            for old in staging_folders(self.path):
+                if old != self.staging:
+                    log.warning("--force: discarding %s", old)
+                    remove(old)
+        self._check_other_staging()
+        self._staging.open()
+        self._opened = True
 
     def _check_existing(self, repair: bool) -> bool:
         """True when the finished entry answers this request (verified); StaleCacheError when it
@@ -305,6 +329,9 @@ class EntryWriter:
             raise CacheError(f"chunk {chunk}: non-finite features for id {kept[bad]!r} (try --precision fp32).")
         if self._finished():  # another process completed the entry meanwhile
             return
+        self.open()
+        if self.done:
+            return
         self._staging.write_chunk(chunk, Chunk(kept, features, list(layers), skipped))
 
     def write_note(self, name: str, data: Mapping) -> bool:
@@ -340,7 +367,11 @@ class EntryWriter:
                 if self._staging.exists():
                     self._staging.remove()
                 return entry
+            if not self._opened and not self._staging.exists() and self.num_chunks == 0:
+                self._open_locked()  # an entry of no rows: nothing to stage, assemble it now
             if not self._staging.intact():
+                if not self._opened:
+                    return None  # nothing staged for this request yet (other shards may stage it)
                 raise self._staging.lost()
             if any(not self._staging.has_chunk(c) for c in range(self.num_chunks)):
                 return None

@@ -205,6 +205,23 @@ def test_bad_extract_values_are_refused_before_any_work(flickr, tmp_path, option
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.parametrize("weights", ["missing", "not-a-checkpoint"])
+def test_a_failed_model_load_leaves_no_staging_so_the_fix_is_not_refused(flickr, tmp_path, weights):
+    """Issue 19 finding 12: staging is created once the encoders have loaded; the documented fix
+    (another ``NAME.weights``) then runs instead of being refused as "made for a different request"."""
+    bad = tmp_path / "gpt2"
+    if weights == "not-a-checkpoint":
+        bad.mkdir()
+        (bad / "config.json").write_text("{")
+    base = ["--encoder", "tiny-gpt2", "--data-dir", str(flickr), "--cache", str(tmp_path / "cache"), "--split", "val",
+            "--workers", "0", "--device", "cpu"]
+    res = CliRunner().invoke(extract_cli, [*base, "--encoder-option", f"tiny-gpt2.weights={bad}"])
+    assert res.exit_code == 1 and str(bad) in res.output and "Traceback" not in res.output, res.output
+    assert not list((tmp_path / "cache").rglob("*.partial*"))
+    res = CliRunner().invoke(extract_cli, base)  # the fix: other (here: the built-in) weights
+    assert res.exit_code == 0 and "different request" not in res.output, res.output
+
+
 def test_empty_caption_error_and_skip(tmp_path):
     data = make_imagefolder(tmp_path / "data", splits=("test",), n=4)
     meta = data / "test" / "metadata.jsonl"
