@@ -20,6 +20,7 @@ import io
 import numpy as np
 
 from analyze.evalrun import open_run
+from analyze.markdown import md_text
 from extract.datasets import load_split
 from pipeline.config import PipelineConfig
 from train.retrieval import ranks_from_scores
@@ -90,8 +91,8 @@ def build_gallery(cfg: PipelineConfig, run: str | None = None) -> tuple[str, str
         best_own = max(np.flatnonzero(test.text_to_image == i), key=lambda t: S[i, t])
         note = "" if ranks["i2t"][i] < TOP else (f"true caption, ranked {ranks['i2t'][i] + 1}: "
                                                   f"{caption_of[test.text_ids[best_own]]} ({S[i, best_own]:.2f})")
-        md.append(f"\n![{test.image_ids[i]}]({thumb(i)}) `{test.image_ids[i]}`\n")
-        md += [f"{r + 1}. {line}" for r, line in enumerate(lines)] + ([f"\n*{note}*"] if note else [])
+        md.append(f"\n![{md_text(test.image_ids[i])}]({thumb(i)}) {md_text(test.image_ids[i])}\n")
+        md += [f"{r + 1}. {md_text(line)}" for r, line in enumerate(lines)] + ([f"\n*{md_text(note)}*"] if note else [])
         items = "".join(f"<li>{'<b>' if ln.startswith('✓') else ''}{html.escape(ln)}{'</b>' if ln.startswith('✓') else ''}</li>"
                         for ln in lines)
         body.append(f"<tr><td>{_img(thumb(i), False, test.image_ids[i])}<br><code>{html.escape(test.image_ids[i])}</code>"
@@ -104,9 +105,9 @@ def build_gallery(cfg: PipelineConfig, run: str | None = None) -> tuple[str, str
         true = int(test.text_to_image[t])
         caption = caption_of[test.text_ids[t]]
         note = "" if ranks["t2i"][t] < TOP else f"its image, ranked {ranks['t2i'][t] + 1} ({S[true, t]:.2f}):"
-        md.append(f"\n> {caption}\n\n" + " ".join(f"{'✓' if i == true else ''}![{test.image_ids[i]}]({thumb(i)})"
-                                                   for i in top)
-                  + (f"\n\n*{note}* ![{test.image_ids[true]}]({thumb(true)})" if note else ""))
+        md.append(f"\n> {md_text(caption)}\n\n"
+                  + " ".join(f"{'✓' if i == true else ''}![{md_text(test.image_ids[i])}]({thumb(i)})" for i in top)
+                  + (f"\n\n*{md_text(note)}* ![{md_text(test.image_ids[true])}]({thumb(true)})" if note else ""))
         cells = "".join(_img(thumb(int(i)), i == true, test.image_ids[i]) for i in top)
         if note:
             cells += f"<br><small>{html.escape(note)}</small><br>{_img(thumb(true), True, test.image_ids[true])}"

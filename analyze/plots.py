@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from pipeline.plotting import literal_text  # noqa: E402
+
 DPI = 110  # resolution of saved figures, dots per inch
 CELL_INCHES = 0.55  # side of one heatmap cell, inches (figures grow with the number of entries)
 ANNOTATE_MAX = 16  # heatmaps with at most this many rows and columns print the value in each cell
@@ -41,6 +43,7 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+@literal_text
 def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
             path: str | Path, *, xlabel: str = "", ylabel: str = "", vmin: float | None = None,
             vmax: float | None = None, mark: Sequence[tuple[int, int, str]] = ()) -> Path:
@@ -79,6 +82,7 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
     return _save(fig, path)
 
 
+@literal_text
 def kernel_panels(kernels: Mapping[str, np.ndarray], title: str, path: str | Path) -> Path:
     """Side-by-side (m, m) kernel matrices, one panel per representation, each with its own
     colour scale (the rows are expected to be in the same order in every panel)."""
@@ -94,6 +98,7 @@ def kernel_panels(kernels: Mapping[str, np.ndarray], title: str, path: str | Pat
     return _save(fig, path)
 
 
+@literal_text
 def grouped_bars(groups: Mapping[str, Sequence[dict]], title: str, path: str | Path) -> Path:
     """One panel per group (e.g. per metric), one bar per item.
 
@@ -130,6 +135,7 @@ def _num(v) -> float:
     return float("nan") if v is None else float(v)
 
 
+@literal_text
 def scatter(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title: str, path: str | Path,
             *, xlabel: str, ylabel: str) -> Path:
     """A labelled scatter plot (one point per item)."""

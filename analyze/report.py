@@ -25,8 +25,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import quote
 
 from analyze import plots
+from analyze.markdown import md_cell, md_text
 from analyze.compare import compare_entries, data_dir_of, default_entries, output_dir
 from analyze.evalreport import eval_sections, training_free_rows
 from analyze.pairs import modality
@@ -78,18 +80,20 @@ class Document:
         self.blocks.append(("fig", dest, caption))
 
     def markdown(self) -> str:
-        out = [f"# {self.title}", ""]
+        """The document as Markdown; every text is escaped (``analyze.markdown``), raw blocks
+        come escaped by their maker."""
+        out = [f"# {md_text(self.title)}", ""]
         for b in self.blocks:
             if b[0] == "h":
-                out += ["#" * b[1] + " " + b[2], ""]
+                out += ["#" * b[1] + " " + md_text(b[2]), ""]
             elif b[0] == "p":
-                out += [b[1], ""]
+                out += [md_text(b[1]), ""]
             elif b[0] == "table":
-                cell = lambda v: _cell(v).replace("|", "\\|")  # noqa: E731
+                cell = lambda v: md_cell(_cell(v))  # noqa: E731
                 out += ["| " + " | ".join(map(cell, b[1])) + " |", "|" + "---|" * len(b[1])]
                 out += ["| " + " | ".join(map(cell, r)) + " |" for r in b[2]] + [""]
             elif b[0] == "fig":
-                out += [f"![{b[2]}]({b[1].name})", "", f"*{b[2]}*", ""]
+                out += [f"![{md_text(b[2])}]({quote(b[1].name)})", "", f"*{md_text(b[2])}*", ""]
             elif b[0] == "raw":
                 out += [b[1], ""]
         return "\n".join(out)

@@ -2,8 +2,7 @@
 
 Every name the pipeline turns into a file or folder name (a split, a dataset, a cache entry, a run,
 a study, a layer pair...) comes from data or configuration, so it passes :func:`safe_name` first: it
-must be ONE path component (no ``/`` or ``\\``, not ``.`` or ``..``, not hidden, no control
-character) and short enough that the suffixes the cache adds (``.zarr.partial-<request>``,
+must be ONE path component (no ``/``, not ``.`` or ``..``, not hidden, no control character) and short enough that the suffixes the cache adds (``.zarr.partial-<request>``,
 ``.old-<pid>``, temporary names) stay within the 255-byte limit of common file systems. Anything
 else is refused with :class:`UnsafeNameError` naming the value, where it came from and the rule,
 so no name taken from data can make a path outside its folder.
@@ -21,7 +20,6 @@ from pipeline.errors import PipelineError
 
 SEPARATOR = "@"  # aligned entry = <encoder>@<run>
 MAX_NAME_BYTES = 200  # longest name (UTF-8 bytes) used as a file or folder name: the cache adds <= 30 bytes
-PATH_SEPARATORS = ("/", "\\")
 
 
 class UnsafeNameError(PipelineError, ValueError):
@@ -34,8 +32,8 @@ def name_problem(name: str) -> str | None:
         return "it is empty"
     if name in (".", ".."):
         return f"{name!r} names a folder itself, not a new one"
-    if any(s in name for s in PATH_SEPARATORS):
-        return "it contains a path separator ('/' or '\\'), so it would reach into other folders"
+    if "/" in name:
+        return "it contains a path separator '/', so it would reach into other folders"
     if name.startswith("."):
         return "it starts with '.' (hidden names are the cache's temporary files)"
     if any(unicodedata.category(c) == "Cc" for c in name):

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from analyze import plots  # noqa: E402
 from analyze.pairs import spearman  # noqa: E402
+from pipeline.plotting import literal_text  # noqa: E402
 from study.grid import is_number  # noqa: E402
 
 FRACTION = "train.train_fraction"
@@ -55,6 +56,7 @@ def quantities(summary: Sequence[Mapping]) -> list[str]:
     return (["mean_R"] if "mean_R" in cols else []) + deltas
 
 
+@literal_text
 def fraction_figure(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str, path: Path) -> Path | None:
     """``fraction.png`` (module docstring); None when the fraction does not vary."""
     if FRACTION not in varying(axes, repeat):
@@ -96,6 +98,7 @@ def fraction_figure(summary: Sequence[Mapping], axes: Mapping[str, list], repeat
     return path
 
 
+@literal_text
 def pair_figure(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str, path: Path
                 ) -> tuple[Path | None, float | None, str | None]:
     """``pair.png`` (module docstring): (path, Spearman's rho, x column); (None, None, None)
@@ -123,6 +126,7 @@ def categorical(axes: Mapping[str, list], repeat: str) -> list[str]:
     return [a for a in varying(axes, repeat) if any(not is_number(v) for v in axes[a])]
 
 
+@literal_text
 def heatmap_figure(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str, path: Path) -> Path | None:
     """``heatmap.png`` of mean_R over the first two categorical axes; None with fewer than two."""
     cats = categorical(axes, repeat)

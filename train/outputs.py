@@ -17,6 +17,7 @@ import numpy as np
 from pipeline import runs
 from pipeline.cache import sibling_path, write_entry
 from pipeline.config import PipelineConfig
+from pipeline.plotting import literal_text
 from pipeline.runtime import atomic_write
 from train.adapters import AlignModel
 from train.data import TrainData
@@ -37,6 +38,7 @@ def write_history(run_dir: Path, history: Sequence[Mapping]) -> None:
     atomic_write(run_dir / runs.HISTORY, text.getvalue())
 
 
+@literal_text
 def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str, float] | None,
                 loss: str = "symmetric InfoNCE") -> Path:
     """curves.png: train loss (``loss``: its name, ``losses.loss_label``); val recall; val CKA with the reference (dashed: unaligned features);
