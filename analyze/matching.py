@@ -28,6 +28,7 @@ Inputs are raw encoder features; the command centres them with the train (anchor
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -220,7 +221,7 @@ def run_matching(cfg, run: str | None = None, seeds: float = SEED_FRACTION, kern
     a fraction of the matched rows (< 1) or a count. base_rows: local-CKA base pairs from train.
     Writes ``runs/<run>/matching.json``; returns the document (plus ``out``)."""
     a = cfg.analyze
-    if not seeds >= 0:
+    if not (math.isfinite(seeds) and seeds >= 0):  # inf would overflow int(); nan fails every comparison
         raise AnalyzeError(f"analyze matching --seeds {seeds}: give a fraction of the matched rows (0 <= f < 1) "
                            "or a count of known pairs (>= 1).")
     if base_rows < 0:

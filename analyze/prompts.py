@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import string
 import time
 from pathlib import Path
 from typing import Sequence
@@ -58,9 +59,15 @@ def read_templates(path: str | Path | None) -> tuple[str, ...]:
 def check_templates(templates: Sequence[str], where: str = "templates") -> tuple[str, ...]:
     if not templates:
         raise PromptError(f"{where}: no templates; give at least one line such as 'a photo of a {{}}.'")
-    bad = [t for t in templates if t.count("{}") != 1]
-    if bad:
-        raise PromptError(f"{where}: every template needs exactly one '{{}}' for the class name; got {bad[0]!r}.")
+    for t in templates:
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(t) if name is not None]
+        except ValueError as exc:  # a lone '{' or '}'
+            raise PromptError(f"{where}: template {t!r} is not a valid template ({exc}); write a literal brace as "
+                              f"'{{{{' or '}}}}'.") from None
+        if fields != [("", "", None)]:
+            raise PromptError(f"{where}: every template needs exactly one '{{}}' for the class name (and no other "
+                              f"'{{...}}'); got {t!r}.")
     return tuple(templates)
 
 

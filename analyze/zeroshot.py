@@ -154,6 +154,7 @@ def zero_shot(cfg: PipelineConfig, run: str | None = None, templates: str | Path
     recompute the cached prompt features. Writes ``runs/<run>/zeroshot.json`` and
     ``zeroshot-confusion.png``; returns the JSON document (plus ``out``)."""
     t0 = time.perf_counter()
+    tpl = read_templates(templates)  # checked before any work
     rv = open_run(cfg, run)
     d, split = cfg.data, cfg.analyze.split
     options = {"on_empty": d.on_empty, "missing": d.missing}
@@ -169,7 +170,6 @@ def zero_shot(cfg: PipelineConfig, run: str | None = None, templates: str | Path
                         f"the cache and the dataset differ. Re-extract, or point --set data.data_dir to the data.")
     index = {c: i for i, c in enumerate(classes)}
     labels = np.asarray([index[by_id[i]] for i in test.image_ids])
-    tpl = read_templates(templates)
     t_prompt = time.perf_counter()
     prompts = prompt_features(d.cache, d.dataset, rv.entry(split, "text"), classes, tpl, cfg.extract.device, force,
                               rv.layer("text"))

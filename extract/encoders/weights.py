@@ -11,7 +11,8 @@
    ``TRANSFORMERS_OFFLINE=1``), which this module also honours for torchvision.
 
 Otherwise :class:`WeightsNotFoundError` says what to download and where to put it. Every
-``torch.load`` here is ``weights_only=True``. ``weights="random"`` specs (the tiny test models)
+``torch.load`` here is ``weights_only=True``; a file that is not a state dict of the model asked
+for (:func:`torch_load`, :func:`load_checkpoint`) is a one-line :class:`CheckpointError` naming it. ``weights="random"`` specs (the tiny test models)
 are built by :func:`seeded` instead, with a fixed seed and without touching the caller's RNG.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 from typing import Any, Callable
 
 import torch
@@ -33,6 +35,19 @@ _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
 class WeightsNotFoundError(PipelineError, RuntimeError):
     """Weights are not on this machine and could not be fetched; the message says how to get them."""
+
+
+class CheckpointError(EncoderSpecError):
+    """A weights file that is not a PyTorch state dict, or not one of the model asked for."""
+
+
+EXPECTED = "a PyTorch state dict saved with torch.save(model.state_dict(), PATH)"  # what a weights file holds
+
+
+def _first_lines(exc: BaseException, limit: int = 240) -> str:
+    """The exception's message on one line (torch's messages span several), shortened."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -90,8 +105,40 @@ def package_hint(spec: EncoderSpec) -> str:
 
 
 def torch_load(path: str) -> dict:
-    """A state dict from ``path`` on CPU, tensors only (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A state dict from ``path`` on CPU, tensors only (``weights_only=True``); CheckpointError
+    naming the file when it is not one (torch raises UnpicklingError, RuntimeError, EOFError,
+    KeyError... for other files, depending on their first bytes)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never for a user's file
+        raise CheckpointError(f"weights file {path!r} is not a plain PyTorch checkpoint: it holds Python objects "
+                              f"other than tensors (never unpickled here), or is another kind of file; expected "
+                              f"{EXPECTED}.") from None
+    except EOFError:
+        raise CheckpointError(f"weights file {path!r} is empty or truncated; expected {EXPECTED}.") from None
+    except Exception as exc:  # noqa: BLE001  (any failure to read this file is about the file)
+        raise CheckpointError(f"weights file {path!r} is not a PyTorch checkpoint ({type(exc).__name__}: "
+                              f"{_first_lines(exc)}); expected {EXPECTED}.") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"weights file {path!r} holds a {type(state).__name__}, not a state dict of tensors; "
+                              f"expected {EXPECTED}.")
+    return state
+
+
+def load_checkpoint(model: torch.nn.Module, state: dict, source: str, name: str) -> None:
+    """``model.load_state_dict(state)`` (strict); CheckpointError naming ``source`` (the file) and
+    encoder ``name`` when the state dict is of another model (missing, unexpected or resized keys)."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise CheckpointError(f"weights ({source}) do not fit encoder {name!r}: {_first_lines(exc)}; expected "
+                              f"{EXPECTED} of that architecture.") from None
+    if result.missing_keys or result.unexpected_keys:
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+        raise CheckpointError(
+            f"weights ({source}) do not fit encoder {name!r}: {len(missing)} missing key(s)"
+            f"{f' (first: {missing[0]})' if missing else ''}, {len(unexpected)} unexpected"
+            f"{f' (first: {unexpected[0]})' if unexpected else ''}; expected {EXPECTED} of that architecture.")
 
 
 def hf_load(spec: EncoderSpec, load: Callable[..., Any]):
