@@ -38,7 +38,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
 from pipeline.runs import RunIntegrityError, check_aligned, is_aligned, source_of
-from pipeline.names import safe_name
+from pipeline.names import UnsafeNameError, safe_name
 from pipeline.runtime import finite_rows, make_dir, utc_now, write_json
 from similarity.metrics import METRICS, get_metric
 
@@ -291,7 +291,7 @@ def _vouched(cfg: PipelineConfig, names: list[str]) -> list[str]:
             try:
                 check_aligned(cfg.data.cache, [find_entry(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, n,
                                                           cfg.data.data_dir) for n in group])
-            except RunIntegrityError as exc:
+            except (RunIntegrityError, UnsafeNameError) as exc:
                 log.warning("leaving out cache entry %s: %s", name, exc)
                 continue
         kept.append(name)

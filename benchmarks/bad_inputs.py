@@ -44,7 +44,7 @@ KINDS = [
     ("aligned entries of another training used by analyze", "refused: adapter hash differs from the run's",
      ["test_run_safety.py::test_tampered_aligned_entry_is_refused_by_analyze",
       "test_run_safety.py::test_aligned_entry_without_its_run_folder_is_refused",
-      "test_run_safety.py::test_pairs_refuses_a_run_whose_metrics_are_of_other_adapters"]),
+      "test_run_safety.py::test_pairs_leaves_out_a_run_whose_metrics_are_of_other_adapters"]),
     ("corrupt / truncated / empty / decompression-bomb image in a worker", "the one-line ImageError of --workers 0",
      ["test_extract.py::test_broken_image_in_a_worker_is_one_line_on_the_cli",
       "test_extract.py::test_corrupt_image_errors_or_is_skipped_and_recorded"]),
@@ -108,6 +108,48 @@ THIRD_PASS = [
      ["test_evaluation.py::test_a_null_label_is_missing_not_a_class"]),
 ]
 
+# Found by a fourth pass (issue 19): 119 bad inputs tried, 17 findings; one row per finding, by number.
+FOURTH_PASS = [
+    # 1
+    ("split `../../victim/x` or `/abs` in metadata.jsonl / Karpathy JSON",
+     "refused naming the row; nothing written or deleted outside the cache",
+     ["test_safe_names.py::test_a_split_name_from_data_never_leaves_the_cache",
+      "test_safe_names.py::test_safe_name_refuses_what_is_not_one_short_path_component",
+      "test_safe_names.py::test_every_path_built_from_a_name_is_checked"]),
+    # 2
+    ("`fit-adapters --name good --set train.lr=inf` replacing the old run",
+     "non-finite floats refused; a diverged retrain keeps the old run; broken runs left out",
+     ["test_run_safety.py::test_a_diverging_retrain_leaves_the_previous_complete_run_untouched",
+      "test_run_safety.py::test_non_finite_hyperparameters_are_refused_up_front",
+      "test_run_safety.py::test_a_broken_run_folder_never_breaks_commands_about_other_runs",
+      "test_run_safety.py::test_tampered_aligned_entry_is_refused_by_analyze",
+      "test_run_safety.py::test_pairs_leaves_out_a_run_whose_metrics_are_of_other_adapters"]),
+    # 3
+    ("`<script>` in captions, names, labels copied into report/study.md",
+     "escaped (analyze.markdown); inert as CommonMark",
+     ["test_hostile_text.py::test_md_text_makes_user_text_inert_and_keeps_it_readable",
+      "test_hostile_text.py::test_every_markdown_block_is_escaped",
+      "test_hostile_text.py::test_study_md_escapes_axis_values_run_names_and_errors",
+      "test_hostile_text.py::test_reports_and_figures_of_hostile_names_through_the_commands"]),
+    # 12
+    ("a failed model load (NAME.weights) blocking the corrected request", "staging made once the model loaded",
+     ["test_extract.py::test_a_failed_model_load_leaves_no_staging_so_the_fix_is_not_refused"]),
+    # 14
+    ("`$\\undefinedmacro$`, `cat $5 and $` in labels and names as mathtext",
+     "drawn literally by every figure writer",
+     ["test_hostile_text.py::test_every_function_that_creates_a_figure_draws_text_literally",
+      "test_hostile_text.py::test_figure_writers_draw_hostile_labels_literally",
+      "test_hostile_text.py::test_reports_and_figures_of_hostile_names_through_the_commands"]),
+    # 17
+    ("tracebacks: --seeds inf, `{}}`, long names, /dev/null, bad weights",
+     "one line naming the value, file or folder",
+     ["test_one_line_errors.py::test_non_finite_seeds_are_one_line_errors",
+      "test_one_line_errors.py::test_a_template_with_a_lone_brace_is_one_line_before_any_work",
+      "test_one_line_errors.py::test_weights_that_are_not_a_checkpoint_are_one_line_naming_the_file",
+      "test_safe_names.py::test_names_too_long_for_a_file_are_one_line_errors_before_any_work",
+      "test_safe_names.py::test_a_folder_that_cannot_be_written_is_one_line_naming_it"]),
+]
+
 # The review's other rough edges (not bad input, listed so that they stay fixed).
 ROUGH_EDGES = [
     ("`analyze pairs` said 'needs >= 3 runs (found 11)'", "says what is missing",
@@ -133,7 +175,7 @@ def _outcomes(report: Path) -> dict[str, list[bool]]:
 
 def main(extra: list[str]) -> int:
     groups = (("bad-input kinds", KINDS), ("second-pass findings", SECOND_PASS), ("third-pass findings", THIRD_PASS),
-              ("other rough edges", ROUGH_EDGES))
+              ("fourth-pass findings", FOURTH_PASS), ("other rough edges", ROUGH_EDGES))
     nodes = sorted({f"tests/{t}" for _, rows in groups for *_, tests in rows for t in tests})
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"

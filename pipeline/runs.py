@@ -208,7 +208,7 @@ class RunMetrics:
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:  # a broken run never stops a listing
         log.warning("ignoring unreadable %s: %s", path, exc)
         return None
 
