@@ -264,7 +264,8 @@ def header(cfg: PipelineConfig, command: str) -> dict:
 def default_entries(cfg: PipelineConfig) -> list[str]:
     """``analyze.entries``, else every finished entry of the split: an error when there is none, or
     when one cannot be read (damaged, truncated, older cache format): naming them, never dropping
-    them silently. Passing ``--entries`` compares the named entries only."""
+    them silently; aligned entries their run cannot vouch for are left out with a warning
+    (:func:`_vouched`). Passing ``--entries`` compares the named entries only."""
     if cfg.analyze.entries:
         return list(cfg.analyze.entries)
     names, bad = scan_entries(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, cfg.data.data_dir)
