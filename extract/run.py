@@ -5,8 +5,9 @@
 1. checks every ``[extract]`` value, loads the split (``extract.datasets``) and resolves every
    requested encoder (``extract.encoders``), all before anything is written;
 2. hashes the split's image files (``extract.datasets.content``: once, then cached by path, size
-   and times) and opens one resumable ``EntryWriter`` per encoder (``pipeline.cache``) in the
-   cache folder of this dataset and data folder: finished entries with the same request (encoder,
+   and times) and opens one resumable ``EntryWriter`` per encoder (``pipeline.cache``; its
+   staging folder is created only once the encoders have loaded) in the cache folder of this
+   dataset and data folder: finished entries with the same request (encoder,
    options, data fingerprint, data folder, content) are verified against their checksums and
    reused, stale ones refused unless ``force``, damaged ones refused unless ``repair``;
 3. decodes each image ONCE per batch in DataLoader workers (``extract.loader``), applies every

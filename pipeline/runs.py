@@ -22,7 +22,10 @@ Integrity (what makes a run trustworthy, and what readers check):
   (:func:`commit`; an older run of that name is renamed aside, the new one renamed in, the old
   one removed: ``pipeline.storage.replace``). A ``kill -9`` leaves the old complete run or the
   new complete run; leftovers of dead writers are removed (or, in the instant between the two
-  renames, the old run is put back) by :func:`recover`.
+  renames, the old run is put back) by :func:`recover`. The record of a failed (diverged) run
+  never replaces a finished run (:func:`commit_failed`).
+* Names: a run name and the aligned entries it writes are checked before any work
+  (:func:`check_names`; ``pipeline.names.safe_name``).
 * ``adapters.json`` records the sha256 of ``adapters.safetensors``, ``metrics.json`` and every
   aligned entry's key (``adapter_sha256``) record it too. :func:`verify_run` checks the folder
   and :func:`check_aligned` an aligned entry against its run; both raise
