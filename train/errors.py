@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.errors import PipelineError
 
 
@@ -30,3 +32,15 @@ class TrainingDiverged(TrainError):
     def __init__(self, message: str, checkpoint: int | None = None):
         super().__init__(message.replace("{kept}", "rank 0 keeps the run's record"))
         self.message, self.checkpoint = message, checkpoint
+
+    def with_record(self, final: Path, committed: bool) -> "TrainingDiverged":
+        """This error saying what became of run folder ``final``: the diverged run's record was
+        committed there (``committed``), or a finished run of that name was kept untouched."""
+        if not committed:
+            kept = (f"the previous run {final.name!r} in {final} is kept unchanged (this attempt was discarded; "
+                    f"train it under another --name to keep its history)")
+        elif self.checkpoint is not None:
+            kept = f"the last good checkpoint (epoch {self.checkpoint}) is kept in {final}"
+        else:
+            kept = f"no checkpoint was written (history in {final})"
+        return TrainingDiverged(self.message.replace("{kept}", kept), self.checkpoint)

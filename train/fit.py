@@ -450,8 +450,7 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
         except TrainingDiverged as exc:
             if not dist.is_main:
                 raise
-            kept = _diverged_record(run_dir, cfg, name, exc.checkpoint)
-            raise TrainingDiverged(exc.message.replace("{kept}", kept), exc.checkpoint) from None
+            raise exc.with_record(final, runs.commit_failed(run_dir, cfg.data.cache, name)) from None
         finally:
             if dist.is_main:
                 runs.discard(run_dir)  # an error or Ctrl-C: the previous run stays (no-op after commit)
@@ -459,18 +458,6 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
         data.close()
     dist.barrier()  # the other ranks wait here while rank 0 writes
     return dist.broadcast(result)
-
-
-def _diverged_record(staging: Path, cfg: PipelineConfig, name: str, checkpoint: int | None) -> str:
-    """Commit the record of a diverged run (history, last good checkpoint) unless a finished run of
-    that name exists, which is kept untouched (``runs.commit_failed``); says which happened."""
-    final = runs.run_dir(cfg.data.cache, name)
-    if not runs.commit_failed(staging, cfg.data.cache, name):
-        return (f"the previous run {name!r} in {final} is kept unchanged (this attempt was discarded; "
-                f"train it under another --name to keep its history)")
-    if checkpoint is not None:
-        return f"the last good checkpoint (epoch {checkpoint}) is kept in {final}"
-    return f"no checkpoint was written (history in {final})"
 
 
 def _finish(cfg, data, reference, model, history, best, meta, io: _RunIO, device, t_start,
