@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from analyze.cli import main as analyze_cli
 from analyze.compare import output_dir
 from extract.cli import main as extract_cli
+from extract.datasets import load_split, requested_splits
 from pipeline import runs
 from pipeline.cache import entry_path, split_dir
 from pipeline.config import load_config, with_values
@@ -91,7 +92,10 @@ def test_safe_name_refuses_what_is_not_one_short_path_component(name, why):
 
 
 def test_every_path_built_from_a_name_is_checked(tmp_path):
+    data = make_imagefolder(tmp_path / "data", n=2)
     for build in (lambda: split_dir(tmp_path, "fake", "../x"), lambda: entry_path(tmp_path, "fake", "test", ".."),
+                  lambda: load_split("imagefolder", data, "../../etc/x"),
+                  lambda: requested_splits("imagefolder", data, "/abs"),
                   lambda: runs.run_dir(tmp_path, ".."), lambda: runs.find_run(tmp_path, "../../x"),
                   lambda: entry_path(tmp_path, "..", "test", "resnet18")):
         with pytest.raises(UnsafeNameError):

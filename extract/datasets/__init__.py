@@ -50,7 +50,7 @@ from pipeline.errors import close_matches, did_you_mean
 
 from . import coco, flickr30k, hf, imagefolder
 from .content import SIDE_FILE, content_digest, content_hashes
-from .loading import IMAGE_EXTENSIONS, Format, Source, norm_split, ordered_splits
+from .loading import IMAGE_EXTENSIONS, Format, Source, ordered_splits, split_name
 from .split import (
     CAPTION_ID_SEPARATOR, CAPTION_POLICIES, COMMON_OPTIONS, HF_ROW_PREFIX, CaptionRow, DatasetError, ImageError, Item,
     Split, option_hint, pad_square, to_rgb,
@@ -117,7 +117,7 @@ def load_split(dataset: str, data_dir: str | Path, split: str, **options: Any) -
     fmt, source = _source(dataset, data_dir, options)
     if not isinstance(split, str) or not split:
         raise DatasetError(f"split must be a non-empty string such as 'train', got {split!r}.")
-    return fmt.load(source, norm_split(split))
+    return fmt.load(source, split_name(split, "the split asked for"))
 
 
 def available_splits(dataset: str, data_dir: str | Path, **options: Any) -> list[str]:
@@ -136,7 +136,7 @@ def requested_splits(dataset: str, data_dir: str | Path, split: str, **options: 
     available = available_splits(dataset, data_dir, **options)
     if split == "all":
         return available
-    name = norm_split(split)
+    name = split_name(split, "the split asked for (--split)")
     if name not in available:
         raise DatasetError(f"split {split!r} is not a split of {dataset} in {data_dir}; it holds: "
                            f"{', '.join(available)} (or use all)." + did_you_mean(split, available))
