@@ -12,6 +12,7 @@ import math
 from html.parser import HTMLParser
 from pathlib import Path
 
+import markdown_it  # a CommonMark renderer (the test extra: markdown-it-py)
 import matplotlib
 import numpy as np
 import pytest
@@ -30,7 +31,6 @@ from tests.fixtures import write_metadata
 from train import outputs
 from train.fit import fit_adapters
 
-markdown_it = pytest.importorskip("markdown_it")  # a CommonMark renderer (installed with rich)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
