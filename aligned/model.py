@@ -21,6 +21,8 @@ Building one: :meth:`AlignedModel.from_run` (a run of a cache), :meth:`AlignedMo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -102,6 +104,18 @@ class AlignedModel(torch.nn.Module):
     def dim(self) -> int:
         """Width of the shared space."""
         return int(self.info["adapters"]["train"]["dim"])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (hex) identifying what this model computes: the adapters' sha256 and, per modality,
+        the source entry, its encoder provenance, precision and hidden layer. The same for a run and
+        its export (with or without included weights); an index of embeddings records it."""
+        doc = self.info["adapters"]
+        mods = {m: {"entry": s.get("entry"), "encoder": (s.get("key") or {}).get("encoder"),
+                    "precision": (s.get("key") or {}).get("precision"), "layer": s.get("layer")}
+                for m, s in sorted(doc["modalities"].items()) if m in MODALITIES}
+        blob = json.dumps({"adapters_sha256": doc.get("sha256"), "modalities": mods}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -156,3 +156,9 @@ def test_a_changed_registry_entry_is_refused(cache, monkeypatch):
     monkeypatch.setitem(REGISTRY, IMAGE, changed)
     with pytest.raises(EncoderChangedError, match="config changed"):
         AlignedModel.from_run("lin", cache=cache, device="cpu")
+
+
+def test_fingerprint_identifies_the_model(cache):
+    lin = AlignedModel.from_run("lin", cache=cache, device="cpu")
+    assert lin.fingerprint == AlignedModel.from_run(Path(cache) / "runs" / "lin", device="cpu").fingerprint
+    assert lin.fingerprint != AlignedModel.from_run("mlp-layer", cache=cache, device="cpu").fingerprint

@@ -110,6 +110,7 @@ def test_export_loads_in_a_fresh_process_without_cache_or_weights(trained, tmp_p
     np.testing.assert_allclose(out["txt"], txt, rtol=0, atol=1e-6)
     again = AlignedModel.from_pretrained(plain, device="cpu")  # weights back where the registry finds them
     np.testing.assert_allclose(again.embed_texts(TEXTS, progress=False), txt, rtol=0, atol=1e-6)
+    assert again.fingerprint == model.fingerprint == AlignedModel.from_pretrained(full, device="cpu").fingerprint
 
 
 def test_edited_or_missing_files_and_other_weights_are_refused(trained, tmp_path):
