@@ -43,7 +43,7 @@ demo: install $(TUX_DEB)
 	$(BIN)/analyze zeroshot --config configs/demo.toml
 	$(BIN)/analyze matching --config configs/demo.toml
 	$(BIN)/analyze report --config configs/demo.toml
-	$(BIN)/export --config configs/demo.toml reports/demo/model
+	$(BIN)/aligned-export --config configs/demo.toml reports/demo/model
 
 # 27 cells (configs/study-demo.toml): extraction is shared with `make demo`; prints the path of study.html.
 study: install $(TUX_DEB)

@@ -7,7 +7,7 @@ API (``AlignedModel``), exported to and loaded from a self-contained folder.
 Modules: ``model`` (AlignedModel), ``inputs`` (preprocess, tokenizer), ``batches`` (embed_images /
 embed_texts), ``sources`` (rebuilding a run's encoders from its recorded entry keys), ``export``
 (writing a folder), ``folder`` (its layout, verifying and reading it), ``card`` (its README.md),
-``cli`` (the ``export`` command), ``errors``.
+``cli`` (the ``aligned-export`` command), ``errors``.
 """
 
 from aligned.errors import AlignedError

@@ -115,6 +115,13 @@ def _platonic(reports: Path | None, adapters_mtime: float) -> str:
             + _table(["metric", "side", "delta (after - mean before)", "95% CI", "verdict"], rows))
 
 
+def _weights_line(e: Mapping) -> str:
+    w = e["weights"]
+    if w.get("included"):
+        return f"included as safetensors in `{w['included']}`"
+    return f"not included; loaded from {w['source']} at export; to get them: {w['get']}"
+
+
 def model_card(config: Mapping, run: RunFolder, reports: Path | None, adapters_mtime: float) -> str:
     """README.md text for an export's ``config`` (config.json), its run and analysis folder."""
     enc, tc = config["encoders"], config["adapters"]["train"]
@@ -124,9 +131,7 @@ def model_card(config: Mapping, run: RunFolder, reports: Path | None, adapters_m
     rows = [[m, e["entry"], e["loaded"]["description"] or e["loaded"]["family"], e["loaded"]["weights"],
              e["loaded"]["pooling"], "features" if e["layer"] is None else f"hidden layer {e['layer']}", e["dim"],
              e["precision"], e["weights"]["licence"]["licence"] or "not recorded"] for m, e in enc.items()]
-    weights = "\n".join(f"- {m}: " + (f"included as safetensors in `{e['weights']['included']}`" if e["weights"].get(
-        "included") else f"not included; loaded from {e['weights']['source']} at export; to get them: "
-                         f"{e['weights']['get']}") + f" (state sha256 {e['state_sha256'][:16]})" for m, e in enc.items())
+    weights = "\n".join(f"- {m}: {_weights_line(e)} (state sha256 {e['state_sha256'][:16]})" for m, e in enc.items())
     sizes = (run.metrics.sizes if run.metrics else {}) or {}
     size_rows = [[s, v.get("pairs", ""), v.get("image", ""), v.get("text", "")] for s, v in sizes.items()]
     test = (run.metrics.test if run.metrics else {}) or {}
@@ -142,7 +147,7 @@ tags: [image-text-retrieval, feature-extraction, frozen-encoders, platonic-align
 
 Two frozen encoders and the adapters of run `{config['run']}`, trained by `fit-adapters` to map both into one
 {config['dim']}-d space (symmetric InfoNCE, temperature {config['temperature']:.4g}). Written by
-`export`; every file is listed with its sha256 in `SHA256SUMS`.
+`aligned-export`; every file is listed with its sha256 in `SHA256SUMS`.
 
 ## Use
 

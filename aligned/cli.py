@@ -1,4 +1,5 @@
-"""``export``: parse options, build the configuration, call ``aligned.export``."""
+"""``aligned-export`` (also installed as ``export``, which a shell shadows with its builtin): parse
+options, build the configuration, call ``aligned.export``."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pipeline.runs import read_run, report_dir, run_name
 @click.option("--run", help="Run name in the cache, or a run folder <cache>/runs/<name> (default: train.name, else "
                             "<image>-<text>-<adapter>).")
 @config_option("data.cache", "--cache", help="Feature-cache folder holding the run.")
-@config_option("analyze.out", "--reports", help="Folder of analyze outputs; the model card quotes the run's zero-shot "
-                                                "and Platonic results from OUT/<dataset>/<split>/runs/<run>/ when present.")
+@config_option("analyze.out", "--reports",
+               help="Folder of analyze outputs; the model card quotes the run's zero-shot and Platonic results "
+                    "from OUT/<dataset>/<split>/runs/<run>/ when present.")
 @config_option("analyze.split", "--split", help="Split those analysis results were computed on.")
 @click.option("--include-weights", is_flag=True, default=False,
               help="Copy the encoder weights into the folder as safetensors, so it works on a machine without "

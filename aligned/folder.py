@@ -7,7 +7,7 @@
                                     the weights come from, licence), shared dim, temperature
     <folder>/adapters.safetensors   the run's adapter weights, byte for byte
     <folder>/README.md              the model card (aligned.card)
-    <folder>/encoders/<modality>/   the encoder weights as safetensors (``export --include-weights``)
+    <folder>/encoders/<modality>/   the encoder weights as safetensors (``aligned-export --include-weights``)
     <folder>/SHA256SUMS             sha256 of every other file (``sha256sum -c SHA256SUMS`` checks it)
 
 :func:`verify_folder` refuses a folder whose files were edited, added to the list or lost; a
@@ -65,7 +65,7 @@ def verify_folder(folder: str | Path) -> dict[str, str]:
     if not sums.is_file():
         what = "does not exist" if not folder.exists() else f"holds no {SUMS}"
         raise AlignedError(f"{str(folder)!r} {what}: it is not an exported aligned model. Write one with "
-                           f"`export --run NAME {folder}`.")
+                           f"`aligned-export --run NAME {folder}`.")
     listed = {}
     for line in sums.read_text(encoding="utf-8").splitlines():
         sha, sep, name = line.partition("  ")
@@ -84,7 +84,7 @@ def verify_folder(folder: str | Path) -> dict[str, str]:
         if file_sha256(path) != sha:
             raise AlignedError(f"{folder}: {name} was modified after export (sha256 {file_sha256(path)[:12]}, "
                                f"recorded {sha[:12]}); restore the original file, or export the run again "
-                               f"(`export --run NAME {folder}`).")
+                               f"(`aligned-export --run NAME {folder}`).")
     return listed
 
 

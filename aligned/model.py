@@ -89,7 +89,7 @@ class AlignedModel(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "auto") -> "AlignedModel":
-        """The model exported to ``folder`` (``export --run NAME FOLDER``, ``aligned.export``); no
+        """The model exported to ``folder`` (``aligned-export --run NAME FOLDER``, ``aligned.export``); no
         cache is needed. Refused when a file was edited (SHA256SUMS), or when the encoder weights
         are neither in the folder (``--include-weights``) nor on this machine, or differ from the
         exported ones (``aligned.folder``)."""

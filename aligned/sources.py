@@ -70,8 +70,9 @@ def side_of(run: Run, modality: str) -> Side:
     """The :class:`Side` of one modality of a loaded run (AlignedError when it cannot be rebuilt)."""
     where = f"run {str(run.run_dir)!r}"
     if modality not in run.config["modalities"]:
-        raise AlignedError(f"{where} has no {modality} adapter (it aligns {', '.join(run.modalities)}); an aligned "
-                           f"model needs an image and a text adapter: train one with fit-adapters --image ... --text ...")
+        raise AlignedError(f"{where} has no {modality} adapter (it aligns {', '.join(run.modalities)}); an "
+                           f"aligned model needs an image and a text adapter: train one with fit-adapters --image "
+                           f"... --text ...")
     src = run.source(modality)
     key = src.get("key") or {}
     name = str(key.get("entry") or src["entry"])

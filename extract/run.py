@@ -50,7 +50,8 @@ from pipeline.config import CHOICES, ConfigError, PipelineConfig
 from pipeline.errors import did_you_mean
 from pipeline.runtime import PRECISIONS, autocast, resolve_device, utc_now, versions
 
-__all__ = ["IncompleteExtractionError", "Shard", "extract", "merge", "resolve_spec", "resolve_specs", "splits_of", "torchrun_shard"]
+__all__ = ["IncompleteExtractionError", "Shard", "extract", "merge", "resolve_spec", "resolve_specs", "splits_of",
+           "torchrun_shard"]
 
 log = logging.getLogger(__name__)
 
