@@ -37,8 +37,8 @@ from pipeline.cache import Entry, entry_filename, find_entry, resolved_data_dir,
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
-from pipeline.runs import RunIntegrityError, check_aligned, is_aligned, source_of
-from pipeline.names import UnsafeNameError, safe_name
+from pipeline.runs import RunIntegrityError, check_aligned, is_aligned, report_dir, source_of
+from pipeline.names import UnsafeNameError
 from pipeline.runtime import finite_rows, make_dir, utc_now, write_json
 from similarity.metrics import METRICS, get_metric
 
@@ -222,13 +222,10 @@ def kernel_figure(features: Mapping[str, np.ndarray], order_by: str, rows: int, 
 
 # ----------------------------------------------------------------------------- outputs
 def output_dir(cfg: PipelineConfig, *parts: str) -> Path:
-    """``<analyze.out>/<dataset>/<split>/<parts...>`` (created; each part checked to be one safe
-    folder name, ``pipeline.names.safe_name``; FolderError when it cannot be written)."""
-    path = Path(cfg.analyze.out) / entry_filename(cfg.data.dataset, "dataset name") / safe_name(cfg.analyze.split,
-                                                                                                "analyze.split")
-    for p in parts:
-        path = path / entry_filename(p, "output folder name")
-    return make_dir(path, "output folder (analyze.out, --out)")
+    """``<analyze.out>/<dataset>/<split>/<parts...>`` (``pipeline.runs.report_dir``: each part checked to
+    be one safe folder name; created; FolderError when it cannot be written)."""
+    return make_dir(report_dir(cfg.analyze.out, cfg.data.dataset, cfg.analyze.split, *parts),
+                    "output folder (analyze.out, --out)")
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping]) -> Path:

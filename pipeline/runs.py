@@ -48,7 +48,7 @@ from typing import Any, Iterable, Mapping
 from pipeline.cache import Entry, entry_filename
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError, did_you_mean
-from pipeline.names import SEPARATOR, is_aligned, source_of  # noqa: F401 (part of the run-folder contract)
+from pipeline.names import SEPARATOR, is_aligned, safe_name, source_of  # noqa: F401 (part of the run-folder contract)
 from pipeline.runtime import make_dir, process_alive, write_json
 from pipeline.storage import locked, replace
 
@@ -138,6 +138,16 @@ def runs_dir(cache: str | Path) -> Path:
 def run_dir(cache: str | Path, name: str) -> Path:
     """``<cache>/runs/<name>`` (the name made file-safe as cache entries are, and checked)."""
     return runs_dir(cache) / entry_filename(name, "run name")
+
+
+def report_dir(out: str | Path, dataset: str, split: str, *parts: str) -> Path:
+    """``<analyze.out>/<dataset>/<split>/<parts...>`` (names made file-safe), not created: where
+    analyze writes its outputs, e.g. ``parts = ("runs", <run>)`` for a run's platonic.json and
+    zeroshot.json, which an export's model card reads."""
+    path = Path(out) / entry_filename(dataset, "dataset name") / safe_name(split, "analyze.split")
+    for p in parts:
+        path = path / entry_filename(p, "output folder name")
+    return path
 
 
 # ----------------------------------------------------------------------------- metrics.json

@@ -9,13 +9,15 @@ normalisation (sentence encoders).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from extract.encoders.spec import EncoderSpec
-from pipeline.runtime import resolve_device
+from extract.encoders.preprocess import normalize_pixels
+from extract.encoders.spec import EncoderSpec, EncoderSpecError
+from pipeline.runtime import autocast, resolve_device
 
 
 class Encoder(torch.nn.Module):
@@ -78,6 +80,31 @@ class Encoder(torch.nn.Module):
 
     def _encode(self, batch, all_layers: bool):  # -> (final (B, D), layers list | None)
         raise NotImplementedError
+
+    def save_weights(self, folder: Path) -> Path:
+        """Write a copy of the loaded weights (safetensors, plus whatever else this family's loader
+        reads, e.g. a tokenizer) into ``folder``; returns the path to load it from as the spec's
+        ``weights`` (``get_spec(name, weights=path)``), on a machine without the original files.
+        EncoderSpecError for a family that cannot (randomly initialised encoders need no copy)."""
+        raise EncoderSpecError(f"{self.spec.name}: the {self.spec.family!r} family cannot save a copy of its weights"
+                               f"{' (randomly initialised: nothing to save)' if self.spec.weights == 'random' else ''}")
+
+
+def forward_batch(encoder: Encoder, batch, precision: str = "fp32",
+                  all_layers: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """One batch as extraction hands it to an encoder: (features (B, dim) float32 on the encoder's
+    device, list of num_layers (B, d_l) or None). ``batch``: uint8 pixels (B, 3, h, w) from
+    ``image_pixels`` (moved to the device, then scaled and normalised there with
+    ``normalize_pixels``), float pixels already normalised (``image_transform``), or the
+    tokenizer's dict; the forward pass runs under ``autocast(device, precision)``. ``extract``
+    and ``aligned.AlignedModel`` both call this, so their features are computed the same way."""
+    device = encoder.device
+    if isinstance(batch, Mapping):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    elif torch.is_tensor(batch) and batch.dtype == torch.uint8:
+        batch = normalize_pixels(batch.to(device, non_blocking=True), encoder.spec.prep)
+    with autocast(device, precision):
+        return encoder.encode(batch, all_layers)
 
 
 def pool_tokens(h: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, first: int = 1) -> torch.Tensor:

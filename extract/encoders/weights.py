@@ -105,9 +105,18 @@ def package_hint(spec: EncoderSpec) -> str:
 
 
 def torch_load(path: str) -> dict:
-    """A state dict from ``path`` on CPU, tensors only (``weights_only=True``); CheckpointError
+    """A state dict from ``path`` on CPU: a ``.safetensors`` file, else a PyTorch file read with
+    ``weights_only=True`` (tensors only, never arbitrary pickles); CheckpointError
     naming the file when it is not one (torch raises UnpicklingError, RuntimeError, EOFError,
     KeyError... for other files, depending on their first bytes)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001  (safetensors raises its own error for a damaged file)
+            raise CheckpointError(f"weights file {path!r} is not a readable safetensors file ({exc}); "
+                                  f"expected {EXPECTED}.") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never for a user's file
@@ -139,6 +148,20 @@ def load_checkpoint(model: torch.nn.Module, state: dict, source: str, name: str)
             f"weights ({source}) do not fit encoder {name!r}: {len(missing)} missing key(s)"
             f"{f' (first: {missing[0]})' if missing else ''}, {len(unexpected)} unexpected"
             f"{f' (first: {unexpected[0]})' if unexpected else ''}; expected {EXPECTED} of that architecture.")
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 (hex) of a module's state: every parameter and persistent buffer, in state-dict
+    order, as name, dtype, shape and bytes. Equal digests mean the same weights, whichever file
+    or folder they were loaded from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def hf_load(spec: EncoderSpec, load: Callable[..., Any]):
