@@ -37,6 +37,7 @@ from extract.datasets.imagefolder import METADATA_FILES, read_metadata
 from extract.datasets.loading import captions_from_cell, safe_relpath, strip_image_ext
 from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig
+from pipeline.entry import DATA_FIELDS
 from pipeline.layout import resolved_data_dir
 from pipeline.runs import RunError, aligned_name, check_aligned, default_run_name
 from search.engine import FaissIndex, SearchError, exact_topk, faiss_available, normalize, recall_at_k
@@ -101,12 +102,19 @@ def _data_of(cfg: PipelineConfig, split: D.Split, side_file: Path) -> dict:
             "fingerprint": split.fingerprint(), "content": D.content_digest(split.ids, digests)}
 
 
+def _request(key) -> dict | None:
+    """An entry key without the fields naming its data: the encoder and extraction settings, which
+    the run's train-split entry and another split's entry share."""
+    return {k: v for k, v in key.items() if k not in DATA_FIELDS} if isinstance(key, Mapping) else None
+
+
 def cached_vectors(cfg: PipelineConfig, split: D.Split, model, items: Sequence[Item]) -> tuple[np.ndarray | None, str]:
     """(vectors for ``items`` (rows in item order) read from the run's aligned image entry, or None;
     why / what was read). Used only when every check passes: the model was loaded from a run that
     records its adapters' sha256 and its image source key; the entry ``<image>@<run>`` exists for
     this split, passes ``pipeline.runs.check_aligned`` (its run's adapters wrote it), names the same
-    adapters and the same source key as the model; its data is the split as it is now; and every
+    adapters as the model and a source entry extracted with the same encoder settings as the one the
+    run trained on (keys equal but for the fields naming the data); its data is the split as it is now; and every
     item is one of its rows (joined by id; never by position)."""
     info = getattr(model, "info", {}) or {}
     run, adapters = info.get("run"), info.get("adapters") or {}
@@ -119,8 +127,8 @@ def cached_vectors(cfg: PipelineConfig, split: D.Split, model, items: Sequence[I
         check_aligned(cfg.data.cache, [entry])
     except (CacheError, RunError) as exc:
         return None, f"no usable cached entry {name!r} ({exc})"
-    if entry.key.get("adapter_sha256") != adapters["sha256"] or entry.key.get("source") != side["key"]:
-        return None, f"cached entry {name!r} was not written by this model's adapters from its image entry"
+    if entry.key.get("adapter_sha256") != adapters["sha256"] or _request(entry.key.get("source")) != _request(side["key"]):
+        return None, f"cached entry {name!r} was not written by this model's adapters from its image encoder's features"
     if entry.data != _data_of(cfg, split, entry.path.parent.parent / D.SIDE_FILE):
         return None, f"cached entry {name!r} was computed from other data than the split holds now"
     rows = {str(i): r for r, i in enumerate(entry.ids)}
