@@ -1,11 +1,13 @@
 """Benchmark of the search engines (search.engine): exact blockwise cosine vs faiss IVF.
 
 For galleries of 10k, 100k and 1M synthetic L2-normalised vectors of width 512 (--sizes, --dim):
-  * build: faiss training + adding time (exact search needs none);
+  * build: faiss training + adding, CPU seconds (exact search needs none);
   * memory: resident memory the engine holds (exact: the gallery array; faiss: its index, built
     from the array, which is then dropped), and the peak added while answering queries;
-  * latency: one query at a time (what `search serve` does), median and 95th percentile over
-    the first 50 queries, and the ratio exact / faiss;
+  * latency: one query at a time (what `search serve` does) over the first 50 queries: median CPU
+    milliseconds of the process, median and 95th percentile wall milliseconds, and the CPU-time
+    ratio exact / faiss. On a shared machine run it with OMP_NUM_THREADS=1: one-thread CPU time is
+    what other processes do not inflate (OpenMP threads spinning for busy cores would);
   * recall@10 of faiss against exact search over the same queries, for each nprobe of --nprobe
     (the lists visited per query; search.nprobe is the default), and the speed at each.
 
@@ -19,7 +21,7 @@ Memory is the process's resident set size (VmRSS) on Linux, the peak (VmHWM) res
 to /proc/self/clear_refs before each block; elsewhere the numbers are missing.
 
 Usage:
-    .venv/bin/python benchmarks/bench_search.py [--quick] [--sizes 10000,100000,1000000] [--dim 512]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_search.py [--quick] [--sizes 10000,100000,1000000] [--dim 512]
         [--queries 200] [--nprobe 8,16,32,64] [--isotropic] [--json OUT.json]
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,14 +90,18 @@ def mixture(n: int, d: int, centres: np.ndarray | None, rng: np.random.Generator
     return out
 
 
-def latency_ms(search, queries: np.ndarray, k: int) -> tuple[float, float]:
-    """(median, 95th percentile) milliseconds of one-query searches."""
-    times = []
+def latency_ms(search, queries: np.ndarray, k: int) -> dict:
+    """One-query searches: median and 95th percentile wall milliseconds, and the median CPU
+    milliseconds of this process (all its threads), which other processes on a shared machine do
+    not inflate when the search runs on one thread."""
+    wall, cpu = [], []
     for q in queries:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         search(q[None], k)
-        times.append(1000 * (time.perf_counter() - t))
-    return float(np.median(times)), float(np.percentile(times, 95))
+        wall.append(1000 * (time.perf_counter() - t))
+        cpu.append(1000 * (time.process_time() - c))
+    return {"latency_ms": float(np.median(wall)), "p95_ms": float(np.percentile(wall, 95)),
+            "cpu_ms": float(np.median(cpu))}
 
 
 def bench_size(n: int, d: int, n_queries: int, nprobes: list[int], isotropic: bool, spread: float,
@@ -111,18 +118,17 @@ def bench_size(n: int, d: int, n_queries: int, nprobes: list[int], isotropic: bo
     base = rss_mib()
     exact_s, exact_r = exact_topk(gallery, queries, k)
     exact_query_peak = _diff(peak_mib(), base)
-    med, p95 = latency_ms(exact.search, queries[:LATENCY_QUERIES], k)
+    lat = latency_ms(exact.search, queries[:LATENCY_QUERIES], k)
     row = {"n": n, "dim": d, "queries": n_queries, "k": k, "data": "isotropic" if isotropic else f"mixture, spread {spread:g}",
-           "exact": {"memory_mib": exact_mem, "query_peak_mib": exact_query_peak, "latency_ms": med, "p95_ms": p95,
-                     "gallery_mib": gallery.nbytes / MIB}}
+           "exact": {"memory_mib": exact_mem, "query_peak_mib": exact_query_peak, **lat, "gallery_mib": gallery.nbytes / MIB}}
     if not faiss_available():
         row["faiss"] = None
         return row
     gc.collect()
     before = rss_mib()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     index = FaissIndex.build(gallery, nprobe=nprobes[0])
-    build_s = time.perf_counter() - t
+    build_s, build_cpu_s = time.perf_counter() - t, time.process_time() - c
     del gallery, exact
     gc.collect()
     faiss_mem = _diff(rss_mib(), before)
@@ -134,10 +140,11 @@ def bench_size(n: int, d: int, n_queries: int, nprobes: list[int], isotropic: bo
         base = rss_mib()
         _, rows = index.search(queries, k)
         peak = _diff(peak_mib(), base)
-        fmed, fp95 = latency_ms(index.search, queries[:LATENCY_QUERIES], k)
-        sweep.append({"nprobe": nprobe, "recall@10": recall_at_k(rows, exact_r, k), "latency_ms": fmed,
-                      "p95_ms": fp95, "query_peak_mib": peak, "speedup": med / fmed if fmed else None})
-    row["faiss"] = {"nlist": index.nlist, "build_s": build_s, "memory_mib": faiss_mem, "sweep": sweep}
+        flat = latency_ms(index.search, queries[:LATENCY_QUERIES], k)
+        sweep.append({"nprobe": nprobe, "recall@10": recall_at_k(rows, exact_r, k), **flat, "query_peak_mib": peak,
+                      "speedup": lat["cpu_ms"] / flat["cpu_ms"] if flat["cpu_ms"] else None})
+    row["faiss"] = {"nlist": index.nlist, "build_s": build_s, "build_cpu_s": build_cpu_s, "memory_mib": faiss_mem,
+                    "sweep": sweep}
     return row
 
 
@@ -164,24 +171,26 @@ def main(argv=None) -> int:
     if not faiss_available():
         print("faiss-cpu is not installed: exact search only (pip install 'platonic-align[search]')")
     print(f"{'n':>9} {'engine':>14} {'nlist':>6} {'build s':>8} {'memory MiB':>11} {'query peak':>11} "
-          f"{'median ms':>10} {'p95 ms':>8} {'speedup':>8} {'recall@10':>10}")
+          f"{'cpu ms':>8} {'wall ms':>8} {'p95 ms':>8} {'speedup':>8} {'recall@10':>10}")
     results = []
     for n in sizes:
         r = bench_size(n, args.dim, n_queries, nprobes, args.isotropic, args.spread)
         results.append(r)
         e = r["exact"]
         print(f"{n:>9} {'exact':>14} {'':>6} {'':>8} {_fmt(e['memory_mib'], '11.1f')} "
-              f"{_fmt(e['query_peak_mib'], '11.1f')} {e['latency_ms']:>10.2f} {e['p95_ms']:>8.2f} {'1.00':>8} {'1.000':>10}")
+              f"{_fmt(e['query_peak_mib'], '11.1f')} {e['cpu_ms']:>8.2f} {e['latency_ms']:>8.2f} {e['p95_ms']:>8.2f} "
+              f"{'1.00':>8} {'1.000':>10}")
         f = r["faiss"]
         for s in (f or {}).get("sweep", []):
-            print(f"{n:>9} {'faiss np=' + str(s['nprobe']):>14} {f['nlist']:>6} {f['build_s']:>8.1f} "
-                  f"{_fmt(f['memory_mib'], '11.1f')} {_fmt(s['query_peak_mib'], '11.1f')} {s['latency_ms']:>10.2f} "
-                  f"{s['p95_ms']:>8.2f} {_fmt(s['speedup'], '8.2f')} {s['recall@10']:>10.3f}")
+            print(f"{n:>9} {'faiss np=' + str(s['nprobe']):>14} {f['nlist']:>6} {f['build_cpu_s']:>8.1f} "
+                  f"{_fmt(f['memory_mib'], '11.1f')} {_fmt(s['query_peak_mib'], '11.1f')} {s['cpu_ms']:>8.2f} "
+                  f"{s['latency_ms']:>8.2f} {s['p95_ms']:>8.2f} {_fmt(s['speedup'], '8.2f')} {s['recall@10']:>10.3f}")
         sys.stdout.flush()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    print(f"nlist = round(sqrt(n)) (search.engine.nlist_for: {', '.join(f'{n}: {nlist_for(n)}' for n in sizes)}); "
-          f"latency is one query at a time on {len(__import__('os').sched_getaffinity(0))} cores")
+    print(f"data: {results[0]['data']}; nlist = round(sqrt(n)) (search.engine.nlist_for); build s and cpu ms are CPU "
+          f"time of this process, speedup = exact cpu ms / faiss cpu ms; one query at a time, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {len(os.sched_getaffinity(0))} cores")
     return 0
 
 

@@ -40,7 +40,7 @@ from pipeline.config import PipelineConfig
 from pipeline.entry import DATA_FIELDS
 from pipeline.layout import resolved_data_dir
 from pipeline.runs import RunError, aligned_name, check_aligned, default_run_name
-from search.engine import FaissIndex, SearchError, exact_topk, faiss_available, normalize, recall_at_k
+from search.engine import FaissIndex, SearchError, check_config, exact_topk, faiss_available, normalize, recall_at_k
 from search.index import Item, ModelRef, write_index
 from search.model import load_model
 
@@ -198,6 +198,7 @@ def build_index(model, ref: ModelRef, items: Sequence[Item], cfg: PipelineConfig
     Returns a summary: index, n, dim, engine (name, and for faiss nlist, nprobe, recall@10),
     skipped, seconds."""
     sc, ec = cfg.search, cfg.extract
+    check_config(sc)
     t0 = time.perf_counter()
     skipped = list(skipped)
     if vectors is None:
@@ -229,6 +230,7 @@ def index_gallery(cfg: PipelineConfig, folder: str | Path | None = None, split: 
     """``search index``: load the model ``search.run`` names (default: ``train.name``, else the
     default run name, in ``data.cache``), gather the gallery (``folder``, or the cached ``split`` of
     ``data.dataset``) and :func:`build_index` it. Exactly one of folder and split."""
+    check_config(cfg.search)
     if (folder is None) == (split is None):
         raise SearchError("Give a folder of images to index, or --split NAME for a split of the configured dataset "
                           "(not both).")

@@ -38,6 +38,15 @@ class SearchError(PipelineError, ValueError):
     """A search that cannot be run as asked (bad vectors, missing faiss for a faiss index, ...)."""
 
 
+def check_config(sc) -> None:
+    """SearchError naming the key when a [search] value (a ``SearchConfig``) is out of range."""
+    for key, low in (("top_k", 1), ("exact_max", 0), ("nprobe", 1), ("port", 0)):
+        value = getattr(sc, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (key == "port" and value > 65535):
+            limit = "0..65535" if key == "port" else f"an integer >= {low}"
+            raise SearchError(f"search.{key} must be {limit}, got {value!r}.")
+
+
 def normalize(x: np.ndarray, what: str = "vectors") -> np.ndarray:
     """Rows of ``x`` (n, d) scaled to unit L2 norm, as float32 (computed in float64). A zero or
     non-finite row is a SearchError naming it: it has no direction to compare."""

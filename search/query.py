@@ -20,7 +20,7 @@ from PIL import Image
 
 from extract.datasets import to_rgb
 from pipeline.config import PipelineConfig
-from search.engine import SearchError, normalize
+from search.engine import SearchError, check_config, normalize
 from search.index import GalleryIndex, ModelRef, open_index
 from search.model import load_model, load_recorded
 
@@ -82,6 +82,7 @@ class Searcher:
     def open(cls, cfg: PipelineConfig) -> "Searcher":
         """The index ``search.index`` and its model: the one ``search.run`` names (checked against
         the index), else the one the index records."""
+        check_config(cfg.search)
         index = open_index(cfg.search.index, cfg.search.nprobe)
         if cfg.search.run:
             model, ref = load_model(cfg.search.run, cfg.data.cache, cfg.extract.device)

@@ -32,7 +32,7 @@ from PIL import Image
 
 from extract.datasets import to_rgb
 from pipeline.errors import PipelineError
-from search.engine import SearchError
+from search.engine import SearchError, check_config
 from search.query import Searcher, check_top_k, decode_upload
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ class Handler(BaseHTTPRequestHandler):
 def serve(cfg, echo=print) -> None:
     """``search serve``: listen on 127.0.0.1:``search.port`` (checked first, so a port in use fails
     before the model loads), open the index and its model, serve until interrupted."""
+    check_config(cfg.search)
     server = SearchServer(cfg.search.port, None, cfg.search.top_k)
     try:
         server.searcher = Searcher.open(cfg)

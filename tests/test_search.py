@@ -273,3 +273,13 @@ def test_without_faiss_the_index_is_searched_exactly(tmp_path, monkeypatch, capl
     monkeypatch.setattr("search.build.faiss_available", lambda: False)
     res = build_index(model, model.ref, _items(300), _cfg(tmp_path, **{"search.exact_max": 10}), {}, vectors=vectors)
     assert res["engine"]["name"] == "exact" and not (tmp_path / "ix" / FAISS_FILE).exists()
+
+
+@pytest.mark.parametrize("key, value", [("top_k", 0), ("exact_max", -1), ("nprobe", 0), ("port", 70000)])
+def test_search_settings_out_of_range(tmp_path, key, value):
+    cfg = _cfg(tmp_path, **{f"search.{key}": value})
+    with pytest.raises(E.SearchError, match=f"search.{key} must be"):
+        E.check_config(cfg.search)
+    model = ColourModel()
+    with pytest.raises(E.SearchError, match=f"search.{key} must be"):
+        build_index(model, model.ref, _items(3), cfg, {}, vectors=np.eye(3))

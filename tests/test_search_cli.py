@@ -18,6 +18,7 @@ from pipeline.config import load_config
 from search.cli import main as search_cli
 from search.index import INDEX_JSON, open_index
 from search.model import load_model, model_hash
+from search.query import Searcher
 from tests.fixtures import make_imagefolder, write_bad_images
 from train.fit import fit_adapters
 
@@ -98,6 +99,21 @@ def test_query_scores_are_the_cosines(setup):
     out = _run(["query", "--image", split.items[2].image, *_sets(setup, index)])
     first = out.splitlines()[0].split()
     assert first[0] == "1" and float(first[1]) == pytest.approx(1.0, abs=1e-5) and first[2] == split.ids[2]
+
+
+def test_text_search_recall_equals_the_runs_test_recall(setup):
+    """Every test caption as a query over the test images: the rank of its own image gives the
+    run's recorded text-to-image recall (metrics.json, train.retrieval) to the last digit."""
+    index = setup["root"] / "ix-recall"
+    _run(["index", "--split", "test", "--run", "lin", *_sets(setup, index)])
+    cfg = load_config(None, options={**_options(setup["data"], setup["cache"]), "search.index": str(index)})
+    searcher = Searcher.open(cfg)
+    split = D.load_split("imagefolder", setup["data"], "test")
+    ranks = np.array([[h.id for h in searcher.text(r.text, len(split))].index(r.image_id)
+                      for r in split.caption_rows("first")])
+    recorded = json.loads((setup["cache"] / "runs" / "lin" / "metrics.json").read_text())["test"]["infonce"]
+    for k in (1, 5, 10):
+        assert np.mean(ranks < k) == recorded[f"t2i_R@{k}"]
 
 
 def test_model_hash(setup):
