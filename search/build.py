@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from extract import datasets as D
 from extract.datasets.imagefolder import METADATA_FILES, read_metadata
@@ -147,24 +148,26 @@ def embed_items(model, items: Sequence[Item], batch_size: int, workers: int,
     kept: list[Item] = []
     skipped: list[dict] = []
     parts: list[np.ndarray] = []
-    progress = None if len(items) > CHUNK else False
-    for lo in range(0, len(items), CHUNK):
-        chunk = list(items[lo:lo + CHUNK])
-        while chunk:
-            try:
-                parts.append(model.embed_images([it.path for it in chunk], batch_size=batch_size, workers=workers,
-                                                progress=progress))
-                kept += chunk
-                break
-            except D.ImageError as exc:
-                if on_error != "skip":
-                    raise
-                bad = next((it for it in chunk if it.path == exc.path), None)
-                if bad is None:
-                    raise
-                log.warning("skipping %s: %s", bad.path, exc.reason)
-                skipped.append({"id": bad.id, "path": bad.path, "reason": exc.reason})
-                chunk.remove(bad)
+    with tqdm(total=len(items), desc="index images", unit="img", dynamic_ncols=True, disable=None) as bar:
+        for lo in range(0, len(items), CHUNK):
+            chunk = list(items[lo:lo + CHUNK])
+            while chunk:
+                try:
+                    parts.append(model.embed_images([it.path for it in chunk], batch_size=batch_size,
+                                                    workers=workers, progress=False))
+                    kept += chunk
+                    break
+                except D.ImageError as exc:
+                    if on_error != "skip":
+                        raise
+                    bad = next((it for it in chunk if it.path == exc.path), None)
+                    if bad is None:
+                        raise
+                    log.warning("skipping %s: %s", bad.path, exc.reason)
+                    skipped.append({"id": bad.id, "path": bad.path, "reason": exc.reason})
+                    chunk.remove(bad)
+            bar.update(min(CHUNK, len(items) - lo))
+            log.info("embedded %d of %d images", min(lo + CHUNK, len(items)), len(items))
     if not kept:
         raise SearchError(f"None of the {len(items)} images could be decoded; nothing to index.")
     return np.concatenate(parts), kept, skipped

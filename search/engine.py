@@ -4,8 +4,9 @@ Both engines take L2-normalised float32 rows (``normalize``), so the inner produ
 and return, per query, the top k gallery rows as ``(scores, rows)``, each (m, k) with k capped at the
 gallery size, best first.
 
-``exact_topk`` scores the gallery in blocks of ``EXACT_BLOCK_ROWS`` rows (memory: the gallery plus an
-(m, block) score matrix, never (m, n)) and keeps a running top k. Ties are broken by row index
+``exact_topk`` scores the gallery in blocks of ``EXACT_BLOCK_SCORES / m`` rows for m queries (memory:
+the gallery plus an (m, block) score matrix and its index arrays, never (m, n)) and keeps a
+running top k. Ties are broken by row index
 (the lower row wins), so the answer equals sorting every score by (-score, row), the naive
 definition ``tests/test_search.py`` checks it against, whatever the block size.
 
@@ -29,7 +30,8 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 
-EXACT_BLOCK_ROWS = 65536  # gallery rows scored at once by exact search (memory: m x 65,536 float32 scores)
+EXACT_BLOCK_SCORES = 2**22  # scores computed at once by exact search: block rows = this / queries (16 MiB of float32)
+ADD_ROWS = 65536  # rows handed to faiss at once when building
 TRAIN_PER_LIST = 64  # faiss k-means training rows per list (faiss warns below 39; the rest of the rows are only added)
 FAISS_SEED = 1234  # seeds faiss's k-means and the choice of training rows
 
@@ -76,14 +78,15 @@ def _block_topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def exact_topk(gallery: np.ndarray, queries: np.ndarray, k: int,
-               block_rows: int = EXACT_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+               block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k rows of ``gallery`` (n, d) with the largest inner product with each of ``queries``
     (m, d): (scores (m, k'), rows (m, k')) with k' = min(k, n), sorted by (-score, row).
 
     On normalised rows the inner product is the cosine. Blockwise: ``block_rows`` gallery rows at
-    a time (a memory-mapped gallery is read once per call)."""
+    a time (default ``EXACT_BLOCK_SCORES // m``; a memory-mapped gallery is read once per call)."""
     n = gallery.shape[0]
     m = queries.shape[0]
+    block_rows = block_rows or max(1, EXACT_BLOCK_SCORES // max(1, m))
     k = min(int(k), n)
     if k < 1 or m == 0:
         return np.zeros((m, 0), np.float32), np.zeros((m, 0), np.int64)
@@ -160,8 +163,8 @@ class FaissIndex:
         rng = np.random.default_rng(FAISS_SEED)
         sample = np.sort(rng.choice(n, size=min(n, TRAIN_PER_LIST * nlist), replace=False))
         index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
-        for lo in range(0, n, EXACT_BLOCK_ROWS):
-            index.add(np.ascontiguousarray(vectors[lo:lo + EXACT_BLOCK_ROWS], dtype=np.float32))
+        for lo in range(0, n, ADD_ROWS):
+            index.add(np.ascontiguousarray(vectors[lo:lo + ADD_ROWS], dtype=np.float32))
         return cls(index, nprobe)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

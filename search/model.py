@@ -25,7 +25,7 @@ import torch
 from aligned import AlignedModel
 from pipeline.runs import ADAPTER_JSON
 from search.engine import SearchError
-from search.index import ModelRef
+from search.index import ModelMismatchError, ModelRef
 
 HASH_FORMAT = 1  # bump when the definition of model_hash changes (old indexes are then refused)
 EXPORT_CONFIG = "config.json"  # an exported model folder holds this and no adapters.json
@@ -79,7 +79,7 @@ def load_recorded(ref: ModelRef, device: str = "auto") -> AlignedModel:
         raise SearchError(f"The index records no loadable model ({ref.name!r}); pass --run, or rebuild the index.")
     if now.hash != ref.hash:
         where = src.get("pretrained") or f"run {src.get('run')!r} of cache {src.get('cache')!r}"
-        raise SearchError(
+        raise ModelMismatchError(
             f"The index was built with model {ref.name!r} (hash {ref.hash[:12]}), but {where} now holds another model "
             f"(hash {now.hash[:12]}: retrained or re-exported since). Rebuild the index with `search index`.")
     return model

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from aligned import AlignedModel
+from aligned import AlignedModel, export
 from extract import datasets as D
 from extract.run import extract
 from pipeline.config import load_config
@@ -122,6 +122,22 @@ def test_model_hash(setup):
     c = load_model("other", setup["cache"], "cpu")[1]
     assert a.hash == b.hash != c.hash and len(a.hash) == 64
     assert a.source == {"run": "lin", "cache": str(setup["cache"].resolve())}
+
+
+def test_an_exported_model_has_its_runs_hash(setup):
+    """export -> from_pretrained is the same model: an index built from the run answers through the
+    export (and the export, loaded by folder, reads the same vectors)."""
+    folder = export("lin", setup["root"] / "exported", cache=setup["cache"])
+    run_ref = load_model("lin", setup["cache"], "cpu")[1]
+    model, ref = load_model(str(folder), setup["cache"], "cpu")
+    assert ref.hash == run_ref.hash and ref.source == {"pretrained": str(folder.resolve())}
+    index = setup["root"] / "ix-export"
+    _run(["index", "--split", "test", "--run", "lin", *_sets(setup, index)])
+    by_run = json.loads(_run(["query", "two friends", "--json", *_sets(setup, index)]))
+    by_export = json.loads(_run(["query", "two friends", "--json", "--run", folder, *_sets(setup, index)]))
+    assert [r["id"] for r in by_run["results"]] == [r["id"] for r in by_export["results"]]
+    np.testing.assert_allclose([r["score"] for r in by_run["results"]], [r["score"] for r in by_export["results"]],
+                               atol=1e-6)
 
 
 def test_bad_inputs_are_one_line_errors(setup):
