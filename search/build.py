@@ -244,6 +244,10 @@ def index_gallery(cfg: PipelineConfig, folder: str | Path | None = None, split: 
     data = D.load_split(cfg.data.dataset, cfg.data.data_dir, split, **D.config_options(cfg.data))
     items = split_items(data)
     vectors, how = cached_vectors(cfg, data, model, items)
+    if vectors is None and any(it.path.startswith(D.HF_ROW_PREFIX) for it in items):
+        raise SearchError(f"Split {data.name!r} of {cfg.data.dataset} keeps its images inside the dataset, not as files, "
+                          f"and {how}: run extract and fit-adapters on it first (the run's aligned entry is then "
+                          "read), or save the images to a folder and index that.")
     log.info("split %s: %s", data.name, how if vectors is not None else f"embedding its images ({how})")
     source = {"kind": "split", "dataset": cfg.data.dataset, "data_dir": resolved_data_dir(cfg.data.data_dir),
               "split": data.name, "fingerprint": data.fingerprint(), "cached": vectors is not None, "how": how}

@@ -12,12 +12,13 @@ from PIL import Image
 
 from extract.datasets import ImageError
 from pipeline.config import PipelineConfig, with_values
+from search import build
 from search import engine as E
 from search.build import build_index, embed_items, folder_items, probe_recall
 from search.index import (FAISS_FILE, INDEX_JSON, VECTORS, DamagedIndexError, IndexNotFoundError, Item,
                           ModelMismatchError, ModelRef, open_index, write_index)
 from search.query import QueryError, Searcher, decode_upload
-from tests.fixtures import write_bad_images
+from tests.fixtures import make_hf_dataset, make_imagefolder, write_bad_images
 from tests.search_fixtures import COLOURS, ColourModel, make_gallery
 
 needs_faiss = pytest.mark.skipif(not E.faiss_available(), reason="faiss-cpu is not installed (the [search] extra)")
@@ -283,3 +284,21 @@ def test_search_settings_out_of_range(tmp_path, key, value):
     model = ColourModel()
     with pytest.raises(E.SearchError, match=f"search.{key} must be"):
         build_index(model, model.ref, _items(3), cfg, {}, vectors=np.eye(3))
+
+
+def test_index_gallery_of_a_split_without_a_run(tmp_path, monkeypatch):
+    """A model that is not a run of the cache: the split's image files are embedded; an hf dataset
+    (images inside the dataset) then cannot be indexed, and says what to do."""
+    monkeypatch.setattr(build, "load_model", lambda *a: (ColourModel(), ColourModel().ref))
+    data = make_imagefolder(tmp_path / "data", n=3, captions_per_image=2, list_captions=True)
+    cfg = _cfg(tmp_path, **{"data.dataset": "imagefolder", "data.data_dir": str(data)})
+    res = build.index_gallery(cfg, split="val")
+    assert res["n"] == 3 and res["source"]["cached"] is False and "does not come from a run" in res["source"]["how"]
+    index = open_index(tmp_path / "ix", 8)
+    assert [it.id for it in index.items] == ["sub/val_1", "val_0", "val_2"] and len(index.items[0].captions) == 2
+    hf = make_hf_dataset(tmp_path / "hf")
+    cfg = _cfg(tmp_path, **{"data.dataset": f"hf:{hf}", "data.data_dir": str(hf)})
+    with pytest.raises(E.SearchError, match="keeps its images inside the dataset"):
+        build.index_gallery(cfg, split="train")
+    with pytest.raises(E.SearchError, match="not both"):
+        build.index_gallery(cfg, folder=data, split="train")
