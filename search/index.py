@@ -2,7 +2,7 @@
 
     <index>/index.json     format, the model (its hash, name and how to load it again), the rows
                            ({"id", "path", "captions"} per gallery image, row i = vector i), where they
-                           came from, the engine, the sha256 of the files below, creation time, versions
+                           came from, the engine, sha256, size and time of the files below, creation time, versions
     <index>/vectors.npy    (n, d) float32, the gallery's embeddings L2-normalised (numpy's .npy format,
                            read with allow_pickle=False and memory-mapped)
     <index>/faiss.index    only for galleries of more than search.exact_max images: a faiss IndexIVFFlat
@@ -13,8 +13,10 @@ Writing: every file goes into a hidden sibling ``.<name>.partial-<pid>`` that is
 at the end (an older index of that name is replaced only then), so a reader sees the old index or
 the new one. A folder that is not an index is never overwritten.
 
-Reading (:func:`open_index`) checks the sha256 of each file against index.json before using it
-(a faiss file is parsed by faiss's C++ reader only after that) and the shape against the rows;
+Reading (:func:`open_index`) checks each file against what index.json records before using it (a
+faiss file is parsed by faiss's C++ reader only after that): its size, and its modification time or,
+when that changed (a copied index), its sha256; then the shape against the rows. (A file rewritten
+with its old size and modification time restored by hand would pass: rebuild rather than edit.)
 :meth:`GalleryIndex.check_model` refuses a model other than the one that built the index (the
 hash covers everything that decides an embedding: ``search.model``).
 """
@@ -101,6 +103,34 @@ def _check_target(folder: Path) -> None:
                               "Pass --index a new folder (or an existing index to rebuild it).")
 
 
+def _stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _record(path: Path) -> dict:
+    """What index.json records of one of its files: sha256, size, modification time."""
+    return {"sha256": file_sha256(path), **_stamp(path)}
+
+
+def _check_file(folder: Path, name: str, record: Any) -> None:
+    """DamagedIndexError unless ``folder/name`` is the file index.json records: the same size, and
+    the same modification time or else the same sha256 (hashed only then: a 1M-image gallery is
+    4 GB, tens of seconds of hashing per query on a small machine)."""
+    path = folder / name
+    if name not in (VECTORS, FAISS_FILE) or not isinstance(record, Mapping) or not path.is_file():
+        why = "is missing" if name in (VECTORS, FAISS_FILE) and not path.is_file() else "is not a file an index holds"
+    else:
+        stamp = _stamp(path)
+        if stamp == {k: record.get(k) for k in stamp}:
+            return
+        if stamp["size"] == record.get("size") and file_sha256(path) == record.get("sha256"):
+            return
+        why = "differs from the file index.json records (size or sha256)"
+    raise DamagedIndexError(f"Index {str(folder)!r}: {name} {why}; the folder was modified or mixes two builds. "
+                            "Rebuild it with `search index`.")
+
+
 def _read_doc(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -129,10 +159,9 @@ def write_index(folder: str | Path, vectors: np.ndarray, items: Sequence[Item], 
             np.save(fh, vectors, allow_pickle=False)
             fh.flush()
             os.fsync(fh.fileno())
-        files = {VECTORS: file_sha256(staging / VECTORS)}
         if faiss_index is not None:
             faiss_index.write(staging / FAISS_FILE)
-            files[FAISS_FILE] = file_sha256(staging / FAISS_FILE)
+        files = {name: _record(staging / name) for name in (VECTORS, FAISS_FILE) if (staging / name).is_file()}
         doc = {"kind": KIND, "format": INDEX_FORMAT, "model": model.to_json(), "n": int(vectors.shape[0]),
                "dim": int(vectors.shape[1]), "metric": "cosine",
                "engine": dict(engine or {"name": "exact"}), "files": files, "source": dict(source),
@@ -192,12 +221,8 @@ def open_index(folder: str | Path, nprobe: int) -> GalleryIndex:
         raise DamagedIndexError(f"Index {str(folder)!r} has format {doc.get('format')!r}; this version reads format "
                                 f"{INDEX_FORMAT}. Rebuild it with `search index`.")
     files = doc.get("files") or {}
-    for name, sha in files.items():
-        path = folder / name
-        if name not in (VECTORS, FAISS_FILE) or not path.is_file() or file_sha256(path) != sha:
-            why = "is missing" if not path.is_file() else "differs from the file index.json records (sha256)"
-            raise DamagedIndexError(f"Index {str(folder)!r}: {name} {why}; the folder was modified or mixes two "
-                                    "builds. Rebuild it with `search index`.")
+    for name, record in files.items():
+        _check_file(folder, name, record)
     try:
         vectors = np.load(folder / VECTORS, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
