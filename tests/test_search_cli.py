@@ -155,6 +155,9 @@ def test_bad_inputs_are_one_line_errors(setup):
     out = _run(["query", "--image", bad["corrupt"], *sets], ok=False)
     assert "Error: cannot decode the image" in out and "corrupt.jpg" in out
     assert "Error: No run folder" in _run(["index", "--split", "test", "--run", "nope", *sets], ok=False)
+    out = _run(["index", "--split", "test", "--run", setup["cache"] / "runs" / "lin", *sets,
+                "--cache", setup["root"] / "another-cache"], ok=False)
+    assert "Error: Run folder" in out and "belongs to cache" in out
     folder = setup["root"] / "with-bad"
     folder.mkdir()
     for p in (bad["corrupt"], *(setup["data"] / "test").glob("*.png")):
