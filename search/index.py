@@ -9,9 +9,10 @@
                            over vectors.npy (search.engine.FaissIndex), with its recall@10 against exact
                            search measured when it was built (index.json "engine")
 
-Writing: every file goes into a hidden sibling ``.<name>.partial-<pid>`` that is renamed into place
-at the end (an older index of that name is replaced only then), so a reader sees the old index or
-the new one. A folder that is not an index is never overwritten.
+Writing: every file goes into a hidden sibling ``.<name>.partial-<pid>`` (fsynced) that is renamed
+into place at the end (an older index of that name is replaced only then: ``pipeline.storage.replace``),
+so a reader sees the old index or the new one; leftovers of killed writers are removed by the next
+one. A folder that is not an index is never overwritten.
 
 Reading (:func:`open_index`) checks each file against what index.json records before using it (a
 faiss file is parsed by faiss's C++ reader only after that): its size, and its modification time or,
@@ -34,8 +35,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pipeline.runs import file_sha256
-from pipeline.runtime import utc_now, versions, write_json
-from pipeline.storage import locked, replace
+from pipeline.runtime import process_alive, utc_now, versions, write_json
+from pipeline.storage import replace
 from search.engine import ExactIndex, FaissIndex, SearchError, faiss_available
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ INDEX_FORMAT = 1
 INDEX_JSON = "index.json"
 VECTORS = "vectors.npy"
 FAISS_FILE = "faiss.index"
+STAGING_MARK = ".partial-"  # .<index>.partial-<pid>: an index being written by process <pid>
 KIND = "platonic-align search index"  # index.json "kind": tells an index folder from any other folder
 
 
@@ -151,16 +153,22 @@ def write_index(folder: str | Path, vectors: np.ndarray, items: Sequence[Item], 
         raise SearchError(f"write_index: {len(items)} items but vectors of shape {vectors.shape}.")
     _check_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    for old in folder.parent.glob(f".{folder.name}{STAGING_MARK}*"):  # left by killed writers
+        pid = old.name.rpartition(STAGING_MARK)[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    staging = folder.with_name(f".{folder.name}{STAGING_MARK}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         with open(staging / VECTORS, "wb") as fh:
             np.save(fh, vectors, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
         if faiss_index is not None:
             faiss_index.write(staging / FAISS_FILE)
+        for name in (VECTORS, FAISS_FILE):
+            if (staging / name).is_file():
+                with open(staging / name, "rb+") as fh:
+                    os.fsync(fh.fileno())
         files = {name: _record(staging / name) for name in (VECTORS, FAISS_FILE) if (staging / name).is_file()}
         doc = {"kind": KIND, "format": INDEX_FORMAT, "model": model.to_json(), "n": int(vectors.shape[0]),
                "dim": int(vectors.shape[1]), "metric": "cosine",
@@ -168,9 +176,8 @@ def write_index(folder: str | Path, vectors: np.ndarray, items: Sequence[Item], 
                "skipped": list(skipped), "created": utc_now(), "versions": versions(),
                "items": [{"id": it.id, "path": it.path, "captions": list(it.captions)} for it in items]}
         write_json(staging / INDEX_JSON, doc, indent=None)
-        with locked(folder):
-            _check_target(folder)
-            replace(staging, folder)
+        _check_target(folder)
+        replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

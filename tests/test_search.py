@@ -312,3 +312,12 @@ def test_index_gallery_of_a_split_without_a_run(tmp_path, monkeypatch):
         build.index_gallery(cfg, split="train")
     with pytest.raises(E.SearchError, match="not both"):
         build.index_gallery(cfg, folder=data, split="train")
+
+
+def test_leftovers_of_a_killed_writer_are_removed(tmp_path):
+    dead = tmp_path / ".ix.partial-999999999"  # no such process
+    dead.mkdir()
+    (dead / VECTORS).write_bytes(b"half")
+    write_index(tmp_path / "ix", E.normalize(np.eye(2)), _items(2), ModelRef("h", "m"), {})
+    assert not dead.exists() and open_index(tmp_path / "ix", 8).n == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
