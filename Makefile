@@ -1,5 +1,6 @@
 # Commands for a fresh Debian/Ubuntu machine with Python 3.11:
-#   make demo   the whole experiment on real offline weights and real image-caption pairs
+#   make demo   the whole experiment on real offline weights and real image-caption pairs, ending with
+#               the aligned model exported to reports/demo/model (AlignedModel.from_pretrained)
 #   make test   the test suite (creates .venv and installs everything first)
 #   make study  a grid of runs on the demo data (adapters x train fractions x seeds), summarised
 PYTHON ?= python3
@@ -49,6 +50,7 @@ demo: install $(TUX_DEB)
 	$(BIN)/analyze zeroshot --config configs/demo.toml
 	$(BIN)/analyze matching --config configs/demo.toml
 	$(BIN)/analyze report --config configs/demo.toml
+	$(BIN)/export --config configs/demo.toml reports/demo/model
 
 # 27 cells (configs/study-demo.toml): extraction is shared with `make demo`; prints the path of study.html.
 study: install $(TUX_DEB)

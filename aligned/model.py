@@ -66,6 +66,7 @@ class AlignedModel(torch.nn.Module):
             autocast(enc.device, side.precision)  # fp16 entries on a CPU: refused here, not at the first batch
         self.preprocess = Preprocess(self.image_encoder.spec.prep)
         self.tokenizer = Tokenizer(self.text_encoder)
+        self.requires_grad_(False)  # an inference model; model.adapters.requires_grad_(True) to fine-tune them
         self.eval()
 
     # ------------------------------------------------------------------ building

@@ -28,11 +28,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from extract.encoders import get_spec, load_encoder
+from extract.encoders import forward_batch, get_spec, load_encoder
 from extract.labels import class_name
 from pipeline.cache import Entry, EntryWriter, entry_filename, entry_path
 from pipeline.errors import PipelineError
-from pipeline.runtime import autocast, resolve_device, utc_now, versions
+from pipeline.runtime import resolve_device, utc_now, versions
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,11 @@ def embed_texts(spec, texts: Sequence[str], device: str = "auto", precision: str
                 layer: int | None = None) -> np.ndarray:
     """(len(texts), d) float32 features of ``texts`` by the frozen encoder ``spec``: its pooled
     features, or hidden layer ``layer`` (an index of the list ``extract --layers all`` stores)."""
-    dev = resolve_device(device)
-    encoder = load_encoder(spec, dev)
+    encoder = load_encoder(spec, resolve_device(device))
     out = []
-    with autocast(dev, precision):
-        for s in range(0, len(texts), BATCH):
-            batch = encoder.tokenize(list(texts[s:s + BATCH]))
-            feats = encoder(batch) if layer is None else encoder(batch, all_layers=True)[layer]
-            out.append(feats.float().cpu().numpy())
+    for s in range(0, len(texts), BATCH):  # the forward pass extraction runs on captions (forward_batch)
+        feats, layers = forward_batch(encoder, encoder.tokenize(list(texts[s:s + BATCH])), precision, layer is not None)
+        out.append((feats if layer is None else layers[layer]).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
 
 
