@@ -212,9 +212,10 @@ class GalleryIndex:
                 f"without --run (it loads its own model), or rebuild it with `search index ... --run {model.name}`.")
 
 
-def open_index(folder: str | Path, nprobe: int) -> GalleryIndex:
+def open_index(folder: str | Path, nprobe: int | None = None) -> GalleryIndex:
     """Open and check an index folder; its faiss file is used when present and faiss-cpu is
-    installed (else exact search, with a warning). ``nprobe``: faiss lists visited per query."""
+    installed (else exact search, with a warning). ``nprobe``: faiss lists visited per query
+    (None: the nprobe ``search index`` chose, recorded in index.json)."""
     folder = Path(folder)
     doc = _read_doc(folder / INDEX_JSON)
     if doc is None:
@@ -241,7 +242,7 @@ def open_index(folder: str | Path, nprobe: int) -> GalleryIndex:
     engine: Any = ExactIndex(vectors)
     if FAISS_FILE in files:
         if faiss_available():
-            engine = FaissIndex.read(folder / FAISS_FILE, nprobe)
+            engine = FaissIndex.read(folder / FAISS_FILE, nprobe or int(doc["engine"].get("nprobe") or 1))
         else:
             log.warning("index %s has a faiss index but faiss-cpu is not installed: searching its %d vectors "
                         "exactly (slower; pip install 'platonic-align[search]')", folder, len(items))

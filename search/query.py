@@ -80,10 +80,10 @@ class Searcher:
 
     @classmethod
     def open(cls, cfg: PipelineConfig) -> "Searcher":
-        """The index ``search.index`` and its model: the one ``search.run`` names (checked against
-        the index), else the one the index records."""
+        """The index ``search.index`` (a faiss index at the nprobe ``search index`` chose) and its
+        model: the one ``search.run`` names (checked against the index), else the one it records."""
         check_config(cfg.search)
-        index = open_index(cfg.search.index, cfg.search.nprobe)
+        index = open_index(cfg.search.index)
         if cfg.search.run:
             model, ref = load_model(cfg.search.run, cfg.data.cache, cfg.extract.device)
         else:

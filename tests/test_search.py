@@ -15,7 +15,7 @@ from extract.datasets import ImageError
 from pipeline.config import PipelineConfig, with_values
 from search import build
 from search import engine as E
-from search.build import build_index, embed_items, folder_items, probe_recall
+from search.build import build_index, embed_items, folder_items
 from search.index import (FAISS_FILE, INDEX_JSON, VECTORS, DamagedIndexError, IndexNotFoundError, Item,
                           ModelMismatchError, ModelRef, open_index, write_index)
 from search.query import QueryError, Searcher, decode_upload
@@ -252,29 +252,53 @@ def test_images_that_do_not_decode(tmp_path, caplog):
 
 @needs_faiss
 def test_faiss_above_exact_max(tmp_path):
+    """Unstructured data (the hard case): nprobe is doubled from search.nprobe until the measured
+    recall@10 reaches RECALL_TARGET; queries are the gallery's captions when it has them."""
     rng = np.random.default_rng(1)
     n = 2000
-    vectors = _unit(rng, n, 8)
-    items = _items(n)
+    vectors = _unit(rng, n, 3)  # ColourModel's width: its caption embeddings are the recall queries
+    colours = list(COLOURS)
+    items = [Item(f"img{i}", "", (f"a {colours[i % 6]} thing",)) for i in range(n)]
     model = ColourModel()
-    res = build_index(model, model.ref, items, _cfg(tmp_path, **{"search.exact_max": n - 1, "search.nprobe": 4}),
+    res = build_index(model, model.ref, items, _cfg(tmp_path, **{"search.exact_max": n - 1, "search.nprobe": 1}),
                       {}, vectors=vectors)
     engine = res["engine"]
-    assert engine["name"] == "faiss" and engine["nlist"] == E.nlist_for(n) and engine["nprobe"] == 4
-    index = open_index(tmp_path / "ix", nprobe=4)
-    assert index.engine.name == "faiss" and (tmp_path / "ix" / FAISS_FILE).is_file()
-    assert engine["recall@10"] == pytest.approx(probe_recall(index.vectors, index.engine))
-    assert 0 < engine["recall@10"] <= 1
+    assert engine["name"] == "faiss" and engine["nlist"] == E.nlist_for(n) == 31
+    assert [t["nprobe"] for t in engine["tried"]] == [1, 2, 4, 8, 16, 31][:len(engine["tried"])]
+    assert engine["nprobe"] == engine["tried"][-1]["nprobe"] and engine["recall@10"] >= build.RECALL_TARGET
+    assert all(t["recall@10"] < build.RECALL_TARGET for t in engine["tried"][:-1])
+    assert engine["recall_queries"] == "200 captions"
+    index = open_index(tmp_path / "ix")
+    assert index.engine.name == "faiss" and index.engine.nprobe == engine["nprobe"]
+    assert (tmp_path / "ix" / FAISS_FILE).is_file()
+    queries, own, what = build.probe_queries(model, index.vectors, index.items)
+    assert what == "200 captions" and (own == -1).all()
+    assert build.tune_nprobe(index.vectors, index.engine, queries, own, engine["nprobe"])[0]["recall@10"] == \
+        pytest.approx(engine["recall@10"])
     full = open_index(tmp_path / "ix", nprobe=10_000)  # every list: exact
-    q = _unit(rng, 3, 8)
+    q = _unit(rng, 3, 3)
     np.testing.assert_array_equal(full.engine.search(q, 5)[1], E.exact_topk(vectors, q, 5)[1])
     build_index(model, model.ref, items, _cfg(tmp_path, **{"search.exact_max": n}), {}, vectors=vectors)
-    assert open_index(tmp_path / "ix", 4).engine.name == "exact"
+    assert open_index(tmp_path / "ix").engine.name == "exact"
+
+
+def test_probe_queries_without_captions_leave_their_own_row_out():
+    rng = np.random.default_rng(3)
+    vectors = _unit(rng, 50, 4)
+    items = [Item(f"i{i}", "") for i in range(50)]
+    queries, own, what = build.probe_queries(ColourModel(), vectors, items, probes=10)
+    assert what == "10 gallery images" and len(set(own.tolist())) == 10
+    np.testing.assert_array_equal(queries, vectors[own])
+    exact = E.ExactIndex(vectors)
+    exact.nlist, exact.nprobe = 1, 1  # exact search as a one-list index: recall 1 with itself
+    assert build.tune_nprobe(vectors, exact, queries, own, 1) == [{"nprobe": 1, "recall@10": 1.0}]
+    answers = build._without(np.array([[3, 1, 2], [5, -1, 4]]), np.array([1, -1]), 2)
+    assert answers.tolist() == [[3, 2], [5, 4]]
 
 
 @needs_faiss
 def test_without_faiss_the_index_is_searched_exactly(tmp_path, monkeypatch, caplog):
-    vectors = _unit(np.random.default_rng(2), 300, 4)
+    vectors = _unit(np.random.default_rng(2), 300, 3)
     model = ColourModel()
     build_index(model, model.ref, _items(300), _cfg(tmp_path, **{"search.exact_max": 10}), {}, vectors=vectors)
     monkeypatch.setattr("search.index.faiss_available", lambda: False)
