@@ -28,7 +28,14 @@ class Preprocess:
         if not hasattr(image, "mode") or not hasattr(image, "convert"):
             raise AlignedError(f"preprocess expects a PIL image, got {type(image).__name__}; open files with "
                                "PIL.Image.open(path), or pass the paths to model.embed_images(paths).")
-        return self._pixels(to_rgb(image))
+        try:
+            image.load()  # PIL decodes lazily: a truncated or corrupt file fails here, named below
+            rgb = to_rgb(image)
+        except Exception as exc:
+            where = getattr(image, "filename", "") or "a PIL image"
+            raise AlignedError(f"cannot decode {where}: {type(exc).__name__}: {exc}. Replace the file, or leave "
+                               "it out.") from None
+        return self._pixels(rgb)
 
     def __call__(self, image) -> torch.Tensor:
         return normalize_pixels(self.pixels(image), self.prep)

@@ -142,6 +142,8 @@ def test_bad_input_is_one_clear_line(data, cache, tmp_path):
         model.tokenizer("")
     with pytest.raises(AlignedError, match="PIL image"):
         model.preprocess(str(bad["gray"]))
+    with pytest.raises(AlignedError, match="cannot decode .*truncated.jpg"):
+        model.preprocess(Image.open(bad["truncated"]))  # opened lazily: decoding fails inside preprocess
 
 
 def test_a_changed_registry_entry_is_refused(cache, monkeypatch):
