@@ -138,12 +138,26 @@ class StudyConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    run: str = ""  # the aligned model `search index` embeds with: a run name in data.cache, a run folder or an
+    #   exported model folder; "" = train.name, else <image>-<text>-<adapter>; query/serve: "" = the index's own
+    index: str = "search-index"  # index folder written by `search index`, read by `search query` and `search serve`
+    top_k: int = 10  # results per query
+    exact_max: int = 200000  # galleries of at most this many images are searched exactly; larger ones through a
+    #   faiss IVF index (approximate; its recall@10 against exact search is measured when it is built)
+    nprobe: int = 8  # faiss: inverted lists visited per query, at least; `search index` doubles it until the
+    #   measured recall@10 against exact search reaches 0.95 (or every list is visited) and records it
+    port: int = 8765  # `search serve` listens on 127.0.0.1:port (0 = any free port)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     source: str = "defaults"  # where the values came from (file path), for provenance
 
     def to_dict(self) -> dict:
@@ -151,7 +165,7 @@ class PipelineConfig:
         return {s: _plain(dataclasses.asdict(getattr(self, s))) for s in SECTIONS}
 
 
-SECTIONS = ("data", "extract", "train", "analyze", "study")
+SECTIONS = ("data", "extract", "train", "analyze", "study", "search")
 
 # Keys whose value is one of a fixed set; checked when the config is built, before any work starts.
 # (Names that live in a registry of a stage above pipeline/ -- encoders, adapters, metrics, datasets --

@@ -43,6 +43,7 @@ EVALUATIONS = ("platonic", "zeroshot")  # study.evaluations: what a cell measure
 EXECUTION_KEYS = ("train.name", "train.device", "extract.device", "extract.workers", "extract.batch_size",
                   "extract.chunk_rows", "extract.encoders", "analyze.kernel_rows", "analyze.out")
 TRAIN_SECTIONS = ("data", "extract", "train")  # what a run's training depends on
+CELL_SECTIONS = ("data", "extract", "train", "analyze")  # what a cell's results depend on ([search] does not)
 HASH_CHARS = 8  # hex digits of a hash shown in names
 READABLE_MAX = 60  # characters of axis values kept in a name
 
@@ -126,7 +127,7 @@ def check_repeat(repeat: str, axes: Mapping[str, list]) -> str:
 
 
 # ----------------------------------------------------------------------------- names and hashes
-def config_hash(config: PipelineConfig | Mapping, sections=tuple(s for s in SECTIONS if s != STUDY_SECTION)) -> str:
+def config_hash(config: PipelineConfig | Mapping, sections=CELL_SECTIONS) -> str:
     """sha256 (hex) of the configuration's ``sections`` without ``EXECUTION_KEYS``. ``config``
     is a PipelineConfig or its ``to_dict()`` tree (e.g. a run's config.json: the same JSON)."""
     tree = config.to_dict() if isinstance(config, PipelineConfig) else config

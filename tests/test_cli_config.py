@@ -12,6 +12,7 @@ from aligned.cli import main as export_cli
 from analyze.cli import main as analyze_cli
 from extract.cli import main as extract_cli
 from pipeline.config import CHOICES, ConfigError, config_default
+from search.cli import main as search_cli
 from train.cli import main as fit_cli
 
 # "[config: train.lr]", "[config: train.lr; default: 0.0001]", "[analyze.k: 10]", "[data.dataset]"
@@ -21,6 +22,7 @@ KEY = re.compile(r"\[(?:config: )?([a-z_]+\.[a-z_]+)(?:(?::|; default:) ([^\]]*)
 def _options():
     commands = [("extract", extract_cli), ("fit-adapters", fit_cli), ("export", export_cli)]
     commands += [(f"analyze {n}", c) for n, c in analyze_cli.commands.items()]
+    commands += [(f"search {n}", c) for n, c in search_cli.commands.items()]
     for name, command in commands:
         for param in command.params:
             if isinstance(param, click.Option) and param.help:
