@@ -32,14 +32,14 @@ import logging
 import platform
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from extract import datasets as D
-from extract.encoders import EncoderSpec, get_spec, image_pixels, load_encoder, normalize_pixels
+from extract.encoders import EncoderSpec, forward_batch, get_spec, image_pixels, load_encoder
 from extract.gpu_decode import CPU, DECODES, GPU_NVJPEG, GpuDecoder, decode_key, effective_decoder, read_jpeg
 from extract.loader import batches, loader_workers, make_loader
 from extract.sharding import (IncompleteExtractionError, Shard, ShardError, Team, describe_missing, shard_totals,
@@ -50,7 +50,7 @@ from pipeline.config import CHOICES, ConfigError, PipelineConfig
 from pipeline.errors import did_you_mean
 from pipeline.runtime import PRECISIONS, autocast, resolve_device, utc_now, versions
 
-__all__ = ["IncompleteExtractionError", "Shard", "extract", "merge", "resolve_specs", "splits_of", "torchrun_shard"]
+__all__ = ["IncompleteExtractionError", "Shard", "extract", "merge", "resolve_spec", "resolve_specs", "splits_of", "torchrun_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,14 @@ def resolve_specs(cfg: PipelineConfig) -> list[EncoderSpec]:
     unknown = set(options) - set(cfg.extract.encoders)
     if unknown:
         raise ConfigError(f"extract.encoder_options names encoders not being extracted: {sorted(unknown)}.")
-    specs = [(name, get_spec(name, **options.get(name, {}))) for name in cfg.extract.encoders]
-    return [spec if spec.name == name else dataclasses.replace(spec, name=name) for name, spec in specs]
+    return [resolve_spec(name, options.get(name, {})) for name in cfg.extract.encoders]
+
+
+def resolve_spec(name: str, options: Mapping[str, Any] | None = None) -> EncoderSpec:
+    """The spec of encoder ``name`` with its options (``get_spec`` overrides), named ``name``: the
+    name its cache entries carry (an alias keeps the name it was asked for)."""
+    spec = get_spec(name, **(options or {}))
+    return spec if spec.name == name else dataclasses.replace(spec, name=name)
 
 
 def splits_of(cfg: PipelineConfig) -> list[str]:
@@ -349,7 +355,7 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
             for job in jobs:
                 if chunk in job.pending and batch.rows:
                     job.buffers.setdefault(chunk, []).append(
-                        _forward(job, batch.inputs[job.input_key], us.device, x.precision, x.layers == "all"))
+                        _forward(job, batch.inputs[job.input_key], x.precision, x.layers == "all"))
             bar.update(len(batch.rows) + len(batch_skipped))
             done += len(batch.rows) + len(batch_skipped)
             warm = warm or (time.perf_counter(), done)
@@ -365,14 +371,10 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
             "steady_items_per_s": steady, **(decode.stats() if decode else {})}
 
 
-def _forward(job: _Job, batch, device: torch.device, precision: str, all_layers: bool):
-    """((b, d) features, [(b, d_k) per layer]) as numpy for one batch of one encoder."""
-    if isinstance(batch, dict):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    else:  # uint8 pixels from the workers: scale and normalise on the model's device
-        batch = normalize_pixels(batch.to(device, non_blocking=True), job.encoder.spec.prep)
-    with autocast(device, precision):
-        features, layers = job.encoder.encode(batch, all_layers)
+def _forward(job: _Job, batch, precision: str, all_layers: bool):
+    """((b, d) features, [(b, d_k) per layer]) as numpy for one batch of one encoder (uint8
+    pixels from the workers are scaled and normalised on the model's device: ``forward_batch``)."""
+    features, layers = forward_batch(job.encoder, batch, precision, all_layers)
     return features.cpu().numpy(), [layer.cpu().numpy() for layer in layers or []]
 
 

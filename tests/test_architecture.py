@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 # A package may import itself and any package of a lower rank, nothing else.
-RANKS = {"pipeline": 0, "extract": 1, "similarity": 1, "train": 2, "analyze": 3, "study": 4, "demo": 5}
+RANKS = {"pipeline": 0, "extract": 1, "similarity": 1, "train": 2, "aligned": 3, "analyze": 4, "study": 5, "demo": 6}
 PACKAGES = [p for p in RANKS if (ROOT / p / "__init__.py").exists()]
 
 

@@ -37,7 +37,7 @@ Names: registry names (``list_encoders()``); aliases ``dinov2`` -> ``dinov2-base
 "known after load": read ``Encoder.dim`` / ``Encoder.spec``).
 """
 
-from extract.encoders.encoder import Encoder
+from extract.encoders.encoder import Encoder, forward_batch
 from extract.encoders.preprocess import (BYTE_VOCAB, CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD,
                                          ByteTokenizer, HFTokenizer, image_pixels, image_transform, normalize_pixels,
                                          resize_crop)
@@ -52,7 +52,7 @@ from extract.encoders import torchvision_cnn, hf_image, clip, hf_text, tiny  # n
 __all__ = [
     "ALIASES", "BYTE_VOCAB", "CLIP_MEAN", "CLIP_STD", "GENERIC", "HALF", "IMAGENET_MEAN", "IMAGENET_STD", "LOADERS",
     "REGISTRY", "TINY_SEED", "ByteTokenizer", "Encoder", "EncoderSpec", "EncoderSpecError", "HFTokenizer",
-    "ImagePrep", "TextPrep", "UnknownEncoderError", "WeightsNotFoundError", "get_spec", "image_pixels",
+    "ImagePrep", "TextPrep", "UnknownEncoderError", "WeightsNotFoundError", "forward_batch", "get_spec", "image_pixels",
     "image_transform", "list_encoders", "load_encoder", "normalize_pixels", "register", "register_alias",
     "register_generic", "register_loader", "resize_crop",
 ]

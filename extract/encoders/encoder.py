@@ -14,8 +14,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from extract.encoders.preprocess import normalize_pixels
 from extract.encoders.spec import EncoderSpec
-from pipeline.runtime import resolve_device
+from pipeline.runtime import autocast, resolve_device
 
 
 class Encoder(torch.nn.Module):
@@ -78,6 +79,23 @@ class Encoder(torch.nn.Module):
 
     def _encode(self, batch, all_layers: bool):  # -> (final (B, D), layers list | None)
         raise NotImplementedError
+
+
+def forward_batch(encoder: Encoder, batch, precision: str = "fp32",
+                  all_layers: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """One batch as extraction hands it to an encoder: (features (B, dim) float32 on the encoder's
+    device, list of num_layers (B, d_l) or None). ``batch``: uint8 pixels (B, 3, h, w) from
+    ``image_pixels`` (moved to the device, then scaled and normalised there with
+    ``normalize_pixels``), float pixels already normalised (``image_transform``), or the
+    tokenizer's dict; the forward pass runs under ``autocast(device, precision)``. ``extract``
+    and ``aligned.AlignedModel`` both call this, so their features are computed the same way."""
+    device = encoder.device
+    if isinstance(batch, Mapping):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    elif torch.is_tensor(batch) and batch.dtype == torch.uint8:
+        batch = normalize_pixels(batch.to(device, non_blocking=True), encoder.spec.prep)
+    with autocast(device, precision):
+        return encoder.encode(batch, all_layers)
 
 
 def pool_tokens(h: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, first: int = 1) -> torch.Tensor:

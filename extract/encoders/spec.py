@@ -226,3 +226,26 @@ def with_overrides(spec: EncoderSpec, overrides: Mapping[str, Any]) -> EncoderSp
     if prep_changes:
         changes["prep"] = dataclasses.replace(spec.prep, **prep_changes)
     return dataclasses.replace(spec, config=tuple(config.items()), **changes)
+
+
+def recorded_overrides(spec: EncoderSpec, provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The overrides (override key -> value) under which ``spec`` (as the registry gives it)
+    records the option values of ``provenance`` (a ``provenance()`` dict, e.g. a cache entry's
+    ``key["encoder"]``): the inverse of :func:`with_overrides` for the option fields. Options the
+    provenance does not record, or records with the spec's own value, are left out."""
+    out: dict[str, Any] = {}
+    for owner, options in OPTIONS.items():
+        if owner is not EncoderSpec and owner is not type(spec.prep):
+            continue
+        for key, (f, _) in options.items():
+            recorded = f.name if owner is EncoderSpec else f"prep_{f.name}"
+            have = getattr(spec if owner is EncoderSpec else spec.prep, f.name)
+            if recorded in provenance and provenance[recorded] != jsonable(have):
+                out[key] = provenance[recorded]
+    return out
+
+
+def changed_fields(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Sorted names of the fields two ``provenance()`` dicts disagree on (JSON-compared)."""
+    a, b = jsonable(recorded), jsonable(now)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -90,8 +90,27 @@ def package_hint(spec: EncoderSpec) -> str:
 
 
 def torch_load(path: str) -> dict:
-    """A state dict from ``path`` on CPU, tensors only (``weights_only=True``)."""
+    """A state dict from ``path`` on CPU: a ``.safetensors`` file, else a PyTorch file read with
+    ``weights_only=True`` (tensors only, never arbitrary pickles)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 (hex) of a module's state: every parameter and persistent buffer, in state-dict
+    order, as name, dtype, shape and bytes. Equal digests mean the same weights, whichever file
+    or folder they were loaded from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def hf_load(spec: EncoderSpec, load: Callable[..., Any]):
