@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,benchmark]'
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $@
 
@@ -41,6 +41,7 @@ demo: install $(TUX_DEB)
 	$(BIN)/analyze platonic --config configs/demo.toml
 	$(BIN)/analyze zeroshot --config configs/demo.toml
 	$(BIN)/analyze matching --config configs/demo.toml
+	$(BIN)/analyze benchmark --config configs/demo.toml
 	$(BIN)/analyze report --config configs/demo.toml
 
 # 27 cells (configs/study-demo.toml): extraction is shared with `make demo`; prints the path of study.html.

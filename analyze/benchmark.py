@@ -26,7 +26,7 @@ The project's side is computed from the run's cached features with the project's
 ``analyze.zeroshot.summarize``, which gives ``zeroshot.json``), so the two columns differ only by:
 
 * ties: CLIP_benchmark ranks with ``torch.topk`` / ``argmax``, whose order among equal scores is
-  the implementation's; the project's rule is a fixed one (``train.retrieval``, ``analyze.zeroshot``
+  unspecified; the project's rule is a fixed one (``train.retrieval``, ``analyze.zeroshot``
   docstrings). Each compared figure records its ``close_calls``: queries whose hit at K is decided
   by a tie or a score difference under ``CLOSE`` (the re-encoded features match the cache to about
   1e-6); with none, the two hit counts are equal.
@@ -46,6 +46,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -153,7 +154,11 @@ def evaluate(model, dataset, task: str, name: str, batch_size: int, workers: int
     dev = torch.device(model.device)
     # CLIP_benchmark moves tensors to `device` and opens torch.autocast(device): it takes a device type
     where = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-    with where:
+    with where, warnings.catch_warnings():
+        # sklearn's balanced accuracy warns when a class is predicted that no image has: such classes
+        # are candidates on purpose (as in analyze zeroshot), and averaged over the classes present
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", "A single label was found")
         if task == "zeroshot_retrieval":
             ks = [k for k in KS if k <= len(dataset)] if hasattr(dataset, "__len__") else list(KS)
             if not ks:  # CLIP_benchmark's topk cannot take K above the number of images

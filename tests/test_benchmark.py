@@ -139,7 +139,7 @@ def test_clip_benchmark_classification_equals_analyze_zeroshot_figures():
 
 def test_topk_accuracy_stand_in_and_templates():
     out = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.4, 0.6]])
-    assert topk_accuracy(out, torch.tensor([0, 0, 1]), topk=(1, 2)) == [1 / 3, 1.0]
+    assert topk_accuracy(out, torch.tensor([0, 0, 1]), topk=(1, 2, 3)) == [1 / 3, 2 / 3, 1.0]
     assert cb_templates(["a photo of a {}.", "{} {curly}"]) == ["a photo of a {c}.", "{c} {{curly}}"]
     assert cb_templates(["{} {curly}"])[0].format(c="dog") == "dog {curly}"
 
@@ -211,7 +211,8 @@ def test_benchmark_of_the_own_split_equals_metrics_json_and_analyze_zeroshot(tin
     assert doc["unexplained"] == [] and doc["skipped"] == {}
     retrieval, zs = doc["results"]["zeroshot_retrieval"], doc["results"]["zeroshot_classification"]
     assert retrieval["n_images"] == len(CLASSES) * PER_CLASS["test"] and retrieval["n_texts"] == CAPTIONS * retrieval["n_images"]
-    assert all(r["close_calls"] == 0 and r["agree"] for r in retrieval["compare"] + zs["compare"])
+    assert all(r["close_calls"] == 0 and r["agree"] is not False for r in retrieval["compare"] + zs["compare"])
+    assert zs["metrics"]["acc5"] is None  # NaN (stored as null): CLIP_benchmark has no top-5 below 5 classes
     # against metrics.json, written by fit-adapters: the same hit counts
     test = read_run(find_run(cfg.data.cache, "b").path).metrics.adapters
     for f, p in RETRIEVAL_FIGURES.items():
@@ -221,7 +222,7 @@ def test_benchmark_of_the_own_split_equals_metrics_json_and_analyze_zeroshot(tin
     # against analyze zeroshot: to the last digit
     direct = zero_shot(cfg, "b")["results"]["adapters"]
     m = zs["metrics"]
-    assert (m["acc1"], m["acc5"], m["mean_per_class_recall"]) == (direct["top1"], direct["top5"], direct["balanced"])
+    assert (m["acc1"], m["mean_per_class_recall"]) == (direct["top1"], direct["balanced"])
     assert zs["templates"] and zs["classes"] == list(CLASSES)
     # the report shows the figures beside the project's
     md = build_report(cfg, "b").read_text()
