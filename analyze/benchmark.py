@@ -169,7 +169,8 @@ def evaluate(model, dataset, task: str, name: str, batch_size: int, workers: int
                                                  dev.type, amp=False)
 
 
-def _own_tasks(cfg: PipelineConfig, rv, model, task: str, templates, batch: int, workers: int) -> tuple[dict, dict]:
+def _own_tasks(cfg: PipelineConfig, rv, model, task: str, templates, force: bool, batch: int,
+               workers: int) -> tuple[dict, dict]:
     """(results, skipped) of the own split: retrieval and/or classification, each with the
     project's figures on the same cached rows."""
     split = cfg.analyze.split
@@ -199,7 +200,7 @@ def _own_tasks(cfg: PipelineConfig, rv, model, task: str, templates, batch: int,
         tpl = read_templates(templates)
         cb = evaluate(model, labelled_dataset(own, labels, classes, tpl), "zeroshot_classification", OWN, batch, workers)
         prompts = prompt_features(cfg.data.cache, cfg.data.dataset, rv.entry(split, "text"), classes, tpl,
-                                  cfg.extract.device, False, rv.layer("text"))
+                                  cfg.extract.device, force, rv.layer("text"))
         S = class_scores(rv.embed("image", pairs.image), class_embeddings(rv.embed("text", prompts), len(classes)))
         ours = {k: v for k, v in summarize(S, labels, classes).items() if k in CLASSIFICATION_FIGURES.values()}
         close = classification_close_calls(S, labels)
@@ -231,13 +232,15 @@ def _external_task(cfg: PipelineConfig, model, name: str, root: str, task: str, 
 
 
 def benchmark(cfg: PipelineConfig, run: str | None = None, name: str = OWN, dataset_root: str | None = None,
-              task: str = "auto", templates: str | Path | None = None, model_dir: str | Path | None = None) -> dict:
+              task: str = "auto", templates: str | Path | None = None, model_dir: str | Path | None = None,
+              force: bool = False) -> dict:
     """``analyze benchmark``: CLIP_benchmark on the aligned model of run ``run`` (default
     train.name), or of the exported folder ``model_dir``, for dataset ``name`` (``own`` = the run's
     ``analyze.split``; else a CLIP_benchmark dataset under ``dataset_root``, split
     ``analyze.split``). task: ``TASK_CHOICES``; templates: a template file (None = analyze
-    zeroshot's default set on the own split, CLIP_benchmark's own set elsewhere). Writes the JSON
-    (module docstring) and returns it (plus ``out``)."""
+    zeroshot's default set on the own split, CLIP_benchmark's own set elsewhere); force: recompute
+    the cached prompt features of the project's side (as ``analyze zeroshot --force``). Writes the
+    JSON (module docstring) and returns it (plus ``out`` and ``path``)."""
     if task not in TASK_CHOICES:
         raise BenchmarkError(f"--task must be one of {', '.join(TASK_CHOICES)}; got {task!r}.")
     if name != OWN and not dataset_root:
@@ -263,7 +266,7 @@ def benchmark(cfg: PipelineConfig, run: str | None = None, name: str = OWN, data
         out = output_dir(cfg, "runs", rv.name)
     model.eval()
     if name == OWN:
-        results, skipped = _own_tasks(cfg, rv, model, task, templates, batch, workers)
+        results, skipped = _own_tasks(cfg, rv, model, task, templates, force, batch, workers)
     else:
         results, skipped = _external_task(cfg, model, name, str(dataset_root), task, templates, batch, workers), {}
     odd = unexplained(results)

@@ -287,9 +287,10 @@ def matching(run, seeds, kernel, base_rows, **kw):
               help="Prompt templates, one per line with {} for the class name (default: analyze zeroshot's set on "
                    "the own split, CLIP_benchmark's on its datasets).")
 @_option("--label-from", key="data.label_from", text="Class labels: a metadata column, or dir (first folder of file_name).")
+@click.option("--force", is_flag=True, help="Recompute the cached prompt features (needed when they are stale).")
 @common_options
 @friendly_errors
-def benchmark_command(name, run, model_dir, dataset_root, task, templates, label_from, **kw):
+def benchmark_command(name, run, model_dir, dataset_root, task, templates, label_from, force, **kw):
     """LAION's CLIP_benchmark on the run's aligned model: DATASET is `own` (default: the run's
     --split, its figures shown beside the project's on the same rows) or any dataset CLIP_benchmark
     knows (cifar10, flickr30k, mscoco_captions, imagenet1k, wds/..., split --split) read from
@@ -298,7 +299,7 @@ def benchmark_command(name, run, model_dir, dataset_root, task, templates, label
     Example: analyze benchmark --config configs/demo.toml
     """
     cfg = _config(kw, {"data.label_from": label_from})
-    res = benchmark(cfg, run, name, dataset_root, task, templates, model_dir)
+    res = benchmark(cfg, run, name, dataset_root, task, templates, model_dir, force)
     who = res.get("run") or res.get("model")
     click.echo(f"CLIP_benchmark {res['clip_benchmark']} on {name} ({cfg.analyze.split}), model {who} "
                f"({res['seconds']:.1f} s)")
