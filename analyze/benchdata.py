@@ -171,26 +171,26 @@ def labelled_dataset(own: OwnSplit, labels: np.ndarray, classes: Sequence[str],
 
 
 # ----------------------------------------------------------------------------- CLIP_benchmark's datasets
-def _refused(name: str, root: str, what: str) -> BenchmarkError:
+def _refused(name: str, root: str, split: str, what: str) -> BenchmarkError:
     fetch = (f"python -c \"from clip_benchmark.datasets.builder import build_dataset; "
-             f"build_dataset('{name}', root='{root}', split='test', download=True)\"")
+             f"build_dataset('{name}', root='{root}', split='{split}', download=True)\"")
     return BenchmarkError(f"Dataset {name!r} is not complete under --dataset-root {root} ({what}); analyze "
                           f"benchmark never downloads. Fetch it on a machine with network ({fetch}) and copy "
-                          f"the folder to {root} (the files each dataset needs: analyze/benchdata.py).")
+                          f"the folder to {root} (the files each dataset needs: docs/aligned-model.md).")
 
 
 @contextlib.contextmanager
-def offline(name: str, root: str):
+def offline(name: str, root: str, split: str = "test"):
     """No new processes and no network connections inside the block: CLIP_benchmark's download
     attempts (``subprocess`` wget / kaggle / unzip, ``requests``) raise ``BenchmarkError`` instead."""
     def no_process(args, *a, **kw):
         cmd = args if isinstance(args, str) else " ".join(map(str, args))
         tool = cmd.split()[1] if cmd.startswith("which ") and len(cmd.split()) > 1 else None
-        raise _refused(name, root, f"CLIP_benchmark would download it with {tool}" if tool
+        raise _refused(name, root, split, f"CLIP_benchmark would download it with {tool}" if tool
                        else f"CLIP_benchmark would run `{cmd}`")
 
     def no_network(self, address, *a, **kw):
-        raise _refused(name, root, f"CLIP_benchmark would connect to {address}")
+        raise _refused(name, root, split, f"CLIP_benchmark would connect to {address}")
 
     printed = io.StringIO()  # its "Downloading ..." prints would mislead: kept for the debug log
     try:
@@ -221,7 +221,7 @@ def clip_benchmark_dataset(name: str, root: str, split: str, transform: Callable
     builder = clip_benchmark()["builder"]
     root = str(root).format(dataset=name, dataset_cleaned=name.replace("/", "-"))
     try:
-        with offline(name, root):
+        with offline(name, root, split):
             ds = builder.build_dataset(name, root=root, transform=transform, split=split, download=False, task=task)
     except BenchmarkError:
         raise
@@ -235,7 +235,7 @@ def clip_benchmark_dataset(name: str, root: str, split: str, transform: Callable
     except ImportError as exc:
         raise BenchmarkError(f"CLIP_benchmark's {name!r} needs another package: {exc}.") from None
     except (RuntimeError, OSError) as exc:  # torchvision: "Dataset not found or corrupted"
-        raise _refused(name, root, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise _refused(name, root, split, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     if task == "zeroshot_classification" and templates is not None:
         ds.templates = cb_templates(templates)
     return ds

@@ -245,7 +245,7 @@ def benchmark(cfg: PipelineConfig, run: str | None = None, name: str = OWN, data
         raise BenchmarkError(f"--task must be one of {', '.join(TASK_CHOICES)}; got {task!r}.")
     if name != OWN and not dataset_root:
         raise BenchmarkError(f"CLIP_benchmark dataset {name!r} needs --dataset-root, the folder that holds its files "
-                             f"(what each dataset needs: analyze/benchdata.py).")
+                             f"(what each dataset needs: docs/aligned-model.md).")
     if name == OWN and model_dir is not None:
         raise BenchmarkError("The own split is benchmarked for a run (--run), whose cached features give the "
                              "project's figures beside CLIP_benchmark's; --model benchmarks CLIP_benchmark datasets.")
