@@ -15,8 +15,8 @@ standardisation (``train.data.Stats``) and the adapter (``train.adapters.AlignMo
 ``embed_images`` / ``embed_texts`` on a split's raw images and captions reproduce its
 ``<entry>@<run>`` entries row for row (tests/test_aligned.py: fp32 on CPU, within 1e-5).
 
-Building one: :meth:`AlignedModel.from_run` (a run of a cache), ``from_pretrained`` (an exported
-folder: ``aligned.pretrained``).
+Building one: :meth:`AlignedModel.from_run` (a run of a cache), :meth:`AlignedModel.from_pretrained`
+(a folder written by ``aligned.export``; its layout: ``aligned.folder``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from aligned import batches
 from aligned.errors import AlignedError
+from aligned.folder import read_folder
 from aligned.inputs import Preprocess, Tokenizer
 from aligned.sources import MODALITIES, Side, locate_run, side_of
 from extract.encoders import Encoder, forward_batch, load_encoder
@@ -82,6 +83,14 @@ class AlignedModel(torch.nn.Module):
         encoders = {m: load_encoder(s.spec, dev) for m, s in sides.items()}
         info = {"run": folder.name, "run_dir": str(folder.resolve()), "adapters": loaded.config}
         return cls(encoders, sides, loaded.model, loaded.stats, info).to(dev)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str = "auto") -> "AlignedModel":
+        """The model exported to ``folder`` (``export --run NAME FOLDER``, ``aligned.export``); no
+        cache is needed. Refused when a file was edited (SHA256SUMS), or when the encoder weights
+        are neither in the folder (``--include-weights``) nor on this machine, or differ from the
+        exported ones (``aligned.folder``)."""
+        return cls(*read_folder(folder, device))
 
     # ------------------------------------------------------------------ the open_clip surface
     @property

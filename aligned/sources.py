@@ -102,7 +102,7 @@ def locate_run(run: str | Path, cache: str | Path | None = None) -> Path:
             raise AlignedError(f"Run folder {str(path)!r} belongs to cache {str(own)!r}, not to cache {str(cache)!r}; "
                                f"pass --cache {own} (or cache={str(own)!r}), or the name of a run of {str(cache)!r}.")
         return path
-    if path.is_dir() or len(path.parts) > 1:
+    if isinstance(run, Path) or len(path.parts) > 1:  # a bare name is a run name, even beside a same-named folder
         raise AlignedError(f"{str(path)!r} is not a run folder (it holds no {ADAPTER_JSON}); pass a run name or "
                            f"the folder <cache>/runs/<name> written by fit-adapters.")
     return find_run(cache if cache is not None else config_default("data.cache"), str(run)).path

@@ -37,7 +37,7 @@ from pipeline.cache import Entry, entry_filename, find_entry, resolved_data_dir,
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
-from pipeline.runs import check_aligned
+from pipeline.runs import check_aligned, report_dir
 from pipeline.runtime import finite_rows, utc_now, write_json
 from similarity.metrics import METRICS, get_metric
 
@@ -222,9 +222,7 @@ def kernel_figure(features: Mapping[str, np.ndarray], order_by: str, rows: int, 
 # ----------------------------------------------------------------------------- outputs
 def output_dir(cfg: PipelineConfig, *parts: str) -> Path:
     """``<analyze.out>/<dataset>/<split>/<parts...>`` (created)."""
-    path = Path(cfg.analyze.out) / entry_filename(cfg.data.dataset) / cfg.analyze.split
-    for p in parts:
-        path = path / entry_filename(p)
+    path = report_dir(cfg.analyze.out, cfg.data.dataset, cfg.analyze.split, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

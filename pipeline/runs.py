@@ -123,6 +123,16 @@ def run_dir(cache: str | Path, name: str) -> Path:
     return runs_dir(cache) / entry_filename(name)
 
 
+def report_dir(out: str | Path, dataset: str, split: str, *parts: str) -> Path:
+    """``<analyze.out>/<dataset>/<split>/<parts...>`` (names made file-safe), not created: where
+    analyze writes its outputs, e.g. ``parts = ("runs", <run>)`` for a run's platonic.json and
+    zeroshot.json, which an export's model card reads."""
+    path = Path(out) / entry_filename(dataset) / split
+    for p in parts:
+        path = path / entry_filename(p)
+    return path
+
+
 # ----------------------------------------------------------------------------- metrics.json
 def _recalls(values: Mapping) -> dict[str, float]:
     """{key: float}; null (a non-finite value written as JSON null) reads back as NaN."""

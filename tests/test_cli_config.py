@@ -8,6 +8,7 @@ import re
 import click
 import pytest
 
+from aligned.cli import main as export_cli
 from analyze.cli import main as analyze_cli
 from extract.cli import main as extract_cli
 from pipeline.config import CHOICES, ConfigError, config_default
@@ -18,7 +19,7 @@ KEY = re.compile(r"\[(?:config: )?([a-z_]+\.[a-z_]+)(?:(?::|; default:) ([^\]]*)
 
 
 def _options():
-    commands = [("extract", extract_cli), ("fit-adapters", fit_cli)]
+    commands = [("extract", extract_cli), ("fit-adapters", fit_cli), ("export", export_cli)]
     commands += [(f"analyze {n}", c) for n, c in analyze_cli.commands.items()]
     for name, command in commands:
         for param in command.params:

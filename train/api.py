@@ -177,20 +177,28 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
         verify_run(run_dir)  # RunIntegrityError when the weights are not the file adapters.json describes
     else:
         log.warning("%s records no sha256 of the adapters (an old run): the weights cannot be checked", cfg_path)
-    tc = train_config_of(doc, str(cfg_path))
+    tc, model, stats = build_adapters(doc, w_path, str(cfg_path))
+    return Run(run_dir, doc, tc, model.to(resolve_device(device)).eval(), stats)
+
+
+def build_adapters(doc: Mapping, weights: Path, where: str = ADAPTER_JSON) -> tuple[TrainConfig, AlignModel, Stats]:
+    """(settings, AlignModel with the weights of ``weights``, standardisation) from an adapters.json
+    document ``doc`` (``where`` names it in errors); AdapterMismatchError when the weights do not
+    fit it. ``load_run`` uses it, and so does an exported aligned model (``aligned``)."""
+    tc = train_config_of(doc, where)
     mods = doc["modalities"]
     model = AlignModel({m: s["dim"] for m, s in mods.items()}, tc)
     try:
-        state = load_file(str(w_path))
+        state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own SafetensorError for a damaged or foreign file
-        raise AdapterMismatchError(f"{str(w_path)!r} is not a readable safetensors file ({exc}); "
+        raise AdapterMismatchError(f"{str(weights)!r} is not a readable safetensors file ({exc}); "
                                    f"rerun fit-adapters to rewrite the run.") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         dims = ", ".join(f"{m}={s['entry']} ({s['dim']}-d)" for m, s in mods.items())
-        raise AdapterMismatchError(f"{str(w_path)!r} does not match {str(cfg_path)!r} (expected adapters for "
+        raise AdapterMismatchError(f"{str(weights)!r} does not match {where!r} (expected adapters for "
                                    f"{dims}): the weights come from another run or encoder. {exc}") from None
     stats = Stats({m: np.asarray(s["mean"], np.float32) for m, s in mods.items()},
                   {m: np.asarray(s["std"], np.float32) for m, s in mods.items()})
-    return Run(run_dir, doc, tc, model.to(resolve_device(device)).eval(), stats)
+    return tc, model, stats

@@ -12,13 +12,13 @@ config before loading and must equal the spec's ``dim`` (EncoderSpecError naming
 from __future__ import annotations
 
 from extract.encoders.encoder import Encoder, finish, pool_tokens
-from extract.encoders.hf_common import hf_model
+from extract.encoders.hf_common import PretrainedCopy, hf_model
 from extract.encoders.preprocess import CLIP_MEAN, CLIP_STD
 from extract.encoders.registry import register, register_alias, register_loader
 from extract.encoders.spec import EncoderSpec, EncoderSpecError, ImagePrep, TextPrep
 
 
-class CLIPImageEncoder(Encoder):
+class CLIPImageEncoder(PretrainedCopy, Encoder):
     """CLIP vision tower with projection: image_embeds; layers = CLS tokens, last = post-layernormed CLS."""
 
     def __init__(self, spec, model, source):
@@ -33,7 +33,7 @@ class CLIPImageEncoder(Encoder):
         return out.image_embeds, [pool_tokens(h, "cls") for h in out.hidden_states[1:-1]] + [last.float()]
 
 
-class CLIPTextEncoder(Encoder):
+class CLIPTextEncoder(PretrainedCopy, Encoder):
     """CLIP text tower with projection: text_embeds (EOS token); layers pooled at the last real token."""
 
     def __init__(self, spec, model, tokenizer, source):

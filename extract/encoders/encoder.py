@@ -9,13 +9,14 @@ normalisation (sentence encoders).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from extract.encoders.preprocess import normalize_pixels
-from extract.encoders.spec import EncoderSpec
+from extract.encoders.spec import EncoderSpec, EncoderSpecError
 from pipeline.runtime import autocast, resolve_device
 
 
@@ -79,6 +80,14 @@ class Encoder(torch.nn.Module):
 
     def _encode(self, batch, all_layers: bool):  # -> (final (B, D), layers list | None)
         raise NotImplementedError
+
+    def save_weights(self, folder: Path) -> Path:
+        """Write a copy of the loaded weights (safetensors, plus whatever else this family's loader
+        reads, e.g. a tokenizer) into ``folder``; returns the path to load it from as the spec's
+        ``weights`` (``get_spec(name, weights=path)``), on a machine without the original files.
+        EncoderSpecError for a family that cannot (randomly initialised encoders need no copy)."""
+        raise EncoderSpecError(f"{self.spec.name}: the {self.spec.family!r} family cannot save a copy of its weights"
+                               f"{' (randomly initialised: nothing to save)' if self.spec.weights == 'random' else ''}")
 
 
 def forward_batch(encoder: Encoder, batch, precision: str = "fp32",

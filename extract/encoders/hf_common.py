@@ -7,6 +7,7 @@ is loaded with ``from_pretrained`` through the weights chain (:func:`weights.hf_
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -14,6 +15,23 @@ import torch
 from extract.encoders.preprocess import ByteTokenizer, HFTokenizer
 from extract.encoders.spec import EncoderSpec
 from extract.encoders.weights import RANDOM_SOURCE, hf_load, seeded
+
+
+class PretrainedCopy:
+    """``save_weights`` for the transformers families (mixed into their Encoder subclasses): the
+    model's ``save_pretrained`` folder (config.json + model.safetensors) and its tokenizer's files,
+    which ``from_pretrained`` (``weights.hf_load``, a local folder) reads back."""
+
+    def save_weights(self, folder: Path) -> Path:
+        if self.spec.weights == "random":
+            return super().save_weights(folder)  # nothing to copy: refused with the reason
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder)
+        tokenizer = getattr(self.tokenizer, "tokenizer", None)  # HFTokenizer wraps the transformers one
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        return folder
 
 
 def _random_config(spec: EncoderSpec):

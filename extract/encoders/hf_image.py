@@ -15,14 +15,14 @@ import dataclasses
 import inspect
 
 from extract.encoders.encoder import Encoder, finish, pool_tokens
-from extract.encoders.hf_common import hf_model
+from extract.encoders.hf_common import PretrainedCopy, hf_model
 from extract.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from extract.encoders.registry import register, register_alias, register_generic, register_loader
 from extract.encoders.spec import INTERPOLATIONS, EncoderSpec, ImagePrep
 from extract.encoders.weights import WeightsNotFoundError, hf_load
 
 
-class HFImageEncoder(Encoder):
+class HFImageEncoder(PretrainedCopy, Encoder):
     """transformers ViT-style image model: CLS token or patch mean of the (final-normed) last_hidden_state."""
 
     def __init__(self, spec, model, source):

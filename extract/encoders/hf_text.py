@@ -13,14 +13,14 @@ Generic name ``hf-text:<hub id or local folder>``: ``AutoModel`` + ``AutoTokeniz
 from __future__ import annotations
 
 from extract.encoders.encoder import Encoder, finish, pool_tokens
-from extract.encoders.hf_common import hf_model
+from extract.encoders.hf_common import PretrainedCopy, hf_model
 from extract.encoders.registry import register, register_alias, register_generic, register_loader
 from extract.encoders.spec import EncoderSpec, TextPrep
 
 GENERIC_MAX_TOKENS = 512  # default truncation (tokens) of generic hf-text:<id> encoders
 
 
-class HFTextEncoder(Encoder):
+class HFTextEncoder(PretrainedCopy, Encoder):
     """transformers text model: masked mean / CLS / last-real-token of last_hidden_state."""
 
     def __init__(self, spec, model, tokenizer, source):

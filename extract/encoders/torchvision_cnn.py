@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -51,6 +52,18 @@ class CNNEncoder(Encoder):
                 h.remove()
         pooled = [o.float().mean(dim=(2, 3)) for o in (captured if all_layers else captured[-1:])]
         return pooled[-1], pooled
+
+    def save_weights(self, folder: Path) -> Path:
+        """``model.safetensors``: the state dict this family's loader reads from a local file (a
+        torchvision model without its classifier, which the loader then leaves out too)."""
+        if self.spec.weights == "random":
+            return super().save_weights(folder)
+        from safetensors.torch import save_file
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path = Path(folder) / "model.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(path))
+        return path
 
 
 def _torchvision_stages(model: torch.nn.Module) -> tuple[list, str]:
@@ -107,6 +120,9 @@ def _load_torchvision(spec: EncoderSpec, device) -> Encoder:
     fc = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
     kwargs = {"num_classes": fc[-1].shape[0]} if fc else {}
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    head = _torchvision_stages(model)[1]
+    if not any(k.startswith(f"{head}.") for k in state):  # saved without its classifier (CNNEncoder.save_weights)
+        setattr(model, head, torch.nn.Identity())
     model.load_state_dict(state, strict=True)
     return _cnn_encoder(spec, model, source, device)
 
@@ -156,7 +172,7 @@ def _load_efficientnet_lite(spec: EncoderSpec, device) -> Encoder:
     ends = [b for i, b in enumerate(blocks)
             if i == len(blocks) - 1 or blocks[i + 1]._block_args.output_filters != b._block_args.output_filters]
     trunk = _EfficientNetTrunk(model).to(memory_format=torch.channels_last)
-    return finish(CNNEncoder(spec, trunk, trunk, ends + [trunk], source), device)
+    return finish(CNNEncoder(spec, model, trunk, ends + [trunk], source), device)  # .model: what the file holds
 
 
 # --------------------------------------------------------------------------- registration
