@@ -15,6 +15,7 @@ from PIL import Image
 
 pytest.importorskip("clip_benchmark", reason="the [benchmark] extra (pip install clip-benchmark) is not installed")
 
+from aligned.export import export  # noqa: E402
 from analyze.benchdata import OWN, BenchmarkError, cb_templates, clip_benchmark, offline, topk_accuracy  # noqa: E402
 from analyze.benchmark import (RETRIEVAL_FIGURES, benchmark, classification_close_calls, evaluate,  # noqa: E402
                                retrieval_close_calls)
@@ -246,6 +247,11 @@ def test_a_clip_benchmark_dataset_from_files_gives_the_own_split_figures(tiny, t
     assert flickr["results"]["zeroshot_retrieval"]["n"] == len(CLASSES) * PER_CLASS["test"]
     assert flickr["results"]["zeroshot_retrieval"]["metrics"] == pytest.approx(own, abs=1e-7)
     assert flickr["path"].name == "benchmark-flickr30k-test.json"
+    # the exported model (--model FOLDER) gives the same figures
+    folder = export("b", tmp_path / "exported", cfg.data.cache)
+    again = benchmark(cfg, None, "flickr30k", str(root), model_dir=folder)
+    assert again["results"]["zeroshot_retrieval"]["metrics"] == flickr["results"]["zeroshot_retrieval"]["metrics"]
+    assert again["path"].parent.name == "exported" and again["path"].parent.parent.name == "models"
 
 
 def test_own_split_without_labels_skips_classification_with_the_reason(tiny):
