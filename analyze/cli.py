@@ -4,7 +4,7 @@ Each subcommand parses options into the pipeline config and calls one library fu
 ``cka`` -> analyze.compare.compare_entries, ``platonic`` -> analyze.platonic.platonic_test,
 ``layers`` -> analyze.layers.compare_layers, ``pairs`` -> analyze.pairs.rank_pairs,
 ``report`` -> analyze.report.build_report, ``zeroshot`` -> analyze.zeroshot.zero_shot,
-``matching`` -> analyze.matching.run_matching. Outputs go under ``<analyze.out>/<dataset>/<split>/``
+``matching`` -> analyze.matching.run_matching, ``benchmark`` -> analyze.benchmark.benchmark. Outputs go under ``<analyze.out>/<dataset>/<split>/``
 (layout in analyze.compare's docstring).
 """
 
@@ -14,6 +14,8 @@ from typing import Callable
 
 import click
 
+from analyze.benchdata import OWN
+from analyze.benchmark import TASK_CHOICES, benchmark
 from analyze.compare import compare_entries
 from analyze.layers import compare_layers
 from analyze.matching import BASE_ROWS, KERNELS, QAP_ROWS, SEED_FRACTION, run_matching
@@ -170,7 +172,7 @@ def layers(pair, permutations, **kw):
         click.echo(f"{m}: best layer pair ({b['layer_a']}, {b['layer_b']}) = {b['score']:.3f}; "
                    f"last layer pair ({last['layer_a']}, {last['layer_b']}) = {last['score']:.3f}{cal}")
     click.echo(next(iter(res["metrics"].values()))["note"])
-    click.echo(f"wrote {res['out']}")
+    click.echo(f"wrote {res['path']}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -188,7 +190,7 @@ def pairs(**kw):
         click.echo(f"{r['rank']:<5}{r['image']:<22}{r['text']:<22}" + "".join(f"{r[m]:>14.3f}" for m in metrics)
                    + (f"{best:>13.3f}" if best is not None else f"{'-':>13}"))
     click.echo(res["spearman_note"] + (f": rho = {res['spearman_rho']:.3f}" if res["spearman_rho"] is not None else ""))
-    click.echo(f"wrote {res['out']}")
+    click.echo(f"wrote {res['path']}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -269,3 +271,45 @@ def matching(run, seeds, kernel, base_rows, **kw):
         click.echo(f"seeded matching ({name}): {m['accuracy']:.3f} of {m['n'] - m['seeds']} unseeded rows "
                    f"(chance {m['chance']:.3f}, {m['seeds']} seeds, {m['seconds']:.1f} s)")
     click.echo(f"wrote {res['out']}/matching.json")
+
+
+@main.command(name="benchmark", context_settings=CONTEXT)
+@click.argument("name", default=OWN, required=False, metavar="[DATASET]")
+@click.option("--run", help="fit-adapters run name (default: train.name, else <image>-<text>-<adapter>).")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
+              help="An exported model folder (`export`) instead of a run; CLIP_benchmark datasets only.")
+@click.option("--dataset-root", type=click.Path(),
+              help="Folder holding a CLIP_benchmark dataset's files ({dataset} is replaced by its name); never downloaded.")
+@click.option("--task", type=click.Choice(TASK_CHOICES), default="auto", show_default=True,
+              help="auto: own split = retrieval, plus classification when the images have labels; "
+                   "a CLIP_benchmark dataset = its own task.")
+@click.option("--templates", type=click.Path(exists=True, dir_okay=False),
+              help="Prompt templates, one per line with {} for the class name (default: analyze zeroshot's set on "
+                   "the own split, CLIP_benchmark's on its datasets).")
+@_option("--label-from", key="data.label_from", text="Class labels: a metadata column, or dir (first folder of file_name).")
+@click.option("--force", is_flag=True, help="Recompute the cached prompt features (needed when they are stale).")
+@common_options
+@friendly_errors
+def benchmark_command(name, run, model_dir, dataset_root, task, templates, label_from, force, **kw):
+    """LAION's CLIP_benchmark on the run's aligned model: DATASET is `own` (default: the run's
+    --split, its figures shown beside the project's on the same rows) or any dataset CLIP_benchmark
+    knows (cifar10, flickr30k, mscoco_captions, imagenet1k, wds/..., split --split) read from
+    --dataset-root. Needs the [benchmark] extra (pip install clip-benchmark).
+
+    Example: analyze benchmark --config configs/demo.toml
+    """
+    cfg = _config(kw, {"data.label_from": label_from})
+    res = benchmark(cfg, run, name, dataset_root, task, templates, model_dir, force)
+    who = res.get("run") or res.get("model")
+    click.echo(f"CLIP_benchmark {res['clip_benchmark']} on {name} ({cfg.analyze.split}), model {who} "
+               f"({res['seconds']:.1f} s)")
+    for task_name, r in res["results"].items():
+        click.echo(f"{task_name}:")
+        click.echo(f"  {'figure':<30}{'CLIP_benchmark':>16}{'project':>10}{'close calls':>13}")
+        for c in r["compare"]:
+            ours = f"{c['project']:>10.4f}" if isinstance(c["project"], float) else f"{'-':>10}"
+            close = c["close_calls"] if c["close_calls"] is not None else "-"
+            click.echo(f"  {c['figure']:<30}{c['clip_benchmark']:>16.4f}{ours}{close:>13}")
+    for task_name, why in res["skipped"].items():
+        click.echo(f"{task_name} skipped: {why}")
+    click.echo(f"wrote {res['path']}")

@@ -1,11 +1,13 @@
-"""The report's evaluation sections: zero-shot classification, training-free matching, the
-retrieval gallery and the cost table (called by ``analyze.report.build_report``).
+"""The report's evaluation sections: zero-shot classification, training-free matching,
+CLIP_benchmark's figures beside the project's, the retrieval gallery and the cost table (called
+by ``analyze.report.build_report``).
 
-Zero-shot and matching numbers are read from ``analyze zeroshot`` / ``analyze matching``
-outputs (``runs/<run>/zeroshot.json``, ``matching.json``) when they were made for the same
-cache, dataset, split and adapters (the adapters' sha256); otherwise the section names the
-command that makes them, so building a report never starts a long computation. ``doc`` is an
-``analyze.report.Document`` (headings, paragraphs, tables, figures, raw blocks).
+Zero-shot, matching and benchmark numbers are read from ``analyze zeroshot`` / ``analyze
+matching`` / ``analyze benchmark`` outputs (``runs/<run>/zeroshot.json``, ``matching.json``,
+``benchmark-*.json``) when they were made for the same cache, dataset, split and adapters (the
+adapters' sha256); otherwise the section names the command that makes them, so building a
+report never starts a long computation. ``doc`` is an ``analyze.report.Document`` (headings,
+paragraphs, tables, figures, raw blocks).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TRAINING_FREE_NAMES = {"local_cka": "local CKA (training-free)", "relative": "ASIF relative (training-free)"}
 PER_CLASS_ROWS = 30  # classes listed in the per-class accuracy table (most frequent first)
+BENCHMARK_FILES = "benchmark-*.json"  # analyze benchmark's outputs (analyze.benchmark.output_name)
 ZEROSHOT_NAMES = {"adapters": "trained adapters", "cca": "CCA", "procrustes": "PCA + Procrustes",
                   "relative": "ASIF relative (training-free)"}
 
@@ -100,6 +103,38 @@ def section_matching(doc, cfg: PipelineConfig, run: str) -> None:
              f"rows (local CKA on {res['base_rows']} train pairs; ASIF on {res['anchors']} anchors) when they cover the split.")
 
 
+def section_benchmark(doc, cfg: PipelineConfig, run: str) -> None:
+    """CLIP_benchmark's figures (``analyze benchmark``, every current ``benchmark-*.json`` of the
+    run) beside the project's on the same rows."""
+    doc.heading("The field's benchmark suite (CLIP_benchmark)")
+    folder = output_dir(cfg, "runs", run)
+    rows, notes = [], []
+    for path in sorted(folder.glob(BENCHMARK_FILES)):
+        res, why = _saved(cfg, run, path.name)
+        if res is None:
+            notes.append(f"{path.name}: {why}")
+            continue
+        where = f"{res['benchmark']} ({res['split']})"
+        for task, r in res["results"].items():
+            rows += [[where, task.removeprefix("zeroshot_"), f"{c['figure']} ({c['project_figure']})", c["clip_benchmark"],
+                      c["project"], c["close_calls"]] for c in r["compare"]]
+    if not rows:
+        doc.para("Not available" + (f" ({'; '.join(notes)})" if notes else " (not computed yet)") +
+                 f": run `analyze benchmark --run {run}` (the run's own split; `analyze benchmark DATASET "
+                 f"--dataset-root DIR` for a dataset CLIP_benchmark knows), with the same --config.")
+        return
+    doc.table(["dataset (split)", "task", "CLIP_benchmark figure (project's)", "CLIP_benchmark", "project, same rows",
+               "close calls"], rows)
+    doc.para("LAION's CLIP_benchmark metric functions run on the run's aligned model (re-encoding the raw images "
+             "and captions); the project's column is computed from the cached features (metrics.json's test recall, "
+             "analyze zeroshot). image_retrieval_recall@K is text-to-image R@K, text_retrieval_recall@K image-to-text; "
+             "acc1 / acc5 / mean_per_class_recall are top-1 / top-5 / balanced accuracy (acc5 is n/a below 5 classes). "
+             "The two columns can differ only where a tie or a score difference under 1e-5 decides a hit (close calls): "
+             "CLIP_benchmark breaks ties by torch.topk's order, the project by its fixed rule.")
+    if notes:
+        doc.para("Left out: " + "; ".join(notes) + ".")
+
+
 def section_gallery(doc, cfg: PipelineConfig, run: str) -> None:
     doc.heading("Retrieval gallery")
     try:
@@ -166,5 +201,5 @@ def _seconds(v) -> str:
 def eval_sections(doc, cfg: PipelineConfig, run: str | None) -> None:
     """Every section of this module, in report order."""
     run = run_name(cfg.train, run)
-    for section in (section_zeroshot, section_matching, section_gallery, section_costs):
+    for section in (section_zeroshot, section_matching, section_benchmark, section_gallery, section_costs):
         section(doc, cfg, run)

@@ -147,6 +147,24 @@ def _method_scores(rv: RunView, test, prompts: np.ndarray, n_classes: int) -> di
     return out
 
 
+def split_labels(cfg: PipelineConfig, test) -> tuple[list[str], np.ndarray]:
+    """(classes, labels): the dataset's classes (``data.label_from``, every split) and the (n_images,)
+    class index of each image of ``test`` (a ``SplitPairs`` of ``analyze.split``), in its row order."""
+    d, split = cfg.data, cfg.analyze.split
+    options = {"on_empty": d.on_empty, "missing": d.missing}
+    classes = dataset_classes(d.dataset, d.data_dir, d.label_from, options)
+    if len(classes) < 2:
+        raise EvalError(f"Zero-shot classification needs at least two classes; the labels "
+                        f"(data.label_from = {d.label_from!r}) give {classes}.")
+    by_id = image_labels(d.dataset, d.data_dir, split, d.label_from, options)
+    missing = [i for i in test.image_ids if i not in by_id]
+    if missing:
+        raise EvalError(f"{len(missing)} cached {split} images have no label in {d.data_dir} (first: {missing[0]!r}); "
+                        f"the cache and the dataset differ. Re-extract, or point --set data.data_dir to the data.")
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, np.asarray([index[by_id[i]] for i in test.image_ids])
+
+
 def zero_shot(cfg: PipelineConfig, run: str | None = None, templates: str | Path | None = None,
               force: bool = False) -> dict:
     """``analyze zeroshot``: zero-shot accuracy of a run (and the baselines, and ASIF) on the
@@ -157,19 +175,8 @@ def zero_shot(cfg: PipelineConfig, run: str | None = None, templates: str | Path
     tpl = read_templates(templates)  # checked before any work
     rv = open_run(cfg, run)
     d, split = cfg.data, cfg.analyze.split
-    options = {"on_empty": d.on_empty, "missing": d.missing}
-    classes = dataset_classes(d.dataset, d.data_dir, d.label_from, options)
-    if len(classes) < 2:
-        raise EvalError(f"Zero-shot classification needs at least two classes; the labels "
-                        f"(data.label_from = {d.label_from!r}) give {classes}.")
     test = rv.split(split)
-    by_id = image_labels(d.dataset, d.data_dir, split, d.label_from, options)
-    missing = [i for i in test.image_ids if i not in by_id]
-    if missing:
-        raise EvalError(f"{len(missing)} cached {split} images have no label in {d.data_dir} (first: {missing[0]!r}); "
-                        f"the cache and the dataset differ. Re-extract, or point --set data.data_dir to the data.")
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.asarray([index[by_id[i]] for i in test.image_ids])
+    classes, labels = split_labels(cfg, test)
     t_prompt = time.perf_counter()
     prompts = prompt_features(d.cache, d.dataset, rv.entry(split, "text"), classes, tpl, cfg.extract.device, force,
                               rv.layer("text"))
