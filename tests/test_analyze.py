@@ -399,7 +399,7 @@ def test_end_to_end_fit_adapters_then_platonic_pairs_and_report(tmp_path, monkey
     trained = next(r for r in pairs["pairs"] if (r["image"], r["text"]) == ("resnet18", "gpt2"))
     assert [r["run"] for r in trained["runs"]] == ["resnet18-gpt2-linear"] and pairs["runs_used"] == 1
     md = (folder / "report.md").read_text()
-    assert "infonce" in md and "| chance |" in md and "curves.png" in md and doc["headline"] in md
+    assert "trained adapters" in md and "| chance |" in md and "curves.png" in md and doc["headline"] in md
 
 
 def test_report_reuses_saved_results_until_inputs_change(cache):
