@@ -19,7 +19,9 @@ from analyze.layers import compare_layers
 from analyze.matching import BASE_ROWS, KERNELS, QAP_ROWS, SEED_FRACTION, run_matching
 from analyze.pairs import rank_pairs
 from analyze.platonic import SIDES, TERMS, platonic_test
+from analyze.display import interval
 from analyze.report import build_report
+from analyze.summary import answer_lines
 from analyze.zeroshot import zero_shot
 from pipeline.cli import build_config, config_options, friendly_errors
 from pipeline.config import PipelineConfig
@@ -138,17 +140,17 @@ def platonic(reference, image, text, run, bootstrap, permutations, kernel_rows, 
                        "analyze.bootstrap": bootstrap, "analyze.permutations": permutations,
                        "analyze.kernel_rows": kernel_rows})
     res = platonic_test(cfg, run)
-    click.echo(f"run {res['run']}, n={res['n']}, reference {res['entries']['reference']} "
+    click.echo(f"run {res['run']}, n={res['n']:,}, reference {res['entries']['reference']} "
                f"({res['bootstrap']} resamples, {res['permutations']} permutations, {res['seconds']:.1f} s)")
-    click.echo(f"{'metric':<16}" + "".join(f"{t:>14}" for t in TERMS) + "".join(f"{'delta ' + s:>14}" for s in SIDES))
+    for line in answer_lines(res):
+        click.echo(line)
+    click.echo("")
+    click.echo(f"{'metric':<16}" + "".join(f"{t:>10}" for t in TERMS) + "".join(f"{'delta ' + s:>28}" for s in SIDES))
     for m, r in res["results"].items():
-        click.echo(f"{m:<16}" + "".join(f"{r['terms'][t]['score']:>14.3f}" for t in TERMS)
-                   + "".join(f"{r['delta'][s]['delta']:>+14.3f}" for s in SIDES))
-    for m, per_side in res["sentences"].items():
-        for s in SIDES:
-            click.echo(per_side[s])
-    click.echo(res["headline"])
-    click.echo(f"wrote {res['out']}/platonic.json, platonic.csv, platonic.png")
+        d = r["delta"]
+        click.echo(f"{m:<16}" + "".join(f"{r['terms'][t]['score']:>10.3f}" for t in TERMS)
+                   + "".join(f"{interval(d[s]['delta'], d[s]['ci_lo'], d[s]['ci_hi'], signed=True):>28}" for s in SIDES))
+    click.echo(f"wrote {res['out']}/platonic.json (every sentence, interval and control), platonic.csv, platonic.png")
 
 
 @main.command(context_settings=CONTEXT)
@@ -205,10 +207,11 @@ def report(run, reference, image, text, bootstrap, permutations, **kw):
     analyze platonic when their outputs are missing or were made with other settings)."""
     cfg = _config(kw, {"analyze.reference": reference, "train.image": image, "train.text": text,
                        "analyze.bootstrap": bootstrap, "analyze.permutations": permutations})
-    md = build_report(cfg, run)
-    click.echo(f"report: {md}")
-    click.echo(f"report: {md.with_suffix('.html')}")
-
+    files = build_report(cfg, run)
+    for line in files.summary[:4]:  # the answer at the top of the report; the rest is in the files
+        click.echo(line)
+    click.echo(f"report: {files.md}")
+    click.echo(f"report: {files.html}")
 
 
 def _table(rows: dict, columns: list[str], first: str = "method") -> str:

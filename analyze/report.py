@@ -29,8 +29,8 @@ from analyze.compare import compare_entries, data_dir_of, default_entries, outpu
 from analyze.evalreport import section_costs, section_gallery, section_matching, section_zeroshot, training_free_rows
 from analyze.pairs import modality
 from analyze.platonic import SIDES, TERMS, platonic_test
-from analyze.summary import (chance_recall, chance_row, recall_cell, section_headline, section_summary,  # noqa: F401
-                             test_sizes)
+from analyze.summary import (answer_lines, chance_recall, chance_row, recall_cell,  # noqa: F401 (chance_recall:
+                             section_headline, section_summary, test_sizes)  # re-exported)
 from pipeline.cache import CacheError, Entry, find_entry, list_entries, list_splits
 from pipeline.config import PipelineConfig
 from pipeline.join import JoinError, image_id
@@ -414,10 +414,19 @@ def _check_run(cfg: PipelineConfig, run: str, info: RunFolder | None) -> None:
             check_aligned(cfg.data.cache, [entry])
 
 
-def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
+@dataclass
+class ReportFiles:
+    """What ``build_report`` wrote, and the summary lines at its top (for the terminal)."""
+
+    md: Path
+    html: Path
+    summary: list[str]
+
+
+def build_report(cfg: PipelineConfig, run: str | None = None) -> ReportFiles:
     """``analyze report``: write report.md and report.html for one run (default: ``train.name``
-    or fit-adapters' default name); returns the Markdown path. Order: the answer (summary box),
-    the headline numbers, then the details."""
+    or fit-adapters' default name). Order: the answer (summary box), the headline numbers, then
+    the details."""
     run = run_name(cfg.train, run)
     try:
         info = find_run(cfg.data.cache, run)
@@ -443,7 +452,7 @@ def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
     doc.heading("Provenance")
     doc.para(f"Generated {utc_now()} by `analyze report` (config: {cfg.source}; cache: {cfg.data.cache}; "
              f"analysis split: {cfg.analyze.split}; metrics: {', '.join(cfg.analyze.metrics)}).")
-    md = folder / "report.md"
+    md, page = folder / "report.md", folder / "report.html"
     md.write_text(doc.markdown(), encoding="utf-8")
-    (folder / "report.html").write_text(doc.html(), encoding="utf-8")
-    return md
+    page.write_text(doc.html(), encoding="utf-8")
+    return ReportFiles(md, page, answer_lines(result) if result else [f"No Platonic test: {why}"])

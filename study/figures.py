@@ -25,12 +25,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from analyze import plots  # noqa: E402
+from analyze.display import column_label  # noqa: E402
 from analyze.pairs import spearman  # noqa: E402
 from study.grid import is_number  # noqa: E402
 
 FRACTION = "train.train_fraction"
 PAIR_AXES = ("train.image", "train.text")
-PANEL_INCHES = (4.2, 3.3)  # width, height of one panel
+PANEL_INCHES = (3.7, 3.0)  # width, height of one panel: three fit the report page (analyze.plots.MAX_INCHES)
 DPI = 110
 
 
@@ -82,7 +83,7 @@ def fraction_figure(summary: Sequence[Mapping], axes: Mapping[str, list], repeat
                 ax.axhline(np.nanmean(chance), color="grey", ls="--", lw=1, label="chance")
         else:
             ax.axhline(0.0, color="grey", ls="--", lw=1)
-        ax.set(title=q, xlabel="train fraction", xscale="log" if len(axes[FRACTION]) > 3 else "linear")
+        ax.set(title=column_label(q), xlabel="train fraction", xscale="log" if len(axes[FRACTION]) > 3 else "linear")
         ax.set_xticks(sorted({_num(v) for v in axes[FRACTION]}))
         ax.grid(alpha=0.3)
     for ax in list(grid.flat)[len(names):]:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from analyze import compare, platonic
+from analyze import compare, platonic, plots
 from analyze.cli import main
 from analyze.compare import AnalyzeError, pairwise_scores
 from analyze.layers import best_and_last, layer_scores
@@ -327,6 +327,63 @@ def test_report_markdown_and_self_contained_html(cache):
     assert "held-out image-to-text R@10 is" in md and "by chance" in md
     assert "cka, image side: supported" in md and "cka, image side: supported" in page
     assert "| chance |" in md and "fp-test" in md and "toy/dinov2" in md
+
+
+def _embedded_pngs(page: str) -> list[tuple[int, int]]:
+    """(display width, natural width) of every embedded PNG of an HTML page."""
+    import base64
+    import re
+
+    found = re.findall(r'<img src="data:image/png;base64,([^"]+)"([^>]*)>', page)
+    out = []
+    for data, attrs in found:
+        head = base64.b64decode(data[:64])
+        width = re.search(r'width="(\d+)"', attrs)
+        assert width, "an embedded figure without a display width"
+        out.append((int(width.group(1)), int.from_bytes(head[16:20], "big")))
+    return out
+
+
+def test_report_starts_with_the_answer_and_figures_are_made_for_their_width(cache):
+    out = _ok(cache, "report", "--run", "good", *FAST)
+    folder = _reports(cache) / "runs" / "good"
+    md, page = (folder / "report.md").read_text(), (folder / "report.html").read_text()
+    # the terminal, the Markdown and the page start with the same answer
+    assert out.splitlines()[0].startswith(("Supported", "Partly supported")) and "Image side:" in out
+    first = md.index("## Summary: the Platonic test")
+    assert first < md.index("## Headline numbers") < md.index("## Platonic test: the details") < md.index("## Data")
+    assert "Image side: closer to the reference under linear CKA" in md and " to " in md  # "x (lo to hi)"
+    assert page.index('class="answer"') < page.index("<figcaption>Platonic delta per metric") < page.index("<h2>Headline numbers")
+    # every figure is shown between 1x and 2x its natural width; the forest plot at exactly its width
+    shown = _embedded_pngs(page)
+    assert len(shown) >= 5
+    for display, natural in shown:
+        assert display <= natural <= 2 * display, (display, natural)
+    assert plots.png_size(folder / "summary-forest.png")[0] == plots.PAGE_PX
+    # tables scroll inside their own box; human labels carry the raw key as a tooltip
+    assert page.count('<div class="scroll"><table>') == page.count("<table>")
+    assert '<th title="i2t_R@10">' in page and "Columns:" in md
+
+
+def test_small_samples_are_marked_in_the_report(tmp_path):
+    """Five test rows: R@5 and R@10 are marked, every interval is marked as resting on too few rows."""
+    from analyze import display, summary
+
+    assert display.recall_marks("i2t_R@10", 99) == display.FEW_FOR_K and display.recall_marks("i2t_R@10", 100) == ""
+    assert display.recall_marks("t2i_R@1", 5) == display.FEW_FOR_K and display.recall_marks("mean_R", 5) == ""
+    assert display.interval_marks(0.1, 0.2, 19) == display.FEW_ROWS and display.interval_marks(0.1, 0.2, 20) == ""
+    rng = display.value_range("mutual_knn")
+    assert display.interval_marks(0.79, 1.04, 100, rng) == display.OUT_OF_RANGE
+    assert display.interval_marks(-1.7, 2.2, 5, display.value_range("unbiased_cka", difference=True)) == \
+        display.FEW_ROWS + display.OUT_OF_RANGE
+    assert display.interval(0.12, 0.09, 0.15, digits=2) == "0.12 (0.09 to 0.15)"
+    assert display.interval(-0.1, float("nan"), 0.2, signed=True) == "-0.100"
+    result = {"n": 5, "bootstrap": 10, "permutations": 10, "entries": {"reference": "ref", "image": "x", "text": "y"},
+              "results": {"mutual_knn": {"terms": {}, "delta": {
+                  s: {"delta": 0.3, "ci_lo": -1.2, "ci_hi": 1.1, "verdict": "inconclusive"} for s in ("image", "text")}}}}
+    lines = summary.answer_lines(result)
+    assert "Inconclusive" in lines[0] and display.FEW_ROWS + display.OUT_OF_RANGE in lines[1]
+    assert "fewer than 20 rows" in " ".join(lines) and lines[-1].startswith("Marks:")
 
 
 def test_report_without_run_folder_still_writes(cache):
