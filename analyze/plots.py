@@ -30,7 +30,8 @@ LONG_LABEL = 8  # tick labels longer than this many characters are rotated
 PAGE_PX = 1240  # width of a report page's content (analyze.report.Document), CSS pixels
 MAX_INCHES = PAGE_PX / DPI  # widest figure: shown at the page width without shrinking more than 2x
 VERDICT_COLORS = {"supported": "#1a9641", "not supported": "#d7191c", "inconclusive": "#4d4d4d"}
-CONTROL_STYLES = (("D", "#6baed6"), ("s", "#969696"), ("^", "#fd8d3c"), ("v", "#74c476"))  # marker, colour
+POINT_STYLES = (("D", "#6baed6"), ("s", "#969696"), ("^", "#fd8d3c"), ("v", "#74c476"), ("P", "#9e9ac8"),
+                ("X", "#e377c2"), ("h", "#8c564b"), ("*", "#bcbd22"), ("p", "#17becf"))  # marker, colour of the n-th series
 
 
 def _wrap(text: str, inches: float, fontsize: float) -> str:
@@ -149,50 +150,46 @@ def grouped_bars(groups: Mapping[str, Sequence[dict]], title: str, path: str | P
 
 def forest(panels: Mapping[str, Sequence[dict]], path: str | Path, width_px: int = PAGE_PX,
            xlabel: str = "delta = after - mean(before image, before text)") -> Path:
-    """A forest plot drawn at exactly ``width_px`` pixels (DPI): one panel per group (e.g. per
-    side), one row per item (e.g. per metric).
+    """A forest plot drawn at exactly ``width_px`` pixels wide: one panel per group (e.g. per
+    side), one row per item (a metric, a setting), one or more points per row, each with its
+    95% interval; a vertical line marks 0 (the criterion).
 
-    panels: {panel title: [{"label", "value", "lo", "hi", "verdict" (a VERDICT_COLORS key),
-    "null" (optional: the value at or below which the item is within the shuffled-pairing
-    null, shaded), "controls": [{"label", "value", "lo", "hi"}, ...] (optional, drawn under the
-    item)}, ...]}. A vertical line marks 0 (the criterion)."""
+    panels: {panel title: [{"label": row label, "null": optional value at or below which the
+    row is within the shuffled-pairing null (shaded), "points": [{"label": legend entry,
+    "value", "lo", "hi", "color", "marker" (default "o"), "big" (bool: drawn larger)}, ...]},
+    ...]}. The points of a row are stacked top to bottom in the order given."""
     names = list(panels)
     n_rows = max(len(v) for v in panels.values())
-    n_ctrl = max((len(it.get("controls", ())) for v in panels.values() for it in v), default=0)
-    row_h = 0.34 + 0.13 * n_ctrl  # inches per item
-    width = width_px / DPI
-    fig, axes = plt.subplots(1, len(names), figsize=(width, 1.35 + row_h * n_rows), squeeze=False,
+    n_pts = max((len(row["points"]) for v in panels.values() for row in v), default=1)
+    step = min(0.22, 0.8 / max(1, n_pts))  # vertical distance between the points of a row, in rows
+    row_h = 0.2 + 0.1 * n_pts  # inches per row
+    fig, axes = plt.subplots(1, len(names), figsize=(width_px / DPI, 1.3 + row_h * n_rows), squeeze=False,
                              sharey=True, layout="constrained")
     handles: dict = {}
     for ax, name in zip(axes[0], names):
-        items = panels[name]
-        for i, it in enumerate(items):
+        rows = panels[name]
+        values = [0.0]
+        for i, row in enumerate(rows):
             y = -i
-            null = _num(it.get("null"))
+            null = _num(row.get("null"))
             if np.isfinite(null):
                 h = ax.fill_betweenx([y - 0.45, y + 0.45], -2.0, null, color="#bdbdbd", alpha=0.35, lw=0)
                 handles.setdefault("within the shuffled-pairing null (95th pct)", h)
-            for j, c in enumerate(it.get("controls", ())):
-                marker, colour = CONTROL_STYLES[j % len(CONTROL_STYLES)]
-                yc = y - 0.13 * (j + 1)
-                lo, hi = _num(c.get("lo")), _num(c.get("hi"))
+                values.append(null)
+            pts = row["points"]
+            for j, pt in enumerate(pts):
+                yp = y + step * ((len(pts) - 1) / 2 - j)
+                lo, hi, v = _num(pt.get("lo")), _num(pt.get("hi")), _num(pt.get("value"))
+                big = pt.get("big", False)
                 if np.isfinite(lo) and np.isfinite(hi):
-                    ax.hlines(yc, lo, hi, color=colour, lw=1.2)
-                h = ax.plot([_num(c.get("value"))], [yc], marker=marker, ms=5, ls="", color=colour,
-                            markeredgecolor="white", markeredgewidth=0.5)[0]
-                handles.setdefault(f"control: {c['label']}", h)
-            colour = VERDICT_COLORS.get(it.get("verdict"), VERDICT_COLORS["inconclusive"])
-            lo, hi = _num(it.get("lo")), _num(it.get("hi"))
-            if np.isfinite(lo) and np.isfinite(hi):
-                ax.hlines(y, lo, hi, color=colour, lw=2.6)
-            h = ax.plot([_num(it.get("value"))], [y], marker="o", ms=8, ls="", color=colour)[0]
-            handles.setdefault(f"trained, {it.get('verdict', 'inconclusive')} (95% CI)", h)
+                    ax.hlines(yp, lo, hi, color=pt.get("color", "black"), lw=2.6 if big else 1.3)
+                h = ax.plot([v], [yp], marker=pt.get("marker", "o"), ms=8 if big else 5, ls="",
+                            color=pt.get("color", "black"), markeredgecolor="white", markeredgewidth=0.5)[0]
+                handles.setdefault(pt["label"], h)
+                values += [x for x in (lo, hi, v) if np.isfinite(x)]
         ax.axvline(0, color="black", lw=0.9)
-        ax.set_yticks([-i for i in range(len(items))], [it["label"] for it in items], fontsize=10)
-        ax.set_ylim(-n_rows + 0.5 - 0.13 * n_ctrl, 0.55)
-        values = [_num(v) for it in items for v in (it.get("lo"), it.get("hi"), it.get("value"), it.get("null"))]
-        values += [_num(v) for it in items for c in it.get("controls", ()) for v in (c.get("lo"), c.get("hi"), c.get("value"))]
-        values = [v for v in values if np.isfinite(v)] + [0.0]
+        ax.set_yticks([-i for i in range(len(rows))], [row["label"] for row in rows], fontsize=10)
+        ax.set_ylim(-n_rows + 0.5, 0.5)
         span = max(values) - min(values) or 1.0
         ax.set_xlim(min(values) - 0.06 * span, max(values) + 0.06 * span)
         ax.set_title(name, fontsize=11)

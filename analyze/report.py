@@ -52,8 +52,9 @@ PAGE_STYLE = (
     f"body{{font-family:sans-serif;max-width:{plots.PAGE_PX}px;margin:1.2em auto;padding:0 16px;line-height:1.45;"
     "color:#222}h1{font-size:1.55em;margin:.3em 0}h2{margin-top:1.6em}"
     ".answer{border:2px solid #4a7ab5;background:#f5f8fc;padding:4px 14px 8px;margin:.8em -16px}"
+    ".answer::after{content:'';display:block;clear:both}.side{float:right;margin:0 0 8px 20px}"
     ".answer h2{margin-top:.4em}.lead{font-size:1.12em;font-weight:bold}.note{font-size:90%;color:#555}"
-    ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.6em 0}"
+    ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.6em 0;font-size:14px}"
     "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}"
     "th{background:#f3f3f3;white-space:normal;min-width:4em}th[title]{cursor:help;text-decoration:underline dotted}"
     "td:first-child,th:first-child{text-align:left}figure{margin:.8em 0}figcaption{font-size:90%;color:#555}")
@@ -95,13 +96,14 @@ class Document:
     def end_box(self) -> None:
         self.blocks.append(("endbox",))
 
-    def figure(self, path: str | Path, caption: str, name: str | None = None) -> None:
-        """Copy the PNG next to the report (as ``name``) and show it."""
+    def figure(self, path: str | Path, caption: str, name: str | None = None, side: bool = False) -> None:
+        """Copy the PNG next to the report (as ``name``) and show it; ``side``: in the HTML, at the
+        right of the text of the answer box it is in (Markdown keeps the order of the blocks)."""
         src = Path(path)
         dest = self.folder / (name or src.name)
         if src.resolve() != dest.resolve():
             shutil.copyfile(src, dest)
-        self.blocks.append(("fig", dest, caption))
+        self.blocks.append(("fig", dest, caption, side))
 
     def markdown(self) -> str:
         out = [f"# {self.title}", ""]
@@ -125,10 +127,25 @@ class Document:
                 out += [f"## {b[1]}", ""]
         return "\n".join(out)
 
+    def _html_order(self) -> list[tuple]:
+        """The blocks with each side figure moved to the top of its box (it floats right of the text)."""
+        out, box = [], None
+        for b in self.blocks:
+            if b[0] == "box":
+                box = len(out) + 1
+            elif b[0] == "endbox":
+                box = None
+            if b[0] == "fig" and b[3] and box is not None:
+                out.insert(box, b)
+                box += 1
+            else:
+                out.append(b)
+        return out
+
     def html(self) -> str:
         e = html.escape
         body = [f"<h1>{e(self.title)}</h1>"]
-        for b in self.blocks:
+        for b in self._html_order():
             if b[0] == "h":
                 body.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
             elif b[0] == "p":
@@ -142,7 +159,9 @@ class Document:
             elif b[0] == "raw":
                 body.append(b[2])
             elif b[0] == "fig":
-                body.append(f'<figure><img src="{plots.png_base64(b[1])}" width="{display_width(b[1])}" '
+                width = display_width(b[1])
+                side = f' class="side" style="width:{width}px"' if b[3] else ""
+                body.append(f'<figure{side}><img src="{plots.png_base64(b[1])}" width="{width}" '
                             f'alt="{e(b[2])}"><figcaption>{e(b[2])}</figcaption></figure>')
             elif b[0] == "box":
                 body.append('<section class="answer">' + (f"<h2>{e(b[1])}</h2>" if b[1] else ""))

@@ -120,7 +120,8 @@ def answer_lines(result: Mapping) -> list[str]:
 
 
 def forest_panels(result: Mapping) -> dict[str, list[dict]]:
-    """plots.forest input: per side, one row per metric (trained delta, controls, null zone)."""
+    """plots.forest input: per side, one row per metric: the trained delta (coloured by its
+    verdict), then each control's delta; the null zone shaded."""
     panels: dict[str, list[dict]] = {}
     for s in SIDES:
         rows = []
@@ -128,11 +129,14 @@ def forest_panels(result: Mapping) -> dict[str, list[dict]]:
             t, d = r["terms"], r["delta"][s]
             before = (t["before_image"]["score"] + t["before_text"]["score"]) / 2
             null = t[f"after_{s}"].get("null_q95")
-            controls = [{"label": method_label(c), "value": cr["delta"][s]["delta"], "lo": cr["delta"][s].get("ci_lo"),
-                         "hi": cr["delta"][s].get("ci_hi")} for c, cr in r.get("controls", {}).items()]
-            rows.append({"label": metric_label(m), "value": d["delta"], "lo": d["ci_lo"], "hi": d["ci_hi"],
-                         "verdict": d["verdict"], "null": None if null is None else null - before,
-                         "controls": controls})
+            points = [{"label": f"trained, {d['verdict']} (95% CI)", "value": d["delta"], "lo": d["ci_lo"],
+                       "hi": d["ci_hi"], "color": plots.VERDICT_COLORS.get(d["verdict"], "#4d4d4d"), "big": True}]
+            for j, (c, cr) in enumerate(r.get("controls", {}).items()):
+                marker, colour = plots.POINT_STYLES[j % len(plots.POINT_STYLES)]
+                cd = cr["delta"][s]
+                points.append({"label": f"control: {method_label(c)}", "value": cd["delta"], "lo": cd.get("ci_lo"),
+                               "hi": cd.get("ci_hi"), "color": colour, "marker": marker})
+            rows.append({"label": metric_label(m), "null": None if null is None else null - before, "points": points})
         panels[f"{s} side"] = rows
     return panels
 

@@ -55,8 +55,8 @@ class Progress:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
-        elif self.lines and (not self.printed or self.clock() - self.last >= self.every):
-            self._line()
+        elif self.lines and self.done < self.total and (not self.printed or self.clock() - self.last >= self.every):
+            self._line()  # the last step's line is printed by close()
 
     def set_postfix(self, **values) -> None:
         if self.bar is not None:

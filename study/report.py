@@ -30,14 +30,15 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from analyze.display import (FEW_FOR_K, FEW_ROWS, RECALL_ROWS_PER_K, column_label, interval, interval_marks,
-                             marks_legend, number, value_range)
+                             marks_legend, method_label, metric_label, number, value_range)
 from analyze.report import Document
 from pipeline.runs import RECALL_COLUMNS
 from pipeline.runtime import utc_now
-from study.figures import quantities, varying
+from study.figures import delta_figure, quantities, varying
 from study.grid import is_number
 
 SIDES = ("image", "text")
+SIDE_FIGURE_PX = 600  # width of the delta figure beside the answers, pixels
 
 
 def _v(row: Mapping, key: str) -> float:
@@ -54,7 +55,7 @@ def _ci(row: Mapping, col: str, marks: str = "") -> str:
 
 
 def _label(row: Mapping, keys: Sequence[str]) -> str:
-    return ", ".join(f"{k}={row[k]}" for k in keys) or "the single setting"
+    return ", ".join(f"{column_label(k)} {row[k]}" for k in keys) or "the single setting"
 
 
 def classify(row: Mapping, col: str) -> str:
@@ -101,16 +102,17 @@ def answer_q1(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str)
     how = (f"95% t-intervals over {_repeats(settings, repeat)}" if not point else
            "point estimates only: one cell per setting gives no interval")
     text = (f"Q1 (can frozen encoders be aligned?): {where} ({how}; "
-            f"best: {_label(best, keys)}, mean_R {_ci(best, 'mean_R')} against chance "
-            f"{_v(best, 'chance.mean_R.mean'):.3f})")
+            f"best: {_label(best, keys)}, mean recall {_ci(best, 'mean_R')} against chance "
+            f"{_v(best, 'chance.mean_R.mean'):.3f}).")
     parts = []
     for method in _methods(summary):
         a, b, n, _ = _counts([classify(r, f"mean_R.vs_{method}") for r in settings])
-        parts.append(f"above {method} in {a}, below in {b}, indistinguishable in {n - a - b} of {n} settings")
+        parts.append(f"above {method_label(method)} in {a}, below in {b}, indistinguishable in {n - a - b} of {n} "
+                     "settings")
     if parts:
-        text += "; against the closed-form baselines fitted on the same train pairs, the trained adapters are " + \
-                "; ".join(parts)
-    return text + "."
+        text += ("\nAgainst the closed-form baselines fitted on the same train pairs, the trained adapters are "
+                 + "; ".join(parts) + ".")
+    return text
 
 
 def _word(up: int, down: int, total: int) -> str:
@@ -126,8 +128,8 @@ def _word(up: int, down: int, total: int) -> str:
 
 
 def answer_q2(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str, n_cells: int) -> str:
-    """One sentence: the Platonic deltas per side over metrics and settings, single-cell
-    verdicts, and controls when present."""
+    """The Platonic deltas per side over metrics and settings, single-cell verdicts, and controls
+    when present: a first line, then one line per side."""
     settings = [r for r in summary if r.get("n", 0) > 0]
     deltas = [q for q in quantities(summary) if q != "mean_R"]
     if not settings or not deltas:
@@ -140,28 +142,23 @@ def answer_q2(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str,
         if not mine:
             continue
         up, down, total, point = _counts([classify(r, q) for q in mine for r in settings])
-        means = ", ".join(f"{q.split('.')[0]} {_mean_over(settings, q):+.3f} ({_updown(settings, q)})" for q in mine)
+        means = ", ".join(f"{metric_label(q.split('.')[0])} {_mean_over(settings, q):+.3f}" for q in mine)
         sup = sum(_v(r, f"{q.split('.')[0]}.supported_{side}.mean") * r["n"] for q in mine for r in settings
                   if math.isfinite(_v(r, f"{q.split('.')[0]}.supported_{side}.mean")))
-        clause = (f"{side} side: {_word(up, down, total)} (delta above 0 in {up} and below 0 in {down} of {total} "
-                  f"metric x setting tests{' by sign only, no interval' if point else ''}; mean delta and settings "
-                  f"above / below 0 per metric: {means}; "
-                  f"the per-cell test says supported in {int(round(sup))} of {len(mine) * n_cells} metric x cell tests")
+        clause = (f"{side.capitalize()} side: {_word(up, down, total)}: delta above 0 in {up} and below 0 in {down} of "
+                  f"{total} metric × setting tests{' by sign only, no interval' if point else ''} (mean delta: {means}); "
+                  f"the per-cell test says supported in {int(round(sup))} "
+                  f"of {len(mine) * n_cells} metric × cell tests")
         excess = [c[:-len(".mean")] for c in cols if re.fullmatch(rf"[^.]+\.control_[^.]+\.excess_{side}\.mean", c)]
         if excess:
             a, b, n, _ = _counts([classify(r, c) for c in excess for r in settings])
-            clause += (f"; against the controls (trained minus control delta) above 0 in {a}, below in {b} "
-                       f"of {n} metric x control x setting tests")
-        clauses.append(clause + ")")
+            clause += (f"; trained minus control delta above 0 in {a}, below in {b} of {n} metric × control × "
+                       f"setting tests")
+        clauses.append(clause + ".")
     how = f"95% t-intervals over {_repeats(settings, repeat)}"
-    return (f"Q2 (does alignment move representations toward the reference?) over {', '.join(metrics)} with "
-            f"{how}: " + "; ".join(clauses) + ". The criterion compares each aligned side with the mean of the "
-            "two frozen encoders' scores.")
-
-
-def _updown(settings: Sequence[Mapping], q: str) -> str:
-    up, down, total, _ = _counts([classify(r, q) for r in settings])
-    return f"{up} up, {down} down of {total}"
+    return (f"Q2 (does alignment move representations toward the reference?) under "
+            f"{', '.join(map(metric_label, metrics))}, {how}; the criterion compares each aligned side with the mean "
+            "of the two frozen encoders' scores.\n" + "\n".join(clauses))
 
 
 def _mean_over(settings: Sequence[Mapping], q: str) -> float:
@@ -229,9 +226,15 @@ def build_report(folder: Path, title: str, intro: str, answers: Sequence[str], s
     doc = Document(title, folder)
     doc.box("Answers")
     for a in answers:
-        doc.para(a)
+        for line in a.split("\n"):
+            doc.para(line)
     doc.para(f"Intervals: 95% t-intervals over {repeat or 'repeats'} (one cell per {repeat or 'repeat'} value); "
              "deltas: the Platonic criterion after - mean(before image, before text) on the test split.", "note")
+    path = delta_figure(summary, axes, repeat, folder / "deltas.png", SIDE_FIGURE_PX)
+    if path:
+        rows = ", ".join(column_label(k) for k in varying(axes, repeat)) or "all cells"
+        doc.figure(path, f"Platonic delta per setting (rows: {rows}) and metric, mean over {repeat or 'cells'} "
+                         "with its 95% t-interval; 0 = no change.", side=True)
     doc.end_box()
     doc.heading("Retrieval per setting")
     labels, rows, keys = retrieval_table(summary, axes, repeat)
