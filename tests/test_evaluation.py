@@ -234,6 +234,16 @@ def test_zeroshot_refuses_a_dataset_without_labels(tiny):
     assert res.exit_code != 0 and "no 'species' column" in res.output
 
 
+def test_a_missing_data_folder_is_reported_with_options_the_command_has(tiny, tmp_path):
+    from tests.test_error_messages import check_message
+
+    toml, _ = tiny
+    res = CliRunner().invoke(analyze_cli, ["zeroshot", "--config", str(toml), "--set",
+                                           f"data.data_dir={tmp_path / 'moved'}"])
+    assert res.exit_code == 1 and "data.data_dir" in res.output, res.output
+    check_message(res.output, reached_from="analyze zeroshot")
+
+
 def test_fit_with_the_proposal_formulation(tiny):
     _, cfg = tiny
     tc = dataclasses.replace(cfg.train, loss="vsepp", loss_direction="image_to_text", normalize=False, name="prop")
