@@ -27,6 +27,7 @@ from analyze.report import chance_recall
 from pipeline.cache import entry_path, find_entry, write_entry
 from pipeline.runs import aligned_name, is_aligned
 from similarity.metrics import METRICS
+from tests.fixtures import embedded_images
 
 N = 120  # images in the test split
 DATASET = "toy"
@@ -329,21 +330,6 @@ def test_report_markdown_and_self_contained_html(cache):
     assert "| chance |" in md and "fp-test" in md and "toy/dinov2" in md
 
 
-def _embedded_pngs(page: str) -> list[tuple[int, int]]:
-    """(display width, natural width) of every embedded PNG of an HTML page."""
-    import base64
-    import re
-
-    found = re.findall(r'<img src="data:image/png;base64,([^"]+)"([^>]*)>', page)
-    out = []
-    for data, attrs in found:
-        head = base64.b64decode(data[:64])
-        width = re.search(r'width="(\d+)"', attrs)
-        assert width, "an embedded figure without a display width"
-        out.append((int(width.group(1)), int.from_bytes(head[16:20], "big")))
-    return out
-
-
 def test_report_starts_with_the_answer_and_figures_are_made_for_their_width(cache):
     out = _ok(cache, "report", "--run", "good", *FAST)
     folder = _reports(cache) / "runs" / "good"
@@ -355,7 +341,7 @@ def test_report_starts_with_the_answer_and_figures_are_made_for_their_width(cach
     assert "Image side: closer to the reference under linear CKA" in md and " to " in md  # "x (lo to hi)"
     assert page.index('class="answer"') < page.index("<figcaption>Platonic delta per metric") < page.index("<h2>Headline numbers")
     # every figure is shown between 1x and 2x its natural width; the forest plot at exactly its width
-    shown = _embedded_pngs(page)
+    shown = embedded_images(page)
     assert len(shown) >= 5
     for display, natural in shown:
         assert display <= natural <= 2 * display, (display, natural)

@@ -211,6 +211,10 @@ def test_zeroshot_matching_and_report_through_the_cli(tiny):
     assert srcs and all(s.startswith("data:image/") for s in srcs)  # self-contained: every image embedded
     assert "<link" not in html and "<script" not in html and "http://" not in html and "https://" not in html
     assert html.count("data:image/jpeg;base64") >= 4  # gallery thumbnails
+    from tests.fixtures import embedded_images
+
+    for display, natural in embedded_images(html):  # every image shown at 1x to 2x its natural width
+        assert display <= natural <= 2 * display, (display, natural)
     assert "✓" in html
     res = runner.invoke(analyze_cli, ["report", "--config", str(toml), "--set", "data.label_from=label"])
     assert res.exit_code == 0, res.output

@@ -249,9 +249,9 @@ def test_study_writes_tables_figures_report_and_a_rerun_trains_nothing(world, tm
     assert " (" in html and " to " in html and "[" not in html.split("<h2>Retrieval per setting")[1].split("</table>")[0]
     md = (folder / "study.md").read_text()
     assert "linear CKA Δ image = `cka.delta_image`" in md
-    from tests.test_analyze import _embedded_pngs
+    from tests.fixtures import embedded_images
 
-    for display, natural in _embedded_pngs(html):
+    for display, natural in embedded_images(html):
         assert display <= natural <= 2 * display, (display, natural)
 
     again = run_study(with_values(cfg, {"study.name": "grid"}), progress=False)  # a rerun: nothing to do
