@@ -127,10 +127,10 @@ def platonic(run, **kw):
     for line in answer_lines(res):
         click.echo(line)
     click.echo("")
-    click.echo(f"{'metric':<16}" + "".join(f"{t:>10}" for t in TERMS) + "".join(f"{'delta ' + s:>28}" for s in SIDES))
+    click.echo(f"{'metric':<16}" + "".join(f"{t:>14}" for t in TERMS) + "".join(f"{'delta ' + s:>28}" for s in SIDES))
     for m, r in res["results"].items():
         d = r["delta"]
-        click.echo(f"{m:<16}" + "".join(f"{r['terms'][t]['score']:>10.3f}" for t in TERMS)
+        click.echo(f"{m:<16}" + "".join(f"{r['terms'][t]['score']:>14.3f}" for t in TERMS)
                    + "".join(f"{interval(d[s]['delta'], d[s]['ci_lo'], d[s]['ci_hi'], signed=True):>28}" for s in SIDES))
     click.echo(f"wrote {res['out']}/platonic.json (every sentence, interval and control), platonic.csv, platonic.png")
 

@@ -166,7 +166,7 @@ def marks_legend(marks: Iterable[str]) -> str:
     if FEW_FOR_K in text:
         parts.append(f"{FEW_FOR_K} R@K on fewer than {RECALL_ROWS_PER_K} x K test items: close to its ceiling by chance")
     if FEW_ROWS in text:
-        parts.append(f"{FEW_ROWS} interval from fewer than {MIN_INTERVAL_ROWS} rows: it means little")
+        parts.append(f"{FEW_ROWS} from fewer than {MIN_INTERVAL_ROWS} rows: the value and its interval mean little")
     if OUT_OF_RANGE in text:
         parts.append(f"{OUT_OF_RANGE} interval leaves the range the quantity can take (too few rows to resample)")
     return ("Marks: " + "; ".join(parts) + ".") if parts else ""

@@ -27,6 +27,7 @@ from analyze.display import interval, method_label, number
 from analyze.summary import answer_lines, chance_row
 from demo import timing
 from pipeline.config import PipelineConfig, load_config
+from pipeline.errors import PipelineError
 from pipeline.progress import clock_text
 from pipeline.runs import ADAPTERS_METHOD, read_run, run_dir
 from study.runner import study_dir
@@ -38,7 +39,7 @@ MARK = re.compile(r"(<!-- numbers: ([a-z-]+) -->\n)(.*?)(<!-- /numbers: \2 -->)"
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
 
 
-class Missing(Exception):
+class Missing(PipelineError):
     """The files a block is made from do not exist (yet)."""
 
 

@@ -249,6 +249,8 @@ def test_study_writes_tables_figures_report_and_a_rerun_trains_nothing(world, tm
     assert " (" in html and " to " in html and "[" not in html.split("<h2>Retrieval per setting")[1].split("</table>")[0]
     md = (folder / "study.md").read_text()
     assert "linear CKA Δ image = `cka.delta_image`" in md
+    # 6 test images: the mean recall (R@10 over fewer than 100 images) and every delta (6 rows) are marked
+    assert "Marks: * R@K on fewer than 10 x K test items" in md and "† from fewer than 20 rows" in md
     from tests.fixtures import embedded_images
 
     for display, natural in embedded_images(html):
