@@ -183,6 +183,8 @@ def _cell(v) -> str:
         return "-"
     if isinstance(v, float):
         return "n/a" if not math.isfinite(v) else f"{v:.3f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"  # counts with thousands separators
     return str(v)
 
 
@@ -197,7 +199,9 @@ def _entries_of(cfg: PipelineConfig, split: str) -> list[Entry]:
 
 
 def _span(values: Sequence[int]) -> str:
-    return "-" if not values else str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+    if not values:
+        return "-"
+    return f"{min(values):,}" if min(values) == max(values) else f"{min(values):,}-{max(values):,}"
 
 
 def section_data(doc: Document, cfg: PipelineConfig) -> None:

@@ -7,7 +7,8 @@ A block is the text between ``<!-- numbers: NAME -->`` and ``<!-- /numbers: NAME
 README.md or a docs/ page; ``BLOCKS`` maps NAME to the function that renders it from the files of
 ``configs/demo.toml``'s run (``cache/demo/runs/demo/metrics.json``, ``reports/demo/.../platonic.json``,
 ``zeroshot.json``, ``matching.json``), of ``make study`` (its ``summary.csv``, ``study.json`` and
-cell files) and of the timing records of ``demo.timing``; run from the repository root (the
+cell files) and of the timing records of ``demo.timing``; ``FIGURES`` are copied from the study's
+folder. Run from the repository root (the
 configs' paths are relative to it). A block whose files do not exist is left as it is (and named). ``--check`` compares numbers to the last digit shown (plus half a digit, for
 another machine's rounding) and skips the timing blocks, which differ by machine.
 """
@@ -18,6 +19,7 @@ import argparse
 import csv
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -35,6 +37,7 @@ from study.runner import study_dir
 DEMO_CONFIG = "configs/demo.toml"
 STUDY_CONFIG = "configs/study-demo.toml"
 FILES = ("README.md", "docs/analyze.md", "docs/studies.md")  # where blocks may be
+FIGURES = {"docs/figures/demo-study-fraction.png": "fraction.png"}  # copied from the study's folder
 MARK = re.compile(r"(<!-- numbers: ([a-z-]+) -->\n)(.*?)(<!-- /numbers: \2 -->)", re.S)
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
 
@@ -221,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         elif not args.check and new != text:
             path.write_text(new, encoding="utf-8")
             print(f"{rel}: rewrote {', '.join(stale) or 'blocks'}")
+    if not args.check:
+        folder = _study()[1]
+        for dest, name in FIGURES.items():
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, dest)
     return status
 
 
