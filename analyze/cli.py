@@ -21,52 +21,40 @@ from analyze.layers import compare_layers
 from analyze.matching import BASE_ROWS, KERNELS, QAP_ROWS, SEED_FRACTION, run_matching
 from analyze.pairs import rank_pairs
 from analyze.platonic import SIDES, TERMS, platonic_test
+from analyze.display import interval
 from analyze.report import build_report
+from analyze.summary import answer_lines
 from analyze.zeroshot import zero_shot
-from pipeline.cli import build_config, config_options, friendly_errors
+from pipeline.cli import build_config, config_option, config_options, config_values, friendly_errors
 from pipeline.config import PipelineConfig
 from similarity.metrics import METRICS
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
-def _default(key: str) -> str:
-    """``"[analyze.k: 10]"``: the config key and its built-in default, for --help."""
-    section, name = key.split(".")
-    value = getattr(getattr(PipelineConfig(), section), name)
-    if isinstance(value, tuple):
-        value = ",".join(value) or "all"
-    return f"[{key}: {value}]"
-
-
-def _option(*decls: str, key: str, text: str, **kw) -> Callable:
-    return click.option(*decls, help=f"{text} {_default(key)}", **kw)
-
-
 def common_options(func: Callable) -> Callable:
     """Options every analyze command accepts, then --config/--set/-v from pipeline.cli."""
     func = config_options(func)
     for opt in reversed([
-        _option("--cache", key="data.cache", text="Feature-cache folder."),
-        _option("--dataset", key="data.dataset", text="Dataset whose cache entries are read."),
-        _option("--split", key="analyze.split", text="Split the representations are compared on."),
-        _option("--metric", "--metrics", "metrics", metavar="NAME[,NAME...]", key="analyze.metrics",
-                text=f"Metrics, comma-separated: {', '.join(METRICS)}."),
-        _option("--k", type=int, key="analyze.k", text="Neighbours for the kNN metrics."),
-        _option("--max-rows", type=int, key="analyze.max_rows", text="Keep a fixed random subset of this many rows (0 = all)."),
-        _option("--seed", type=int, key="analyze.seed", text="Seeds row subsets, bootstrap and permutations."),
-        _option("--out", key="analyze.out", text="Output folder (files go under OUT/<dataset>/<split>/)."),
+        config_option("data.cache", "--cache", help="Feature-cache folder."),
+        config_option("data.dataset", "--dataset", help="Dataset whose cache entries are read."),
+        config_option("analyze.split", "--split", help="Split the representations are compared on."),
+        config_option("analyze.metrics", "--metric", "--metrics", metavar="NAME[,NAME...]",
+                      help=f"Metrics, comma-separated: {', '.join(METRICS)}."),
+        config_option("analyze.k", "--k", type=int, help="Neighbours for the kNN metrics."),
+        config_option("analyze.max_rows", "--max-rows", type=int,
+                      help="Keep a fixed random subset of this many rows (0 = all)."),
+        config_option("analyze.seed", "--seed", type=int, help="Seeds row subsets, bootstrap and permutations."),
+        config_option("analyze.out", "--out", help="Output folder (files go under OUT/<dataset>/<split>/)."),
     ]):
         func = opt(func)
     return func
 
 
-def _config(kw: dict, extra: dict) -> PipelineConfig:
-    """Build the config from the common options (popped from ``kw``) and command-specific ones."""
-    options = {"data.cache": kw.pop("cache"), "data.dataset": kw.pop("dataset"), "analyze.split": kw.pop("split"),
-               "analyze.metrics": kw.pop("metrics"), "analyze.k": kw.pop("k"), "analyze.max_rows": kw.pop("max_rows"),
-               "analyze.seed": kw.pop("seed"), "analyze.out": kw.pop("out"), **extra}
-    return build_config(kw.pop("config_path"), kw.pop("overrides"), options, kw.pop("verbose"))
+def _config(kw: dict) -> PipelineConfig:
+    """Build the config from the options mirroring config keys (popped from ``kw``)."""
+    path, overrides, verbose = kw.pop("config_path"), kw.pop("overrides"), kw.pop("verbose")
+    return build_config(path, overrides, config_values(kw), verbose)
 
 
 def _matrix(names: list[str], S) -> str:
@@ -91,24 +79,22 @@ def main():
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--entries", metavar="NAME[,NAME...]",
-              help=f"Cache entries to compare (default: every entry of the split). {_default('analyze.entries')}")
+@config_option("analyze.entries", "--entries", metavar="NAME[,NAME...]",
+               help="Cache entries to compare ([] = every entry of the split).")
 @click.option("--kernels", is_flag=True, help="Also draw the kernels themselves on a sample of rows (kernels.png).")
-@_option("--kernel-rows", type=int, key="analyze.kernel_rows", text="Rows in the kernel heatmaps.")
-@_option("--reference", key="analyze.reference", text="Entry whose clustering orders the kernel heatmaps' rows.")
-@click.option("--calibrate/--no-calibrate", default=None,
-              help=f"Also calibrate every score against a shuffled-pairing null. {_default('analyze.calibrate')}")
-@_option("--permutations", type=int, key="analyze.permutations", text="Shuffled-pairing draws for --calibrate.")
+@config_option("analyze.kernel_rows", "--kernel-rows", type=int, help="Rows in the kernel heatmaps.")
+@config_option("analyze.reference", "--reference", help="Entry whose clustering orders the kernel heatmaps' rows.")
+@config_option("analyze.calibrate", "--calibrate/--no-calibrate", default=None,
+               help="Also calibrate every score against a shuffled-pairing null.")
+@config_option("analyze.permutations", "--permutations", type=int, help="Shuffled-pairing draws for --calibrate.")
 @common_options
 @friendly_errors
-def cka(entries, kernels, kernel_rows, reference, calibrate, permutations, **kw):
+def cka(kernels, **kw):
     """Pairwise scores between cache entries (rows joined by sample id), as JSON/CSV and heatmaps.
 
     Example: analyze cka --entries resnet18,gpt2,dinov2 --metric cka,mutual_knn --kernels --calibrate
     """
-    cfg = _config(kw, {"analyze.entries": entries, "analyze.kernel_rows": kernel_rows,
-                       "analyze.reference": reference, "analyze.calibrate": calibrate,
-                       "analyze.permutations": permutations})
+    cfg = _config(kw)
     res = compare_entries(cfg, kernels=kernels)
     for m, S in res["scores"].items():
         click.echo(f"{m} (n={res['n']}, {res['seconds'][m]:.1f} s)\n{_matrix(res['entries'], _tolist(S))}\n")
@@ -119,16 +105,16 @@ def cka(entries, kernels, kernel_rows, reference, calibrate, permutations, **kw)
 
 
 @main.command(context_settings=CONTEXT)
-@_option("--reference", key="analyze.reference", text="Reference model's cache entry (K_ref).")
-@_option("--image", key="train.image", text="Image encoder entry (K_X); the run's aligned entry is IMAGE@RUN.")
-@_option("--text", key="train.text", text="Text encoder entry (K_Y); the run's aligned entry is TEXT@RUN.")
-@click.option("--run", help="fit-adapters run name (default: train.name, else <image>-<text>-<adapter>).")
-@_option("--bootstrap", type=int, key="analyze.bootstrap", text="Resamples for the 95% confidence intervals.")
-@_option("--permutations", type=int, key="analyze.permutations", text="Shuffled-pairing draws for the null.")
-@_option("--kernel-rows", type=int, key="analyze.kernel_rows", text="Rows in the kernel heatmaps.")
+@config_option("analyze.reference", "--reference", help="Reference model's cache entry (K_ref).")
+@config_option("train.image", "--image", help="Image encoder entry (K_X); the run's aligned entry is IMAGE@RUN.")
+@config_option("train.text", "--text", help="Text encoder entry (K_Y); the run's aligned entry is TEXT@RUN.")
+@click.option("--run", help="fit-adapters run name. [default: train.name, else <image>-<text>-<adapter>]")
+@config_option("analyze.bootstrap", "--bootstrap", type=int, help="Resamples for the 95% confidence intervals.")
+@config_option("analyze.permutations", "--permutations", type=int, help="Shuffled-pairing draws for the null.")
+@config_option("analyze.kernel_rows", "--kernel-rows", type=int, help="Rows in the kernel heatmaps.")
 @common_options
 @friendly_errors
-def platonic(reference, image, text, run, bootstrap, permutations, kernel_rows, **kw):
+def platonic(run, **kw):
     """The hypothesis test: is m(K_repr, K_ref) > mean(m(K_X, K_ref), m(K_Y, K_ref)) by more than chance?
 
     Bootstrap CIs (mutual kNN: neighbours among the distinct drawn rows; other kNN metrics: 80%
@@ -136,33 +122,31 @@ def platonic(reference, image, text, run, bootstrap, permutations, kernel_rows, 
     (untrained adapters, CCA, Procrustes; analyze.controls) and a verdict per metric and side. Example:
     analyze platonic --reference dinov2 --image resnet18 --text gpt2 --run RUN
     """
-    cfg = _config(kw, {"analyze.reference": reference, "train.image": image, "train.text": text,
-                       "analyze.bootstrap": bootstrap, "analyze.permutations": permutations,
-                       "analyze.kernel_rows": kernel_rows})
+    cfg = _config(kw)
     res = platonic_test(cfg, run)
-    click.echo(f"run {res['run']}, n={res['n']}, reference {res['entries']['reference']} "
+    click.echo(f"run {res['run']}, n={res['n']:,}, reference {res['entries']['reference']} "
                f"({res['bootstrap']} resamples, {res['permutations']} permutations, {res['seconds']:.1f} s)")
-    click.echo(f"{'metric':<16}" + "".join(f"{t:>14}" for t in TERMS) + "".join(f"{'delta ' + s:>14}" for s in SIDES))
+    for line in answer_lines(res):
+        click.echo(line)
+    click.echo("")
+    click.echo(f"{'metric':<16}" + "".join(f"{t:>14}" for t in TERMS) + "".join(f"{'delta ' + s:>28}" for s in SIDES))
     for m, r in res["results"].items():
+        d = r["delta"]
         click.echo(f"{m:<16}" + "".join(f"{r['terms'][t]['score']:>14.3f}" for t in TERMS)
-                   + "".join(f"{r['delta'][s]['delta']:>+14.3f}" for s in SIDES))
-    for m, per_side in res["sentences"].items():
-        for s in SIDES:
-            click.echo(per_side[s])
-    click.echo(res["headline"])
-    click.echo(f"wrote {res['out']}/platonic.json, platonic.csv, platonic.png")
+                   + "".join(f"{interval(d[s]['delta'], d[s]['ci_lo'], d[s]['ci_hi'], signed=True):>28}" for s in SIDES))
+    click.echo(f"wrote {res['out']}/platonic.json (every sentence, interval and control), platonic.csv, platonic.png")
 
 
 @main.command(context_settings=CONTEXT)
 @click.option("--pair", metavar="IMAGE_ENTRY,TEXT_ENTRY",
-              help="The two entries to compare layer by layer (default: train.image,train.text).")
-@_option("--permutations", type=int, key="analyze.permutations",
-         text="Shuffled-pairing draws that calibrate the best and last layer pairs (0 = none).")
+              help="The two entries to compare layer by layer. [default: train.image,train.text]")
+@config_option("analyze.permutations", "--permutations", type=int,
+               help="Shuffled-pairing draws that calibrate the best and last layer pairs (0 = none).")
 @common_options
 @friendly_errors
-def layers(pair, permutations, **kw):
+def layers(pair, **kw):
     """Layer x layer heatmap of each metric for two entries extracted with `extract --layers all`."""
-    cfg = _config(kw, {"analyze.permutations": permutations})
+    cfg = _config(kw)
     names = tuple(p.strip() for p in pair.split(",")) if pair else None
     res = compare_layers(cfg, names)
     for m, d in res["metrics"].items():
@@ -181,7 +165,7 @@ def layers(pair, permutations, **kw):
 def pairs(**kw):
     """Rank every (image, text) encoder pair of the split by the first metric, before training;
     show test retrieval of existing fit-adapters runs next to it."""
-    cfg = _config(kw, {})
+    cfg = _config(kw)
     res = rank_pairs(cfg)
     metrics = res["metrics"]
     click.echo(f"{'rank':<5}{'image':<22}{'text':<22}" + "".join(f"{m:>14}" for m in metrics) + f"{'test mean_R':>13}")
@@ -194,23 +178,23 @@ def pairs(**kw):
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--run", help="fit-adapters run name (default: train.name, else <image>-<text>-<adapter>).")
-@_option("--reference", key="analyze.reference", text="Reference model's cache entry.")
-@_option("--image", key="train.image", text="Image encoder entry of the run.")
-@_option("--text", key="train.text", text="Text encoder entry of the run.")
-@_option("--bootstrap", type=int, key="analyze.bootstrap", text="Resamples for the 95% confidence intervals.")
-@_option("--permutations", type=int, key="analyze.permutations", text="Shuffled-pairing draws for the null.")
+@click.option("--run", help="fit-adapters run name. [default: train.name, else <image>-<text>-<adapter>]")
+@config_option("analyze.reference", "--reference", help="Reference model's cache entry.")
+@config_option("train.image", "--image", help="Image encoder entry of the run.")
+@config_option("train.text", "--text", help="Text encoder entry of the run.")
+@config_option("analyze.bootstrap", "--bootstrap", type=int, help="Resamples for the 95% confidence intervals.")
+@config_option("analyze.permutations", "--permutations", type=int, help="Shuffled-pairing draws for the null.")
 @common_options
 @friendly_errors
-def report(run, reference, image, text, bootstrap, permutations, **kw):
+def report(run, **kw):
     """One Markdown and one self-contained HTML report of an experiment (runs analyze cka and
     analyze platonic when their outputs are missing or were made with other settings)."""
-    cfg = _config(kw, {"analyze.reference": reference, "train.image": image, "train.text": text,
-                       "analyze.bootstrap": bootstrap, "analyze.permutations": permutations})
-    md = build_report(cfg, run)
-    click.echo(f"report: {md}")
-    click.echo(f"report: {md.with_suffix('.html')}")
-
+    cfg = _config(kw)
+    files = build_report(cfg, run)
+    for line in files.summary[:4]:  # the answer at the top of the report; the rest is in the files
+        click.echo(line)
+    click.echo(f"report: {files.md}")
+    click.echo(f"report: {files.html}")
 
 
 def _table(rows: dict, columns: list[str], first: str = "method") -> str:
@@ -222,20 +206,21 @@ def _table(rows: dict, columns: list[str], first: str = "method") -> str:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--run", help="fit-adapters run name (default: train.name, else <image>-<text>-<adapter>).")
+@click.option("--run", help="fit-adapters run name. [default: train.name, else <image>-<text>-<adapter>]")
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False),
-              help="Prompt templates, one per line with {} for the class name (default: a short CLIP-style set).")
-@_option("--label-from", key="data.label_from", text="Class labels: a metadata column, or dir (first folder of file_name).")
+              help="Prompt templates, one per line with {} for the class name. [default: a short CLIP-style set]")
+@config_option("data.label_from", "--label-from",
+               help="Class labels: a metadata column, or dir (first folder of file_name).")
 @click.option("--force", is_flag=True, help="Recompute the cached prompt features (needed when they are stale).")
 @common_options
 @friendly_errors
-def zeroshot(run, templates, label_from, force, **kw):
+def zeroshot(run, templates, force, **kw):
     """Zero-shot classification of the split's images by class prompts through the run's text
     adapter, next to the CCA / Procrustes baselines and the training-free ASIF method.
 
     Example: analyze zeroshot --config configs/demo.toml --label-from dir
     """
-    cfg = _config(kw, {"data.label_from": label_from})
+    cfg = _config(kw)
     res = zero_shot(cfg, run, templates, force)
     click.echo(f"run {res['run']}: {res['n']} {cfg.analyze.split} images, {len(res['classes'])} classes, "
                f"{len(res['templates'])} templates ({res['seconds']:.1f} s)")
@@ -252,7 +237,7 @@ run's adapters and the CCA / Procrustes baselines on the same rows.
 Quadratic assignment is cubic in the rows: it matches --max-rows images ({QAP_ROWS} when --max-rows is 0).
 
 Example: analyze matching --config configs/demo.toml""")
-@click.option("--run", help="fit-adapters run name (default: train.name, else <image>-<text>-<adapter>).")
+@click.option("--run", help="fit-adapters run name. [default: train.name, else <image>-<text>-<adapter>]")
 @click.option("--seeds", type=float, default=SEED_FRACTION, show_default=True,
               help="Known pairs for seeded matching: a fraction of the matched rows (< 1) or a count.")
 @click.option("--kernel", type=click.Choice(KERNELS), default="linear", show_default=True,
@@ -262,7 +247,7 @@ Example: analyze matching --config configs/demo.toml""")
 @common_options
 @friendly_errors
 def matching(run, seeds, kernel, base_rows, **kw):
-    cfg = _config(kw, {})
+    cfg = _config(kw)
     res = run_matching(cfg, run, seeds, kernel, base_rows)
     click.echo(f"run {res['run']}: retrieval on {res['n_images']} images, {res['n_texts']} captions "
                f"(training-free: {', '.join(res['training_free'])})")

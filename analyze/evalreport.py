@@ -16,6 +16,7 @@ import json
 import logging
 
 from analyze.compare import data_dir_of, output_dir
+from analyze.display import count
 from analyze.evalrun import MODALITIES, open_run
 from analyze.gallery import build_gallery
 from analyze.prompts import prompt_entry_path
@@ -33,7 +34,7 @@ ZEROSHOT_NAMES = {"adapters": "trained adapters", "cca": "CCA", "procrustes": "P
                   "relative": "ASIF relative (training-free)"}
 
 
-def _saved(cfg: PipelineConfig, run: str, filename: str) -> tuple[dict | None, str]:
+def saved_output(cfg: PipelineConfig, run: str, filename: str) -> tuple[dict | None, str]:
     """(document, "") when runs/<run>/<filename> is current, else (None, why not)."""
     path = output_dir(cfg, "runs", run) / filename
     if not path.is_file():
@@ -55,7 +56,7 @@ def _saved(cfg: PipelineConfig, run: str, filename: str) -> tuple[dict | None, s
 def training_free_rows(cfg: PipelineConfig, run: str, n_images: int | None) -> dict[str, dict]:
     """Retrieval rows of the training-free methods from matching.json, when it covers the
     whole split (``n_images`` test images), for the report's retrieval table."""
-    doc, _ = _saved(cfg, run, "matching.json")
+    doc, _ = saved_output(cfg, run, "matching.json")
     if doc is None or (n_images is not None and doc.get("n_images") != n_images):
         return {}
     return {TRAINING_FREE_NAMES.get(m, m): doc["retrieval"][m] for m in doc.get("training_free", [])}
@@ -63,7 +64,7 @@ def training_free_rows(cfg: PipelineConfig, run: str, n_images: int | None) -> d
 
 def section_zeroshot(doc, cfg: PipelineConfig, run: str) -> None:
     doc.heading("Zero-shot classification")
-    res, why = _saved(cfg, run, "zeroshot.json")
+    res, why = saved_output(cfg, run, "zeroshot.json")
     if res is None:
         doc.para(f"Not available ({why}): run `analyze zeroshot --run {run}` (with the same --config) first.")
         return
@@ -77,10 +78,14 @@ def section_zeroshot(doc, cfg: PipelineConfig, run: str) -> None:
              f"{len(res['templates'])} prompt templates (e.g. \"{res['templates'][0]}\"): the trained adapters put the "
              f"true class first for {a['top1']:.3f} of the images, against {ch['top1']:.3f} by chance and "
              f"{ch['majority']:.3f} for always answering the most frequent class; balanced accuracy {a['balanced']:.3f}.")
-    if "confusion" in res.get("figures", {}):
-        doc.figure(output_dir(cfg, "runs", run) / res["figures"]["confusion"],
-                   "Zero-shot confusion matrix of the trained adapters (rows: true class)", "zeroshot-confusion.png")
     per = sorted(a["per_class"].items(), key=lambda kv: (-kv[1]["n"], kv[0]))
+    if "confusion" in res.get("figures", {}):
+        absent = sorted(c.replace("_", " ") for c in res["classes"] if a["per_class"].get(c, {}).get("n", 0) == 0)
+        blank = (f"; blank rows: classes without {res['split']} images ({', '.join(absent)}), still offered as "
+                 f"answers" if absent else "")
+        doc.figure(output_dir(cfg, "runs", run) / res["figures"]["confusion"],
+                   f"Zero-shot confusion matrix of the trained adapters (rows: true class, each row's share of its "
+                   f"images{blank})", "zeroshot-confusion.png")
     doc.table(["class", "test images", "top-1 (adapters)"],
               [[c.replace("_", " "), v["n"], v["top1"]] for c, v in per[:PER_CLASS_ROWS]])
     if len(per) > PER_CLASS_ROWS:
@@ -89,7 +94,7 @@ def section_zeroshot(doc, cfg: PipelineConfig, run: str) -> None:
 
 def section_matching(doc, cfg: PipelineConfig, run: str) -> None:
     doc.heading("Training-free matching")
-    res, why = _saved(cfg, run, "matching.json")
+    res, why = saved_output(cfg, run, "matching.json")
     if res is None:
         doc.para(f"Not available ({why}): run `analyze matching --run {run}` (with the same --config) first.")
         return
@@ -171,12 +176,13 @@ def section_costs(doc, cfg: PipelineConfig, run: str) -> None:
     for name in dict.fromkeys(names):
         params, seconds, n = _entry_cost(cfg, name)
         if n:
-            rows.append([f"frozen encoder {name}", params, "no", f"{seconds:.1f}", f"extraction of {n} rows (all splits)"])
+            rows.append([f"frozen encoder {name}", count(params), "no", f"{seconds:.1f}",
+                         f"extraction of {n:,} rows (all splits)"])
     trainable = sum(p.numel() for p in rv.run.model.parameters() if p.requires_grad)
     metrics = read_run(rv.path).metrics
     train_time, epochs, device = ((metrics.train_time_s, metrics.epochs_run, metrics.device) if metrics
                                   else (None, "-", "-"))
-    rows.append([f"adapters ({rv.run.train.adapter}, d_e = {rv.dim})", trainable, "yes",
+    rows.append([f"adapters ({rv.run.train.adapter}, d_e = {rv.dim})", count(trainable), "yes",
                  _seconds(train_time), f"training, {epochs} epochs on {device or '-'}"])
     prompts = prompt_entry_path(cfg.data.cache, cfg.data.dataset, rv.entries["text"])
     if prompts.exists():
@@ -184,7 +190,7 @@ def section_costs(doc, cfg: PipelineConfig, run: str) -> None:
         rows.append(["zero-shot prompts", None, "no", _seconds(prov.get("extract_seconds")),
                      f"embedding {len(prov.get('texts', []))} prompts with {rv.entries['text']}"])
     for file, what in (("zeroshot.json", "analyze zeroshot"), ("matching.json", "analyze matching")):
-        res, _ = _saved(cfg, run, file)
+        res, _ = saved_output(cfg, run, file)
         if res is not None:
             rows.append([what, None, "-", _seconds(res.get("seconds", sum(res.get("retrieval_seconds", {}).values()))),
                          "evaluation"])

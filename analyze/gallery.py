@@ -18,6 +18,7 @@ import html
 import io
 
 import numpy as np
+from PIL import Image
 
 from analyze.evalrun import open_run
 from analyze.markdown import md_text
@@ -45,11 +46,14 @@ def choose(ranks: np.ndarray, k: int, seed: int) -> list[int]:
 
 
 def thumbnail_uri(image, px: int = THUMB_PX) -> str:
-    """``data:image/jpeg;base64,...`` of a PIL image shrunk to fit px x px."""
+    """``data:image/jpeg;base64,...`` of a PIL image shrunk to fit px x px and centred on a white
+    px x px square (so that it is shown at its natural size)."""
     img = image.convert("RGB")
     img.thumbnail((px, px))
+    square = Image.new("RGB", (px, px), "white")
+    square.paste(img, ((px - img.width) // 2, (px - img.height) // 2))
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    square.save(buf, format="JPEG", quality=THUMB_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

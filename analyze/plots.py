@@ -3,7 +3,10 @@
 Every function draws one figure, saves it as a PNG at ``path`` (parent folders created) and
 returns the path; figures are closed after saving so long runs do not accumulate memory.
 Titles are wrapped to the width of what they label (``_wrap``) and figures are saved with a
-tight bounding box, so long entry and run names are never cut off.
+tight bounding box, so long entry and run names are never cut off. Figures are made for the
+width they are shown at: a report page is ``PAGE_PX`` wide, so a figure is at most
+``MAX_INCHES`` wide (panels wrap onto further rows instead of growing sideways) and the forest
+plot of the Platonic deltas is drawn at exactly the width it is shown.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ CELL_INCHES = 0.55  # side of one heatmap cell, inches (figures grow with the nu
 ANNOTATE_MAX = 16  # heatmaps with at most this many rows and columns print the value in each cell
 CHAR_WIDTH = 0.6  # average width of a character in units of the font size (DejaVu Sans), for wrapping
 LONG_LABEL = 8  # tick labels longer than this many characters are rotated
+PAGE_PX = 1240  # width of a report page's content (analyze.report.Document), CSS pixels
+MAX_INCHES = PAGE_PX / DPI  # widest figure: shown at the page width without shrinking more than 2x
+VERDICT_COLORS = {"supported": "#1a9641", "not supported": "#d7191c", "inconclusive": "#4d4d4d"}
+POINT_STYLES = (("D", "#6baed6"), ("s", "#969696"), ("^", "#fd8d3c"), ("v", "#74c476"), ("P", "#9e9ac8"),
+                ("X", "#e377c2"), ("h", "#8c564b"), ("*", "#bcbd22"), ("p", "#17becf"))  # marker, colour of the n-th series
 
 
 def _wrap(text: str, inches: float, fontsize: float) -> str:
@@ -82,19 +90,30 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
     return _save(fig, path)
 
 
+def _grid(n: int, panel_inches: float) -> tuple[int, int]:
+    """(rows, columns) of ``n`` panels of width ``panel_inches`` in a figure at most MAX_INCHES wide."""
+    cols = max(1, min(n, int(MAX_INCHES // panel_inches)))
+    return -(-n // cols), cols
+
+
 @literal_text
 def kernel_panels(kernels: Mapping[str, np.ndarray], title: str, path: str | Path) -> Path:
-    """Side-by-side (m, m) kernel matrices, one panel per representation, each with its own
-    colour scale (the rows are expected to be in the same order in every panel)."""
+    """(m, m) kernel matrices, one panel per representation (rows of panels at most
+    ``MAX_INCHES`` wide), each with its own colour scale (the rows are expected to be in the
+    same order in every panel)."""
     names = list(kernels)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    side = 3.0
+    rows, cols = _grid(len(names), side)
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, (side + 0.3) * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
         im = ax.imshow(kernels[name], cmap="magma", interpolation="nearest")
-        ax.set_title(_wrap(name, 2.8, 9), fontsize=9)
+        ax.set_title(_wrap(name, side - 0.6, 9), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(_wrap(title, 3.6 * len(names), 10), fontsize=10)
+    fig.suptitle(_wrap(title, side * cols, 10), fontsize=10)
     return _save(fig, path)
 
 
@@ -107,9 +126,12 @@ def grouped_bars(groups: Mapping[str, Sequence[dict]], title: str, path: str | P
     ``null_q95`` (the null distribution's 95th percentile) over its bar. NaN or None bounds
     draw no error bar / dash."""
     names = list(groups)
-    panel = max(4.0, 1.1 * max(len(v) for v in groups.values()))
-    fig, axes = plt.subplots(1, len(names), figsize=(panel * len(names) + 0.5, 4.0), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    panel = min(MAX_INCHES, max(3.6, 0.45 * max(len(v) for v in groups.values()) + 0.8))
+    rows, cols = _grid(len(names), panel)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols, 3.8 * rows + 0.3), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
         items = groups[name]
         x = np.arange(len(items))
         vals = np.array([it["value"] for it in items], dtype=float)
@@ -127,8 +149,66 @@ def grouped_bars(groups: Mapping[str, Sequence[dict]], title: str, path: str | P
         ax.axhline(0, color="grey", lw=0.5)
         if nulls:
             ax.legend(fontsize=7, loc="best")
-    fig.suptitle(_wrap(title, panel * len(names), 10), fontsize=10)
+    fig.suptitle(_wrap(title, panel * cols, 10), fontsize=10)
     return _save(fig, path)
+
+
+@literal_text
+def forest(panels: Mapping[str, Sequence[dict]], path: str | Path, width_px: int = PAGE_PX,
+           xlabel: str = "delta = after - mean(before image, before text)") -> Path:
+    """A forest plot drawn at exactly ``width_px`` pixels wide: one panel per group (e.g. per
+    side), one row per item (a metric, a setting), one or more points per row, each with its
+    95% interval; a vertical line marks 0 (the criterion).
+
+    panels: {panel title: [{"label": row label, "null": optional value at or below which the
+    row is within the shuffled-pairing null (shaded), "points": [{"label": legend entry,
+    "value", "lo", "hi", "color", "marker" (default "o"), "big" (bool: drawn larger)}, ...]},
+    ...]}. The points of a row are stacked top to bottom in the order given."""
+    names = list(panels)
+    n_rows = max(len(v) for v in panels.values())
+    n_pts = max((len(row["points"]) for v in panels.values() for row in v), default=1)
+    step = min(0.22, 0.8 / max(1, n_pts))  # vertical distance between the points of a row, in rows
+    row_h = 0.2 + 0.1 * n_pts  # inches per row
+    fig, axes = plt.subplots(1, len(names), figsize=(width_px / DPI, 1.3 + row_h * n_rows), squeeze=False,
+                             sharey=True, layout="constrained")
+    handles: dict = {}
+    for ax, name in zip(axes[0], names):
+        rows = panels[name]
+        values = [0.0]
+        for i, row in enumerate(rows):
+            y = -i
+            null = _num(row.get("null"))
+            if np.isfinite(null):
+                h = ax.fill_betweenx([y - 0.45, y + 0.45], -2.0, null, color="#bdbdbd", alpha=0.35, lw=0)
+                handles.setdefault("within the shuffled-pairing null (95th pct)", h)
+                values.append(null)
+            pts = row["points"]
+            for j, pt in enumerate(pts):
+                yp = y + step * ((len(pts) - 1) / 2 - j)
+                lo, hi, v = _num(pt.get("lo")), _num(pt.get("hi")), _num(pt.get("value"))
+                big = pt.get("big", False)
+                if np.isfinite(lo) and np.isfinite(hi):
+                    ax.hlines(yp, lo, hi, color=pt.get("color", "black"), lw=2.6 if big else 1.3)
+                h = ax.plot([v], [yp], marker=pt.get("marker", "o"), ms=8 if big else 5, ls="",
+                            color=pt.get("color", "black"), markeredgecolor="white", markeredgewidth=0.5)[0]
+                handles.setdefault(pt["label"], h)
+                values += [x for x in (lo, hi, v) if np.isfinite(x)]
+        ax.axvline(0, color="black", lw=0.9)
+        ax.set_yticks([-i for i in range(len(rows))], [row["label"] for row in rows], fontsize=10)
+        ax.set_ylim(-n_rows + 0.5, 0.5)
+        span = max(values) - min(values) or 1.0
+        ax.set_xlim(min(values) - 0.06 * span, max(values) + 0.06 * span)
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.tick_params(axis="x", labelsize=9)
+        ax.grid(axis="x", alpha=0.25)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(4, len(handles)),
+               fontsize=8.5, frameon=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)  # no tight bounding box: exactly width_px wide
+    plt.close(fig)
+    return path
 
 
 def _num(v) -> float:
@@ -152,3 +232,11 @@ def scatter(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title
 def png_base64(path: str | Path) -> str:
     """``data:image/png;base64,...`` URI of a PNG file (for self-contained HTML)."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def png_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) in pixels from a PNG file's IHDR header."""
+    head = Path(path).read_bytes()[:24]
+    if head[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path} is not a PNG file")
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")

@@ -7,11 +7,9 @@ the cache), encoders (provenance), training curves, test retrieval with baseline
 level, metric heatmaps (from ``analyze cka``'s outputs, computed when absent or made with other
 settings) and the Platonic test (from ``platonic.json``, run when absent or stale). Each
 section says in one sentence what its numbers show; a section whose inputs do not exist says
-so instead of failing.
-
-Chance level of retrieval (a random ranking): text-to-image R@K = K / n_images; image-to-text
-R@K = 1 - C(n_texts - c, K) / C(n_texts, K) for c captions per image (any of the image's c
-captions in the top K), which is K / n_texts for one caption per image.
+so instead of failing. The page starts with the answer (``analyze.summary``: the Platonic
+test in a few sentences and a forest plot, then the headline retrieval and zero-shot numbers);
+the details follow. Chance levels: ``analyze.summary.chance_recall``.
 """
 
 from __future__ import annotations
@@ -27,12 +25,14 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 
-from analyze import plots
+from analyze import display, plots
 from analyze.markdown import md_cell, md_text
 from analyze.compare import compare_entries, data_dir_of, default_entries, output_dir
-from analyze.evalreport import eval_sections, training_free_rows
+from analyze.evalreport import section_costs, section_gallery, section_matching, section_zeroshot, training_free_rows
 from analyze.pairs import modality
 from analyze.platonic import SIDES, TERMS, platonic_test
+from analyze.summary import (answer_lines, chance_recall, chance_row, recall_cell,  # noqa: F401 (chance_recall:
+                             section_headline, section_summary, test_sizes)  # re-exported)
 from pipeline.cache import CacheError, Entry, find_entry, list_entries, list_splits
 from pipeline.config import PipelineConfig
 from pipeline.join import JoinError, image_id
@@ -50,9 +50,26 @@ PLATONIC_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations"
 
 
 # ----------------------------------------------------------------------------- document model
+PAGE_STYLE = (
+    f"body{{font-family:sans-serif;max-width:{plots.PAGE_PX}px;margin:1.2em auto;padding:0 16px;line-height:1.45;"
+    "color:#222}h1{font-size:1.55em;margin:.3em 0}h2{margin-top:1.6em}"
+    ".answer{border:2px solid #4a7ab5;background:#f5f8fc;padding:4px 14px 8px;margin:.8em -16px}"
+    ".answer::after{content:'';display:block;clear:both}.side{float:right;margin:0 0 8px 20px}"
+    ".answer h2{margin-top:.4em}.lead{font-size:1.12em;font-weight:bold}.note{font-size:90%;color:#555}"
+    ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.6em 0;font-size:14px}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}"
+    "th{background:#f3f3f3;white-space:normal;min-width:4em}th[title]{cursor:help;text-decoration:underline dotted}"
+    "td:first-child,th:first-child{text-align:left}figure{margin:.8em 0}figcaption{font-size:90%;color:#555}")
+
+
 @dataclass
 class Document:
-    """A report as a list of blocks, rendered to Markdown and to self-contained HTML."""
+    """A report as a list of blocks, rendered to Markdown and to self-contained HTML.
+
+    HTML: the page is ``plots.PAGE_PX`` wide; tables scroll sideways inside their own box
+    (never the page) and keep each cell on one line; a column given a raw key shows it as a
+    tooltip (Markdown: a legend under the table); each figure is shown at its natural width,
+    or the page width when wider (``display_width``)."""
 
     title: str
     folder: Path
@@ -61,23 +78,34 @@ class Document:
     def heading(self, text: str, level: int = 2) -> None:
         self.blocks.append(("h", level, text))
 
-    def para(self, text: str) -> None:
-        self.blocks.append(("p", text))
+    def para(self, text: str, style: str = "") -> None:
+        """A paragraph; style "lead" (bold, larger) or "note" (small print)."""
+        self.blocks.append(("p", text, style))
 
-    def table(self, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
-        self.blocks.append(("table", list(columns), [list(r) for r in rows]))
+    def table(self, columns: Sequence[str], rows: Sequence[Sequence], keys: Sequence[str] | None = None) -> None:
+        """``keys``: the raw key of each column (shown as a tooltip / legend when it differs)."""
+        keys = list(keys) if keys is not None else list(columns)
+        self.blocks.append(("table", list(columns), [list(r) for r in rows], keys))
 
     def raw(self, markdown: str, html_text: str) -> None:
         """A block given ready-made in both formats (e.g. the gallery with embedded thumbnails)."""
         self.blocks.append(("raw", markdown, html_text))
 
-    def figure(self, path: str | Path, caption: str, name: str | None = None) -> None:
-        """Copy the PNG next to the report (as ``name``) and show it."""
+    def box(self, title: str | None = None) -> None:
+        """Open the answer box (closed by ``end_box``); HTML draws a frame, Markdown a heading."""
+        self.blocks.append(("box", title))
+
+    def end_box(self) -> None:
+        self.blocks.append(("endbox",))
+
+    def figure(self, path: str | Path, caption: str, name: str | None = None, side: bool = False) -> None:
+        """Copy the PNG next to the report (as ``name``) and show it; ``side``: in the HTML, at the
+        right of the text of the answer box it is in (Markdown keeps the order of the blocks)."""
         src = Path(path)
         dest = self.folder / (name or src.name)
         if src.resolve() != dest.resolve():
             shutil.copyfile(src, dest)
-        self.blocks.append(("fig", dest, caption))
+        self.blocks.append(("fig", dest, caption, side))
 
     def markdown(self) -> str:
         """The document as Markdown; every text is escaped (``analyze.markdown``), raw blocks
@@ -87,40 +115,72 @@ class Document:
             if b[0] == "h":
                 out += ["#" * b[1] + " " + md_text(b[2]), ""]
             elif b[0] == "p":
-                out += [md_text(b[1]), ""]
+                text = md_text(b[1])
+                out += [f"**{text}**" if b[2] == "lead" else f"*{text}*" if b[2] == "note" else text, ""]
             elif b[0] == "table":
                 cell = lambda v: md_cell(_cell(v))  # noqa: E731
                 out += ["| " + " | ".join(map(cell, b[1])) + " |", "|" + "---|" * len(b[1])]
                 out += ["| " + " | ".join(map(cell, r)) + " |" for r in b[2]] + [""]
+                legend = [f"{c} = `{k}`" for c, k in zip(b[1], b[3]) if str(c) != str(k)]
+                if legend:
+                    out += ["Columns: " + "; ".join(legend) + ".", ""]
             elif b[0] == "fig":
                 out += [f"![{md_text(b[2])}]({quote(b[1].name)})", "", f"*{md_text(b[2])}*", ""]
             elif b[0] == "raw":
                 out += [b[1], ""]
+            elif b[0] == "box" and b[1]:
+                out += [f"## {b[1]}", ""]
         return "\n".join(out)
+
+    def _html_order(self) -> list[tuple]:
+        """The blocks with each side figure moved to the top of its box (it floats right of the text)."""
+        out, box = [], None
+        for b in self.blocks:
+            if b[0] == "box":
+                box = len(out) + 1
+            elif b[0] == "endbox":
+                box = None
+            if b[0] == "fig" and b[3] and box is not None:
+                out.insert(box, b)
+                box += 1
+            else:
+                out.append(b)
+        return out
 
     def html(self) -> str:
         e = html.escape
         body = [f"<h1>{e(self.title)}</h1>"]
-        for b in self.blocks:
+        for b in self._html_order():
             if b[0] == "h":
                 body.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
             elif b[0] == "p":
-                body.append(f"<p>{e(b[1])}</p>")
+                body.append(f'<p class="{b[2]}">{e(b[1])}</p>' if b[2] else f"<p>{e(b[1])}</p>")
             elif b[0] == "table":
-                head = "".join(f"<th>{e(_cell(c))}</th>" for c in b[1])
+                head = "".join(f'<th title="{e(str(k))}">{e(_cell(c))}</th>' if str(k) != str(c) else
+                               f"<th>{e(_cell(c))}</th>" for c, k in zip(b[1], b[3]))
                 rows = "".join("<tr>" + "".join(f"<td>{e(_cell(v))}</td>" for v in r) + "</tr>" for r in b[2])
-                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+                body.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody>'
+                            "</table></div>")
             elif b[0] == "raw":
                 body.append(b[2])
             elif b[0] == "fig":
-                body.append(f'<figure><img src="{plots.png_base64(b[1])}" alt="{e(b[2])}">'
-                            f"<figcaption>{e(b[2])}</figcaption></figure>")
-        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45;color:#222}"
-                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-                 "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-                 "img{max-width:100%}figcaption{font-size:90%;color:#555}")
-        return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{e(self.title)}</title>"
-                f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+                width = display_width(b[1])
+                side = f' class="side" style="width:{width}px"' if b[3] else ""
+                body.append(f'<figure{side}><img src="{plots.png_base64(b[1])}" width="{width}" '
+                            f'alt="{e(b[2])}"><figcaption>{e(b[2])}</figcaption></figure>')
+            elif b[0] == "box":
+                body.append('<section class="answer">' + (f"<h2>{e(b[1])}</h2>" if b[1] else ""))
+            elif b[0] == "endbox":
+                body.append("</section>")
+        return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+                f"<meta name=\"viewport\" content=\"width=device-width\"><title>{e(self.title)}</title>"
+                f"<style>{PAGE_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def display_width(png: Path) -> int:
+    """CSS width a figure is shown at: its natural width, or the page width when wider (figures
+    are made for the page, ``plots.MAX_INCHES``, so this shrinks them by well under 2x)."""
+    return min(plots.png_size(png)[0], plots.PAGE_PX)
 
 
 def _cell(v) -> str:
@@ -128,27 +188,13 @@ def _cell(v) -> str:
         return "-"
     if isinstance(v, float):
         return "n/a" if not math.isfinite(v) else f"{v:.3f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"  # counts with thousands separators
     return str(v)
 
 
 def _fmt(v) -> str:
     return _cell(float(v)) if isinstance(v, (int, float)) else _cell(v)
-
-
-# ----------------------------------------------------------------------------- chance level
-def chance_recall(key: str, n_images: int, n_texts: int) -> float:
-    """Expected R@K of a random ranking (see the module docstring); ``mean_R`` averages them."""
-    way, k = key.split("_R@")
-    k = int(k)
-    if way == "t2i":
-        return min(1.0, k / n_images)
-    c = max(1, round(n_texts / n_images))
-    if k >= n_texts - c + 1:
-        return 1.0
-    miss = 1.0
-    for j in range(k):  # P(none of the c captions in the top k) = C(n-c, k) / C(n, k)
-        miss *= (n_texts - c - j) / (n_texts - j)
-    return 1.0 - miss
 
 
 # ----------------------------------------------------------------------------- sections
@@ -158,7 +204,9 @@ def _entries_of(cfg: PipelineConfig, split: str) -> list[Entry]:
 
 
 def _span(values: Sequence[int]) -> str:
-    return "-" if not values else str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+    if not values:
+        return "-"
+    return f"{min(values):,}" if min(values) == max(values) else f"{min(values):,}-{max(values):,}"
 
 
 def section_data(doc: Document, cfg: PipelineConfig) -> None:
@@ -237,54 +285,44 @@ def section_training(doc: Document, run: RunFolder | None) -> None:
     doc.para(text + ".")
 
 
-def _test_sizes(cfg: PipelineConfig, run: RunFolder) -> tuple[int, int] | None:
-    """(n_images, n_texts) of the test split: the run's recorded sizes, else the cache entries."""
-    sizes = run.metrics.sizes.get("test", {}) if run.metrics else {}
-    if isinstance(sizes.get("image"), int) and isinstance(sizes.get("text"), int):
-        return sizes["image"], sizes["text"]
-    try:
-        img = find_entry(cfg.data.cache, cfg.data.dataset, "test", run.image or cfg.train.image, cfg.data.data_dir)
-        txt = find_entry(cfg.data.cache, cfg.data.dataset, "test", run.text or cfg.train.text, cfg.data.data_dir)
-    except CacheError:
-        return None
-    return img.n, txt.n
-
-
 def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunFolder | None) -> None:
     doc.heading("Retrieval (test split)")
     table = run.metrics.test if run and run.metrics else {}
     if not table:
         doc.para("No test retrieval metrics (metrics.json) for this run yet.")
         return
-    sizes = _test_sizes(cfg, run)
+    sizes = test_sizes(cfg, run)
     extra = training_free_rows(cfg, run.name, sizes[0] if sizes else None) if cfg.analyze.split == "test" else {}
     columns = RECALL_COLUMNS + RANK_COLUMNS
-    rows = [[method, *(vals.get(c) for c in columns)] for method, vals in {**table, **extra}.items()]
+    rows = [[display.method_label(method), *(recall_cell(c, vals.get(c), sizes) for c in columns)]
+            for method, vals in {**table, **extra}.items()]
     if sizes:
-        chance = {c: chance_recall(c, *sizes) for c in RECALL_COLUMNS if c != "mean_R"}
-        chance["mean_R"] = sum(chance.values()) / len(chance)
-        chance["rsum"] = 100 * sum(v for c, v in chance.items() if c != "mean_R")
-        chance["t2i_meanr"] = (sizes[0] + 1) / 2  # uniform rank among n_images
-        chance["i2t_meanr"] = (sizes[1] + 1) / (max(1, round(sizes[1] / sizes[0])) + 1)  # best of c uniform ranks
+        chance = chance_row(*sizes)
         rows.append(["chance", *(chance.get(c) for c in columns)])
-    doc.table(["method", *columns], rows)
+    rows = [[r[0], *r[1:len(RECALL_COLUMNS) + 1], *(display.number(v, 1) if isinstance(v, float) else v
+                                                   for v in r[len(RECALL_COLUMNS) + 1:])] for r in rows]
+    doc.table(["method", *(display.recall_label(c, short=True) for c in columns)], rows, ["method", *columns])
+    legend = display.marks_legend(str(v) for r in rows for v in r)
+    if legend:
+        doc.para(legend, "note")
     res = run.metrics.adapters
     if res is None:
         doc.para(f"The run's metrics have no {ADAPTERS_METHOD!r} row (the trained adapters); only baselines are shown.")
         return
     t = run.train
     loss = loss_label(t.get("loss", "infonce"), t.get("loss_direction", "symmetric"), t.get("normalize", True))
-    text = f"The trained adapters (row {ADAPTERS_METHOD!r}; loss: {loss})"
+    text = f"The trained adapters (row {display.method_label(ADAPTERS_METHOD)!r}; loss: {loss})"
     if sizes and "i2t_R@10" in res and "t2i_R@10" in res:
         text += (f": held-out image-to-text R@10 is {res['i2t_R@10']:.2f} against {chance['i2t_R@10']:.2f} by chance, "
                  f"text-to-image R@10 {res['t2i_R@10']:.2f} against {chance['t2i_R@10']:.2f} "
-                 f"({sizes[0]} images, {sizes[1]} captions)")
+                 f"({sizes[0]:,} images, {sizes[1]:,} captions)")
     others = {m: v.get("mean_R") for m, v in table.items()
               if m != ADAPTERS_METHOD and v.get("mean_R") is not None and math.isfinite(v["mean_R"])}
     if others and res.get("mean_R") is not None and math.isfinite(res["mean_R"]):
         best = max(others, key=others.get)
         word = "above" if res["mean_R"] > others[best] else "below"
-        text += f"; mean recall {res['mean_R']:.3f}, {word} the best baseline ({best}, {others[best]:.3f})"
+        text += (f"; mean recall {res['mean_R']:.3f}, {word} the best baseline ({display.method_label(best)}, "
+                 f"{others[best]:.3f})")
     doc.para(text + ". Chance: t2i R@K = K/n_images; i2t R@K = 1 - C(n_texts - c, K)/C(n_texts, K) for c captions per image. "
              "RSUM: the six recalls summed, in percent; medr / meanr: median / mean rank of the true item (1 = first).")
 
@@ -334,32 +372,50 @@ def section_heatmaps(doc: Document, cfg: PipelineConfig) -> None:
         doc.figure(folder / result["figures"]["kernels"], "Kernel heatmaps on a shared row sample", "cka-kernels.png")
 
 
-def section_platonic(doc: Document, cfg: PipelineConfig, run: str) -> None:
-    doc.heading("Platonic test: alignment to the reference")
+def platonic_result(cfg: PipelineConfig, run: str) -> tuple[dict | None, str]:
+    """(the run's Platonic test, "") reusing a current platonic.json, else running the test;
+    (None, why) when it cannot be made."""
     folder = output_dir(cfg, "runs", run)
     tc = cfg.train
     entries = [tc.image, tc.text, aligned_name(tc.image, run), aligned_name(tc.text, run), cfg.analyze.reference]
     try:
-        result = _reusable(folder / "platonic.json", cfg, PLATONIC_KEYS, entries) or platonic_test(cfg, run)
+        return _reusable(folder / "platonic.json", cfg, PLATONIC_KEYS, entries) or platonic_test(cfg, run), ""
     except RunIntegrityError:
         raise
     except (CacheError, JoinError, ValueError) as exc:
-        doc.para(f"Not available: {exc}")
+        return None, str(exc)
+
+
+def section_platonic(doc: Document, cfg: PipelineConfig, result: dict | None, why: str) -> None:
+    doc.heading("Platonic test: the details")
+    if result is None:
+        doc.para(f"Not available: {why}")
         return
-    e = result["entries"]
+    folder = output_dir(cfg, "runs", result["run"])
+    e, n = result["entries"], result["n"]
     doc.para(f"Question: is m(K_repr, K_ref) above the mean of m(K_X, K_ref) and m(K_Y, K_ref) by more than "
              f"chance? X = {e['image']}, Y = {e['text']}, repr = {e['image_aligned']} / {e['text_aligned']}, "
-             f"ref = {e['reference']}; n = {result['n']} test rows, {result['bootstrap']} resamples for 95% CIs, "
+             f"ref = {e['reference']}; n = {n:,} test rows, {result['bootstrap']} resamples for 95% CIs, "
              f"{result['permutations']} shuffled pairings for the null.")
-    rows = []
+    scores, deltas = [], []
     for m, r in result["results"].items():
         t, d = r["terms"], r["delta"]
-        rows.append([m, *(f"{_fmt(t[x]['score'])} [{_fmt(t[x]['ci_lo'])}, {_fmt(t[x]['ci_hi'])}]" for x in TERMS),
-                     *(f"{_fmt(d[s]['delta'])} [{_fmt(d[s]['ci_lo'])}, {_fmt(d[s]['ci_hi'])}]" for s in SIDES),
-                     *(_fmt(t[f'after_{s}']['null_q95']) for s in SIDES),
-                     *(d[s]["verdict"] for s in SIDES)])
-    doc.table(["metric", *TERMS, "delta image", "delta text", "null q95 image", "null q95 text",
-               "verdict image", "verdict text"], rows)
+        score, diff = display.value_range(m), display.value_range(m, difference=True)
+        scores.append([display.metric_label(m), *(display.interval(
+            t[x]["score"], t[x]["ci_lo"], t[x]["ci_hi"], marks=display.interval_marks(t[x]["ci_lo"], t[x]["ci_hi"], n, score))
+            for x in TERMS)])
+        deltas.append([display.metric_label(m), *(display.interval(
+            d[s]["delta"], d[s]["ci_lo"], d[s]["ci_hi"], signed=True,
+            marks=display.interval_marks(d[s]["ci_lo"], d[s]["ci_hi"], n, diff)) for s in SIDES),
+            *(_fmt(t[f"after_{s}"]["null_q95"]) for s in SIDES), *(d[s]["verdict"] for s in SIDES)])
+    doc.table(["metric", *(t.replace("_", " ") for t in TERMS)], scores, ["metric", *TERMS])
+    doc.table(["metric", "Δ image", "Δ text", "null 95th pct, after image", "null 95th pct, after text",
+               "verdict, image", "verdict, text"], deltas,
+              ["metric", *(f"delta_{s}" for s in SIDES), *(f"after_{s}.null_q95" for s in SIDES),
+               *(f"verdict_{s}" for s in SIDES)])
+    legend = display.marks_legend(str(v) for r in scores + deltas for v in r)
+    if legend:
+        doc.para(legend, "note")
     doc.figure(folder / result["figures"]["bars"], "Scores with 95% CIs; dashes: 95th percentile of the "
                "shuffled-pairing null", "platonic.png")
     if "kernels" in result["figures"]:
@@ -386,9 +442,19 @@ def _check_run(cfg: PipelineConfig, run: str, info: RunFolder | None) -> None:
             check_aligned(cfg.data.cache, [entry])
 
 
-def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
+@dataclass
+class ReportFiles:
+    """What ``build_report`` wrote, and the summary lines at its top (for the terminal)."""
+
+    md: Path
+    html: Path
+    summary: list[str]
+
+
+def build_report(cfg: PipelineConfig, run: str | None = None) -> ReportFiles:
     """``analyze report``: write report.md and report.html for one run (default: ``train.name``
-    or fit-adapters' default name); returns the Markdown path."""
+    or fit-adapters' default name). Order: the answer (summary box), the headline numbers, then
+    the details."""
     run = run_name(cfg.train, run)
     try:
         info = find_run(cfg.data.cache, run)
@@ -398,16 +464,23 @@ def build_report(cfg: PipelineConfig, run: str | None = None) -> Path:
     _check_run(cfg, run, info)
     folder = output_dir(cfg, "runs", run)
     doc = Document(f"Experiment report: {cfg.data.dataset}, run {run}", folder)
-    doc.para(f"Generated {utc_now()} by `analyze report` (config: {cfg.source}; cache: {cfg.data.cache}; "
-             f"analysis split: {cfg.analyze.split}; metrics: {', '.join(cfg.analyze.metrics)}).")
+    result, why = platonic_result(cfg, run)
+    section_summary(doc, result, why)
+    section_headline(doc, cfg, run, info)
+    section_platonic(doc, cfg, result, why)
+    section_retrieval(doc, cfg, info)
+    section_zeroshot(doc, cfg, run)
+    section_training(doc, info)
+    section_matching(doc, cfg, run)
     section_data(doc, cfg)
     section_encoders(doc, cfg)
-    section_training(doc, info)
-    section_retrieval(doc, cfg, info)
-    eval_sections(doc, cfg, run)
     section_heatmaps(doc, cfg)
-    section_platonic(doc, cfg, run)
-    md = folder / "report.md"
+    section_gallery(doc, cfg, run)
+    section_costs(doc, cfg, run)
+    doc.heading("Provenance")
+    doc.para(f"Generated {utc_now()} by `analyze report` (config: {cfg.source}; cache: {cfg.data.cache}; "
+             f"analysis split: {cfg.analyze.split}; metrics: {', '.join(cfg.analyze.metrics)}).")
+    md, page = folder / "report.md", folder / "report.html"
     md.write_text(doc.markdown(), encoding="utf-8")
-    (folder / "report.html").write_text(doc.html(), encoding="utf-8")
-    return md
+    page.write_text(doc.html(), encoding="utf-8")
+    return ReportFiles(md, page, answer_lines(result) if result else [f"No Platonic test: {why}"])

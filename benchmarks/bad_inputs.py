@@ -1,5 +1,5 @@
-"""Replay every bad-input kind found by the adversarial review (issue "No silent wrong data") and count
-how many now end in a clear error, a correct recomputation or a documented skip.
+"""Replay every known kind of bad input and stale or mismatched data, and count how many end in a clear
+error, a correct recomputation or a documented skip.
 
 Each kind is replayed by one or more tests (generated data, tiny encoders, the real CLIs where the
 user would type a command); a kind counts as handled when all of its tests pass. The script runs
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (kind as found, what the user gets now, tests that replay it: "file::function" runs every parameter)
+# (kind of input, what the user gets, tests that replay it: "file::function" runs every parameter)
 KINDS = [
     ("images replaced under the same names", "stale entry, naming the first changed ids",
      ["test_integrity.py::test_changed_images_make_the_entry_stale_naming_them"]),
@@ -59,12 +59,12 @@ KINDS = [
      ["test_integrity.py::test_orphans_of_killed_writers_are_removed_or_reported"]),
     ("`#` in an image file name", "refused when the dataset is loaded, naming the file",
      ["test_datasets.py::test_imagefolder_refuses_hash_in_file_names"]),
-    ("hints naming library arguments (caption_column=, on_empty='skip')", "hints name --set keys a user can type",
+    ("a missing caption column or empty captions", "hints name --set keys a user can type",
      ["test_datasets.py::test_missing_caption_column", "test_datasets.py::test_empty_captions_error_and_skip",
       "test_analyze_edges.py::test_messages_name_flags_and_config_keys"]),
-    ("bad analyze.kernel_rows reported as max_rows", "the message names the key the user set",
+    ("a bad analyze.kernel_rows", "the message names the key the user set",
      ["test_analyze_edges.py::test_bad_kernel_rows_names_the_key_the_user_set"]),
-    ("`analyze cka` dropping an unreadable entry with a warning", "fails naming the entry and --entries (pairs too)",
+    ("an unreadable entry among those `analyze cka` compares", "fails naming the entry and --entries (pairs too)",
      ["test_integrity.py::test_analyze_refuses_an_unreadable_entry"]),
     ("symlink / hard link / device inside the Tux Paint .deb", "refused",
      ["test_tuxpaint.py::test_deb_with_link_or_device_stamp_is_refused",
@@ -80,8 +80,8 @@ KINDS = [
      ["test_encoder_specs.py::test_clip_tower_with_another_projection_size_is_refused"]),
 ]
 
-# Found by a second adversarial pass (after the first 21 were fixed): stale or mismatched data reused.
-SECOND_PASS = [
+# Stale or mismatched data reused by the report, studies and training.
+STALE_DATA = [
     ("an entry in both h5 and zarr (the stale copy read first)", "extract refuses or, with --force, replaces; readers refuse two",
      ["test_integrity.py::test_an_entry_never_lives_in_two_formats"]),
     ("study cells and runs reused after the data were re-extracted", "cells run again; runs retrain on new train entries",
@@ -97,8 +97,8 @@ SECOND_PASS = [
      ["test_integrity.py::test_two_datasets_of_one_format_never_mix"]),
 ]
 
-# Found by a third pass: runs on hidden layers, re-extracted sources, null labels.
-THIRD_PASS = [
+# Runs on hidden layers, re-extracted sources beside their aligned entries, labels.
+SOURCES_AND_LABELS = [
     ("Platonic test of a run trained on hidden layers (before/controls on final features)",
      "before terms and controls use the layers the adapters read",
      ["test_evaluation.py::test_platonic_of_a_layer_run_compares_the_layers_it_read"]),
@@ -108,8 +108,9 @@ THIRD_PASS = [
      ["test_evaluation.py::test_a_null_label_is_missing_not_a_class"]),
 ]
 
-# Found by a fourth pass (issue 19): 119 bad inputs tried, 17 findings; one row per finding, by number.
-FOURTH_PASS = [
+# Unsafe names, lost runs and numbers wrong with exit 0: one row per kind (numbered as they were
+# found, 1-17), each replayed by its tests.
+NAMES_RUNS_NUMBERS = [
     # 1
     ("split `../../victim/x` or `/abs` in metadata.jsonl / Karpathy JSON",
      "refused naming the row; nothing written or deleted outside the cache",
@@ -150,13 +151,13 @@ FOURTH_PASS = [
       "test_safe_names.py::test_a_folder_that_cannot_be_written_is_one_line_naming_it"]),
 ]
 
-# The review's other rough edges (not bad input, listed so that they stay fixed).
-ROUGH_EDGES = [
-    ("`analyze pairs` said 'needs >= 3 runs (found 11)'", "says what is missing",
+# Messages and figures that must stay clear (not bad input).
+MESSAGES = [
+    ("`analyze pairs` with too few runs for a rank correlation", "says what is missing",
      ["test_analyze_edges.py::test_pairs_says_what_is_missing_for_a_rank_correlation"]),
-    ("heatmap titles cut off", "titles wrapped to the figure",
+    ("long heatmap titles", "wrapped to the figure",
      ["test_analyze_edges.py::test_long_titles_are_wrapped_to_fit_their_figure"]),
-    ("COCO Karpathy restval could not be trained on", "--set data.options.restval=train",
+    ("COCO Karpathy restval as training data", "--set data.options.restval=train",
      ["test_end_to_end.py::test_coco_train_plus_restval_is_trained_on"]),
 ]
 
@@ -174,8 +175,10 @@ def _outcomes(report: Path) -> dict[str, list[bool]]:
 
 
 def main(extra: list[str]) -> int:
-    groups = (("bad-input kinds", KINDS), ("second-pass findings", SECOND_PASS), ("third-pass findings", THIRD_PASS),
-              ("fourth-pass findings", FOURTH_PASS), ("other rough edges", ROUGH_EDGES))
+    groups = (("kinds of bad input", KINDS), ("kinds of stale or mismatched data", STALE_DATA),
+              ("kinds of layer runs, re-extracted sources and labels", SOURCES_AND_LABELS),
+              ("kinds of unsafe names, lost runs and wrong numbers", NAMES_RUNS_NUMBERS),
+              ("messages and figures", MESSAGES))
     nodes = sorted({f"tests/{t}" for _, rows in groups for *_, tests in rows for t in tests})
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
@@ -187,7 +190,7 @@ def main(extra: list[str]) -> int:
     failed = 0
     for title, rows in groups:
         print(f"\n{title}")
-        print(f"{'':3} {'kind':<68} {'cases':>5}  now")
+        print(f"{'':3} {'kind':<68} {'cases':>5}  what the user gets")
         ok = 0
         for i, (kind, now, tests) in enumerate(rows, 1):
             cases = [r for t in tests for r in results.get(t, [False])]

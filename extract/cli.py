@@ -12,8 +12,8 @@ from extract import datasets as D
 from extract import encoders as E
 from extract.run import Shard, extract, merge, torchrun_shard
 from extract.sharding import ShardError
-from pipeline.cli import build_config, config_options, friendly_errors
-from pipeline.config import CHOICES, parse_override
+from pipeline.cli import build_config, config_option, config_options, config_values, friendly_errors
+from pipeline.config import parse_override
 
 
 def _list_encoders() -> None:
@@ -39,32 +39,29 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--encoder", "encoders", metavar="NAME[,NAME...]",
-              help="Encoders to run (registry names, see --list-encoders). [extract.encoders: resnet18,gpt2,dinov2]")
-@click.option("--dataset", help=f"Dataset format: {' | '.join(D.DATASETS)}. [data.dataset]")
-@click.option("--data-dir", help="Folder holding the dataset files. [data.data_dir]")
-@click.option("--split", metavar="NAME",
-              help="Split to extract: any split the dataset has (train, val, test, restval, an imagefolder's own "
-                   "folder names; checked at run time), or all = every split it has. [extract.split: all]")
-@click.option("--captions", type=click.Choice(D.CAPTION_POLICIES),
-              help="Caption policy: longest | first (one row per image) | all (ids <image>#k). [data.captions]")
-@click.option("--cache", help="Feature-cache folder. [data.cache: cache]")
-@click.option("--format", "fmt", type=click.Choice(["h5", "zarr"]), help="Format of new entries. [extract.format: h5]")
-@click.option("--batch-size", type=int, help="Items per forward pass. [extract.batch_size: 64]")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="Autocast precision; features are stored as float32. [extract.precision: fp32]")
-@click.option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N. [extract.device: auto]")
-@click.option("--workers", type=int, help="DataLoader workers; -1 = min(8, cores - 1), 0 for text on CPU. [extract.workers: -1]")
-@click.option("--layers", type=click.Choice(["last", "all"]),
-              help="all also stores every hidden layer's pooled features. [extract.layers: last]")
-@click.option("--on-error", type=click.Choice(["error", "skip"]),
-              help="Unreadable image: stop, or skip it (logged and recorded in the cache). [extract.on_error: error]")
-@click.option("--decode", type=click.Choice(CHOICES["extract.decode"]),
-              help="Image decoding: auto (JPEGs on the GPU when the model runs on CUDA, else CPU) | cpu (PIL in "
-                   "the workers) | gpu (nvJPEG; the decoder is part of the cache key). [extract.decode: auto]")
-@click.option("--encoder-option", "encoder_options", multiple=True, metavar="ENCODER.KEY=VALUE",
-              help="Per-encoder option: pooling, image_size, max_tokens, weights (local path or hub id), "
-                   "revision; e.g. gpt2.pooling=last (repeatable).")
+@config_option("extract.encoders", "--encoder", metavar="NAME[,NAME...]",
+               help="Encoders to run (registry names, see --list-encoders).")
+@config_option("data.dataset", "--dataset", help=f"Dataset format: {' | '.join(D.DATASETS)}.")
+@config_option("data.data_dir", "--data-dir", help="Folder holding the dataset files.")
+@config_option("extract.split", "--split", metavar="NAME",
+               help="Split to extract: any split the dataset has (train, val, test, restval, an imagefolder's own "
+                    "folder names; checked at run time), or all = every split it has.")
+@config_option("data.captions", "--captions", type=click.Choice(D.CAPTION_POLICIES),
+               help="Caption policy: longest | first (one row per image) | all (ids <image>#k).")
+@config_option("data.cache", "--cache", help="Feature-cache folder.")
+@config_option("extract.format", "--format", help="Format of new entries.")
+@config_option("extract.batch_size", "--batch-size", type=int, help="Items per forward pass.")
+@config_option("extract.precision", "--precision", help="Autocast precision; features are stored as float32.")
+@config_option("extract.device", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")
+@config_option("extract.workers", "--workers", type=int, help="DataLoader workers; -1 = min(8, cores - 1), 0 for text on CPU.")
+@config_option("extract.layers", "--layers", help="all also stores every hidden layer's pooled features.")
+@config_option("extract.on_error", "--on-error", help="Unreadable image: stop, or skip it (logged and recorded in the cache).")
+@config_option("extract.decode", "--decode",
+               help="Image decoding: auto (JPEGs on the GPU when the model runs on CUDA, else CPU) | cpu (PIL in "
+                    "the workers) | gpu (nvJPEG; the decoder is part of the cache key).")
+@config_option("extract.encoder_options", "--encoder-option", multiple=True, metavar="ENCODER.KEY=VALUE",
+               help="Per-encoder option: pooling, image_size, max_tokens, weights (local path or hub id), "
+                    "revision; e.g. gpt2.pooling=last (repeatable).")
 @click.option("--force", is_flag=True, help="Recompute entries whose cached request or data differ (stale), and "
               "discard partial extractions of other requests.")
 @click.option("--repair", is_flag=True, help="Recompute finished entries that fail their checksums (damaged: a lost "
@@ -72,16 +69,15 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
 @click.option("--shard", "shard_text", metavar="K/N",
               help="Compute only shard K of N (0-based): chunks c with c % N == K of every entry; the last "
                    "shard to finish (or --merge) assembles the entries. SLURM arrays: "
-                   "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (array 0-(N-1)). Not under torchrun.")
+                   "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (array 0-(N-1)). Not under torchrun. "
+                   "[default: every chunk]")
 @click.option("--merge", "merge_only", is_flag=True,
               help="Compute nothing: assemble the entries staged by --shard runs (same options otherwise); "
                    "fails naming the missing chunks and the shard to rerun.")
 @click.option("--list-encoders", is_flag=True, help="List the registered encoders and exit.")
 @config_options
 @friendly_errors
-def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, precision, device, workers,
-         layers, on_error, decode, encoder_options, force, repair, shard_text, merge_only, list_encoders, config_path,
-         overrides, verbose):
+def main(force, repair, shard_text, merge_only, list_encoders, config_path, overrides, verbose, **kwargs):
     """Run frozen encoders over an image-caption dataset and write features to the cache.
 
     Example: extract --encoder resnet18,gpt2,dinov2 --data-dir data/flickr30k --split test
@@ -98,12 +94,9 @@ def main(encoders, dataset, data_dir, split, captions, cache, fmt, batch_size, p
         shard = Shard.parse(shard_text) if shard_text else None
     except ShardError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from None
-    cfg = build_config(config_path, overrides, {
-        "extract.encoders": encoders, "data.dataset": dataset, "data.data_dir": data_dir,
-        "extract.split": split, "data.captions": captions, "data.cache": cache, "extract.format": fmt,
-        "extract.batch_size": batch_size, "extract.precision": precision, "extract.device": device,
-        "extract.workers": workers, "extract.layers": layers, "extract.on_error": on_error,
-        "extract.decode": decode, "extract.encoder_options": _encoder_options(encoder_options)}, verbose)
+    options = config_values(kwargs)
+    options["extract.encoder_options"] = _encoder_options(options["extract.encoder_options"])
+    cfg = build_config(config_path, overrides, options, verbose)
     entries = merge(cfg) if merge_only else extract(cfg, force=force, shard=shard, repair=repair)
     ranked = torchrun_shard()
     if ranked is not None and ranked.index != 0:

@@ -37,7 +37,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from extract import datasets as D
 from extract.encoders import EncoderSpec, forward_batch, get_spec, image_pixels, load_encoder
@@ -49,6 +48,7 @@ from pipeline.cache import (CACHE_FORMAT, FORMATS, Entry, EntryWriter, dataset_d
                             open_entry, resolved_data_dir, staging_folders)
 from pipeline.config import CHOICES, ConfigError, PipelineConfig
 from pipeline.errors import did_you_mean
+from pipeline.progress import Progress
 from pipeline.runtime import PRECISIONS, autocast, resolve_device, utc_now, versions
 
 __all__ = ["IncompleteExtractionError", "Shard", "extract", "merge", "resolve_spec", "resolve_specs", "splits_of",
@@ -352,9 +352,9 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
     started = time.perf_counter()
     done, warm = 0, None  # rows computed; (time, rows) after the first batch: start-up excluded from steady rate
     skipped: dict[int, dict[str, str]] = {}  # chunk -> {id: reason}
-    with tqdm(total=sum(len(r) for r in chunk_ranges), desc=f"{us.label}{split.name} {names}",
-              unit="img" if is_image else "txt", dynamic_ncols=True,
-              disable=us.distributed and not us.leader) as bar, torch.inference_mode():
+    with Progress(sum(len(r) for r in chunk_ranges), f"{us.label}extract {split.name} {names}",
+                  "img" if is_image else "txt", enabled=False if us.distributed and not us.leader else None) as bar, \
+            torch.inference_mode():
         for batch, batch_skipped in batches(loader, x.on_error == "skip", decode):
             chunk = min(batch.rows + list(batch_skipped)) // x.chunk_rows
             skipped.setdefault(chunk, {}).update({rows[i].id: reason for i, reason in batch_skipped.items()})

@@ -38,8 +38,8 @@ from pipeline.entry import Entry, open_entry, write_file
 from pipeline.names import safe_name, source_of
 from pipeline.errors import did_you_mean
 from pipeline.integrity import repair_hint
-from pipeline.layout import (CACHE_FORMAT, AmbiguousDatasetError, cached_datasets, dataset_dir, dataset_folder,
-                             entry_filename, legacy_hint, resolved_data_dir)
+from pipeline.layout import (CACHE_FORMAT, AmbiguousDatasetError, OtherDatasetError, cached_datasets, dataset_dir,
+                             dataset_folder, entry_filename, legacy_hint, other_datasets_error, resolved_data_dir)
 from pipeline.runtime import first_nonfinite_row
 from pipeline.staging import (PARTIAL_SUFFIX, Chunk, Staging, StagingLostError, canonical_json, read_manifest,
                               staging_folders)
@@ -47,7 +47,7 @@ from pipeline.storage import (FORMATS, CacheError, DamagedEntryError, OldFormatE
                               locked, orphans, remove, stale_message)
 
 __all__ = ["CACHE_FORMAT", "FORMATS", "PARTIAL_SUFFIX", "AmbiguousDatasetError", "CacheError", "DamagedEntryError",
-           "Entry", "EntryWriter", "OldFormatError", "StaleCacheError", "StagingLostError", "cached_datasets", "dataset_dir",
+           "Entry", "EntryWriter", "OldFormatError", "OtherDatasetError", "StaleCacheError", "StagingLostError", "cached_datasets", "dataset_dir",
            "dataset_folder", "entry_filename", "entry_path", "find_entry", "list_entries", "list_splits",
            "open_entry", "resolved_data_dir", "scan_entries", "sibling_path", "split_dir", "staging_folders",
            "write_entry"]
@@ -123,6 +123,9 @@ def find_entry(cache: str | Path, dataset: str, split: str, entry: str, data_dir
     available = list_entries(cache, dataset, split, data_dir)
     if not available:
         splits = list_splits(cache, dataset, data_dir)
+        other = None if splits else other_datasets_error(cache, dataset)
+        if other is not None:
+            raise other
         where = f"splits present: {', '.join(splits)}" if splits else "nothing is cached for this dataset"
         raise CacheError(
             f"No cache entries for dataset {dataset!r}, split {split!r} under {str(cache)!r} ({where}). "

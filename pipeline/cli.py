@@ -17,7 +17,7 @@ def config_options(func: Callable) -> Callable:
     func = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                         help="Override any pipeline.toml key, e.g. --set train.lr=3e-4 (repeatable).")(func)
     func = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-                        help="Config file (default: ./pipeline.toml if present, else built-in defaults).")(func)
+                        help="Config file. [default: ./pipeline.toml if present, else built-in defaults]")(func)
     func = click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")(func)
     return func
 
@@ -31,12 +31,23 @@ def config_option(key: str, *param_decls: str, help: str, **kwargs) -> Callable:
     back into ``{"section.name": value}`` for :func:`build_config`. So help texts, choices and
     defaults cannot drift from the config.
     """
-    default = config_default(key)  # raises for a key the config does not have
-    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
     if key in CHOICES and "type" not in kwargs:
         kwargs["type"] = click.Choice(CHOICES[key])
     name = key.replace(".", "__")
-    return click.option(*param_decls, name, help=f"{help} [config: {key}; default: {shown!r}]", **kwargs)
+    return click.option(*param_decls, name, help=f"{help} {config_tag(key)}", **kwargs)
+
+
+def config_tag(key: str) -> str:
+    """``[config: KEY; default: VALUE]``, the one format every option's help ends with: the
+    value from pipeline/config.py, strings quoted, lists comma-joined (``[]`` when empty)."""
+    default = config_default(key)  # raises for a key the config does not have
+    if isinstance(default, tuple):
+        shown = repr(",".join(map(str, default))) if default else "[]"
+    elif isinstance(default, Mapping):
+        shown = "{}" if not default else repr(dict(default))
+    else:
+        shown = repr(default)
+    return f"[config: {key}; default: {shown}]"
 
 
 def config_values(kwargs: dict) -> dict[str, Any]:

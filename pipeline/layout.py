@@ -43,6 +43,24 @@ class AmbiguousDatasetError(CacheError):
     """The cache holds several folders of a dataset format and the configuration does not pick one."""
 
 
+class OtherDatasetError(CacheError):
+    """Nothing is cached for the configured dataset, but the cache holds others (the usual cause:
+    data.dataset left at its default while the cache was extracted from another dataset)."""
+
+
+def other_datasets_error(cache: str | Path, dataset: str) -> OtherDatasetError | None:
+    """The error naming the datasets the cache does hold, or None when it holds none."""
+    found = [m for m in cached_datasets(cache) if m["dataset"] != dataset]
+    if not found:
+        return None
+    names = list(dict.fromkeys(m["dataset"] for m in found))
+    listing = "; ".join(f"{m['dataset']} (extracted from {m.get('data_dir')})" for m in found)
+    return OtherDatasetError(
+        f"Nothing is cached for dataset {dataset!r} under {str(cache)!r}, which holds: {listing}. Pick it with "
+        f"--dataset {names[0]} (or --set data.dataset={names[0]}), or extract {dataset} first "
+        f"(extract --dataset {dataset} --data-dir DIR).")
+
+
 def _stem(name: str) -> str:
     return str(name).replace("/", "--").replace(":", "--")
 

@@ -10,6 +10,8 @@
   criterion: a more similar pair aligns better).
 * ``heatmap.png`` when at least two categorical axes (any non-numeric value) vary: mean_R over
   the first two, averaged over the other axes' settings.
+* ``deltas.png`` (the study page's answer box): per side, one row per setting, one point per
+  metric: the mean Platonic delta over repeats with its 95% t-interval (``plots.forest``).
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from analyze import plots  # noqa: E402
+from analyze.display import column_label, metric_label  # noqa: E402
 from analyze.pairs import spearman  # noqa: E402
 from pipeline.plotting import literal_text  # noqa: E402
 from study.grid import is_number  # noqa: E402
 
 FRACTION = "train.train_fraction"
 PAIR_AXES = ("train.image", "train.text")
-PANEL_INCHES = (4.2, 3.3)  # width, height of one panel
+PANEL_INCHES = (3.7, 3.0)  # width, height of one panel: three fit the report page (analyze.plots.MAX_INCHES)
 DPI = 110
 
 
@@ -84,7 +87,7 @@ def fraction_figure(summary: Sequence[Mapping], axes: Mapping[str, list], repeat
                 ax.axhline(np.nanmean(chance), color="grey", ls="--", lw=1, label="chance")
         else:
             ax.axhline(0.0, color="grey", ls="--", lw=1)
-        ax.set(title=q, xlabel="train fraction", xscale="log" if len(axes[FRACTION]) > 3 else "linear")
+        ax.set(title=column_label(q), xlabel="train fraction", xscale="log" if len(axes[FRACTION]) > 3 else "linear")
         ax.set_xticks(sorted({_num(v) for v in axes[FRACTION]}))
         ax.grid(alpha=0.3)
     for ax in list(grid.flat)[len(names):]:
@@ -144,3 +147,28 @@ def heatmap_figure(summary: Sequence[Mapping], axes: Mapping[str, list], repeat:
             count[i, j] += 1
     matrix = np.where(count > 0, acc / np.maximum(count, 1), np.nan)
     return plots.heatmap(matrix, ra, rb, "test mean_R (mean over seeds and other axes)", path, xlabel=b, ylabel=a)
+
+
+def delta_figure(summary: Sequence[Mapping], axes: Mapping[str, list], repeat: str, path: Path,
+                 width_px: int) -> Path | None:
+    """``deltas.png`` (module docstring), ``width_px`` wide; None without a Platonic delta."""
+    deltas = [q for q in quantities(summary) if q != "mean_R"]
+    settings = [r for r in summary if r.get("n", 0) > 0]
+    if not deltas or not settings:
+        return None
+    keys = varying(axes, repeat)
+    metrics = list(dict.fromkeys(q.split(".")[0] for q in deltas))
+    panels = {}
+    for side in ("image", "text"):
+        rows = []
+        for r in settings:
+            points = []
+            for j, m in enumerate(metrics):
+                q = f"{m}.delta_{side}"
+                if f"{q}.mean" in r:
+                    marker, colour = plots.POINT_STYLES[j % len(plots.POINT_STYLES)]
+                    points.append({"label": metric_label(m), "value": r[f"{q}.mean"], "lo": r.get(f"{q}.lo95"),
+                                   "hi": r.get(f"{q}.hi95"), "color": colour, "marker": marker})
+            rows.append({"label": ", ".join(str(r[k]) for k in keys) or "all cells", "points": points})
+        panels[f"{side} side"] = rows
+    return plots.forest(panels, path, width_px, xlabel="delta (mean, 95% t-interval)")

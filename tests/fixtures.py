@@ -20,9 +20,11 @@ smooth enough to be JPEG-compressed; captions of one image have distinct lengths
 """
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -438,3 +440,14 @@ def pack_deb(tree: str | Path, deb: str | Path, links: dict[str, tuple[str, str]
                     + _ar_member("control.tar.gz", tar_bytes("w:gz", control))
                     + _ar_member(f"data.tar.{compression}", tar_bytes(f"w:{compression}", data)))
     return deb
+
+
+def embedded_images(page: str) -> list[tuple[int, int]]:
+    """(display width, natural width) of every embedded image (PNG figures, JPEG thumbnails) of a page."""
+    found = re.findall(r'<img src="data:image/(?:png|jpeg);base64,([^"]+)"([^>]*)>', page)
+    out = []
+    for data, attrs in found:
+        width = re.search(r'width="(\d+)"', attrs)
+        assert width, "an embedded image without a display width"
+        out.append((int(width.group(1)), Image.open(io.BytesIO(base64.b64decode(data))).width))
+    return out

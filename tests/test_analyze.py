@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from analyze import compare, platonic
+from analyze import compare, platonic, plots
 from analyze.cli import main
 from analyze.compare import AnalyzeError, pairwise_scores
 from analyze.layers import best_and_last, layer_scores
@@ -27,6 +27,7 @@ from analyze.report import chance_recall
 from pipeline.cache import entry_path, find_entry, write_entry
 from pipeline.runs import aligned_name, is_aligned
 from similarity.metrics import METRICS
+from tests.fixtures import embedded_images
 
 N = 120  # images in the test split
 DATASET = "toy"
@@ -195,7 +196,7 @@ def test_clear_errors(cache, args, message):
 def test_every_command_has_help(cache):
     for cmd in ("cka", "platonic", "layers", "pairs", "report"):
         out = CliRunner().invoke(main, [cmd, "--help"]).output
-        assert "--cache" in out and "--metric" in out and "--seed" in out and "--out" in out and "[analyze." in out
+        assert "--cache" in out and "--metric" in out and "--seed" in out and "--out" in out and "[config:" in out
 
 
 # ----------------------------------------------------------------------------- the statistics
@@ -263,7 +264,7 @@ def test_platonic_command_supported_for_a_linear_map_of_the_reference(cache):
     for m in ("cka", "unbiased_cka", "mutual_knn"):
         for side in ("image", "text"):
             assert doc["results"][m]["delta"][side]["verdict"] == "supported", doc["sentences"][m][side]
-    assert "Platonic hypothesis supported" in out and "supported" in doc["headline"]
+    assert out.splitlines()[1].startswith("Supported: 6 of 6 metric × side tests") and "supported" in doc["headline"]
     rows = list(csv.DictReader(open(folder / "platonic.csv")))
     assert {r["term"] for r in rows} >= {"before_image", "after_text", "delta_image"}
     for png in ("platonic.png", "kernels.png"):
@@ -327,6 +328,48 @@ def test_report_markdown_and_self_contained_html(cache):
     assert "held-out image-to-text R@10 is" in md and "by chance" in md
     assert "cka, image side: supported" in md and "cka, image side: supported" in page
     assert "| chance |" in md and "fp-test" in md and "toy/dinov2" in md
+
+
+def test_report_starts_with_the_answer_and_figures_are_made_for_their_width(cache):
+    out = _ok(cache, "report", "--run", "good", *FAST)
+    folder = _reports(cache) / "runs" / "good"
+    md, page = (folder / "report.md").read_text(), (folder / "report.html").read_text()
+    # the terminal, the Markdown and the page start with the same answer
+    assert out.splitlines()[0].startswith(("Supported", "Partly supported")) and "Image side:" in out
+    first = md.index("## Summary: the Platonic test")
+    assert first < md.index("## Headline numbers") < md.index("## Platonic test: the details") < md.index("## Data")
+    assert "Image side: closer to the reference under linear CKA" in md and " to " in md  # "x (lo to hi)"
+    assert page.index('class="answer"') < page.index("<figcaption>Platonic delta per metric") < page.index("<h2>Headline numbers")
+    # every figure is shown between 1x and 2x its natural width; the forest plot at exactly its width
+    shown = embedded_images(page)
+    assert len(shown) >= 5
+    for display, natural in shown:
+        assert display <= natural <= 2 * display, (display, natural)
+    assert plots.png_size(folder / "summary-forest.png")[0] == plots.PAGE_PX
+    # tables scroll inside their own box; human labels carry the raw key as a tooltip
+    assert page.count('<div class="scroll"><table>') == page.count("<table>")
+    assert '<th title="i2t_R@10">' in page and "Columns:" in md
+
+
+def test_small_samples_are_marked_in_the_report(tmp_path):
+    """Five test rows: R@5 and R@10 are marked, every interval is marked as resting on too few rows."""
+    from analyze import display, summary
+
+    assert display.recall_marks("i2t_R@10", 99) == display.FEW_FOR_K and display.recall_marks("i2t_R@10", 100) == ""
+    assert display.recall_marks("t2i_R@1", 5) == display.FEW_FOR_K and display.recall_marks("mean_R", 5) == ""
+    assert display.interval_marks(0.1, 0.2, 19) == display.FEW_ROWS and display.interval_marks(0.1, 0.2, 20) == ""
+    rng = display.value_range("mutual_knn")
+    assert display.interval_marks(0.79, 1.04, 100, rng) == display.OUT_OF_RANGE
+    assert display.interval_marks(-1.7, 2.2, 5, display.value_range("unbiased_cka", difference=True)) == \
+        display.FEW_ROWS + display.OUT_OF_RANGE
+    assert display.interval(0.12, 0.09, 0.15, digits=2) == "0.12 (0.09 to 0.15)"
+    assert display.interval(-0.1, float("nan"), 0.2, signed=True) == "-0.100"
+    result = {"n": 5, "bootstrap": 10, "permutations": 10, "entries": {"reference": "ref", "image": "x", "text": "y"},
+              "results": {"mutual_knn": {"terms": {}, "delta": {
+                  s: {"delta": 0.3, "ci_lo": -1.2, "ci_hi": 1.1, "verdict": "inconclusive"} for s in ("image", "text")}}}}
+    lines = summary.answer_lines(result)
+    assert "Inconclusive" in lines[0] and display.FEW_ROWS + display.OUT_OF_RANGE in lines[1]
+    assert "fewer than 20 rows" in " ".join(lines) and lines[-1].startswith("Marks:")
 
 
 def test_report_without_run_folder_still_writes(cache):
@@ -399,7 +442,7 @@ def test_end_to_end_fit_adapters_then_platonic_pairs_and_report(tmp_path, monkey
     trained = next(r for r in pairs["pairs"] if (r["image"], r["text"]) == ("resnet18", "gpt2"))
     assert [r["run"] for r in trained["runs"]] == ["resnet18-gpt2-linear"] and pairs["runs_used"] == 1
     md = (folder / "report.md").read_text()
-    assert "infonce" in md and "| chance |" in md and "curves.png" in md and doc["headline"] in md
+    assert "trained adapters" in md and "| chance |" in md and "curves.png" in md and doc["headline"] in md
 
 
 def test_report_reuses_saved_results_until_inputs_change(cache):

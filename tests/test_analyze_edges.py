@@ -1,4 +1,4 @@
-"""Rough edges of analyze (issue 10): what `analyze pairs` says is missing for a rank
+"""What analyze says: what `analyze pairs` says is missing for a rank
 correlation, figure titles that fit their figure, and error messages that name what the user
 typed (config keys and flags, not library argument names)."""
 

@@ -211,6 +211,10 @@ def test_zeroshot_matching_and_report_through_the_cli(tiny):
     assert srcs and all(s.startswith("data:image/") for s in srcs)  # self-contained: every image embedded
     assert "<link" not in html and "<script" not in html and "http://" not in html and "https://" not in html
     assert html.count("data:image/jpeg;base64") >= 4  # gallery thumbnails
+    from tests.fixtures import embedded_images
+
+    for display, natural in embedded_images(html):  # every image shown at 1x to 2x its natural width
+        assert display <= natural <= 2 * display, (display, natural)
     assert "✓" in html
     res = runner.invoke(analyze_cli, ["report", "--config", str(toml), "--set", "data.label_from=label"])
     assert res.exit_code == 0, res.output
@@ -232,6 +236,16 @@ def test_zeroshot_refuses_a_dataset_without_labels(tiny):
     toml, _ = tiny
     res = CliRunner().invoke(analyze_cli, ["zeroshot", "--config", str(toml), "--label-from", "species"])
     assert res.exit_code != 0 and "no 'species' column" in res.output
+
+
+def test_a_missing_data_folder_is_reported_with_options_the_command_has(tiny, tmp_path):
+    from tests.test_error_messages import check_message
+
+    toml, _ = tiny
+    res = CliRunner().invoke(analyze_cli, ["zeroshot", "--config", str(toml), "--set",
+                                           f"data.data_dir={tmp_path / 'moved'}"])
+    assert res.exit_code == 1 and "data.data_dir" in res.output, res.output
+    check_message(res.output, reached_from="analyze zeroshot")
 
 
 def test_fit_with_the_proposal_formulation(tiny):

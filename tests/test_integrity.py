@@ -1,4 +1,4 @@
-"""No silent wrong data (issue 10, the cache and data half): each bad-input sequence replayed.
+"""No silent wrong data in the cache and the data: each sequence of bad input replayed.
 
 1. changed images under the same names, or another data folder  -> stale (names the ids) / recomputed
 2. two datasets of one format in one cache                       -> own folders; joins refuse mixed data

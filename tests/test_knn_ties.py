@@ -1,4 +1,4 @@
-"""Ties in the kNN metrics (issue 10): duplicate rows (repeated captions) give exactly equal
+"""Ties in the kNN metrics: duplicate rows (repeated captions) give exactly equal
 similarities. The library ranks by exact dot products (``ranking_units``) and breaks ties by
 the lower index (``stable_topk``); the mutual-kNN fast path of ``analyze platonic`` must give
 exactly the library's numbers on such data, and must not fall back to the slow path."""

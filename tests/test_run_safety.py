@@ -1,4 +1,4 @@
-"""Run folders are written whole and checked on use (issue 10, sequence 5).
+"""Run folders are written whole and checked on use.
 
 fit-adapters writes a run into a hidden staging folder and renames it into place at the end;
 aligned entries ``<enc>@<run>`` carry the adapters' sha256, which analyze and ``load_run``

@@ -242,6 +242,19 @@ def test_study_writes_tables_figures_report_and_a_rerun_trains_nothing(world, tm
     html = (folder / "study.html").read_text()
     assert "data:image/png;base64" in html and "Q1 (can frozen encoders be aligned?)" in html
     assert (folder / "fraction.png").is_file() and (folder / "study.md").is_file()
+    # the answers (and their figure) first; tables scroll inside their box, with human labels over raw keys
+    assert html.index('class="answer"') < html.index('class="side"') < html.index("Q1 (") < html.index("<table>")
+    assert html.count('<div class="scroll"><table>') == html.count("<table>") >= 3
+    assert '<th title="cka.delta_image">linear CKA Δ image</th>' in html and "<th>cka.delta_image</th>" not in html
+    assert " (" in html and " to " in html and "[" not in html.split("<h2>Retrieval per setting")[1].split("</table>")[0]
+    md = (folder / "study.md").read_text()
+    assert "linear CKA Δ image = `cka.delta_image`" in md
+    # 6 test images: the mean recall (R@10 over fewer than 100 images) and every delta (6 rows) are marked
+    assert "Marks: * R@K on fewer than 10 x K test items" in md and "† from fewer than 20 rows" in md
+    from tests.fixtures import embedded_images
+
+    for display, natural in embedded_images(html):
+        assert display <= natural <= 2 * display, (display, natural)
 
     again = run_study(with_values(cfg, {"study.name": "grid"}), progress=False)  # a rerun: nothing to do
     assert again.ran == 0 and len(fits.calls) == 4
@@ -339,8 +352,8 @@ def test_figures_and_answers_from_a_hand_made_summary(tmp_path):
     q1 = answer_q1(summary, axes, "train.seed")
     assert "yes: the held-out mean recall lies above chance in every setting" in q1 and "2 train.seed values" in q1
     q2 = answer_q2(summary, axes, "train.seed", n_cells=24)
-    assert "image side: yes, in every test (delta above 0 in 12 and below 0 in 0 of 12" in q2
-    assert "supported in 24 of 24" in q2 and "text side: no (delta above 0 in 0 and below 0 in 12 of 12" in q2
+    assert "\nImage side: yes, in every test: delta above 0 in 12 and below 0 in 0 of 12" in q2
+    assert "supported in 24 of 24" in q2 and "\nText side: no: delta above 0 in 0 and below 0 in 12 of 12" in q2
 
 
 def test_a_study_notices_changed_data_and_mismatched_requests(tmp_path):

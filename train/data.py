@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import (AmbiguousDatasetError, CacheError, DamagedEntryError, Entry, OldFormatError,
-                            find_entry)
+                            OtherDatasetError, find_entry)
 from pipeline.config import PipelineConfig
 from pipeline.join import join_pairs, join_rows
 from pipeline.runs import check_aligned, modality_entries, source_of
@@ -56,7 +56,7 @@ def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
     """The cache entry of one split, with an error naming the split and the command to run."""
     try:
         e = find_entry(cfg.data.cache, cfg.data.dataset, split, entry, cfg.data.data_dir)
-    except (AmbiguousDatasetError, DamagedEntryError, OldFormatError):
+    except (AmbiguousDatasetError, DamagedEntryError, OldFormatError, OtherDatasetError):
         raise  # their message already says what to do
     except CacheError as exc:
         raise TrainError(

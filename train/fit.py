@@ -30,11 +30,11 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from pipeline import runs
 from pipeline.config import PipelineConfig, TrainConfig, check_finite_values
 from pipeline.errors import did_you_mean
+from pipeline.progress import Progress
 from pipeline.runs import RunMetrics
 from pipeline.runtime import resolve_device, write_json
 from train import outputs
@@ -327,9 +327,8 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
         best = _Best(0, start["val_mean_R"], {k: v.detach().clone() for k, v in model.state_dict().items()},
                      {k[4:]: v for k, v in start.items() if k.startswith("val_")})
         io.save(best)
-    bar = tqdm(range(1, tc.epochs + 1), desc=f"fit {io.name}", unit="epoch",
-               disable=(None if io.progress is None else not io.progress) if dist.is_main else True)
-    for epoch in bar:
+    bar = Progress(tc.epochs, f"fit {io.name}", "epoch", enabled=io.progress if dist.is_main else False)
+    for epoch in range(1, tc.epochs + 1):
         t0 = time.perf_counter()
         loss = float(trainer.epoch(gen, rng))
         row = {"epoch": epoch, "train_loss": loss, "lr": trainer.lr,
@@ -360,7 +359,9 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
         outputs.write_history(run_dir, history)
         io.log_epoch(row)
         bar.set_postfix(loss=f"{loss:.3f}", val_R=f"{row.get('val_mean_R', float('nan')):.3f}")
+        bar.update()
         dist.barrier()
+    bar.close()
     return history, best
 
 

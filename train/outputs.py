@@ -41,8 +41,9 @@ def write_history(run_dir: Path, history: Sequence[Mapping]) -> None:
 @literal_text
 def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str, float] | None,
                 loss: str = "symmetric InfoNCE") -> Path:
-    """curves.png: train loss (``loss``: its name, ``losses.loss_label``); val recall; val CKA with the reference (dashed: unaligned features);
-    with tracked metrics (train.tracking) the val Platonic deltas in a fourth panel."""
+    """curves.png, 2 x 2 panels: train loss (``loss``: its name, ``losses.loss_label``); val recall;
+    val CKA with the reference (dashed: unaligned features); with tracked metrics
+    (train.tracking) the val Platonic deltas."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +52,9 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str,
 
     epochs = [r["epoch"] for r in history]
     tracked = any("_delta_" in k for k in (history[0] if history else {}))
-    fig, axes = plt.subplots(1, 4 if tracked else 3, figsize=(18.5 if tracked else 14, 4))
+    # 2 x 2 panels at the report's page width (analyze.plots.PAGE_PX = 1240 px at 110 dpi)
+    fig, axes = plt.subplots(2, 2, figsize=(11.2, 7.4))
+    axes = axes.flat
     axes[0].plot(epochs, [r["train_loss"] for r in history])
     axes[0].set(title=f"train loss ({loss})", xlabel="epoch", ylabel="loss")
     for key in ("val_mean_R", "val_i2t_R@1", "val_t2i_R@1", "val_i2t_R@10", "val_t2i_R@10"):
@@ -71,13 +74,13 @@ def plot_curves(run_dir: Path, history: Sequence[Mapping], raw_cka: Mapping[str,
     axes[2].set(title="val linear CKA with reference" if cka_keys else "no reference entry", xlabel="epoch")
     if cka_keys:
         axes[2].legend(fontsize=8)
-    if tracked:
-        plot_deltas(axes[3], history)
+    if not (tracked and plot_deltas(axes[3], history)):
+        axes[3].axis("off")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path = run_dir / runs.CURVES
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -118,18 +118,25 @@ def make_tracker(cfg: PipelineConfig, data: TrainData, reference: Reference | No
     return Tracker(reference, data, names, cfg.analyze.k)
 
 
+SIDE_COLOURS = {"image": "tab:blue", "text": "tab:orange"}  # one colour per side, in every panel
+METRIC_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # line style and marker per metric
+
+
 def plot_deltas(ax, history: Sequence[Mapping]) -> bool:
-    """Draw every ``val_<m>_delta_<side>`` history column on ``ax`` (image solid, text dashed);
-    False when the history has none."""
+    """Draw every ``val_<m>_delta_<side>`` history column on ``ax``: the colour says the side
+    (image blue, text orange), the line style and marker the metric; False when the history
+    has none."""
     keys = [k for k in (history[0] if history else {}) if k.startswith("val_") and "_delta_" in k]
     metrics = list(dict.fromkeys(k[4:].rsplit("_delta_", 1)[0] for k in keys))
     for key in keys:
+        metric, side = key[4:].rsplit("_delta_", 1)
         pts = [(r["epoch"], r[key]) for r in history if not math.isnan(r.get(key, math.nan))]
-        colour = f"C{metrics.index(key[4:].rsplit('_delta_', 1)[0]) % 10}"  # one colour per metric
+        ls, marker = METRIC_STYLES[metrics.index(metric) % len(METRIC_STYLES)]
         if pts:
-            ax.plot(*zip(*pts), marker=".", color=colour, ls="-" if key.endswith("_image") else "--", label=key[4:])
+            ax.plot(*zip(*pts), ls=ls, marker=marker, ms=3, markevery=max(1, len(pts) // 12),
+                    color=SIDE_COLOURS.get(side, "tab:grey"), label=f"{metric}, {side}")
     if keys:
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title="val Platonic delta: after - mean(before)", xlabel="epoch")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2)
     return bool(keys)

@@ -99,8 +99,8 @@ def _source(dataset: Any, data_dir: str | Path, options: dict[str, Any]) -> tupl
             raise DatasetError(f"option {key}={opts[key]!r}: use {option_hint(key, 'error')} or {option_hint(key, 'skip')}.")
     data_dir = Path(data_dir).expanduser()
     if fmt.needs_folder and not data_dir.is_dir():
-        raise DatasetError(f"data_dir {data_dir} is not a folder; pass the folder that holds the {dataset} files "
-                           f"(--data-dir). {fmt.what_to_get}")
+        raise DatasetError(f"data_dir {data_dir} is not a folder; name the folder that holds the {dataset} files "
+                           f"with --set data.data_dir=DIR (extract also takes --data-dir DIR). {fmt.what_to_get}")
     return fmt, Source(dataset, data_dir, opts, allowed)
 
 

@@ -59,6 +59,9 @@ def hf_model(spec: EncoderSpec, model_cls, with_tokenizer: bool, read_config: Ca
         return model, tok, RANDOM_SOURCE
 
     def load(src, **kw):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights: 100%" bars are noise in our progress lines
         extra = {"config": read_config(src, **kw)} if read_config else {}
         model = model_cls.from_pretrained(src, dtype=torch.float32, **extra, **kw)
         tok = None
