@@ -14,8 +14,8 @@ from pipeline.runs import read_run, report_dir, run_name
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--run", help="Run name in the cache, or a run folder <cache>/runs/<name> (default: train.name, else "
-                            "<image>-<text>-<adapter>).")
+@click.option("--run", help="Run name in the cache, or a run folder <cache>/runs/<name>. [default: train.name, else "
+                            "<image>-<text>-<adapter>]")
 @config_option("data.cache", "--cache", help="Feature-cache folder holding the run.")
 @config_option("analyze.out", "--reports",
                help="Folder of analyze outputs; the model card quotes the run's zero-shot and Platonic results "
@@ -23,7 +23,7 @@ from pipeline.runs import read_run, report_dir, run_name
 @config_option("analyze.split", "--split", help="Split those analysis results were computed on.")
 @click.option("--include-weights", is_flag=True, default=False,
               help="Copy the encoder weights into the folder as safetensors, so it works on a machine without "
-                   "them (default: off; config.json records where they come from).")
+                   "them (config.json records where they come from otherwise).")
 @config_options
 @friendly_errors
 def main(out_dir, run, include_weights, config_path, overrides, verbose, **kw):

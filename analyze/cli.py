@@ -260,22 +260,24 @@ def matching(run, seeds, kernel, base_rows, **kw):
 
 @main.command(name="benchmark", context_settings=CONTEXT)
 @click.argument("name", default=OWN, required=False, metavar="[DATASET]")
-@click.option("--run", help="fit-adapters run name (default: train.name, else <image>-<text>-<adapter>).")
+@click.option("--run", help="fit-adapters run name. [default: train.name, else <image>-<text>-<adapter>]")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
-              help="An exported model folder (`export`) instead of a run; CLIP_benchmark datasets only.")
+              help="An exported model folder (aligned-export) instead of a run; CLIP_benchmark datasets only. [default: the run]")
 @click.option("--dataset-root", type=click.Path(),
-              help="Folder holding a CLIP_benchmark dataset's files ({dataset} is replaced by its name); never downloaded.")
-@click.option("--task", type=click.Choice(TASK_CHOICES), default="auto", show_default=True,
+              help="Folder holding a CLIP_benchmark dataset's files ({dataset} is replaced by its name); never "
+                   "downloaded. [default: none: needed for CLIP_benchmark's datasets]")
+@click.option("--task", type=click.Choice(TASK_CHOICES), default="auto",
               help="auto: own split = retrieval, plus classification when the images have labels; "
-                   "a CLIP_benchmark dataset = its own task.")
+                   "a CLIP_benchmark dataset = its own task. [default: auto]")
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False),
-              help="Prompt templates, one per line with {} for the class name (default: analyze zeroshot's set on "
-                   "the own split, CLIP_benchmark's on its datasets).")
-@_option("--label-from", key="data.label_from", text="Class labels: a metadata column, or dir (first folder of file_name).")
+              help="Prompt templates, one per line with {} for the class name. [default: analyze zeroshot's set on "
+                   "the own split, CLIP_benchmark's on its datasets]")
+@config_option("data.label_from", "--label-from",
+               help="Class labels: a metadata column, or dir (first folder of file_name).")
 @click.option("--force", is_flag=True, help="Recompute the cached prompt features (needed when they are stale).")
 @common_options
 @friendly_errors
-def benchmark_command(name, run, model_dir, dataset_root, task, templates, label_from, force, **kw):
+def benchmark_command(name, run, model_dir, dataset_root, task, templates, force, **kw):
     """LAION's CLIP_benchmark on the run's aligned model: DATASET is `own` (default: the run's
     --split, its figures shown beside the project's on the same rows) or any dataset CLIP_benchmark
     knows (cifar10, flickr30k, mscoco_captions, imagenet1k, wds/..., split --split) read from
@@ -283,7 +285,7 @@ def benchmark_command(name, run, model_dir, dataset_root, task, templates, label
 
     Example: analyze benchmark --config configs/demo.toml
     """
-    cfg = _config(kw, {"data.label_from": label_from})
+    cfg = _config(kw)
     res = benchmark(cfg, run, name, dataset_root, task, templates, model_dir, force)
     who = res.get("run") or res.get("model")
     click.echo(f"CLIP_benchmark {res['clip_benchmark']} on {name} ({cfg.analyze.split}), model {who} "

@@ -47,7 +47,7 @@ def main():
 @main.command("index", context_settings=CONTEXT)
 @click.argument("folder", required=False, type=click.Path(file_okay=False))
 @click.option("--split", metavar="NAME", help="Index this split of the configured dataset (data.dataset, "
-              "data.data_dir) instead of a FOLDER; the run's cached image entry is reused when it matches.")
+              "data.data_dir) instead of a FOLDER; the run's cached image entry is reused when it matches. [default: none: index FOLDER]")
 @config_option("data.dataset", "--dataset", help="Dataset of --split.")
 @config_option("data.data_dir", "--data-dir", help="Folder of the dataset of --split.")
 @config_option("extract.batch_size", "--batch-size", type=int, help="Images per forward pass.")
@@ -78,7 +78,7 @@ def index_cmd(folder, split, **kw):
 
 @main.command(context_settings=CONTEXT)
 @click.argument("text", required=False)
-@click.option("--image", type=click.Path(dir_okay=False), help="Search by this image instead of a sentence.")
+@click.option("--image", type=click.Path(dir_okay=False), help="Search by this image instead of a sentence. [default: none: search by TEXT]")
 @config_option("search.top_k", "--top-k", "-k", type=int, help="Results to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (for scripts).")
 @common
