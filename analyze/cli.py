@@ -22,7 +22,7 @@ from analyze.platonic import SIDES, TERMS, platonic_test
 from analyze.report import build_report
 from analyze.zeroshot import zero_shot
 from pipeline.cli import build_config, config_options, friendly_errors
-from pipeline.config import PipelineConfig
+from pipeline.config import CHOICES, PipelineConfig
 from similarity.metrics import METRICS
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -52,6 +52,8 @@ def common_options(func: Callable) -> Callable:
                 text=f"Metrics, comma-separated: {', '.join(METRICS)}."),
         _option("--k", type=int, key="analyze.k", text="Neighbours for the kNN metrics."),
         _option("--max-rows", type=int, key="analyze.max_rows", text="Keep a fixed random subset of this many rows (0 = all)."),
+        _option("--duplicates", type=click.Choice(CHOICES["analyze.duplicates"]), key="analyze.duplicates",
+                text="Byte-identical images under different ids: drop (keep one of each group) or keep."),
         _option("--seed", type=int, key="analyze.seed", text="Seeds row subsets, bootstrap and permutations."),
         _option("--out", key="analyze.out", text="Output folder (files go under OUT/<dataset>/<split>/)."),
     ]):
@@ -63,6 +65,7 @@ def _config(kw: dict, extra: dict) -> PipelineConfig:
     """Build the config from the common options (popped from ``kw``) and command-specific ones."""
     options = {"data.cache": kw.pop("cache"), "data.dataset": kw.pop("dataset"), "analyze.split": kw.pop("split"),
                "analyze.metrics": kw.pop("metrics"), "analyze.k": kw.pop("k"), "analyze.max_rows": kw.pop("max_rows"),
+               "analyze.duplicates": kw.pop("duplicates"),
                "analyze.seed": kw.pop("seed"), "analyze.out": kw.pop("out"), **extra}
     return build_config(kw.pop("config_path"), kw.pop("overrides"), options, kw.pop("verbose"))
 

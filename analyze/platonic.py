@@ -435,7 +435,7 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
                               a.bootstrap, a.permutations, a.seed, controls=controls.embeddings)
     seconds = time.perf_counter() - t0
     out = output_dir(cfg, "runs", run)
-    doc = {**header(cfg, "platonic"), "run": run, "n": joined.n, "bootstrap": a.bootstrap,
+    doc = {**header(cfg, "platonic"), "run": run, "n": joined.n, "duplicates": joined.duplicates, "bootstrap": a.bootstrap,
            "permutations": a.permutations, "alpha": ALPHA,
            "entries": {"image": tc.image, "text": tc.text, "image_aligned": ri, "text_aligned": rt,
                        "reference": a.reference},
