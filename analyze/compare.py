@@ -44,6 +44,7 @@ from pipeline.errors import PipelineError
 from pipeline.join import join_rows
 from pipeline.runs import check_aligned
 from pipeline.runtime import finite_rows, utc_now, write_json
+from similarity.degenerate import degenerate
 from similarity.metrics import METRICS, get_metric
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,29 @@ def pairwise_scores(features: Mapping[str, np.ndarray], metrics: Mapping[str, Ca
     return out, seconds
 
 
+def degenerate_reasons(features: Mapping[str, np.ndarray], metrics: Mapping[str, Callable], k: int
+                       ) -> dict[str, dict[str, str]]:
+    """{metric: {name: why}} for the representations whose scores under that metric are not
+    measurements (``similarity.degenerate``: constant features for every metric; a kNN graph
+    decided by ties for the kNN metrics); each case logged once as a warning."""
+    constant = {n: degenerate(X) for n, X in features.items()}
+    tied: dict[str, str | None] = {}
+    out: dict[str, dict[str, str]] = {}
+    for m, fn in metrics.items():
+        knn = accepts_k(fn)
+        if knn and not tied:
+            tied = {n: constant[n] or degenerate(X, k) for n, X in features.items()}
+        found = {n: why for n, why in (tied if knn else constant).items() if why}
+        if found:
+            out[m] = found
+    for n in features:
+        hit = [m for m, found in out.items() if n in found]
+        if hit:
+            log.warning("%s: %s scores are not measurements: %s", n, ", ".join(hit),
+                        "; ".join(sorted({out[m][n] for m in hit})))
+    return out
+
+
 def centred_cosine_kernel(X: np.ndarray) -> np.ndarray:
     """(m, d) -> (m, m) cosine similarity of the column-centred rows (the kernel shown in the
     heatmaps: centring removes the shared mean direction, normalising the row norms, so
@@ -332,6 +356,13 @@ def compare_entries(cfg: PipelineConfig, kernels: bool = False) -> dict:
         cal = calibrated_matrices(joined.features, metrics, kwargs, scores, a.permutations, a.seed)
         doc.update({"permutations": a.permutations, **{key: {m: c[key] for m, c in cal.items()}
                                                         for key in ("calibrated", "threshold", "p_value")}})
+    flagged = degenerate_reasons(joined.features, metrics, a.k)
+    for m, found in flagged.items():  # a score of a degenerate entry is NaN (JSON null), its reason in "degenerate"
+        bad = np.array([n in found for n in names])
+        for S in [scores[m]] + [cal[m][key] for key in ("calibrated", "threshold", "p_value") if cal]:
+            S[bad, :] = np.nan
+            S[:, bad] = np.nan
+    doc["degenerate"] = flagged
     rows = [{"metric": m, "entry_a": x, "entry_b": y, "score": float(S[i, j]), "n": joined.n,
              **({key: float(cal[m][key][i, j]) for key in ("calibrated", "threshold", "p_value")} if cal else {})}
             for m, S in scores.items() for i, x in enumerate(names) for j, y in enumerate(names)]
