@@ -37,8 +37,8 @@ import numpy as np
 
 from analyze import plots
 from analyze.nulls import calibrated_matrices
-from pipeline.cache import Entry, entry_filename, find_entry, resolved_data_dir, scan_entries
 from extract.datasets import duplicate_groups
+from pipeline.cache import Entry, entry_filename, find_entry, resolved_data_dir, scan_entries
 from pipeline.config import CHOICES, PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
@@ -98,7 +98,7 @@ class Joined:
     ids: list[str]
     rows: dict[str, np.ndarray]
     features: dict[str, np.ndarray] = field(default_factory=dict)
-    duplicates: dict = field(default_factory=dict)  # {"policy", "groups", "dropped", "examples"} (see the module docstring)
+    duplicates: dict = field(default_factory=dict)  # {"policy", "groups", "copies", "dropped", "examples"}
 
     @property
     def n(self) -> int:

@@ -237,7 +237,7 @@ def run_matching(cfg, run: str | None = None, seeds: float = SEED_FRACTION, kern
     if base_rows < 0:
         raise AnalyzeError(f"analyze matching --base-rows {base_rows}: use a count >= 0 (0 = all train pairs).")
     rv = open_run(cfg, run)
-    train, test = rv.split("train"), rv.split(a.split)
+    test = rv.split(a.split)
     img_rows, cap_rows, t2i = _subset_test(test, a.max_rows, a.seed)
     qap = img_rows[subset_rows(len(img_rows), a.max_rows or QAP_ROWS, a.seed)]  # matched images
     n_seeds = int(round(seeds * len(qap))) if seeds < 1 else int(seeds)
@@ -245,6 +245,7 @@ def run_matching(cfg, run: str | None = None, seeds: float = SEED_FRACTION, kern
         raise AnalyzeError(f"analyze matching --seeds {seeds:g}: {n_seeds} known pairs of the {len(qap)} matched rows "
                            f"leave none to match. Give fewer: a count below {len(qap)}, or a fraction below "
                            f"{(len(qap) - 0.5) / len(qap):.3g}.")
+    train = rv.split("train")  # the run's train pairs: anchors and base set
     X, T = test.image[img_rows], test.text[cap_rows]
     mx, my = train.image.mean(0), train.text.mean(0)
     ax, ay = train.image[train.text_to_image] - mx, train.text - my  # train pairs: anchors and base set

@@ -104,9 +104,9 @@ from analyze.compare import (AnalyzeError, accepts_k, check_k, check_paired, deg
 from analyze.controls import (control_columns, control_embeddings, control_stats, open_trained, run_layers,
                              versus_controls)
 from analyze.engines import FAST_PATHS, build_engine, is_generic  # noqa: F401  (FAST_PATHS: re-exported)
-from analyze.resampling import (ALPHA, MIN_ROWS, SUBSAMPLE_FRACTION, TOO_FEW_ROWS, _deltas, _draws,  # noqa: F401
-                                _null_summary, _resampling, clipper, interval, jackknife_interval, small_sample,
-                                verdict)
+from analyze.resampling import (ALPHA, MIN_BOOTSTRAP, MIN_ROWS, SUBSAMPLE_FRACTION,  # noqa: F401 (re-exported)
+                                TOO_FEW_ROWS, _deltas, _draws, _null_summary, _resampling, clipper, interval,
+                                jackknife_interval, small_sample, verdict)
 from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig
 from pipeline.runs import aligned_name, run_name
@@ -212,6 +212,10 @@ def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray
         raise AnalyzeError(f"--bootstrap ({bootstrap}) and --permutations ({permutations}) must be >= 0 "
                            f"(0 skips the intervals / the null); set them with --set analyze.bootstrap=N "
                            f"and --set analyze.permutations=N.")
+    if 0 < bootstrap < MIN_BOOTSTRAP:
+        log.warning("analyze.bootstrap = %d: fewer than %d resamples cannot place a 95%% interval's 2.5%% tails; the "
+                    "percentile intervals are not meaningful and verdicts resting on them are inconclusive",
+                    bootstrap, MIN_BOOTSTRAP)
     m_sub = int(round(SUBSAMPLE_FRACTION * n))
     boot_rows, sub_rows, perms = _draws(n, bootstrap, permutations, seed, m_sub)
     check_k(metrics, k, m_sub if bootstrap else n, f"rows in each {SUBSAMPLE_FRACTION:.0%} subsample")

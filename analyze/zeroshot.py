@@ -157,13 +157,13 @@ def zero_shot(cfg: PipelineConfig, run: str | None = None, templates: str | Path
     recompute the cached prompt features. Writes ``runs/<run>/zeroshot.json`` and
     ``zeroshot-confusion.png``; returns the JSON document (plus ``out``)."""
     t0 = time.perf_counter()
-    rv = open_run(cfg, run)
     d, split = cfg.data, cfg.analyze.split
     options = {"on_empty": d.on_empty, "missing": d.missing}
-    classes = dataset_classes(d.dataset, d.data_dir, d.label_from, options)
+    classes = dataset_classes(d.dataset, d.data_dir, d.label_from, options)  # refuses duplicate display names
     if len(classes) < 2:
         raise EvalError(f"Zero-shot classification needs at least two classes; the labels "
                         f"(data.label_from = {d.label_from!r}) give {classes}.")
+    rv = open_run(cfg, run)
     test = rv.split(split)
     by_id = image_labels(d.dataset, d.data_dir, split, d.label_from, options)
     missing = [i for i in test.image_ids if i not in by_id]

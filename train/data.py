@@ -165,7 +165,7 @@ class TrainData:
     dims: dict[str, int]
     layers: dict[str, int | None] = field(default_factory=dict)
     train_pairs_total: int = 0  # train pairs before train.train_fraction was applied
-    train_images: dict = field(default_factory=dict)  # {"n", "sha256"} of the kept train image ids (fraction.ids_digest)
+    train_images: dict = field(default_factory=dict)  # {"n", "sha256"} of the kept train image ids (ids_digest)
 
     @property
     def modalities(self) -> list[str]:
