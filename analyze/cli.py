@@ -26,7 +26,7 @@ from analyze.report import build_report
 from analyze.summary import answer_lines
 from analyze.zeroshot import zero_shot
 from pipeline.cli import build_config, config_option, config_options, config_values, friendly_errors
-from pipeline.config import PipelineConfig
+from pipeline.config import CHOICES, PipelineConfig
 from similarity.metrics import METRICS
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -44,6 +44,8 @@ def common_options(func: Callable) -> Callable:
         config_option("analyze.k", "--k", type=int, help="Neighbours for the kNN metrics."),
         config_option("analyze.max_rows", "--max-rows", type=int,
                       help="Keep a fixed random subset of this many rows (0 = all)."),
+        config_option("analyze.duplicates", "--duplicates", type=click.Choice(CHOICES["analyze.duplicates"]),
+                      help="Byte-identical images under different ids: drop (keep one of each group) or keep."),
         config_option("analyze.seed", "--seed", type=int, help="Seeds row subsets, bootstrap and permutations."),
         config_option("analyze.out", "--out", help="Output folder (files go under OUT/<dataset>/<split>/)."),
     ]):

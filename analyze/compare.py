@@ -4,7 +4,11 @@ aligned entry names come from ``pipeline.runs``.
 
 Rows: entries are joined by sample id with ``pipeline.join.join_rows`` (one row per image; a
 caption entry contributes each image's first caption), the design's rule for kernel metrics.
-``analyze.max_rows`` > 0 keeps a fixed random subset of the joined rows (seeded).
+Images that are byte-identical copies under different ids (equal content hashes in the entries'
+``content`` record) would be each other's nearest neighbours: ``analyze.duplicates = "drop"``
+(the default) keeps the first id of each group of copies, ``"keep"`` keeps them all; both log a
+warning naming them, and the outputs record it (``duplicates``). ``analyze.max_rows`` > 0 then
+keeps a fixed random subset of the joined rows (seeded).
 
 Output layout, under ``<analyze.out>/<dataset>/<split>/``:
 
@@ -33,13 +37,15 @@ import numpy as np
 
 from analyze import plots
 from analyze.nulls import calibrated_matrices
+from extract.datasets import duplicate_groups
 from pipeline.cache import Entry, entry_filename, find_entry, resolved_data_dir, scan_entries
-from pipeline.config import PipelineConfig
+from pipeline.config import CHOICES, PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
 from pipeline.runs import RunIntegrityError, check_aligned, is_aligned, report_dir, source_of
 from pipeline.names import UnsafeNameError
 from pipeline.runtime import finite_rows, make_dir, utc_now, write_json
+from similarity.degenerate import degenerate
 from similarity.metrics import METRICS, get_metric
 
 log = logging.getLogger(__name__)
@@ -93,6 +99,7 @@ class Joined:
     ids: list[str]
     rows: dict[str, np.ndarray]
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    duplicates: dict = field(default_factory=dict)  # {"policy", "groups", "copies", "dropped", "examples"}
 
     @property
     def n(self) -> int:
@@ -136,12 +143,36 @@ def load_joined(cfg: PipelineConfig, names: Sequence[str], split: str | None = N
     entries = {n: find_entry(cfg.data.cache, cfg.data.dataset, split, n, cfg.data.data_dir) for n in names}
     check_aligned(cfg.data.cache, entries.values())
     ids, rows = join_rows(list(entries.values()))
-    keep = subset_rows(len(ids), cfg.analyze.max_rows, cfg.analyze.seed)
-    joined = Joined(entries, [ids[i] for i in keep], {n: r[keep] for n, r in zip(names, rows)})
+    unique, duplicates = _without_duplicates(cfg, entries.values(), ids)
+    keep = unique[subset_rows(len(unique), cfg.analyze.max_rows, cfg.analyze.seed)]
+    joined = Joined(entries, [ids[i] for i in keep], {n: r[keep] for n, r in zip(names, rows)}, duplicates=duplicates)
     if read:
         for n in names:
             joined.features[n] = read_rows(joined, n)
     return joined
+
+
+def _without_duplicates(cfg: PipelineConfig, entries, ids: Sequence[str]) -> tuple[np.ndarray, dict]:
+    """(positions of the joined rows to keep, the ``duplicates`` record) under ``analyze.duplicates``:
+    groups of ids with equal image content hashes (from the first entry that records them)."""
+    policy = cfg.analyze.duplicates
+    if policy not in CHOICES["analyze.duplicates"]:
+        raise AnalyzeError(f"analyze.duplicates = {policy!r}: use one of {', '.join(CHOICES['analyze.duplicates'])}.")
+    record = next((c for e in entries if (c := e.content())), None)
+    position = {i: p for p, i in enumerate(ids)}
+    groups = ([[i for i in g if i in position] for g in duplicate_groups(record["ids"], record["digests"])]
+              if record else [])
+    groups = [g for g in groups if len(g) > 1]
+    drop = {position[i] for g in groups for i in g[1:]} if policy == "drop" else set()
+    info = {"policy": policy, "groups": len(groups), "copies": sum(len(g) - 1 for g in groups),
+            "dropped": len(drop), "examples": groups[:3]}
+    if groups:
+        shown = "; ".join(" = ".join(g) for g in groups[:3])
+        log.warning("%d of %d rows are byte-identical copies of another image under a different id (e.g. %s): %s "
+                    "(analyze.duplicates = %s)", info["copies"], len(ids), shown,
+                    "dropped, one image of each group kept" if drop else
+                    "kept; kNN and kernel scores count copies as neighbours", policy)
+    return np.array([p for p in range(len(ids)) if p not in drop], dtype=np.int64), info
 
 
 def read_rows(joined: Joined, name: str, layer: int | None = None) -> np.ndarray:
@@ -184,6 +215,29 @@ def pairwise_scores(features: Mapping[str, np.ndarray], metrics: Mapping[str, Ca
                     S[i, j] = S[j, i]
         out[m], seconds[m] = S, time.perf_counter() - t0
     return out, seconds
+
+
+def degenerate_reasons(features: Mapping[str, np.ndarray], metrics: Mapping[str, Callable], k: int
+                       ) -> dict[str, dict[str, str]]:
+    """{metric: {name: why}} for the representations whose scores under that metric are not
+    measurements (``similarity.degenerate``: constant features for every metric; a kNN graph
+    decided by ties for the kNN metrics); each case logged once as a warning."""
+    constant = {n: degenerate(X) for n, X in features.items()}
+    tied: dict[str, str | None] = {}
+    out: dict[str, dict[str, str]] = {}
+    for m, fn in metrics.items():
+        knn = accepts_k(fn)
+        if knn and not tied:
+            tied = {n: constant[n] or degenerate(X, k) for n, X in features.items()}
+        found = {n: why for n, why in (tied if knn else constant).items() if why}
+        if found:
+            out[m] = found
+    for n in features:
+        hit = [m for m, found in out.items() if n in found]
+        if hit:
+            log.warning("%s: %s scores are not measurements: %s", n, ", ".join(hit),
+                        "; ".join(sorted({out[m][n] for m in hit})))
+    return out
 
 
 def centred_cosine_kernel(X: np.ndarray) -> np.ndarray:
@@ -312,7 +366,7 @@ def compare_entries(cfg: PipelineConfig, kernels: bool = False) -> dict:
     joined = load_joined(cfg, names)
     scores, seconds = pairwise_scores(joined.features, metrics, a.k)
     out = output_dir(cfg, "cka")
-    doc = {**header(cfg, "cka"), "n": joined.n, "entries": names,
+    doc = {**header(cfg, "cka"), "n": joined.n, "entries": names, "duplicates": joined.duplicates,
            "dims": {n: joined.entries[n].dim for n in names}, "scores": scores, "seconds": seconds,
            "k_used": {m: (a.k if accepts_k(f) else None) for m, f in metrics.items()}, "figures": {}}
     cal = {}
@@ -321,6 +375,13 @@ def compare_entries(cfg: PipelineConfig, kernels: bool = False) -> dict:
         cal = calibrated_matrices(joined.features, metrics, kwargs, scores, a.permutations, a.seed)
         doc.update({"permutations": a.permutations, **{key: {m: c[key] for m, c in cal.items()}
                                                         for key in ("calibrated", "threshold", "p_value")}})
+    flagged = degenerate_reasons(joined.features, metrics, a.k)
+    for m, found in flagged.items():  # a score of a degenerate entry is NaN (JSON null), its reason in "degenerate"
+        bad = np.array([n in found for n in names])
+        for S in [scores[m]] + [cal[m][key] for key in ("calibrated", "threshold", "p_value") if cal]:
+            S[bad, :] = np.nan
+            S[:, bad] = np.nan
+    doc["degenerate"] = flagged
     rows = [{"metric": m, "entry_a": x, "entry_b": y, "score": float(S[i, j]), "n": joined.n,
              **({key: float(cal[m][key][i, j]) for key in ("calibrated", "threshold", "p_value")} if cal else {})}
             for m, S in scores.items() for i, x in enumerate(names) for j, y in enumerate(names)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 from analyze.compare import data_dir_of, output_dir
 from analyze.display import count
@@ -76,8 +77,9 @@ def section_zeroshot(doc, cfg: PipelineConfig, run: str) -> None:
     a = res["results"]["adapters"]
     doc.para(f"{res['n']} {res['split']} images, {len(res['classes'])} classes (labels: {res['label_from']}), "
              f"{len(res['templates'])} prompt templates (e.g. \"{res['templates'][0]}\"): the trained adapters put the "
-             f"true class first for {a['top1']:.3f} of the images, against {ch['top1']:.3f} by chance and "
-             f"{ch['majority']:.3f} for always answering the most frequent class; balanced accuracy {a['balanced']:.3f}.")
+             f"true class first for {_f3(a['top1'])} of the images, against {_f3(ch['top1'])} by chance and "
+             f"{_f3(ch['majority'])} for always answering the most frequent class; balanced accuracy "
+             f"{_f3(a['balanced'])}.")
     per = sorted(a["per_class"].items(), key=lambda kv: (-kv[1]["n"], kv[0]))
     if "confusion" in res.get("figures", {}):
         absent = sorted(c.replace("_", " ") for c in res["classes"] if a["per_class"].get(c, {}).get("n", 0) == 0)
@@ -102,8 +104,8 @@ def section_matching(doc, cfg: PipelineConfig, run: str) -> None:
     doc.table(["features", "rows", "known pairs", "matching accuracy", "chance", "seconds"], rows)
     raw = res["matching"]["raw"]
     doc.para(f"Seeded quadratic assignment ({res['kernel']} kernels, centred) matches images to captions of the "
-             f"{res['split']} split from {raw['seeds']} known pairs without any training: {raw['accuracy']:.3f} of the "
-             f"other {raw['n'] - raw['seeds']} images get their own caption (chance {raw['chance']:.3f}); the row "
+             f"{res['split']} split from {raw['seeds']} known pairs without any training: {_f3(raw['accuracy'])} of the "
+             f"other {raw['n'] - raw['seeds']} images get their own caption (chance {_f3(raw['chance'])}); the row "
              f"'adapters' matches the trained embeddings the same way. The retrieval table above has the training-free "
              f"rows (local CKA on {res['base_rows']} train pairs; ASIF on {res['anchors']} anchors) when they cover the split.")
 
@@ -138,6 +140,11 @@ def section_benchmark(doc, cfg: PipelineConfig, run: str) -> None:
              "CLIP_benchmark breaks ties by torch.topk's order, the project by its fixed rule.")
     if notes:
         doc.para("Left out: " + "; ".join(notes) + ".")
+
+
+def _f3(v) -> str:
+    """A saved number with 3 decimals; "n/a" for null (older outputs store NaN as null) or NaN."""
+    return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
 
 
 def section_gallery(doc, cfg: PipelineConfig, run: str) -> None:

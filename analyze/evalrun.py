@@ -3,9 +3,12 @@ was trained on (joined by sample id, per split), and the closed-form baselines r
 same train pairs. Shared by ``analyze zeroshot``, ``analyze matching`` and the report's gallery.
 
 The source entries are the ones the run's ``adapters.json`` names (not the current config), so
-the adapters always see the encoder they were trained on. Features are standardised with the
-run's train statistics before the baselines see them, as in fit-adapters, so the baselines here
-are the ones whose test recall ``metrics.json`` reports.
+the adapters always see the encoder they were trained on. The train split is the run's train
+pairs: a run trained on a fraction (``train.train_fraction``) gets the same subset fit-adapters
+used (``train.fraction.subset_pairs``, checked against the ids digest in adapters.json), so the
+baselines, ASIF's anchors and the local-CKA base all come from the pairs the run saw. Features
+are standardised with the run's train statistics before the baselines see them, as in
+fit-adapters, so the baselines here are the ones whose test recall ``metrics.json`` reports.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from pipeline.config import PipelineConfig
 from pipeline.runs import ADAPTER_WEIGHTS, find_run, run_name
 from pipeline.errors import PipelineError
 from pipeline.runtime import atomic_write
-from pipeline.join import join_pairs
+from pipeline.join import Pairs, join_pairs
 from train.api import Run, load_run
 from train.baselines import FROM_MOMENTS, Alignment, LinearMap, pair_moments
+from train.fraction import ids_digest, subset_pairs
 
 MODALITIES = ("image", "text")
 BASELINES_FILE = "baselines.npz"  # fitted baselines, next to the run's analysis outputs
@@ -86,18 +90,36 @@ class RunView:
 
     def split(self, split: str) -> SplitPairs:
         """The joined image and caption rows of ``split`` (read once, then kept), from the hidden
-        layers the adapters were trained on when the run chose layers."""
+        layers the adapters were trained on when the run chose layers; for ``train``, only the
+        run's train pairs (``train_pairs``)."""
         if split not in self._splits:
             img, txt = self.entry(split, "image"), self.entry(split, "text")
             for m, e in (("image", img), ("text", txt)):
                 self.run.check_entry(m, e)
             pairs = join_pairs(img, txt)
+            if split == "train":
+                pairs = self.train_pairs(img, pairs)
             self._splits[split] = SplitPairs(
                 split, [str(img.ids[r]) for r in pairs.image_rows], [str(txt.ids[r]) for r in pairs.text_rows],
                 img.features(self.layer("image"))[pairs.image_rows], txt.features(self.layer("text"))[pairs.text_rows],
                 pairs.text_to_image,
                 pairs.first_caption)
         return self._splits[split]
+
+    def train_pairs(self, image: Entry, pairs: Pairs) -> Pairs:
+        """The run's train pairs among the joined train ``pairs``: its ``train_fraction`` subset,
+        cut as fit-adapters cut it; EvalError when they are not the ids the run recorded."""
+        tc = self.run.train
+        kept = subset_pairs(image, pairs, tc.train_fraction, tc.seed)
+        recorded = self.run.config.get("train_images")
+        if recorded:
+            got = ids_digest(np.asarray(image.ids)[kept.image_rows])
+            if got != recorded:
+                raise EvalError(f"Run {self.name!r} was trained on {recorded.get('n')} train images, but the cached "
+                                f"train split gives {got['n']} other ones for train.train_fraction = "
+                                f"{tc.train_fraction:g}, seed {tc.seed} (the train entries changed since). Rerun "
+                                f"fit-adapters --name {self.name} so that its baselines are fitted on its own pairs.")
+        return kept
 
     def embed(self, modality: str, features: np.ndarray) -> np.ndarray:
         """(n, d_modality) raw features -> (n, dim) L2-normalised adapter outputs, float64."""
@@ -113,7 +135,9 @@ class RunView:
         fits them). The fits (a few eigendecompositions of d x d covariances) are kept in
         ``<analyze.out>/.../runs/<run>/baselines.npz`` for these adapters and train entries."""
         path = output_dir(self.cfg, "runs", self.name) / BASELINES_FILE
+        tc = self.run.train
         stamp = json.dumps({"sha256": self.sha256, "train": [str(self.entry("train", m).path) for m in MODALITIES],
+                            "pairs": {"train_fraction": tc.train_fraction, "seed": tc.seed, "rule": 2},
                             "mtime": [self.entry("train", m).path.stat().st_mtime for m in MODALITIES]})
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:

@@ -8,7 +8,8 @@ as well as what works. Thumbnails are JPEGs embedded as base64 data URIs in both
 and the HTML, so the report stays one self-contained file.
 
 Scores are cosine similarities of the run's adapter outputs, over every image and caption of
-the split (the retrieval protocol of ``train.retrieval``).
+the split (the retrieval protocol of ``train.retrieval``, with its tie rule: a wrong item tied
+with the true one ranks above it, in the ranks and in the order shown).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import io
 import numpy as np
 from PIL import Image
 
-from analyze.evalrun import open_run
+from analyze.evalrun import RunView, open_run
 from analyze.markdown import md_text
-from extract.datasets import load_split
+from extract.datasets import SIDE_FILE, Split, config_options, content_digest, content_hashes, load_split
+from pipeline.cache import StaleCacheError
 from pipeline.config import PipelineConfig
-from train.retrieval import ranks_from_scores
+from train.retrieval import cosine_scores, ranks_from_scores
 
 N_EXAMPLES = 4  # images and captions shown, each
 TOP = 5  # retrieved items per example
@@ -45,6 +47,12 @@ def choose(ranks: np.ndarray, k: int, seed: int) -> list[int]:
     return sorted(int(i) for i in picked)
 
 
+def _order(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Candidates by decreasing score; among equal scores the wrong ones first (the tie rule of
+    ``train.retrieval``), then by index."""
+    return np.lexsort((np.arange(len(scores)), correct, -scores))
+
+
 def thumbnail_uri(image, px: int = THUMB_PX) -> str:
     """``data:image/jpeg;base64,...`` of a PIL image shrunk to fit px x px and centred on a white
     px x px square (so that it is shown at its natural size)."""
@@ -62,13 +70,40 @@ def _img(uri: str, hit: bool, alt: str) -> str:
             f'style="{HIT_STYLE if hit else MISS_STYLE}vertical-align:top;margin:2px">')
 
 
+def check_unchanged(rv: RunView, split: str, data: Split) -> None:
+    """StaleCacheError when the data folder's split is not the one the run's entries were
+    extracted from: ids, file names or captions (the entries' ``fingerprint``) or the images'
+    bytes (``content``) changed since, so its captions and images would be shown beside scores
+    of other data. The check ``extract`` makes before reusing an entry."""
+    entries = {m: rv.entry(split, m) for m in ("image", "text")}
+    fix = (f"Re-extract (extract --split {split} --force), retrain, and build the report again; or point "
+           f"--set data.data_dir to the data the cache was made from.")
+    for m, e in entries.items():
+        if e.key.get("fingerprint") not in (None, data.fingerprint()):
+            raise StaleCacheError(f"The {split} split in {data.source or rv.cfg.data.data_dir} changed since entry "
+                                  f"{e.name!r} was extracted (ids, file names or captions: fingerprint "
+                                  f"{str(e.key['fingerprint'])[:12]} then, {data.fingerprint()[:12]} now), so the "
+                                  f"gallery would show data beside scores of other data. {fix}")
+    recorded = entries["image"].key.get("content")
+    if recorded:
+        digests = content_hashes(data, entries["image"].path.parent.parent / SIDE_FILE)
+        if content_digest(data.ids, digests) != recorded:
+            before = dict(zip(*((entries["image"].content() or {}).get(k, []) for k in ("ids", "digests"))))
+            changed = [i for i, d in zip(data.ids, digests) if before.get(i) != d]
+            raise StaleCacheError(f"Image files of the {split} split changed since entry {entries['image'].name!r} "
+                                  f"was extracted ({len(changed)} of {len(data.ids)}"
+                                  f"{f', first: {changed[0]!r}' if changed else ''}), so the gallery would show "
+                                  f"other images beside their scores. {fix}")
+
+
 def build_gallery(cfg: PipelineConfig, run: str | None = None) -> tuple[str, str]:
     """(markdown, html) of the gallery for ``run`` on ``analyze.split``. Needs the dataset's
     files (images and captions) under ``data.data_dir``; raises PipelineError otherwise."""
     rv = open_run(cfg, run)
     split = cfg.analyze.split
     test = rv.split(split)
-    data = load_split(cfg.data.dataset, cfg.data.data_dir, split, on_empty=cfg.data.on_empty, missing=cfg.data.missing)
+    data = load_split(cfg.data.dataset, cfg.data.data_dir, split, **config_options(cfg.data))
+    check_unchanged(rv, split, data)
     policy = str(rv.entry(split, "text").key.get("captions", cfg.data.captions))
     caption_of = {r.id: r.text for r in data.caption_rows(policy)}
     item_of = {it.id: i for i, it in enumerate(data.items)}
@@ -76,7 +111,7 @@ def build_gallery(cfg: PipelineConfig, run: str | None = None) -> tuple[str, str
     if missing:
         raise FileNotFoundError(f"{len(missing)} cached {split} samples are not in {cfg.data.data_dir} "
                                 f"(first: {missing[0]!r}); the gallery needs the dataset the cache was made from.")
-    S = rv.embed("image", test.image) @ rv.embed("text", test.text).T  # (n_images, n_texts) cosine
+    S = cosine_scores(rv.embed("image", test.image), rv.embed("text", test.text))  # (n_images, n_texts)
     ranks = {k: v.cpu().numpy() for k, v in ranks_from_scores(S, test.text_to_image).items()}
     thumbs: dict[int, str] = {}
 
@@ -90,7 +125,7 @@ def build_gallery(cfg: PipelineConfig, run: str | None = None) -> tuple[str, str
     body.append(f"<p>Images and their top-{TOP} captions (✓ = a true caption; score = cosine similarity).</p>"
                 "<table><tbody>")
     for i in choose(ranks["i2t"], N_EXAMPLES, cfg.analyze.seed):
-        top = np.argsort(-S[i], kind="stable")[:TOP]
+        top = _order(S[i], test.text_to_image == i)[:TOP]
         lines = [f"{'✓ ' if test.text_to_image[t] == i else ''}{caption_of[test.text_ids[t]]} ({S[i, t]:.2f})" for t in top]
         best_own = max(np.flatnonzero(test.text_to_image == i), key=lambda t: S[i, t])
         note = "" if ranks["i2t"][i] < TOP else (f"true caption, ranked {ranks['i2t'][i] + 1}: "
@@ -105,8 +140,8 @@ def build_gallery(cfg: PipelineConfig, run: str | None = None) -> tuple[str, str
     md.append(f"\nCaptions and their top-{TOP} images (✓ = the caption's image, framed green in the HTML):")
     body.append(f"<p>Captions and their top-{TOP} images (green frame = the caption's image).</p><table><tbody>")
     for t in choose(ranks["t2i"], N_EXAMPLES, cfg.analyze.seed + 1):
-        top = np.argsort(-S[:, t], kind="stable")[:TOP]
         true = int(test.text_to_image[t])
+        top = _order(S[:, t], np.arange(S.shape[0]) == true)[:TOP]
         caption = caption_of[test.text_ids[t]]
         note = "" if ranks["t2i"][t] < TOP else f"its image, ranked {ranks['t2i'][t] + 1} ({S[true, t]:.2f}):"
         md.append(f"\n> {md_text(caption)}\n\n"

@@ -210,6 +210,17 @@ def _subset_test(test, max_rows: int, seed: int):
     return keep, caps, where[test.text_to_image[caps]]
 
 
+def _baseline_retrieval(rv, method: str, X: np.ndarray, T: np.ndarray, t2i: np.ndarray) -> dict | None:
+    """The retrieval figures of one refitted baseline, or None (with a warning) when it maps a row
+    to zero (degenerate train pairs), which has no cosine ranking; fit-adapters leaves it out too."""
+    zi, zt = rv.baseline_embed(method, "image", X), rv.baseline_embed(method, "text", T)
+    zero = int((zi == 0).all(1).sum() + (zt == 0).all(1).sum())
+    if zero:
+        log.warning("baseline %s left out: it maps %d test rows to zero (degenerate train pairs)", method, zero)
+        return None
+    return retrieval_summary(zi, zt, t2i)
+
+
 def run_matching(cfg, run: str | None = None, seeds: float = SEED_FRACTION, kernel: str = "linear",
                  base_rows: int = BASE_ROWS) -> dict:
     """``analyze matching``: training-free retrieval (local CKA, ASIF) next to the run's adapters
@@ -227,8 +238,15 @@ def run_matching(cfg, run: str | None = None, seeds: float = SEED_FRACTION, kern
     if base_rows < 0:
         raise AnalyzeError(f"analyze matching --base-rows {base_rows}: use a count >= 0 (0 = all train pairs).")
     rv = open_run(cfg, run)
-    train, test = rv.split("train"), rv.split(a.split)
+    test = rv.split(a.split)
     img_rows, cap_rows, t2i = _subset_test(test, a.max_rows, a.seed)
+    qap = img_rows[subset_rows(len(img_rows), a.max_rows or QAP_ROWS, a.seed)]  # matched images
+    n_seeds = int(round(seeds * len(qap))) if seeds < 1 else int(seeds)
+    if n_seeds >= len(qap):
+        raise AnalyzeError(f"analyze matching --seeds {seeds:g}: {n_seeds} known pairs of the {len(qap)} matched rows "
+                           f"leave none to match. Give fewer: a count below {len(qap)}, or a fraction below "
+                           f"{(len(qap) - 0.5) / len(qap):.3g}.")
+    train = rv.split("train")  # the run's train pairs: anchors and base set
     X, T = test.image[img_rows], test.text[cap_rows]
     mx, my = train.image.mean(0), train.text.mean(0)
     ax, ay = train.image[train.text_to_image] - mx, train.text - my  # train pairs: anchors and base set
@@ -238,15 +256,14 @@ def run_matching(cfg, run: str | None = None, seeds: float = SEED_FRACTION, kern
         "local_cka": lambda: retrieval_from_scores(local_cka_scores(ax[base], ay[base], X - mx, T - my, kernel), t2i),
         "relative": lambda: retrieval_from_scores(relative_scores(X - mx, T - my, ax, ay), t2i),
         "adapters": lambda: retrieval_summary(rv.embed("image", X), rv.embed("text", T), t2i),
-        **{m: (lambda m=m: retrieval_summary(rv.baseline_embed(m, "image", X), rv.baseline_embed(m, "text", T), t2i))
-           for m in rv.baselines},
+        **{m: (lambda m=m: _baseline_retrieval(rv, m, X, T, t2i)) for m in rv.baselines},
     }
     for name, compute in methods.items():
         t0 = time.perf_counter()
-        retrieval[name], seconds[name] = compute(), time.perf_counter() - t0
-    qap = img_rows[subset_rows(len(img_rows), a.max_rows or QAP_ROWS, a.seed)]  # matched images
+        result = compute()
+        if result is not None:
+            retrieval[name], seconds[name] = result, time.perf_counter() - t0
     Xq, Tq = test.image[qap], test.text[test.first_caption[qap]]  # one caption per image, rows paired
-    n_seeds = int(round(seeds * len(qap))) if seeds < 1 else int(seeds)
     matching = {"raw": match_experiment(Xq - mx, Tq - my, n_seeds, kernel, a.seed),
                 "adapters": match_experiment(rv.embed("image", Xq), rv.embed("text", Tq), n_seeds, kernel, a.seed)}
     out = output_dir(cfg, "runs", rv.name)

@@ -2,9 +2,11 @@
 
 The null of a score m(A, B) is m(A, B[perm]) over random row permutations perm: the same
 representations with the pairing of rows destroyed. The same ``permutations`` draws (seeded
-by ``analyze.seed``) are used for every pair and metric, and the scores of one reference
-against many representations come from one scoring engine (``analyze.engines``: fast paths
-for CKA, unbiased CKA and mutual kNN, else one library call per draw).
+by ``analyze.seed``) are used for every pair and metric; with few rows (n! - 1 <= the count
+asked for) every non-identity permutation is used once instead, so the p-value is exact. The
+scores of one reference against many representations come from one scoring engine
+(``analyze.engines``: fast paths for CKA, unbiased CKA and mutual kNN, else one library call
+per draw).
 
 * ``calibrated_matrices``: each cell of a pairwise score matrix against its own null.
 * ``calibrated_layers``: a layer x layer matrix. The best pair is the maximum over L_a x L_b
@@ -19,6 +21,8 @@ null, p-value, calibrated score in [0, 1]).
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -29,10 +33,25 @@ from analyze.engines import build_engine
 ALPHA = 0.05  # calibration level: the null's conformal (1 - ALPHA) quantile is the threshold
 
 
+def exact_permutations(n: int, count: int) -> np.ndarray | None:
+    """(n! - 1, n) every permutation of n rows but the identity, when there are no more than
+    ``count`` of them (few rows); else None. With all of them the permutation p-value
+    (1 + #{null >= observed}) / (1 + (n! - 1)) is exact: the share of all n! pairings (the
+    observed one included) that score at least as high."""
+    if count < 1 or n > 12 or math.factorial(n) - 1 > count:  # 12! - 1 > any count worth drawing
+        return None
+    return np.array([p for p in itertools.permutations(range(n)) if list(p) != list(range(n))],
+                    dtype=np.int64).reshape(-1, n)
+
+
 def permutations_of(n: int, count: int, seed: int) -> np.ndarray:
-    """(count, n) random permutations of n rows, seeded."""
+    """(count, n) random permutations of n rows, seeded; every non-identity permutation
+    (``exact_permutations``, fewer than ``count``) when n! - 1 <= count."""
     if count < 0:
         raise CalibrationError(f"permutations must be >= 0; got {count}.")
+    exact = exact_permutations(n, count)
+    if exact is not None:
+        return exact
     rng = np.random.default_rng(seed)
     return np.stack([rng.permutation(n) for _ in range(count)]) if count else np.zeros((0, n), dtype=np.int64)
 

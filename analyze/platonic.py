@@ -58,6 +58,11 @@ Verdict, per metric and side, at ``ALPHA`` = 0.05:
                  shuffled-pairing null (p <= ALPHA);
   not supported  the delta's 95% interval lies below 0 (alignment to the reference fell);
   inconclusive   anything else (the interval contains 0, or the after-score is not above chance).
+Small samples (``analyze.resampling``): below ``MIN_ROWS`` rows the verdict is "too few rows";
+a percentile interval from fewer than ``MIN_BOOTSTRAP`` resamples, or scores of a degenerate
+representation (``similarity.degenerate``: constant features, a kNN graph decided by ties; listed
+under ``degenerate``), give "inconclusive"; with few rows the null enumerates every pairing
+(an exact p-value); intervals are clipped to the metric's range (listed under ``clipped``).
 No correction is made for testing several metrics and both sides. The verdict does not use
 the controls; ``beats_controls`` (per side) and the sentence report them next to it.
 
@@ -88,79 +93,33 @@ from __future__ import annotations
 import logging
 import math
 import time
-from statistics import NormalDist
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from analyze import plots
 from analyze.calibration import calibrate_array
-from analyze.compare import (AnalyzeError, accepts_k, check_k, check_paired, header, kernel_figure, load_joined,
-                             metric_kwargs, output_dir, read_rows, resolve_metrics, write_csv)
+from analyze.compare import (AnalyzeError, accepts_k, check_k, check_paired, degenerate_reasons, header, kernel_figure,
+                             load_joined, metric_kwargs, output_dir, read_rows, resolve_metrics, write_csv)
 from analyze.controls import (control_columns, control_embeddings, control_stats, open_trained, run_layers,
                              versus_controls)
 from analyze.engines import FAST_PATHS, build_engine, is_generic  # noqa: F401  (FAST_PATHS: re-exported)
+from analyze.resampling import (ALPHA, MIN_BOOTSTRAP, MIN_ROWS, SUBSAMPLE_FRACTION,  # noqa: F401 (re-exported)
+                                TOO_FEW_ROWS, _deltas, _draws, _null_summary, _resampling, clipper, interval,
+                                jackknife_interval, small_sample, verdict)
 from pipeline.cache import CacheError, find_entry
 from pipeline.config import PipelineConfig
 from pipeline.runs import aligned_name, run_name
 from pipeline.runtime import write_json
+from similarity.metrics import value_range
 from train.api import Run
 
 log = logging.getLogger(__name__)
 
-ALPHA = 0.05  # significance level: 95% intervals, and p <= ALPHA to beat the null
-SUBSAMPLE_FRACTION = 0.8  # kNN metrics: rows kept per subsample (m-out-of-n, without replacement)
 SLOW_WARNING_S = 60.0  # warn (with the estimate) when a metric without a fast path will take longer, seconds
 TERMS = ("before_image", "before_text", "after_image", "after_text")
 SIDES = ("image", "text")
 TERM_COLORS = {"before_image": "#9ecae1", "before_text": "#fdae6b", "after_image": "#3182bd", "after_text": "#e6550d"}
-
-
-# ----------------------------------------------------------------------------- statistics
-def interval(theta: np.ndarray, draws: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Re-centred percentile interval: theta (...,) and draws (B, ...) -> (lo, hi); NaN when B = 0."""
-    theta = np.asarray(theta, dtype=float)
-    if len(draws) == 0:
-        return np.full(theta.shape, np.nan), np.full(theta.shape, np.nan)
-    shifted = theta + scale * (draws - draws.mean(axis=0))
-    lo, hi = np.percentile(shifted, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)], axis=0)
-    return lo, hi
-
-
-def jackknife_interval(theta: np.ndarray, jack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Normal interval theta +- z SE with the jackknife standard error: theta (...,) and the n
-    leave-one-out values jack (n, ...); SE^2 = (n - 1)/n sum_i (jack_i - mean)^2."""
-    n = jack.shape[0]
-    se = np.sqrt((n - 1) / n * ((jack - jack.mean(axis=0)) ** 2).sum(axis=0))
-    z = NormalDist().inv_cdf(1 - ALPHA / 2)
-    return np.asarray(theta) - z * se, np.asarray(theta) + z * se
-
-
-def _null_summary(null: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """(95th percentile, mean) of the null draws (P, R) per representation; NaN when P = 0."""
-    if len(null) == 0:
-        return np.full(shape, np.nan), np.full(shape, np.nan)
-    return np.percentile(null, 100 * (1 - ALPHA), axis=0), null.mean(axis=0)
-
-
-def _deltas(scores: np.ndarray) -> np.ndarray:
-    """(..., >= 4) term scores -> (..., 2) deltas: after_side - mean(before_image, before_text)."""
-    before = (scores[..., 0] + scores[..., 1]) / 2
-    return np.stack([scores[..., 2] - before, scores[..., 3] - before], axis=-1)
-
-
-def verdict(delta_lo: float, delta_hi: float, p_after: float) -> tuple[str, str]:
-    """(verdict, reason): supported | not supported | inconclusive; see the module docstring.
-    NaN inputs (no resamples or no permutations) give inconclusive."""
-    if not all(math.isfinite(x) for x in (delta_lo, delta_hi, p_after)):
-        return "inconclusive", "no confidence interval or null (bootstrap or permutations set to 0)"
-    if delta_hi < 0:
-        return "not supported", "the 95% CI of the difference lies below 0: alignment to the reference fell"
-    if delta_lo > 0 and p_after <= ALPHA:
-        return "supported", "the 95% CI of the difference excludes 0 and the after-score beats the shuffled-pairing null"
-    if delta_lo <= 0:
-        return "inconclusive", "the 95% CI of the difference contains 0"
-    return "inconclusive", f"the after-score does not beat the shuffled-pairing null (p = {p_after:.3g} > {ALPHA})"
 
 
 def _fmt(x: float | None) -> str:
@@ -188,23 +147,18 @@ def sentence(metric: str, side: str, r: Mapping) -> str:
     return text
 
 
-def _draws(n: int, bootstrap: int, permutations: int, seed: int, m_sub: int):
-    """Row draws made up front, in a fixed order, for every metric: bootstrap rows (B, n),
-    subsample rows (B, m_sub) sorted, permutations (P, n)."""
-    rng = np.random.default_rng(seed)
-    boot_rows = rng.integers(0, n, size=(bootstrap, n))
-    sub_rows = np.sort(rng.random((bootstrap, n)).argsort(axis=1)[:, :m_sub], axis=1)
-    perms = np.stack([rng.permutation(n) for _ in range(permutations)]) if permutations else np.zeros((0, n), int)
-    return boot_rows, sub_rows, perms
-
-
 def _summarise(point: np.ndarray, boot: np.ndarray, null: np.ndarray, scale: float,
-               controls: Mapping[str, Sequence], first_control: int, jack: np.ndarray | None = None) -> dict:
+               controls: Mapping[str, Sequence], first_control: int, jack: np.ndarray | None = None,
+               bounds: tuple[float, float] = (0.0, 1.0)) -> dict:
     """The statistics of one metric from its scores: point (R,), boot (B, R), null (P, R),
     jack (n, R) leave-one-out scores or None; columns 0-3 are TERMS, then the controls'
     (image, text) pairs from ``first_control``. Differences (deltas, trained minus control) get
-    jackknife normal intervals when ``jack`` is given, else re-centred percentile intervals."""
-    lo, hi = interval(point, boot, scale)
+    jackknife normal intervals when ``jack`` is given, else re-centred percentile intervals.
+    Intervals are clipped to the metric's ``bounds`` (differences to their difference), and
+    ``clipped`` lists the kinds that were ("terms", "differences")."""
+    low, high = bounds
+    clipped: list[str] = []
+    lo, hi = clipper(low, high, clipped, "terms")(lambda th, dr: interval(th, dr, scale))(point, boot)
     q95, null_mean = _null_summary(null, point.shape)
     cal = calibrate_array(point, null, alpha=ALPHA)
     delta = _deltas(point)
@@ -212,8 +166,9 @@ def _summarise(point: np.ndarray, boot: np.ndarray, null: np.ndarray, scale: flo
         draws, diff_interval = jack, jackknife_interval
     else:
         draws, diff_interval = boot, (lambda th, dr: interval(th, dr, scale))
+    diff_interval = clipper(low - high, high - low, clipped, "differences")(diff_interval)
     dlo, dhi = diff_interval(delta, _deltas(draws))
-    res: dict = {"terms": {}, "delta": {}}
+    res: dict = {"terms": {}, "delta": {}, "clipped": clipped}
     for t, term in enumerate(TERMS):
         res["terms"][term] = {"score": point[t], "ci_lo": lo[t], "ci_hi": hi[t], "null_mean": null_mean[t],
                               "null_q95": q95[t], "p_value": cal["p_value"][t], "threshold": cal["threshold"][t],
@@ -231,16 +186,6 @@ def _summarise(point: np.ndarray, boot: np.ndarray, null: np.ndarray, scale: flo
                               "calibrated_delta": cal["calibrated"][2 + s] - cal_before,
                               "beats_controls": beats, "vs_controls": clause}
     return res
-
-
-def _resampling(knn: bool, subsample: bool, n: int, m_sub: int, scale: float) -> str:
-    """How the interval of one metric was resampled, in words (for platonic.json)."""
-    if subsample:
-        return f"subsampling without replacement, {m_sub} of {n} rows, spread scaled by sqrt(m/(n-m)) = {scale:.2f}"
-    if knn:
-        return (f"bootstrap, {n} rows with replacement; neighbours among the other distinct drawn rows, "
-                f"each row counted as often as drawn")
-    return f"bootstrap, {n} rows with replacement"
 
 
 def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray, ref: np.ndarray,
@@ -267,10 +212,15 @@ def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray
         raise AnalyzeError(f"--bootstrap ({bootstrap}) and --permutations ({permutations}) must be >= 0 "
                            f"(0 skips the intervals / the null); set them with --set analyze.bootstrap=N "
                            f"and --set analyze.permutations=N.")
+    if 0 < bootstrap < MIN_BOOTSTRAP:
+        log.warning("analyze.bootstrap = %d: fewer than %d resamples cannot place a 95%% interval's 2.5%% tails; the "
+                    "percentile intervals are not meaningful and verdicts resting on them are inconclusive",
+                    bootstrap, MIN_BOOTSTRAP)
     m_sub = int(round(SUBSAMPLE_FRACTION * n))
     boot_rows, sub_rows, perms = _draws(n, bootstrap, permutations, seed, m_sub)
     check_k(metrics, k, m_sub if bootstrap else n, f"rows in each {SUBSAMPLE_FRACTION:.0%} subsample")
     distinct = min((len(np.unique(r)) for r in boot_rows), default=n)  # fewest distinct rows in a bootstrap draw
+    flagged = degenerate_reasons({k_: v for k_, v in named.items() if not k_.startswith("control ")}, metrics, k)
     out = {}
     for name, fn in metrics.items():
         t0 = time.perf_counter()
@@ -289,10 +239,19 @@ def hypothesis_test(X: np.ndarray, Y: np.ndarray, RX: np.ndarray, RY: np.ndarray
         boot = engine.resample(rows) if bootstrap else np.zeros((0, len(reps)))
         null = engine.permuted(perms) if permutations else np.zeros((0, len(reps)))
         jack = engine.jackknife() if bootstrap and hasattr(engine, "jackknife") else None
-        res = _summarise(point, boot, null, scale, controls, 4, jack)
+        res = _summarise(point, boot, null, scale, controls, 4, jack, value_range(name))
+        override = small_sample(n, bootstrap, jack is None)
+        if name in flagged:  # not a measurement: no verdict either way
+            res["degenerate"] = flagged[name]
+            why = "; ".join(f"{rep}: {reason}" for rep, reason in flagged[name].items())
+            override = override or ("inconclusive", f"the scores are not measurements ({why})")
+        for side in SIDES:
+            if override:
+                res["delta"][side].update(verdict=override[0], reason=override[1])
         res["difference_interval"] = ("normal, jackknife standard error" if jack is not None else
                                       "re-centred percentile of the resamples")
-        res.update({"engine": type(engine).__name__.lstrip("_"), "k": k if knn else None,
+        res.update({"engine": type(engine).__name__.lstrip("_"), "k": k if knn else None, "null_draws": len(perms),
+                    "null_exact": 0 < len(perms) and n <= 12 and len(perms) == math.factorial(n) - 1,
                     "resampling": _resampling(knn, subsample, n, m_sub, scale),
                     "seconds": time.perf_counter() - t0})
         out[name] = res
@@ -305,7 +264,8 @@ def headline(results: Mapping[str, Mapping]) -> str:
     n_sup = sum(v == "supported" for v in verdicts.values())
     n_not = sum(v == "not supported" for v in verdicts.values())
     overall = ("supported" if n_sup == len(verdicts) else "partly supported" if n_sup else
-               "not supported" if n_not else "inconclusive")
+               "not supported" if n_not else
+               f"not tested ({TOO_FEW_ROWS})" if all(v == TOO_FEW_ROWS for v in verdicts.values()) else "inconclusive")
     detail = "; ".join(f"{m}: image {r['delta']['image']['verdict']}, text {r['delta']['text']['verdict']}"
                        for m, r in results.items())
     text = f"Platonic hypothesis {overall} ({n_sup} of {len(verdicts)} metric x side tests supported): {detail}."
@@ -435,7 +395,7 @@ def platonic_test(cfg: PipelineConfig, run: str | None = None, kernels: bool = T
                               a.bootstrap, a.permutations, a.seed, controls=controls.embeddings)
     seconds = time.perf_counter() - t0
     out = output_dir(cfg, "runs", run)
-    doc = {**header(cfg, "platonic"), "run": run, "n": joined.n, "bootstrap": a.bootstrap,
+    doc = {**header(cfg, "platonic"), "run": run, "n": joined.n, "duplicates": joined.duplicates, "bootstrap": a.bootstrap,
            "permutations": a.permutations, "alpha": ALPHA,
            "entries": {"image": tc.image, "text": tc.text, "image_aligned": ri, "text_aligned": rt,
                        "reference": a.reference},

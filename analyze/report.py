@@ -44,7 +44,7 @@ from train.losses import loss_label
 log = logging.getLogger(__name__)
 
 RANK_COLUMNS = ("rsum", "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr")  # train.retrieval.SUMMARY_KEYS
-PLATONIC_KEYS = ("metrics", "k", "max_rows", "seed", "bootstrap", "permutations", "controls",
+PLATONIC_KEYS = ("metrics", "k", "max_rows", "duplicates", "seed", "bootstrap", "permutations", "controls",
                  "control_seeds")  # analyze settings that
 #   must match for a saved platonic.json to be reused (the entries are compared too)
 
@@ -294,7 +294,8 @@ def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunFolder | None)
     sizes = test_sizes(cfg, run)
     extra = training_free_rows(cfg, run.name, sizes[0] if sizes else None) if cfg.analyze.split == "test" else {}
     columns = RECALL_COLUMNS + RANK_COLUMNS
-    rows = [[display.method_label(method), *(recall_cell(c, vals.get(c), sizes) for c in columns)]
+    rows = [[display.method_label(method) + (" (collapsed)" if vals.get("collapsed") == 1 else ""),
+             *(recall_cell(c, vals.get(c), sizes) for c in columns)]
             for method, vals in {**table, **extra}.items()]
     if sizes:
         chance = chance_row(*sizes)
@@ -305,6 +306,9 @@ def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunFolder | None)
     legend = display.marks_legend(str(v) for r in rows for v in r)
     if legend:
         doc.para(legend, "note")
+    tied = {m: v["ties"] for m, v in {**table, **extra}.items() if (v.get("ties") or 0) > 0}
+    if tied:
+        doc.para(_ties_sentence(tied, [m for m, v in table.items() if v.get("collapsed") == 1]))
     res = run.metrics.adapters
     if res is None:
         doc.para(f"The run's metrics have no {ADAPTERS_METHOD!r} row (the trained adapters); only baselines are shown.")
@@ -325,6 +329,18 @@ def section_retrieval(doc: Document, cfg: PipelineConfig, run: RunFolder | None)
                  f"{others[best]:.3f})")
     doc.para(text + ". Chance: t2i R@K = K/n_images; i2t R@K = 1 - C(n_texts - c, K)/C(n_texts, K) for c captions per image. "
              "RSUM: the six recalls summed, in percent; medr / meanr: median / mean rank of the true item (1 = first).")
+
+
+def _ties_sentence(tied: dict[str, float], collapsed: Sequence[str]) -> str:
+    """What the ties in the retrieval table mean: the share of queries per method, and the
+    methods whose embeddings collapsed."""
+    shares = ", ".join(f"{m} {share:.1%}" for m, share in tied.items())
+    text = (f"Ties count against the query (a wrong item scoring as high as the true one ranks above it); share of "
+            f"queries whose true item is tied: {shares}.")
+    if collapsed:
+        text += (f" Collapsed embeddings (every row pointing the same way, so every score ties): "
+                 f"{', '.join(collapsed)}; their recall is at its floor, not a measurement.")
+    return text
 
 
 def _reusable(path: Path, cfg: PipelineConfig, keys: Sequence[str], entries: Sequence[str]) -> dict | None:
@@ -352,7 +368,8 @@ def section_heatmaps(doc: Document, cfg: PipelineConfig) -> None:
     doc.heading("Representation similarity between cache entries")
     folder = output_dir(cfg, "cka")
     try:
-        result = (_reusable(folder / "scores.json", cfg, ("metrics", "k", "max_rows", "seed"), default_entries(cfg))
+        result = (_reusable(folder / "scores.json", cfg, ("metrics", "k", "max_rows", "duplicates", "seed"),
+                            default_entries(cfg))
                   or compare_entries(cfg))
     except RunIntegrityError:
         raise  # an aligned entry its run did not write: refuse the report

@@ -12,7 +12,8 @@ accuracies over the classes present), per-class accuracy, a confusion matrix, an
 levels: a random ranking gets top-k = k / C and balanced accuracy 1 / C; always answering
 the most frequent class gets its frequency (``majority``). Ties: a class scoring exactly as
 high as the true class counts against it (the true class has rank = the number of other
-classes scoring >= it), so constant embeddings score 0, not 1.
+classes scoring >= it), so constant embeddings score 0, not 1: the rule of retrieval
+(``train.retrieval``), whose exact cosine similarities are used.
 
 The same figures for the closed-form baselines (CCA, PCA + Procrustes, refitted on the run's
 train pairs) and for the training-free ASIF relative representation (``analyze.matching``):
@@ -37,6 +38,7 @@ from analyze.prompts import read_templates, prompt_features
 from extract.labels import class_name, dataset_classes, image_labels
 from pipeline.config import PipelineConfig
 from pipeline.runtime import write_json
+from train.retrieval import cosine_scores
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,9 @@ def class_embeddings(prompt_emb, n_classes: int) -> np.ndarray:
 
 
 def class_scores(image_emb, class_emb) -> np.ndarray:
-    """(n, d) images x (C, d) classes -> (n, C) cosine similarities."""
-    return _unit(image_emb) @ _unit(class_emb).T
+    """(n, d) images x (C, d) classes -> (n, C) cosine similarities, computed exactly as retrieval
+    ranks them (``train.retrieval.cosine_scores``), so equal class embeddings tie exactly."""
+    return cosine_scores(image_emb, class_emb)
 
 
 def _labels(labels, scores: np.ndarray) -> np.ndarray:
@@ -173,8 +176,9 @@ def zero_shot(cfg: PipelineConfig, run: str | None = None, templates: str | Path
     ``zeroshot-confusion.png``; returns the JSON document (plus ``out``)."""
     t0 = time.perf_counter()
     tpl = read_templates(templates)  # checked before any work
-    rv = open_run(cfg, run)
     d, split = cfg.data, cfg.analyze.split
+    dataset_classes(d.dataset, d.data_dir, d.label_from, {"on_empty": d.on_empty, "missing": d.missing})  # refuses
+    rv = open_run(cfg, run)  # duplicate display names before the run is opened
     test = rv.split(split)
     classes, labels = split_labels(cfg, test)
     t_prompt = time.perf_counter()

@@ -132,6 +132,47 @@ NAMES_RUNS_NUMBERS = [
       "test_hostile_text.py::test_every_markdown_block_is_escaped",
       "test_hostile_text.py::test_study_md_escapes_axis_values_run_names_and_errors",
       "test_hostile_text.py::test_reports_and_figures_of_hostile_names_through_the_commands"]),
+    # 4
+    ("ties counted as retrieval hits (identical embeddings: R@1 1.0)",
+     "ties count against the query everywhere; collapsed embeddings flagged",
+     ["test_ties.py::test_fully_tied_inputs_score_at_the_floor_not_one",
+      "test_ties.py::test_partial_ties_by_hand_with_several_captions",
+      "test_ties.py::test_identical_rows_tie_exactly_whatever_their_position",
+      "test_ties.py::test_zero_shot_uses_the_same_rule_and_exact_scores",
+      "test_ties.py::test_gallery_lists_a_tied_wrong_item_first",
+      "test_ties.py::test_collapsed_baselines_of_two_train_pairs_sit_at_chance",
+      "test_ties.py::test_report_sentence_names_ties_and_collapsed_methods"]),
+    # 5
+    ("baselines of a fraction-trained run fitted on every train pair", "refitted on the run's own train pairs",
+     ["test_run_inputs.py::test_matching_baselines_are_fitted_on_the_runs_train_pairs",
+      "test_run_inputs.py::test_subset_pairs_is_the_rule_fit_adapters_uses",
+      "test_run_inputs.py::test_a_run_whose_train_pairs_changed_is_refused"]),
+    # 6
+    ("a fixed temperature below 0.01 trained at 0.01", "used as given; a learnable one below the clamp refused",
+     ["test_run_inputs.py::test_a_fixed_temperature_is_used_as_given"]),
+    # 7
+    ("Platonic verdicts from 3 rows, 1 resample, CIs past the range",
+     "'too few rows', exact nulls, clipped intervals",
+     ["test_platonic_small.py::test_three_rows_say_too_few_rows_with_an_exact_null",
+      "test_platonic_small.py::test_exact_null_p_value_equals_the_share_of_all_pairings",
+      "test_platonic_small.py::test_exact_permutations_are_every_other_pairing_once",
+      "test_platonic_small.py::test_few_resamples_make_a_percentile_verdict_inconclusive",
+      "test_platonic_small.py::test_intervals_never_leave_the_metrics_range",
+      "test_platonic_small.py::test_clipper_clips_and_records"]),
+    # 8
+    ("constant features gave mutual kNN = 1.000", "marked: NaN with a reason (cka), inconclusive (platonic)",
+     ["test_platonic_small.py::test_constant_features_are_degenerate_and_their_knn_graph_is_ties",
+      "test_platonic_small.py::test_platonic_marks_a_constant_representation_inconclusive",
+      "test_platonic_small.py::test_analyze_cka_marks_scores_of_a_constant_entry"]),
+    # 9
+    ("zero-shot classes 'big_cat' and 'big cat' (identical prompts)", "refused, naming both",
+     ["test_data_checks.py::test_classes_with_the_same_display_name_are_refused_naming_both"]),
+    # 10
+    ("gallery showing captions edited after extraction", "refused as stale (fingerprint, image content)",
+     ["test_data_checks.py::test_the_gallery_refuses_data_edited_after_extraction"]),
+    # 11
+    ("duplicate images under different ids", "warned at extraction; analyze.duplicates = drop | keep",
+     ["test_data_checks.py::test_duplicate_images_are_warned_at_extraction_and_dropped_or_kept"]),
     # 12
     ("a failed model load (NAME.weights) blocking the corrected request", "staging made once the model loaded",
      ["test_extract.py::test_a_failed_model_load_leaves_no_staging_so_the_fix_is_not_refused"]),
@@ -141,6 +182,18 @@ NAMES_RUNS_NUMBERS = [
      ["test_hostile_text.py::test_every_function_that_creates_a_figure_draws_text_literally",
       "test_hostile_text.py::test_figure_writers_draw_hostile_labels_literally",
       "test_hostile_text.py::test_reports_and_figures_of_hostile_names_through_the_commands"]),
+    # 15
+    ("matching --seeds >= rows; a stored null crashing the report", "one line before work; null read as n/a",
+     ["test_data_checks.py::test_matching_seeds_leaving_nothing_to_match_are_one_line",
+      "test_data_checks.py::test_the_report_reads_a_stored_null_accuracy"]),
+    # 16
+    ("identical captions, 1-image train split: ValueError, baselines",
+     "one line before training; tokenizer merges warned",
+     ["test_run_inputs.py::test_identical_captions_are_one_line_before_training",
+      "test_run_inputs.py::test_too_few_train_images_are_refused_before_training",
+      "test_run_inputs.py::test_a_one_image_train_split_is_refused",
+      "test_run_inputs.py::test_a_baseline_that_maps_rows_to_zero_is_left_out_with_a_warning",
+      "test_data_checks.py::test_captions_made_identical_by_the_tokenizer_are_warned"]),
     # 17
     ("tracebacks: --seeds inf, `{}}`, long names, /dev/null, bad weights",
      "one line naming the value, file or folder",

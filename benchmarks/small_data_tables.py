@@ -10,7 +10,9 @@ Per study, recipe (the ``variant`` axis) and train fraction, over the seeds (mea
 t-interval, mean +- t(0.975, m-1) * sd / sqrt(m)): val mean recall of the kept epoch, test mean
 recall, zero-shot top-1 accuracy of the adapters; the paired difference to the ``plain`` recipe
 (same fraction and seed, hence the same train subset) for test recall and zero-shot top-1; the
-closed-form PCA + Procrustes map's test recall and zero-shot top-1 on the same subsets.
+closed-form PCA + Procrustes map's test recall and zero-shot top-1 on the same subsets (refitted
+on each run's own train pairs); then each recipe's zero-shot top-1 paired against that closed
+form in the same cell, and ASIF's zero-shot top-1 with the same pairs as anchors.
 
 The selection rule, fixed before the test columns were read: the recipe with the highest val
 mean recall averaged over every study and fraction (each setting weighs the same).
@@ -95,8 +97,33 @@ def table(folder: Path) -> tuple[list[str], dict[str, list[float]]]:
                      f"{fmt(interval([num(r, 'zeroshot.procrustes.top1') for r in seeds.values()]))} | - |")
     chance = [num(r, "zeroshot.chance.top1") for r in next(iter(cells.values())).values()]
     majority = [num(r, "zeroshot.chance.majority") for r in next(iter(cells.values())).values()]
-    lines += ["", f"Zero-shot chance {np.mean(chance) * 100:.1f}% (majority class {np.mean(majority) * 100:.1f}%).", ""]
+    lines += ["", f"Zero-shot chance {np.mean(chance) * 100:.1f}% (majority class {np.mean(majority) * 100:.1f}%).",
+              versus_closed_form(cells, pairs), asif(cells, pairs), ""]
     return lines, val
+
+
+def versus_closed_form(cells: dict, pairs: dict) -> str:
+    """Zero-shot top-1 of each recipe minus the closed-form Procrustes map's in the same cell (same
+    train pairs and, for layer-choosing recipes, the same layers), paired over seeds."""
+    above, below, n = [], [], 0
+    for (v, f), seeds in cells.items():
+        d = interval([num(r, "zeroshot.adapters.top1") - num(r, "zeroshot.procrustes.top1") for r in seeds.values()])
+        n += 1
+        if d[0] - d[1] > 0:
+            above.append(f"{v} at {pairs[f]} pairs {fmt(d, signed=True)}")
+        elif d[0] + d[1] < 0:
+            below.append(f"{v} at {pairs[f]} pairs {fmt(d, signed=True)}")
+    return (f"Zero-shot top-1 minus the closed-form Procrustes map's on the same pairs and layers, paired: above in "
+            f"{len(above)} ({'; '.join(above) or '-'}), below in {len(below)} ({'; '.join(below) or '-'}), within "
+            f"the interval in {n - len(above) - len(below)} of {n} settings.")
+
+
+def asif(cells: dict, pairs: dict) -> str:
+    """ASIF's zero-shot top-1 (training-free; the run's train pairs as anchors), mean over every cell of a fraction."""
+    means = {f: np.mean([num(r, "zeroshot.relative.top1") for (_, g), seeds in cells.items() if g == f
+                         for r in seeds.values()]) for f in pairs}
+    return ("ASIF zero-shot top-1 (its anchors: the same train pairs): " +
+            ", ".join(f"{m * 100:.1f}% at {pairs[f]} pairs" for f, m in sorted(means.items())) + ".")
 
 
 def main() -> None:

@@ -87,8 +87,17 @@ def image_labels(dataset: str, data_dir: str | Path, split: str, label_from: str
 
 def dataset_classes(dataset: str, data_dir: str | Path, label_from: str = "label",
                     options: Mapping | None = None) -> list[str]:
-    """Sorted labels that occur in any split of the dataset."""
+    """Sorted labels that occur in any split of the dataset. Two labels with the same display name
+    (``class_name``: ``big_cat`` and ``big cat``) are refused, naming both: their prompts would be
+    identical, so the two classes would always tie."""
     labels: set[str] = set()
     for split in available_splits(dataset, data_dir):
         labels |= set(image_labels(dataset, data_dir, split, label_from, options).values())
+    seen: dict[str, str] = {}
+    for label in sorted(labels):
+        other = seen.setdefault(class_name(label), label)
+        if other != label:
+            raise DatasetError(f"Classes {other!r} and {label!r} (data.label_from = {label_from!r}) have the same "
+                               f"name {class_name(label)!r} once '_' is shown as a space: their prompts would be "
+                               f"identical and the two always tie. Rename one of them in {data_dir}.")
     return sorted(labels)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from extract import datasets as D
+from extract.checks import TokenCollisions, warn_duplicate_images
 from extract.encoders import EncoderSpec, forward_batch, get_spec, image_pixels, load_encoder
 from extract.gpu_decode import CPU, DECODES, GPU_NVJPEG, GpuDecoder, decode_key, effective_decoder, read_jpeg
 from extract.loader import batches, loader_workers, make_loader
@@ -210,6 +211,8 @@ def extract(cfg: PipelineConfig, force: bool = False, shard: Shard | None = None
         for split_name in splits_of(cfg):
             split = _load_split(cfg, split_name)
             content = _content(cfg, split, us)
+            if us.leader:
+                warn_duplicate_images(f"{cfg.data.dataset}/{split.name}", content["ids"], content["digests"])
             for modality in MODALITIES:
                 chosen = [s for s in specs if s.modality == modality]
                 if chosen:
@@ -352,12 +355,15 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
     started = time.perf_counter()
     done, warm = 0, None  # rows computed; (time, rows) after the first batch: start-up excluded from steady rate
     skipped: dict[int, dict[str, str]] = {}  # chunk -> {id: reason}
+    collisions = {} if is_image else {j.input_key: TokenCollisions(j.spec.name) for j in jobs}
     with Progress(sum(len(r) for r in chunk_ranges), f"{us.label}extract {split.name} {names}",
                   "img" if is_image else "txt", enabled=False if us.distributed and not us.leader else None) as bar, \
             torch.inference_mode():
         for batch, batch_skipped in batches(loader, x.on_error == "skip", decode):
             chunk = min(batch.rows + list(batch_skipped)) // x.chunk_rows
             skipped.setdefault(chunk, {}).update({rows[i].id: reason for i, reason in batch_skipped.items()})
+            for key, seen in collisions.items():
+                seen.add([rows[i].text for i in batch.rows], batch.inputs.get(key))
             for job in jobs:
                 if chunk in job.pending and batch.rows:
                     job.buffers.setdefault(chunk, []).append(
@@ -371,6 +377,8 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
                         _flush(job, chunk, skipped.get(chunk, {}), x.layers == "all")
                 skipped.pop(chunk, None)
     seconds = time.perf_counter() - started
+    for seen in collisions.values():
+        seen.warn(f"{us.label}{cfg.data.dataset}/{split.name}")
     log.info("%sextracted %s on %s/%s in %.1fs", us.label, names, cfg.data.dataset, split.name, seconds)
     steady = (done - warm[1]) / max(time.perf_counter() - warm[0], 1e-9) if warm and done > warm[1] else 0.0
     return {"extract_seconds": seconds, "rows_computed": done, "items_per_s": done / max(seconds, 1e-9),

@@ -123,6 +123,7 @@ class AnalyzeConfig:
     controls: tuple[str, ...] = ("random", "cca", "procrustes")  # Platonic-test controls; () = none
     control_seeds: int = 3  # untrained adapters per run for the "random" control (seeds seed .. seed+n-1)
     max_rows: int = 0  # 0 = all rows; else a fixed random subset of this many rows
+    duplicates: str = "drop"  # images that are byte-identical copies under other ids: drop (keep one of each) or keep
     kernel_rows: int = 200  # rows shown in kernel heatmaps
     seed: int = 0  # seeds subsets, bootstrap and permutations
     out: str = "reports"  # folder for tables, figures and reports
@@ -183,6 +184,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("infonce", "vsepp"),
     "train.loss_direction": ("symmetric", "image_to_text"),
     "train.init": ("random", "procrustes", "cca"),
+    "analyze.duplicates": ("drop", "keep"),
 }
 
 

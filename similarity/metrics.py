@@ -447,6 +447,15 @@ METRICS: dict[str, Callable[..., float]] = {
 }
 
 
+SIGNED = ("unbiased_cka", "unbiased_rbf_cka", "cknna")  # unbiased-HSIC estimators: can be negative
+
+
+def value_range(name: str) -> tuple[float, float]:
+    """(lowest, highest) value metric ``name`` can take: (-1, 1) for the unbiased-HSIC
+    estimators in ``SIGNED``, (0, 1) for every other metric in ``METRICS``."""
+    return (-1.0, 1.0) if name in SIGNED else (0.0, 1.0)
+
+
 def get_metric(name: str) -> Callable[..., float]:
     """The metric registered as ``name``; MetricError (a ValueError) naming close matches otherwise."""
     try:

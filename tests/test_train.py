@@ -137,27 +137,27 @@ def hand_case():
 
 
 def test_recall_at_k_by_hand():
-    # Text-to-image rank of each caption = number of images scoring strictly higher than its own:
-    #   image 0's captions: 0 0 1 2 1 (caption 4 ties image 2 at 0: ties do not count against it)
-    #   image 1's captions: 0 1 2 0 0
-    #   image 2's captions: 0 2 2 1 1
-    #   -> R@1 = 6/15, R@2 = 11/15, R@3 = 1.
-    # Image-to-text: rank of each image's best own caption among all 15 captions:
-    #   image 0: best own score .8, caption 13 scores 1.0 -> rank 1
-    #   image 1: best own score 1.0 (caption 5; caption 4 ties) -> rank 0
-    #   image 2: best own score .8 (caption 10), caption 6 scores 1.0 -> rank 1
-    #   -> R@1 = 1/3, R@2 = 1.
+    # Ties count against the query. Text-to-image rank of each caption = number of OTHER images scoring >= its own:
+    #   image 0's captions: 0 0 1 2 2 (caption 4 scores 0 on its image and on image 2: the tie counts against it)
+    #   image 1's captions: 0 2 2 0 0 (caption 6 ties image 0 at 0)
+    #   image 2's captions: 0 2 2 2 1 (caption 13 ties image 1 at 0)
+    #   -> R@1 = 6/15, R@2 = 8/15, R@3 = 1.
+    # Image-to-text: number of OTHER images' captions scoring >= the image's best own caption:
+    #   image 0: best own .8; captions 7, 11, 14 tie at .8 and 13 scores 1.0 -> rank 4
+    #   image 1: best own 1.0 (caption 5); caption 4 ties -> rank 1
+    #   image 2: best own .8 (caption 10); caption 3 ties, caption 6 scores 1.0 -> rank 2
+    #   -> R@1 = 0, R@2 = 1/3, R@3 = 2/3.
     images, captions, t2i = hand_case()
     got = recall_at_k(images, captions, t2i, ks=(1, 2, 3))
-    expected = {"i2t_R@1": 1 / 3, "i2t_R@2": 1.0, "i2t_R@3": 1.0,
-                "t2i_R@1": 6 / 15, "t2i_R@2": 11 / 15, "t2i_R@3": 1.0}
+    expected = {"i2t_R@1": 0.0, "i2t_R@2": 1 / 3, "i2t_R@3": 2 / 3,
+                "t2i_R@1": 6 / 15, "t2i_R@2": 8 / 15, "t2i_R@3": 1.0}
     expected["mean_R"] = sum(expected.values()) / 6
     assert got.keys() == expected.keys()
     for k, v in expected.items():
         assert got[k] == pytest.approx(v), k
     default = recall_at_k(images, captions, t2i)
     assert list(default) == ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R"]
-    assert default["i2t_R@1"] == pytest.approx(1 / 3) and default["t2i_R@5"] == 1.0
+    assert default["i2t_R@1"] == 0.0 and default["i2t_R@5"] == 1.0 and default["t2i_R@5"] == 1.0
 
 
 def test_recall_blockwise_equals_unblocked():

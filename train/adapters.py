@@ -99,7 +99,8 @@ class AlignModel(nn.Module):
     """One adapter per modality plus the temperature.
 
     ``log_scale`` holds log(1/tau); it is a parameter only when the temperature is learnable
-    (then clamped to 1/tau <= ``MAX_LOGIT_SCALE`` after each step, as CLIP does).
+    (then clamped to 1/tau <= ``MAX_LOGIT_SCALE`` after each step, as CLIP does). A fixed
+    temperature is used as given: the clamp applies only to the learnable one.
     """
 
     def __init__(self, dims: Mapping[str, int], cfg: TrainConfig):
@@ -116,8 +117,9 @@ class AlignModel(nn.Module):
         return list(self.adapters)
 
     def logit_scale(self) -> torch.Tensor:
-        """Scalar tensor 1/tau (never above ``MAX_LOGIT_SCALE``)."""
-        return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """Scalar tensor 1/tau (a learnable one never above ``MAX_LOGIT_SCALE``)."""
+        scale = self.log_scale.exp()
+        return scale.clamp(max=MAX_LOGIT_SCALE) if isinstance(self.log_scale, nn.Parameter) else scale
 
     def temperature(self) -> float:
         """Current tau = 1 / logit scale."""

@@ -42,7 +42,7 @@ from pipeline.config import PipelineConfig
 from pipeline.join import join_pairs, join_rows
 from pipeline.runs import check_aligned, modality_entries, source_of
 from train.errors import TrainError
-from train.fraction import subset_train
+from train.fraction import ids_digest, subset_train
 from train.stream import (RunningMoments, StreamSplit, check_finite_rows, plan_stream, read_rows,
                           used_row_blocks)
 
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")  # train: fit; val: choose the epoch; test: final numbers
 STD_FLOOR = 1e-6  # feature std below this is treated as constant (divided by 1 instead)
+MIN_TRAIN_IMAGES = 2  # fewest distinct train images fit-adapters trains on (a positive needs a negative)
 
 
 def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
@@ -164,6 +165,7 @@ class TrainData:
     dims: dict[str, int]
     layers: dict[str, int | None] = field(default_factory=dict)
     train_pairs_total: int = 0  # train pairs before train.train_fraction was applied
+    train_images: dict = field(default_factory=dict)  # {"n", "sha256"} of the kept train image ids (ids_digest)
 
     @property
     def modalities(self) -> list[str]:
@@ -195,15 +197,24 @@ def _join(entries: Mapping[str, Entry]) -> tuple[np.ndarray, dict[tuple[str, str
     return pairs, retrieval
 
 
-def _stats(blocks: Mapping[str, Iterable[np.ndarray]], dims: Mapping[str, int], standardize: bool) -> Stats:
+def _stats(blocks: Mapping[str, Iterable[np.ndarray]], dims: Mapping[str, int], standardize: bool,
+           entries: Mapping[str, Entry]) -> Stats:
     """Per-modality statistics from blocks of train rows (``used_row_blocks``): exact float64
-    mean and population std; a std below ``STD_FLOOR`` becomes 1. Disabled: mean 0, std 1."""
+    mean and population std; a std below ``STD_FLOOR`` becomes 1. Disabled: mean 0, std 1.
+    A modality whose every column is constant over the train rows is an error (nothing to align:
+    e.g. identical captions, or captions made identical by the tokenizer's truncation)."""
     mean, std = {}, {}
     for m, d in dims.items():
         if standardize:
             acc = RunningMoments(d)
             for x in blocks[m]:
                 acc.add(x)
+            if acc.n and (acc.std < STD_FLOOR).all():
+                raise TrainError(
+                    f"Every train row of {entries[m].name!r} ({m}) has the same features ({acc.n} rows, std < "
+                    f"{STD_FLOOR:g} in every column): there is nothing to align. Check that its inputs differ "
+                    f"(identical captions, or captions cut to the same text by the tokenizer's length limit: "
+                    f"the extract log warns about those).")
             mu, sd = acc.mean, np.where(acc.std < STD_FLOOR, 1.0, acc.std)
         else:
             mu, sd = np.zeros(d), np.ones(d)
@@ -250,6 +261,13 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
     for s in splits:
         _check_dims(s, entries[s], dims, layers)
     train_pairs = joined["train"][0]
+    train_images = ids_digest(np.asarray(entries["train"][first].ids)[train_pairs[:, 0]])
+    if train_images["n"] < MIN_TRAIN_IMAGES:
+        kept = (f"train.train_fraction = {tc.train_fraction:g} keeps {train_images['n']} train image(s) "
+                f"({len(train_pairs)} of {total} pairs)" if tc.train_fraction != 1.0
+                else f"the train split has {train_images['n']} image(s)")
+        raise TrainError(f"{kept}; training (InfoNCE needs negatives) and the closed-form baselines need at least "
+                         f"{MIN_TRAIN_IMAGES} train images. Raise train.train_fraction or add train data.")
     if stream is None:
         stream = 0 < tc.max_rows_in_memory < len(train_pairs)
     if stream and tc.max_rows_in_memory <= 0:
@@ -267,7 +285,7 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
         read = (lambda lo, hi: read_rows(e, lo, hi)) if stream else (lambda lo, hi: raw["train"][m][lo:hi])
         return used_row_blocks(read, e.n, used[m], max(1, tc.stream_block))
 
-    stats = _stats({m: train_blocks(m) for m in names}, dims, tc.standardize)
+    stats = _stats({m: train_blocks(m) for m in names}, dims, tc.standardize, entries["train"])
     out = {}
     for s in splits:
         pairs, retrieval = joined[s]
@@ -285,4 +303,4 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
         out[s] = SplitData(s, list(names), feats, torch.as_tensor(pairs, dtype=torch.long, device=device),
                            ret, entries[s])
         raw[s] = None
-    return TrainData(out, stats, dims, layers, total)
+    return TrainData(out, stats, dims, layers, total, train_images)

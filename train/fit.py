@@ -38,7 +38,7 @@ from pipeline.progress import Progress
 from pipeline.runs import RunMetrics
 from pipeline.runtime import resolve_device, write_json
 from train import outputs
-from train.adapters import AlignModel, check_adapter
+from train.adapters import MAX_LOGIT_SCALE, AlignModel, check_adapter
 from train.api import describe_sources, save_adapters
 from train.baselines import FROM_MOMENTS
 from train.data import SPLITS, SplitData, Stats, TrainData, load_data, open_entry_for
@@ -97,6 +97,12 @@ def check_config(tc: TrainConfig) -> None:
     for key, ok, allowed in rules:
         if not ok:
             raise out_of_range(key, getattr(tc, key), allowed)
+    lowest = 1.0 / MAX_LOGIT_SCALE
+    if tc.learnable_temperature and not lowest <= tc.temperature <= 1.0:
+        raise ConfigValueError(f"train.temperature = {tc.temperature:g} with train.learnable_temperature = true: the "
+                               f"learnable temperature is kept in [{lowest:g}, 1] (CLIP's clamp of the logit scale), so "
+                               f"it cannot start there. Start it in [{lowest:g}, 1], or keep it fixed at "
+                               f"{tc.temperature:g} (--set train.learnable_temperature=false).")
     for check in (check_structure, check_layers, check_init):  # small-data options (their own modules)
         check(tc)
     resolve_device(tc.device)  # DeviceError for names torch does not know, or CUDA without CUDA
@@ -368,14 +374,23 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
 # ----------------------------------------------------------------------------- final metrics
 def baseline_metrics(data: TrainData, dim: int) -> dict[str, dict[str, float]]:
     """Test recall of each closed-form baseline, fitted on the train pairs of the first two
-    modalities (their moments accumulated over blocks, streamed when the train split is)."""
+    modalities (their moments accumulated over blocks, streamed when the train split is). A
+    baseline that maps a test row to zero (degenerate train pairs, e.g. a constant side when not
+    standardising) has no cosine ranking: it is left out, with a warning."""
     test = data.splits["test"]
     a, b, mom = train_moments(data)
     r = test.retrieval[(a, b)]
     out = {}
     for name, fit in FROM_MOMENTS.items():
         al = fit(mom, dim)
-        out[name] = retrieval_summary(al.a(test.features[a][r.rows_a]), al.b(test.features[b][r.rows_b]), r.b_to_a)
+        za, zb = al.a(test.features[a][r.rows_a]), al.b(test.features[b][r.rows_b])
+        zero = {m: int((z == 0).all(1).sum()) for m, z in ((a, za), (b, zb))}
+        if any(zero.values()):
+            log.warning("baseline %s left out of metrics.json: fitted on %d train pairs it maps %s test rows to "
+                        "zero, which have no cosine ranking", name, mom.n,
+                        " and ".join(f"{v} {m}" for m, v in zero.items() if v))
+            continue
+        out[name] = retrieval_summary(za, zb, r.b_to_a)
     return out
 
 
@@ -432,7 +447,8 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
             model = AlignModel(data.dims, tc).to(device)
             apply_init(model, data, tc)  # closed-form start (train.init), same on every rank
             sources = describe_sources(data.splits["train"].entries, data.stats, data.layers)
-            meta = {"run": name, "dataset": cfg.data.dataset, "layers": choice.to_json()}
+            meta = {"run": name, "dataset": cfg.data.dataset, "layers": choice.to_json(),
+                    "train_images": data.train_images}
             if dist.enabled:
                 meta["processes"] = dist.world_size
 

@@ -9,6 +9,11 @@ a permutation seeded by ``train.seed`` orders them and the first ``round(f * n)`
 so for one seed the 25% subset lies inside the 50% subset, which lies inside 100%. The
 permutation depends only on the ids and the seed (not on row order), and it comes from its own
 generator, so the subset does not shift the training generator's draws.
+
+fit-adapters (``subset_train``) and the evaluation of a run (``subset_pairs``: ``analyze
+zeroshot``, ``analyze matching``, whose baselines, ASIF anchors and local-CKA base are the run's
+train pairs) cut the split with the same ``pair_mask``; ``ids_digest`` of the kept image ids is
+recorded in adapters.json (``train_images``) and checked when a run is evaluated.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from pipeline.join import image_id
+from pipeline.integrity import strings_digest
+from pipeline.join import Pairs, image_id
 from train.errors import TrainError
 
 if TYPE_CHECKING:
@@ -75,3 +81,21 @@ def subset_train(first: "Entry", joined: tuple[np.ndarray, dict], fraction: floa
         return pairs, retrieval
     mask = pair_mask(np.asarray(first.ids)[pairs[:, 0]], fraction, seed)
     return subset_split(pairs, retrieval, mask)
+
+
+def subset_pairs(image: "Entry", pairs: Pairs, fraction: float, seed: int) -> Pairs:
+    """The train pairs (``pipeline.join.join_pairs`` of ``image`` and a caption entry) that a run
+    with ``train_fraction`` = fraction and ``seed`` trained on: ``subset_train``'s rule."""
+    if fraction == 1.0:
+        return pairs
+    mask = pair_mask(np.asarray(image.ids)[pairs.image_rows[pairs.text_to_image]], fraction, seed)
+    retrieval = {("image", "text"): (pairs.image_rows, pairs.text_rows, pairs.text_to_image)}
+    _, cut = subset_split(np.zeros((len(mask), 0)), retrieval, mask)
+    return Pairs(*(np.asarray(x, dtype=np.int64) for x in cut[("image", "text")]))
+
+
+def ids_digest(pair_ids) -> dict:
+    """{"n", "sha256"}: the distinct image ids of the train pairs (``pair_ids``, one per pair) and
+    the digest of their sorted list, recorded by fit-adapters to recognise the same train pairs."""
+    distinct = sorted({image_id(str(i)) for i in pair_ids})
+    return {"n": len(distinct), "sha256": strings_digest(distinct)}

@@ -49,8 +49,8 @@ from pipeline.config import CHOICES
 from pipeline.errors import close_matches, did_you_mean
 
 from . import coco, flickr30k, hf, imagefolder
-from .content import SIDE_FILE, content_digest, content_hashes
-from .loading import IMAGE_EXTENSIONS, Format, Source, ordered_splits, split_name
+from .content import SIDE_FILE, content_digest, content_hashes, duplicate_groups
+from .loading import IMAGE_EXTENSIONS, Format, Source, norm_split, ordered_splits, split_name
 from .split import (
     CAPTION_ID_SEPARATOR, CAPTION_POLICIES, COMMON_OPTIONS, HF_ROW_PREFIX, CaptionRow, DatasetError, ImageError, Item,
     Split, option_hint, pad_square, to_rgb,
@@ -59,7 +59,8 @@ from .split import (
 __all__ = [
     "CAPTION_ID_SEPARATOR", "CAPTION_POLICIES", "COMMON_OPTIONS", "DATASETS", "FORMATS", "HF_ROW_PREFIX",
     "IMAGE_EXTENSIONS", "SIDE_FILE", "CaptionRow", "DatasetError", "Format", "ImageError", "Item", "Split", "Source",
-    "available_splits", "config_options", "content_digest", "content_hashes", "load_split", "option_hint",
+    "available_splits", "config_options", "content_digest", "content_hashes", "duplicate_groups", "load_split",
+    "option_hint",
     "pad_square", "requested_splits", "to_rgb",
 ]
 

@@ -9,7 +9,9 @@ its size, mtime and ctime (nanoseconds) and inode: a rerun only ``stat``s the fi
 is written or replaced, and no copy tool can set it, so a file replaced under the same name (even by
 ``cp -p`` or ``rsync -a``, which keep mtime) is hashed again.
 
-:func:`content_digest` folds the per-item digests into the one value a cache key holds.
+:func:`content_digest` folds the per-item digests into the one value a cache key holds;
+:func:`duplicate_groups` finds images that are byte-identical copies under different ids
+(``extract`` warns about them, ``analyze.duplicates`` drops or keeps them).
 """
 from __future__ import annotations
 
@@ -144,3 +146,12 @@ def content_digest(ids: Sequence[str], digests: Sequence[str]) -> str:
     for i, d in zip(ids, digests):
         h.update(f"{i}\t{d}\n".encode("utf-8"))
     return h.hexdigest()
+
+
+def duplicate_groups(ids: Sequence[str], digests: Sequence[str]) -> list[list[str]]:
+    """Groups (each sorted, two or more ids; groups ordered by their first id) of the ids whose
+    images have the same content digest: byte-identical copies under different ids."""
+    by_digest: dict[str, list[str]] = {}
+    for i, d in zip(ids, digests):
+        by_digest.setdefault(d, []).append(str(i))
+    return sorted((sorted(g) for g in by_digest.values() if len(g) > 1), key=lambda g: g[0])
