@@ -116,3 +116,10 @@ def test_the_checks_catch_what_they_should(tmp_path):
     src = tmp_path / "mod.py"
     src.write_text("def f():\n    from analyze import compare\n    import train.fit\nfrom . import api\n")
     assert {"analyze.compare", "train.fit", "train.api"} <= _imports("train.x", src)
+
+
+def test_no_module_over_500_lines():
+    """Files are split by the thing a newcomer looks for before they grow past 500 lines."""
+    long = {str(p.relative_to(ROOT)): n for p in MODULES.values()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
+    assert not long, f"split these modules by topic: {long}"

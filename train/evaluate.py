@@ -15,6 +15,8 @@ from similarity.metrics import cka
 from train.adapters import AlignModel
 from train.data import SplitData, TrainData, read_features
 from train.errors import TrainError
+from train.baselines import FROM_MOMENTS
+from train.init import train_moments
 from train.retrieval import retrieval_summary
 
 log = logging.getLogger(__name__)
@@ -96,3 +98,37 @@ def load_reference(cfg: PipelineConfig, data: TrainData, required: bool) -> Refe
     mod_rows = {m: torch.as_tensor(r, device=dev) for m, r in zip(mods, rows)}
     raw = {m: linear_cka(val.features[m][r], ref_x) for m, r in mod_rows.items()}
     return Reference(name, ref_x, mod_rows, raw)
+
+
+# ----------------------------------------------------------------------------- final metrics
+def baseline_metrics(data: TrainData, dim: int) -> dict[str, dict[str, float]]:
+    """Test recall of each closed-form baseline, fitted on the train pairs of the first two
+    modalities (their moments accumulated over blocks, streamed when the train split is). A
+    baseline that maps a test row to zero (degenerate train pairs, e.g. a constant side when not
+    standardising) has no cosine ranking: it is left out, with a warning."""
+    test = data.splits["test"]
+    a, b, mom = train_moments(data)
+    r = test.retrieval[(a, b)]
+    out = {}
+    for name, fit in FROM_MOMENTS.items():
+        al = fit(mom, dim)
+        za, zb = al.a(test.features[a][r.rows_a]), al.b(test.features[b][r.rows_b])
+        zero = {m: int((z == 0).all(1).sum()) for m, z in ((a, za), (b, zb))}
+        if any(zero.values()):
+            log.warning("baseline %s left out of metrics.json: fitted on %d train pairs it maps %s test rows to "
+                        "zero, which have no cosine ranking", name, mom.n,
+                        " and ".join(f"{v} {m}" for m, v in zero.items() if v))
+            continue
+        out[name] = retrieval_summary(za, zb, r.b_to_a)
+    return out
+
+
+def split_sizes(data: TrainData) -> dict:
+    """Rows per split and modality (metrics.json's ``sizes``)."""
+    out = {}
+    for s, sd in data.splits.items():
+        (a, b), r = next(iter(sd.retrieval.items()))
+        out[s] = {"pairs": sd.n_pairs, a: int(r.rows_a.shape[0]), b: int(r.rows_b.shape[0])}
+    if "train" in out and data.train_pairs_total:
+        out["train"]["pairs_before_fraction"] = data.train_pairs_total
+    return out

@@ -40,18 +40,16 @@ from pipeline.runtime import resolve_device, write_json
 from train import outputs
 from train.adapters import MAX_LOGIT_SCALE, AlignModel, check_adapter
 from train.api import describe_sources, save_adapters
-from train.baselines import FROM_MOMENTS
 from train.data import SPLITS, SplitData, Stats, TrainData, load_data, open_entry_for
 from train.distributed import Dist, gather_with_grad, setup
 from train.errors import ConfigValueError, TrainError, TrainingDiverged, out_of_range
-from train.evaluate import Reference, check_finite, load_reference, retrieval_metrics
+from train.evaluate import Reference, baseline_metrics, check_finite, load_reference, retrieval_metrics, split_sizes
 from train.losses import DIRECTIONS, LOSSES, loss_label, multi_info_nce, pair_loss
 from train.optim import SCHEDULES, lr_schedule, make_optimizer
-from train.retrieval import retrieval_summary
 from train.stream import StreamSplit
 from train.tracking import Tracker, check_track_metrics, make_tracker
 from train.wandb_log import check_settings, open_logger
-from train.init import apply_init, check_init, train_moments
+from train.init import apply_init, check_init
 from train.layers import check_layers, choose_layers
 from train.structure import StructureTerm, check_structure
 
@@ -371,39 +369,6 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
     return history, best
 
 
-# ----------------------------------------------------------------------------- final metrics
-def baseline_metrics(data: TrainData, dim: int) -> dict[str, dict[str, float]]:
-    """Test recall of each closed-form baseline, fitted on the train pairs of the first two
-    modalities (their moments accumulated over blocks, streamed when the train split is). A
-    baseline that maps a test row to zero (degenerate train pairs, e.g. a constant side when not
-    standardising) has no cosine ranking: it is left out, with a warning."""
-    test = data.splits["test"]
-    a, b, mom = train_moments(data)
-    r = test.retrieval[(a, b)]
-    out = {}
-    for name, fit in FROM_MOMENTS.items():
-        al = fit(mom, dim)
-        za, zb = al.a(test.features[a][r.rows_a]), al.b(test.features[b][r.rows_b])
-        zero = {m: int((z == 0).all(1).sum()) for m, z in ((a, za), (b, zb))}
-        if any(zero.values()):
-            log.warning("baseline %s left out of metrics.json: fitted on %d train pairs it maps %s test rows to "
-                        "zero, which have no cosine ranking", name, mom.n,
-                        " and ".join(f"{v} {m}" for m, v in zero.items() if v))
-            continue
-        out[name] = retrieval_summary(za, zb, r.b_to_a)
-    return out
-
-
-def _sizes(data: TrainData) -> dict:
-    out = {}
-    for s, sd in data.splits.items():
-        (a, b), r = next(iter(sd.retrieval.items()))
-        out[s] = {"pairs": sd.n_pairs, a: int(r.rows_a.shape[0]), b: int(r.rows_b.shape[0])}
-    if "train" in out and data.train_pairs_total:
-        out["train"]["pairs_before_fraction"] = data.train_pairs_total
-    return out
-
-
 def fit_adapters(cfg: PipelineConfig, *, require_reference: bool | None = None,
                  progress: bool | None = None) -> RunResult:
     """Train, select, evaluate and write a run; see the module docstring.
@@ -491,7 +456,7 @@ def _finish(cfg, data, reference, model, history, best, meta, io: _RunIO, device
                 else None)
     metrics = RunMetrics(
         run=meta["run"], dataset=meta["dataset"], processes=meta.get("processes", 1), run_dir=str(io.final),
-        best_epoch=best.epoch, epochs_run=len(history), test=test, val_best=best.val, sizes=_sizes(data),
+        best_epoch=best.epoch, epochs_run=len(history), test=test, val_best=best.val, sizes=split_sizes(data),
         device=str(device), streamed=data.streaming, temperature=model.temperature(), train_time_s=train_time,
         adapter_sha256=sha, train_fraction=tc.train_fraction,
         reference=None if reference is None else
