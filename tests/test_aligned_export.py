@@ -29,13 +29,26 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a red dog", "two friends near the old river", "a boat"]
 
 
-def _weights(root: Path) -> tuple[Path, Path]:
+def _mobilenet(seed: int):
+    """A random MobileNetV2 whose batch-norm statistics were set on random images: a freshly
+    initialised one gives features of about 1e-10 in eval mode (nothing to align)."""
     import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.mobilenet_v2()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: the statistics of this one batch
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 32, 32))
+    return model.eval()
+
+
+def _weights(root: Path) -> tuple[Path, Path]:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(1)
-    torch.save(torchvision.models.mobilenet_v2().state_dict(), root / "cnn.pth")
+    torch.save(_mobilenet(1).state_dict(), root / "cnn.pth")
     text = root / "text"
     load_encoder("tiny-gpt2").model.save_pretrained(text)
     words = ["<pad>", "<unk>", "<eos>", *sorted({w.lower() for w in (*WORDS, *SUBJECTS, *COLORS, "an", "a")})]
@@ -127,10 +140,7 @@ def test_edited_or_missing_files_and_other_weights_are_refused(trained, tmp_path
     plain = export(run, tmp_path / "plain", cache=cache)
     saved = (weights / "cnn.pth").read_bytes()
     try:
-        import torchvision
-
-        torch.manual_seed(2)
-        torch.save(torchvision.models.mobilenet_v2().state_dict(), weights / "cnn.pth")
+        torch.save(_mobilenet(2).state_dict(), weights / "cnn.pth")
         with pytest.raises(AlignedError, match="not the ones this model was exported with"):
             AlignedModel.from_pretrained(plain, device="cpu")
     finally:
