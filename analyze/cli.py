@@ -158,7 +158,7 @@ def layers(pair, **kw):
         click.echo(f"{m}: best layer pair ({b['layer_a']}, {b['layer_b']}) = {b['score']:.3f}; "
                    f"last layer pair ({last['layer_a']}, {last['layer_b']}) = {last['score']:.3f}{cal}")
     click.echo(next(iter(res["metrics"].values()))["note"])
-    click.echo(f"wrote {res['path']}")
+    click.echo(f"wrote {res['out']}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -176,7 +176,7 @@ def pairs(**kw):
         click.echo(f"{r['rank']:<5}{r['image']:<22}{r['text']:<22}" + "".join(f"{r[m]:>14.3f}" for m in metrics)
                    + (f"{best:>13.3f}" if best is not None else f"{'-':>13}"))
     click.echo(res["spearman_note"] + (f": rho = {res['spearman_rho']:.3f}" if res["spearman_rho"] is not None else ""))
-    click.echo(f"wrote {res['path']}")
+    click.echo(f"wrote {res['out']}")
 
 
 @main.command(context_settings=CONTEXT)

@@ -117,7 +117,7 @@ def section_benchmark(doc, cfg: PipelineConfig, run: str) -> None:
     folder = output_dir(cfg, "runs", run)
     rows, notes = [], []
     for path in sorted(folder.glob(BENCHMARK_FILES)):
-        res, why = _saved(cfg, run, path.name)
+        res, why = saved_output(cfg, run, path.name)
         if res is None:
             notes.append(f"{path.name}: {why}")
             continue

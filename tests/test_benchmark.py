@@ -226,7 +226,7 @@ def test_benchmark_of_the_own_split_equals_metrics_json_and_analyze_zeroshot(tin
     assert (m["acc1"], m["mean_per_class_recall"]) == (direct["top1"], direct["balanced"])
     assert zs["templates"] and zs["classes"] == list(CLASSES)
     # the report shows the figures beside the project's
-    md = build_report(cfg, "b").read_text()
+    md = build_report(cfg, "b").md.read_text()
     assert "CLIP_benchmark" in md and "image_retrieval_recall@1" in md
 
 

@@ -117,7 +117,7 @@ def test_the_gallery_refuses_data_edited_after_extraction(trained):
         meta.write_text(original.replace("red square 1 of the test split", "an edited caption"))
         with pytest.raises(StaleCacheError, match="changed since entry .* was extracted .*captions"):
             build_gallery(cfg)
-        report = build_report(cfg).read_text()
+        report = build_report(cfg).md.read_text()
         gallery = report.split("## Retrieval gallery")[1].split("\n## ")[0]
         assert "Not available" in gallery and "an edited caption" not in report
     finally:
@@ -186,7 +186,7 @@ def test_the_report_reads_a_stored_null_accuracy(trained, monkeypatch):
     _, cfg, _ = trained
     saved = {"matching": {"raw": {"n": 12, "seeds": 12, "accuracy": None, "chance": None, "seconds": 0.1}},
              "kernel": "linear", "split": "test", "base_rows": 18, "anchors": 18}
-    monkeypatch.setattr("analyze.evalreport._saved", lambda *a: (saved, ""))
+    monkeypatch.setattr("analyze.evalreport.saved_output", lambda *a: (saved, ""))
     doc = Document("r", cfg.analyze.out)
     section_matching(doc, cfg, "t")
     text = " ".join(str(b) for b in doc.blocks)

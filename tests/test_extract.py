@@ -207,7 +207,7 @@ def test_bad_extract_values_are_refused_before_any_work(flickr, tmp_path, option
 
 @pytest.mark.parametrize("weights", ["missing", "not-a-checkpoint"])
 def test_a_failed_model_load_leaves_no_staging_so_the_fix_is_not_refused(flickr, tmp_path, weights):
-    """Issue 19 finding 12: staging is created once the encoders have loaded; the documented fix
+    """Staging is created once the encoders have loaded; the documented fix
     (another ``NAME.weights``) then runs instead of being refused as "made for a different request"."""
     bad = tmp_path / "gpt2"
     if weights == "not-a-checkpoint":

@@ -1,4 +1,4 @@
-"""User text is inert wherever the pipeline writes it (issue 19, findings 3 and 14): generated
+"""User text is inert wherever the pipeline writes it: generated
 Markdown (report.md, study.md, the gallery) escapes Markdown-significant HTML
 (``analyze.markdown``), and figures draw labels, titles, ticks and legends literally, never as
 mathtext (``pipeline.plotting.literal_text``). Here on a tiny dataset whose class folders,
@@ -101,7 +101,7 @@ def test_study_md_escapes_axis_values_run_names_and_errors(tmp_path):
     assert_inert((tmp_path / "study.md").read_text())
 
 
-# ----------------------------------------------------------------------------- figures (finding 14)
+# ----------------------------------------------------------------------------- figures
 def _figure_functions() -> list[tuple[str, str]]:
     """(module file, function) of every project function that creates a matplotlib figure."""
     found = []

@@ -1,4 +1,4 @@
-"""Inputs that used to end in a raw traceback are one-line errors (issue 19, finding 17; the
+"""Inputs that would otherwise end in a raw traceback are one-line errors (the
 over-long names and unwritable folders are in ``tests/test_safe_names.py``): a non-finite
 ``--seeds``, a template with a lone brace, and ``NAME.weights`` pointing at a file that is not a
 checkpoint of that model."""

@@ -1,5 +1,5 @@
-"""Names taken from data or configuration never become a path outside their folder (issue 19,
-findings 1 and 17): split names in a root metadata.jsonl or a Karpathy JSON, and every other name
+"""Names taken from data or configuration never become a path outside their folder: split names in
+a root metadata.jsonl or a Karpathy JSON, and every other name
 that becomes a file or folder (dataset, entry, run, study, analysis split) passes
 ``pipeline.names.safe_name``; names too long for a file name are one-line errors before any work;
 a cache or output folder that cannot be written is one line naming it."""
