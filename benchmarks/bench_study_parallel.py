@@ -12,9 +12,11 @@ heartbeat thread started and stopped, release), one heartbeat (``utime``), a loo
 cell's result file (what a worker does before each claim) and a cells.csv rewrite under the
 lock (after each cell), against the mean time of a cell of the serial run.
 
-    python benchmarks/bench_study_parallel.py [--config configs/study-demo.toml] [--quick]
+    python benchmarks/bench_study_parallel.py [--config configs/study-demo.toml] [--set KEY=VALUE ...] [--quick]
 
-``--quick``: a generated study of 2 trainings x 2 analyses on tiny random encoders (seconds).
+``--set``: config overrides, e.g. a smaller grid ``--set 'study.axes.train.seed=[0]'``. ``--quick``: a
+generated study of 2 trainings x 2 analyses on tiny random encoders (seconds). The load average
+before and after is printed: on a machine shared with other jobs the ratio says little.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def quick_config(root: Path):
                                            "analyze.metrics": ["cka", "mutual_knn"], "train.track_metrics": ["cka"]})
 
 
-def demo_config(path: str, root: Path):
-    cfg = load_config(path)
+def demo_config(path: str, overrides: list[str], root: Path):
+    cfg = load_config(path, overrides)
     cache = Path(cfg.data.cache)
     if not cache.is_dir():
         sys.exit(f"{cache} is missing: run `make demo` first (the study reads its cached features).")
@@ -96,11 +98,14 @@ def claim_costs(cfg, folder: Path, n: int) -> dict[str, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "study-demo.toml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override (repeatable), e.g. --set 'study.axes.train.seed=[0]'")
     ap.add_argument("--quick", action="store_true", help="a tiny generated study (seconds)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = quick_config(root) if args.quick else demo_config(args.config, root)
+        base = quick_config(root) if args.quick else demo_config(args.config, args.overrides, root)
+        load = os.getloadavg()[0]
         base = with_values(base, {"analyze.out": str(root / "out")})
         results = {}
         for jobs in (1, 2):
@@ -116,8 +121,8 @@ def main(argv=None) -> int:
         (c1, r1, w1, s1), (_, r2, w2, _) = results[1], results[2]
         same = (table(r1.folder / "cells.csv") == table(r2.folder / "cells.csv")
                 and table(r1.folder / "summary.csv") == table(r2.folder / "summary.csv"))
-        print(f"speed-up of --jobs 2 over serial: {w1 / w2:.2f}x ({os.cpu_count()} CPU cores, "
-              f"load average {os.getloadavg()[0]:.1f}); cells.csv and summary.csv equal: {same}")
+        print(f"speed-up of --jobs 2 over serial: {w1 / w2:.2f}x ({os.cpu_count()} CPU cores, load average "
+              f"{load:.1f} before, {os.getloadavg()[0]:.1f} after); cells.csv and summary.csv equal: {same}")
         costs = claim_costs(c1, r1.folder, 20 if args.quick else 200)
         per_cell = s1 / len(r1.cells)
         overhead = costs["claim"] + costs["look"] + costs["table"]  # a unit per cell at worst; heartbeats aside

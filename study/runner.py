@@ -150,11 +150,11 @@ def run_study(cfg: PipelineConfig, progress: bool | None = None, dry_run: bool =
     t0 = time.perf_counter()
     cells, axes, repeat = _grid(cfg)  # every check before any work
     folder = study_dir(cfg)
-    if dry_run:
-        status = {c.cell_id: "done" if is_finished(read_result(cell_path(folder, c)), c) else
-                  "failed" if (read_result(cell_path(folder, c)) or {}).get("status") == "failed" else "pending"
-                  for c in cells}
-        return StudyResult(folder, cells, status)
+    if dry_run:  # the configuration hashes only: no extraction, so no data signatures
+        docs = {c.cell_id: read_result(cell_path(folder, c)) for c in cells}
+        return StudyResult(folder, cells, {c.cell_id: "done" if is_finished(docs[c.cell_id], c) else "failed" if
+                                           (docs[c.cell_id] or {}).get("status") == "failed" else "pending"
+                                           for c in cells})
     _refuse_other_running(folder, cells, cfg.study.claim_timeout)
     plan = Plan(cfg, folder, new_launch())
     launch = {"id": plan.launch, "started": utc_now(), "launcher": cfg.study.launcher, "host": HOST, "pid": os.getpid()}

@@ -29,7 +29,7 @@ from study.runner import run_study, status_of, summarize_study
 from study.slurm import submit
 from study.workers import ENTRIES_FILE, Plan, work
 from tests.fixtures import make_flickr30k
-from tests.test_study import BASE, Spy
+from tests.test_study import BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 AXES = {"train.seed": [0, 1], "analyze.k": [2, 3]}  # 4 cells, 2 trainings (k is an analysis setting)
@@ -339,3 +339,22 @@ def test_slurm_refusals_are_one_line(world, tmp_path, monkeypatch):
     error = [line for line in res.output.splitlines() if line.startswith("Error:")]
     assert len(error) == 1 and "SLURM refused the submission: sbatch: error: invalid partition specified: nogpu" in \
         error[0] and "partition = 'nogpu'" in error[0]
+
+
+def test_workers_share_the_cores_and_take_the_gpus_round_robin(monkeypatch):
+    import study.workers as W
+
+    cfg = with_values(load_config(None), {"train.device": "cpu"})
+    monkeypatch.setattr(W, "cpu_count", lambda: 16)
+    assert W.placements(cfg, 4) == [({"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}, 4)] * 4
+    assert W.placements(cfg, 32)[0][1] == 1  # at least one thread
+    monkeypatch.setattr(W.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(W.torch.cuda, "device_count", lambda: 2)
+    auto = with_values(cfg, {"train.device": "auto"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in W.placements(auto, 3)] == ["3", "5", "3"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in W.placements(auto, 2)] == ["0", "1"]
+    assert "CUDA_VISIBLE_DEVICES" not in W.placements(cfg, 2)[0][0]  # train.device = cpu: no GPU
+    with pytest.raises(StudyError, match="every worker would train on the same GPU"):
+        W.placements(with_values(cfg, {"train.device": "cuda:1"}), 2)
