@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -69,6 +70,12 @@ def demo_config(path: str, overrides: list[str], root: Path):
     return with_values(cfg, {"data.cache": str(copy)})
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its ended children (the spawned workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def timed(n: int, fn) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -110,14 +117,15 @@ def main(argv=None) -> int:
         results = {}
         for jobs in (1, 2):
             cfg = with_values(base, {"study.name": f"bench-jobs{jobs}", "study.jobs": jobs})
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             result = run_study(cfg, progress=False)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
             cells = sum(d.get("seconds", 0.0) for d in (Board(cfg, result.folder, {}).doc(c) or {}
                                                          for c in result.cells))
             results[jobs] = (cfg, result, wall, cells)
             print(f"study.jobs = {jobs}: {len(result.cells)} cells ({result.trained} trainings, {result.failed} failed) "
-                  f"in {wall:.1f} s wall; the cells' own times sum to {cells:.1f} s")
+                  f"in {wall:.1f} s wall, {cpu:.1f} s CPU (this process and its workers); the cells' own times sum "
+                  f"to {cells:.1f} s")
         (c1, r1, w1, s1), (_, r2, w2, _) = results[1], results[2]
         same = (table(r1.folder / "cells.csv") == table(r2.folder / "cells.csv")
                 and table(r1.folder / "summary.csv") == table(r2.folder / "summary.csv"))
