@@ -34,7 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from pipeline.config import load_config, with_values  # noqa: E402
+from pipeline.runtime import cpu_count  # noqa: E402
 from study.claims import try_claim  # noqa: E402
 from study.runner import run_study  # noqa: E402
 from study.workers import Board, read_signatures  # noqa: E402
@@ -45,6 +48,23 @@ VARYING = "run.train_time_s"  # columns (and their summaries) that differ betwee
 def table(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return [{k: v for k, v in r.items() if k != "run" and not k.startswith(VARYING)} for r in csv.DictReader(fh)]
+
+
+def largest_differences(a: list[dict], b: list[dict], k: int = 3) -> str:
+    """The ``k`` columns whose values differ most between two tables of the same rows."""
+    diffs: dict[str, float] = {}
+    for ra, rb in zip(a, b):
+        for col, va in ra.items():
+            vb = rb.get(col)
+            if va == vb:
+                continue
+            try:
+                d = abs(float(va) - float(vb))
+            except (TypeError, ValueError):
+                d = float("inf")
+            diffs[col] = max(diffs.get(col, 0.0), d)
+    top = sorted(diffs.items(), key=lambda kv: -kv[1])[:k]
+    return f"{len(diffs)} columns differ; largest: " + ", ".join(f"{c} {d:.2g}" for c, d in top) if diffs else "none"
 
 
 def quick_config(root: Path):
@@ -127,10 +147,13 @@ def main(argv=None) -> int:
                   f"in {wall:.1f} s wall, {cpu:.1f} s CPU (this process and its workers); the cells' own times sum "
                   f"to {cells:.1f} s")
         (c1, r1, w1, s1), (_, r2, w2, _) = results[1], results[2]
-        same = (table(r1.folder / "cells.csv") == table(r2.folder / "cells.csv")
-                and table(r1.folder / "summary.csv") == table(r2.folder / "summary.csv"))
+        t1, t2 = table(r1.folder / "cells.csv"), table(r2.folder / "cells.csv")
+        same = t1 == t2 and table(r1.folder / "summary.csv") == table(r2.folder / "summary.csv")
         print(f"speed-up of --jobs 2 over serial: {w1 / w2:.2f}x ({os.cpu_count()} CPU cores, load average "
               f"{load:.1f} before, {os.getloadavg()[0]:.1f} after); cells.csv and summary.csv equal: {same}")
+        if not same:  # e.g. other torch thread counts (serial: all cores; workers: cores / jobs) round differently
+            print(f"cells.csv differences: {largest_differences(t1, t2)} (torch threads per cell: serial "
+                  f"{torch.get_num_threads()}, workers {max(1, cpu_count() // 2)})")
         costs = claim_costs(c1, r1.folder, 20 if args.quick else 200)
         per_cell = s1 / len(r1.cells)
         overhead = costs["claim"] + costs["look"] + costs["table"]  # a unit per cell at worst; heartbeats aside

@@ -184,9 +184,13 @@ def work(plan: Plan, worker: int = 0, memo: Memo | None = None) -> int:
 
 # ----------------------------------------------------------------------------- workers on this machine
 def placements(config: PipelineConfig, n: int) -> list[tuple[dict[str, str], int]]:
-    """(environment, torch threads) of each of ``n`` local workers: ``cores // n`` threads each
-    and, when training runs on CUDA, GPU ``i mod count`` of ``CUDA_VISIBLE_DEVICES``."""
+    """(environment, torch threads) of each of ``n`` local workers: ``cores // n`` threads each (at
+    most ``OMP_NUM_THREADS`` when it is set) and, when training runs on CUDA, GPU ``i mod count``
+    of ``CUDA_VISIBLE_DEVICES``."""
     threads = max(1, cpu_count() // n)
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if cap.isdigit() and int(cap) >= 1:
+        threads = min(threads, int(cap))
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     device = config.train.device
     if device.startswith("cuda:") and n > 1:

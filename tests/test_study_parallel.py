@@ -346,7 +346,11 @@ def test_workers_share_the_cores_and_take_the_gpus_round_robin(monkeypatch):
 
     cfg = with_values(load_config(None), {"train.device": "cpu"})
     monkeypatch.setattr(W, "cpu_count", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert W.placements(cfg, 4) == [({"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}, 4)] * 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a cap the user set
+    assert W.placements(cfg, 4)[0][1] == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
     assert W.placements(cfg, 32)[0][1] == 1  # at least one thread
     monkeypatch.setattr(W.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(W.torch.cuda, "device_count", lambda: 2)
