@@ -176,6 +176,11 @@ NAMES_RUNS_NUMBERS = [
     # 12
     ("a failed model load (NAME.weights) blocking the corrected request", "staging made once the model loaded",
      ["test_extract.py::test_a_failed_model_load_leaves_no_staging_so_the_fix_is_not_refused"]),
+    # 13
+    ("study axis values refused only when their cell ran; a study of failed cells exited 0",
+     "every cell's config checked before the first cell; exit 1 when cells failed",
+     ["test_study.py::test_every_cell_is_checked_before_the_first_cell_runs",
+      "test_study.py::test_a_study_with_failed_cells_exits_non_zero_with_its_summary_written"]),
     # 14
     ("`$\\undefinedmacro$`, `cat $5 and $` in labels and names as mathtext",
      "drawn literally by every figure writer",

@@ -81,9 +81,10 @@ def _one_of(name: str, value: str, choices: Sequence[str]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}.{did_you_mean(value, choices)}")
 
 
-def _check(cfg: PipelineConfig) -> None:
+def check_request(cfg: PipelineConfig) -> list[EncoderSpec]:
     """Every ``[extract]`` value (and the ``[data]`` values extraction reads) checked before any
-    work starts, so a refused request leaves nothing behind (no staging folder, no manifest)."""
+    work starts, so a refused request leaves nothing behind (no staging folder, no manifest);
+    returns the encoders' specs (``resolve_specs``). Reads no data."""
     x = cfg.extract
     if not x.encoders:
         raise ConfigError("No encoders asked for: pass --encoder NAME[,NAME...].")
@@ -101,6 +102,7 @@ def _check(cfg: PipelineConfig) -> None:
     autocast(resolve_device(x.device), x.precision)  # refuses unknown devices and fp16 on CPU; not entered
     for name in x.encoders:
         entry_filename(name, "cache entry name of --encoder (for a local model: a shorter path, e.g. a symlink)")
+    return resolve_specs(cfg)
 
 
 def resolve_specs(cfg: PipelineConfig) -> list[EncoderSpec]:
@@ -199,9 +201,8 @@ def extract(cfg: PipelineConfig, force: bool = False, shard: Shard | None = None
     ``merge``), so a shard may return fewer entries than requested. Under torchrun
     (WORLD_SIZE > 1) the shard is the rank and every rank returns every finished entry.
     """
-    _check(cfg)
+    specs = check_request(cfg)
     effective_decoder(cfg.extract.decode, resolve_device(cfg.extract.device))  # decode=gpu without CUDA: refused
-    specs = resolve_specs(cfg)
     if force and shard is not None and shard.count > 1:
         raise ShardError(f"--force with --shard {shard} would let each shard discard the chunks of the others. "
                          "Delete the stale entries (the error without --force names them) before starting "
@@ -227,8 +228,7 @@ def merge(cfg: PipelineConfig) -> list[Entry]:
     per entry, the missing chunks (and rows) and the shard(s) that must be rerun; the complete
     entries are assembled first either way.
     """
-    _check(cfg)
-    specs = resolve_specs(cfg)
+    specs = check_request(cfg)
     decoder = effective_decoder(cfg.extract.decode, resolve_device(cfg.extract.device), computing=False)
     entries, problems = [], []
     for split_name in splits_of(cfg):

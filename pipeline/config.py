@@ -11,6 +11,7 @@ Unknown keys and values of the wrong type are errors that name the key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tomllib
@@ -129,6 +130,19 @@ class AnalyzeConfig:
     out: str = "reports"  # folder for tables, figures and reports
 
 
+# [study.slurm]: the settings of `study --launcher slurm` (submitit's names; study.slurm checks them).
+SLURM_DEFAULTS = {
+    "partition": "",  # SLURM partition; "" = the cluster's default
+    "timeout_min": 240,  # time limit of each task, minutes (a task runs cells until none are left)
+    "gpus_per_task": 1,  # GPUs of each task (0 = CPU only)
+    "cpus_per_task": 8,  # CPU cores of each task (torch threads)
+    "mem_gb": 32.0,  # memory of each task, GB
+    "array_size": 8,  # tasks of the training array (at most one per training; extra tasks are not submitted)
+    "setup": [],  # shell lines run before each task, e.g. ["module load cuda", "source .venv/bin/activate"]
+    "additional": {},  # more sbatch flags without the dashes, e.g. {"account" = "lab", "qos" = "high"}
+}
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     name: str = "study"  # study name: outputs go to <analyze.out>/<dataset>/<analyze.split>/studies/<name>/
@@ -136,6 +150,10 @@ class StudyConfig:
     axes: dict = field(default_factory=dict)  # dotted config key -> list of values; the grid is their product
     variants: dict = field(default_factory=dict)  # name -> {dotted key: value}: named recipes, a leading axis "variant"
     evaluations: tuple[str, ...] = ("platonic",)  # what each cell measures after training: platonic, zeroshot
+    jobs: int = 1  # cells run at once on this machine (worker processes; on CUDA worker i takes GPU i mod count)
+    launcher: str = "local"  # local (this machine, study.jobs workers) | slurm (a job array through submitit)
+    claim_timeout: float = 300.0  # seconds without a heartbeat after which another worker takes a claimed cell over
+    slurm: dict = field(default_factory=lambda: copy.deepcopy(SLURM_DEFAULTS))  # launcher = "slurm": SLURM_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -185,6 +203,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss_direction": ("symmetric", "image_to_text"),
     "train.init": ("random", "procrustes", "cca"),
     "analyze.duplicates": ("drop", "keep"),
+    "study.launcher": ("local", "slurm"),
 }
 
 

@@ -18,7 +18,8 @@ A cell runs only what it needs:
 Its result is one JSON file, ``<study>/cells/<cell_id>.json``, written atomically when the cell
 ends (done or failed): ``cell_id``, ``index``, ``values``, ``config_hash``, ``run``, ``status``,
 ``error`` (and ``traceback`` for an unexpected error), ``trained`` (False when the run was
-reused), ``data`` (the data signature), ``seconds``, ``finished`` and ``row`` (the cells.csv row).
+reused), ``data`` (the data signature), ``by`` (the launch, host, pid and worker that ran it),
+``seconds``, ``finished`` and ``row`` (the cells.csv row).
 A cell whose file has status "done", the current ``config_hash`` and the current data signature
 is finished; anything else (no file, failed, another hash, re-extracted data) runs again.
 """
@@ -57,10 +58,14 @@ FORMAT = 1  # version of the cell result file
 
 @dataclass
 class Memo:
-    """What a study computes once and shares between cells: the data signature of each extraction
-    request ({request: signature}) and the pre-training pair scores ({key: columns})."""
+    """What a process of a study computes once and shares between cells: the data signature of
+    each extraction request ({request: signature}; a worker starts from the signatures the launch
+    computed, ``study.workers``), the error of a request that could not be extracted ({request:
+    exception}: raised again for every cell that needs it) and the pre-training pair scores
+    ({key: columns})."""
 
     signatures: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
     pair_scores: dict = field(default_factory=dict)
 
 
@@ -96,15 +101,28 @@ def encoders_of(cfg: PipelineConfig) -> list[str]:
     return [n for n in dict.fromkeys(names) if n and not is_aligned(n)]
 
 
-def ensure_entries(cfg: PipelineConfig, memo: Memo) -> str:
-    """Extract, or verify, the cell's encoder entries (module docstring); returns the cell's data
-    signature: a digest of the keys of every entry it reads. Once per extraction request."""
+def extraction_config(cfg: PipelineConfig) -> tuple[PipelineConfig, str]:
+    """The cell's extraction: ``cfg`` asking for just the encoders it reads (:func:`encoders_of`),
+    and the request's identity (canonical JSON of its data and extract sections)."""
     names = encoders_of(cfg)
     options = {k: v for k, v in cfg.extract.encoder_options.items() if k in names}
     sub = with_values(cfg, {"extract.encoders": names, "extract.encoder_options": options})
-    request = canonical_json({s: sub.to_dict()[s] for s in ("data", "extract")})
+    return sub, canonical_json({s: sub.to_dict()[s] for s in ("data", "extract")})
+
+
+def ensure_entries(cfg: PipelineConfig, memo: Memo) -> str:
+    """Extract, or verify, the cell's encoder entries (module docstring); returns the cell's data
+    signature: a digest of the keys of every entry it reads. Once per extraction request (a
+    request that fails raises the same error again)."""
+    sub, request = extraction_config(cfg)
+    if request in memo.errors:
+        raise memo.errors[request]
     if request not in memo.signatures:
-        keys = sorted((e.key.get("split", ""), e.name, canonical_json(e.key)) for e in extract(sub))
+        try:
+            keys = sorted((e.key.get("split", ""), e.name, canonical_json(e.key)) for e in extract(sub))
+        except PipelineError as exc:
+            memo.errors[request] = exc
+            raise
         memo.signatures[request] = hashlib.sha256(canonical_json(keys).encode()).hexdigest()[:16]
     return memo.signatures[request]
 
@@ -165,13 +183,14 @@ def compute_cell(cell: Cell, memo: Memo) -> tuple[dict, bool, str]:
     return row, trained, data
 
 
-def run_cell(cell: Cell, study_dir: Path, memo: Memo) -> dict:
+def run_cell(cell: Cell, study_dir: Path, memo: Memo, by: dict | None = None) -> dict:
     """Run one cell and write its result file; an error is recorded (status "failed") and not
     raised, except KeyboardInterrupt / SystemExit, which stop the study (the cell runs again
-    next time). Returns the result document."""
+    next time). ``by``: who ran it (launch, host, pid, worker), recorded as is. Returns the
+    result document."""
     t0 = time.perf_counter()
     doc: dict[str, Any] = {"format": FORMAT, "cell_id": cell.cell_id, "index": cell.index, "values": cell.values,
-                           "config_hash": cell.config_hash, "run": cell.run}
+                           "config_hash": cell.config_hash, "run": cell.run, "by": dict(by or {})}
     try:
         row, trained, data = compute_cell(cell, memo)
         doc.update(status="done", error="", trained=trained, data=data, row=row)
@@ -185,6 +204,7 @@ def run_cell(cell: Cell, study_dir: Path, memo: Memo) -> dict:
     path = cell_path(study_dir, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, doc)
+    log.info("cell %s %s in %.1f s", cell.cell_id, doc["status"], doc["seconds"])
     return doc
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 
 import numpy as np
@@ -277,16 +278,54 @@ def test_a_killed_study_resumes_where_it_stopped(world, tmp_path, monkeypatch):
 
 
 def test_a_failing_cell_is_recorded_and_the_study_goes_on(world, tmp_path):
-    cfg = study_config(world, tmp_path, "fails", {"train.lr": [1e-3, -1.0]}, **{"study.repeat": ""})
+    # analyze.k = 50 passes every check a config allows (it depends on the rows) and fails in the cell
+    cfg = study_config(world, tmp_path, "fails", {"analyze.k": [3, 50]},
+                       **{"study.repeat": "", "analyze.metrics": ["cka", "mutual_knn"]})
     result = run_study(cfg, progress=False)
-    assert result.failed == 1 and result.ran == 2
+    assert result.failed == 1 and result.ran == 2 and result.trained == 1  # one training, two analyses
     cells = read_csv(result.folder / "cells.csv")
     assert [c["status"] for c in cells] == ["done", "failed"]
-    assert "train.lr = -1.0 is out of range" in cells[1]["error"] and cells[1]["mean_R"] == ""
+    assert "k" in cells[1]["error"] and cells[1]["cka.delta_image"] == ""
     summary = read_csv(result.folder / "summary.csv")
     assert [(s["n"], s["failed"]) for s in summary] == [("1", "0"), ("0", "1")]
     assert "Failed cells" in result.html.read_text()
     assert run_study(cfg, progress=False).ran == 1  # a rerun retries only the failed cell
+
+
+def test_a_study_with_failed_cells_exits_non_zero_with_its_summary_written(world, tmp_path):
+    res = CliRunner().invoke(study_cli, ["--config", str(world), "--name", "exit", "--no-progress", "--repeat", "",
+                                         "--set", f"analyze.out={tmp_path}", "--set", "study.axes.analyze.k=[3, 50]",
+                                         "--set", 'analyze.metrics=["cka", "mutual_knn"]'])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "1 of 2 cells failed (first: k-50-" in res.output and "A rerun retries the failed cells" in res.output
+    folder = tmp_path / "flickr30k" / "test" / "studies" / "exit"
+    assert (folder / "summary.csv").is_file() and (folder / "study.html").is_file()
+
+
+@pytest.mark.parametrize("axes, match", [
+    ({"train.adapter": ["linear", "mlpp"]}, r"cell 2 of 2 \(train.adapter = 'mlpp'\): Unknown adapter .*Did you mean: mlp"),
+    ({"train.seed": [0, 1], "train.epochs": [1, -1]}, r"cell 2 of 4 \(train.seed = 0, train.epochs = -1\): train.epochs = -1 "
+                                                      r"is out of range"),
+    ({"train.lr": [1e-3, -1.0]}, r"\(train.lr = -1.0\): train.lr = -1.0 is out of range"),
+    ({"train.image": ["tiny-resnet", "tiny-resnt"]}, r"\(train.image = 'tiny-resnt'\): .*tiny-resnet"),
+    ({"analyze.metrics": [["cka"], ["ckaa"]]}, r"\(analyze.metrics = \['ckaa'\]\): .*cka"),
+    ({"analyze.controls": [["random"], ["randm"]]}, r"Unknown control 'randm'"),
+])
+def test_every_cell_is_checked_before_the_first_cell_runs(world, tmp_path, monkeypatch, axes, match):
+    fits = Spy(study.cells.fit_adapters)
+    monkeypatch.setattr(study.cells, "fit_adapters", fits)
+    extracts = Spy(study.cells.extract)
+    monkeypatch.setattr(study.cells, "extract", extracts)
+    cfg = study_config(world, tmp_path, "checked", axes)
+    with pytest.raises(StudyError, match=match):
+        run_study(cfg, progress=False)
+    assert not fits.calls and not extracts.calls  # refused before any work
+    assert not (tmp_path / "flickr30k" / "test" / "studies" / "checked" / "cells").exists()
+    with pytest.raises(StudyError, match=match):
+        run_study(cfg, dry_run=True)  # a dry run says so too
+    sets = [arg for k, v in axes.items() for arg in ("--set", f"study.axes.{k}={json.dumps(v)}")]
+    res = CliRunner().invoke(study_cli, ["--config", str(world), "--name", "checked", "--dry-run", *sets])
+    assert res.exit_code == 1 and res.output.startswith("Error: Study cell") and "Traceback" not in res.output
 
 
 # ----------------------------------------------------------------------------- summary math

@@ -107,6 +107,13 @@ def check_config(tc: TrainConfig) -> None:
     runs.check_names(tc)  # the run's name and its aligned entries' names, before any work
 
 
+def check_train(tc: TrainConfig) -> None:
+    """Every check ``fit_adapters`` makes before it reads data (a study checks each cell with it)."""
+    check_config(tc)
+    check_track_metrics(tc.track_metrics)
+    check_settings(tc)
+
+
 # ----------------------------------------------------------------------------- training
 class _Embed(nn.Module):
     """All modalities in one forward call (what DDP wraps): list of (b, d_m) inputs ->
@@ -381,9 +388,7 @@ def fit_adapters(cfg: PipelineConfig, *, require_reference: bool | None = None,
     return rank 0's RunResult.
     """
     tc = cfg.train
-    check_config(tc)
-    check_track_metrics(tc.track_metrics)
-    check_settings(tc)
+    check_train(tc)
     dist, device = setup(tc.device)
     try:
         return _fit(cfg, dist, device, require_reference, progress)
