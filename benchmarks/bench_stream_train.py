@@ -109,7 +109,7 @@ def child(args) -> None:
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "steps_per_s": steps / (sum(train_s) / len(train_s)), "epoch_s": sum(train_s) / len(train_s),
         "fit_wall_s": wall, "fit_cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
-        "test_mean_R": res.metrics.mean_R, "cca_mean_R": res.metrics.test["cca"]["mean_R"]}))
+        "test_mean_R": res.metrics.adapters["mean_R"], "cca_mean_R": res.metrics.test["cca"]["mean_R"]}))
 
 
 def main() -> None:

@@ -190,7 +190,7 @@ def main() -> None:
     print(f"device: {name}; {sizes['train']} train pairs ({D_IMAGE}-d / {D_TEXT}-d), batch {tc.batch_size}, "
           f"{steps} steps/epoch, linear adapters -> {tc.dim}")
     print(f"fit_adapters, {args.epochs} epochs: {fit_s:.1f} s total; {epoch_s:.3f} s/epoch incl. val eval; "
-          f"test mean_R {res.metrics.mean_R:.3f} (CCA {res.metrics.test['cca']['mean_R']:.3f})")
+          f"test mean_R {res.metrics.adapters['mean_R']:.3f} (CCA {res.metrics.test['cca']['mean_R']:.3f})")
     print(f"training step only (device-resident): {fast_s:.3f} s/epoch = {1e3 * fast_s / steps:.3f} ms/step"
           + (f" (CUDA graph; eager steps: {1e3 * eager_s / steps:.3f} ms/step)" if device.type == "cuda" else ""))
     print(f"naive HDF5 DataLoader loop ({args.workers} workers): {1e3 * naive_step:.2f} ms/step, "
