@@ -46,7 +46,8 @@ HEADERS = {
     "bench_stream_train.py": [r"mode\s+after import\s+peak RSS\s+peak anon\s+steps/s", r"streaming throughput"],
     "bench_train.py": [r"fit_adapters, \d+ epochs:", r"speed-up: [\d.]+x \(training steps\)"],
     "coverage_platonic.py": [r"metric\s+side\s+theta_n\s+MC err\s+coverage\s+mean width"],
-    "gpu_check.sh": [r"encoder\s+precision decode\s+items\s+pipeline/s", r"every step passed"],
+    "gpu_check.sh": [r"encoder\s+precision decode\s+items\s+pipeline/s", r"speed-up: [\d.]+x \(training steps\)",
+                     r"every step passed"],
     "small_data_tables.py": [r"\| recipe \| train pairs \| val mean_R \|", r"chosen on val: "],
 }
 
