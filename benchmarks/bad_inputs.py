@@ -6,8 +6,11 @@ user would type a command); a kind counts as handled when all of its tests pass.
 those tests in one pytest call and prints one row per kind:
 
     .venv/bin/python benchmarks/bad_inputs.py [-- extra pytest args]
+    .venv/bin/python benchmarks/bad_inputs.py --quick    # only checks that every replay test exists
 
-Exit status 1 when any kind is not handled, so it can gate a release.
+Exit status 1 when any kind is not handled, so it can gate a release. --quick collects the replay
+tests without running them (the test suite runs them anyway) and fails when one is missing, e.g.
+renamed: the table then says which kind lost its replay.
 """
 
 from __future__ import annotations
@@ -232,19 +235,37 @@ def _outcomes(report: Path) -> dict[str, list[bool]]:
     return out
 
 
-def main(extra: list[str]) -> int:
+def _collected(nodes: list[str], extra: list[str]) -> dict[str, list[bool]]:
+    """'file::function' -> [True] per collected case of the test files holding ``nodes`` (none run)."""
+    files = sorted({n.partition("::")[0] for n in nodes})
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files,
+                          *extra], cwd=ROOT, capture_output=True, text=True)
+    found: dict[str, list[bool]] = {}
+    for line in out.stdout.splitlines():
+        file, sep, func = line.partition("::")
+        if sep and file.startswith("tests/"):
+            found.setdefault(f"{Path(file).name}::{func.partition('[')[0]}", []).append(True)
+    return found
+
+
+def main(argv: list[str]) -> int:
+    quick = "--quick" in argv
+    extra = [a for a in argv if a not in ("--quick", "--")]
     groups = (("kinds of bad input", KINDS), ("kinds of stale or mismatched data", STALE_DATA),
               ("kinds of layer runs, re-extracted sources and labels", SOURCES_AND_LABELS),
               ("kinds of unsafe names, lost runs and wrong numbers", NAMES_RUNS_NUMBERS),
               ("messages and figures", MESSAGES))
     nodes = sorted({f"tests/{t}" for _, rows in groups for *_, tests in rows for t in tests})
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.xml"
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                        *nodes, *extra], cwd=ROOT, stdout=subprocess.DEVNULL)
-        seconds = time.perf_counter() - start
-        results = _outcomes(report)
+    start = time.perf_counter()
+    if quick:
+        results = _collected(nodes, extra)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "report.xml"
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                            *nodes, *extra], cwd=ROOT, stdout=subprocess.DEVNULL)
+            results = _outcomes(report)
+    seconds = time.perf_counter() - start
     failed = 0
     for title, rows in groups:
         print(f"\n{title}")
@@ -254,10 +275,15 @@ def main(extra: list[str]) -> int:
             cases = [r for t in tests for r in results.get(t, [False])]
             good = all(cases)
             ok += good
-            print(f"{i:>2}. {kind:<68} {len(cases):>5}  {now if good else 'NOT HANDLED: a replay test failed'}")
-        print(f"{ok} of {len(rows)} {title} handled; {len(rows) - ok} silent or failing")
+            if quick:
+                now = "replay tests found (not run: --quick)" if good else "MISSING: a replay test is not in tests/"
+            elif not good:
+                now = "NOT HANDLED: a replay test failed"
+            print(f"{i:>2}. {kind:<68} {len(cases):>5}  {now}")
+        print(f"{ok} of {len(rows)} {title} " + ("have their replay tests" if quick else
+                                                  f"handled; {len(rows) - ok} silent or failing"))
         failed += len(rows) - ok
-    print(f"\n{len(nodes)} replay tests in {seconds:.0f} s")
+    print(f"\n{len(nodes)} replay tests {'collected' if quick else 'run'} in {seconds:.0f} s")
     return 1 if failed else 0
 
 

@@ -18,6 +18,7 @@ min(8, cores - 1) among the ranks of a machine). Reported per run:
                   kernels may differ in the last bits between thread counts)
 
     .venv/bin/python benchmarks/bench_distributed_extract.py [--images 384] [--nprocs 1,2] [--repeats 2]
+    .venv/bin/python benchmarks/bench_distributed_extract.py --quick   # tiny-resnet, 8 images, 1 repeat
 
 On a CPU-only machine expect little or no gain: one process already keeps every core busy with
 threads. The point of multi-process extraction is one process per GPU. Timings on shared machines
@@ -76,7 +77,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=-1, help="DataLoader workers per process (default: -1 = auto)")
     ap.add_argument("--nprocs", default="1,2", help="process counts to compare (default: 1,2)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per process count (default: 2)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: --encoder tiny-resnet --images 8 "
+                    "--batch-size 4 --chunk-rows 4 --workers 0 --repeats 1")
     args = ap.parse_args()
+    if args.quick:
+        args.encoder, args.images, args.batch_size, args.chunk_rows, args.workers, args.repeats = \
+            "tiny-resnet", 8, 4, 4, 0, 1
     nprocs = [int(n) for n in args.nprocs.split(",")]
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"encoder={args.encoder} images={args.images} batch={args.batch_size} chunk_rows={args.chunk_rows} "

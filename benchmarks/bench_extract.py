@@ -12,13 +12,16 @@ and the agreement of bf16 with fp32 features and of GPU- with CPU-decoded featur
 smallest per-row cosine).
 
     .venv/bin/python benchmarks/bench_extract.py [--images 256] [--batch-size 32]
-    .venv/bin/python benchmarks/bench_extract.py --device cuda      # the GPU table (README)
+    .venv/bin/python benchmarks/bench_extract.py --device cuda      # the GPU table (docs/performance.md)
+    .venv/bin/python benchmarks/bench_extract.py --quick            # seconds: tiny encoders, 16 images
 
 CPU defaults use the real offline weights (mobilenet_v2, all-minilm-l6-v2; see README); pass
 --image tiny-resnet --text tiny-gpt2 to run without them. --device cuda defaults to random-weight
 models of real sizes (ResNet-18, MobileNetV2, DINOv2-small/base; GPT-2 small, MiniLM-L6 with the
-byte tokenizer), 2048 images, batch 256, decode cpu and gpu. Timings on shared machines are noisy:
-compare within one run.
+byte tokenizer), 2048 images, batch 256, decode cpu and gpu. --quick (a smoke run, any device):
+tiny-resnet and tiny-gpt2, 16 images, batch 8, one repetition, and every random-* model above
+built on the meta device (so that a GPU run does not fail on them). Timings on shared
+machines are noisy: compare within one run.
 """
 
 from __future__ import annotations
@@ -192,6 +195,7 @@ RANDOM_MODELS = {"random-dinov2-base": register_random_dinov2_base, "random-gpt2
 CUDA_DEFAULTS = ("random-resnet18,random-mobilenet_v2,random-dinov2-small,random-dinov2-base",
                  "random-gpt2,random-minilm", 2048, 256)
 CPU_DEFAULTS = ("mobilenet_v2", "all-minilm-l6-v2", 256, 32)
+QUICK_DEFAULTS = ("tiny-resnet", "tiny-gpt2", 16, 8)
 
 
 def _options() -> argparse.Namespace:
@@ -207,9 +211,13 @@ def _options() -> argparse.Namespace:
     ap.add_argument("--decodes", help="image decoders, comma list of cpu, gpu (default: cpu; cpu,gpu on CUDA)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved repetitions, best kept (default: 3)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny-resnet, tiny-gpt2, 16 images, batch 8, "
+                    "--repeat 1; and every random-* model built on the meta device")
     args = ap.parse_args()
     args.device = resolve_device(args.device)
-    defaults = CUDA_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS
+    defaults = QUICK_DEFAULTS if args.quick else CUDA_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS
+    if args.quick:
+        args.repeat = 1
     for key, value in zip(("image", "text", "images", "batch_size"), defaults):
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -250,6 +258,21 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> str:
     return f"linear CKA = {cka(a, b):.5f}; min row cosine = {cos.min():.5f}; max |diff| = {np.abs(a - b).max():.3g}"
 
 
+def check_random_models() -> None:
+    """Register and build every random-* model (what --device cuda times) on the meta device:
+    configurations and parameter shapes only, no memory or compute, so that a smoke run catches
+    a registry change that would break a GPU run."""
+    meta = torch.device("meta")
+    sizes = []
+    for name, make in RANDOM_MODELS.items():
+        if name not in REGISTRY:
+            make()
+        with meta:
+            enc = load_encoder(get_spec(name), meta)
+        sizes.append(f"{name} {sum(p.numel() for p in enc.parameters()) / 1e6:.1f}M")
+    print(f"random models build (meta device): {', '.join(sizes)} parameters")
+
+
 def main() -> None:
     args = _options()
     for name in (args.image + "," + args.text).split(","):
@@ -257,6 +280,8 @@ def main() -> None:
             RANDOM_MODELS[name]()
     print(f"device={args.device} threads={torch.get_num_threads()} images={args.images} (x5 captions, 500x375 "
           f"JPEGs) batch={args.batch_size} workers={args.workers} decodes={args.decodes} best of {args.repeat}")
+    if args.quick:
+        check_random_models()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         data = make_dataset(Path(tmp) / "data", args.images)

@@ -12,6 +12,7 @@ and, separately, the parts: hashing every image cold / from the side file, and r
 entry's features with and without the checksum check.
 
     .venv/bin/python benchmarks/bench_integrity.py [--data-dir data/tuxpaint] [--encoders tiny-resnet,mobilenet_v2]
+    .venv/bin/python benchmarks/bench_integrity.py --quick   # 12 generated JPEGs, tiny-resnet, 1 repeat
 
 Interleaved repeats (best of --repeat). Timings on shared machines are noisy: compare within one run.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import extract.datasets as D  # noqa: E402
+from benchmarks.bench_extract import make_dataset  # noqa: E402
 import pipeline.entry as entry_mod  # noqa: E402
 from extract.run import extract  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -105,15 +107,21 @@ def bench_checksums(entries: list) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default=str(ROOT / "data" / "tuxpaint"))
-    ap.add_argument("--encoders", default="tiny-resnet,mobilenet_v2")
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--data-dir", default=str(ROOT / "data" / "tuxpaint"), help="imagefolder dataset "
+                    "(default: data/tuxpaint, made by `make demo`)")
+    ap.add_argument("--encoders", default="tiny-resnet,mobilenet_v2", help="comma list")
+    ap.add_argument("--repeat", type=int, default=2, help="interleaved repetitions, best kept")
+    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 12 generated JPEGs instead of --data-dir, "
+                    "--encoders tiny-resnet --repeat 1")
     args = ap.parse_args()
-    data_dir = Path(args.data_dir)
-    if not data_dir.is_dir():
-        sys.exit(f"{data_dir} is not a folder: run `python -m demo.tuxpaint <deb> data/tuxpaint` or pass --data-dir.")
     with tempfile.TemporaryDirectory(prefix="bench-integrity-") as tmp:
+        if args.quick:
+            args.data_dir, args.encoders, args.repeat = str(make_dataset(Path(tmp) / "data", 12)), "tiny-resnet", 1
+        data_dir = Path(args.data_dir)
+        if not data_dir.is_dir():
+            sys.exit(f"{data_dir} is not a folder: run `python -m demo.tuxpaint <deb> data/tuxpaint` or pass "
+                     "--data-dir.")
         results = [bench_encoder(data_dir, e, args.repeat, args.workers, Path(tmp)) for e in args.encoders.split(",")]
         hashing = bench_hashing(data_dir, Path(tmp))
         for r in results:

@@ -172,7 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=8000, help="rows for part 1 (default 8000)")
     p.add_argument("--full-n", type=int, default=31783, help="rows for part 2 (default 31783, Flickr30k)")
     p.add_argument("--d", type=int, default=768, help="feature dimension of both sides (default 768)")
-    p.add_argument("--quick", action="store_true", help="small sizes: --n 2000 --full-n 4000")
+    p.add_argument("--quick", action="store_true", help="smoke run: --n 300 --full-n 400 --d 64 --repeats 2")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated registry names")
     p.add_argument("--repeats", type=int, default=5, help="timing repeats in part 1 (best is shown)")
@@ -180,7 +180,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-full", action="store_true", help="skip part 2")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.full_n = 2000, 4000
+        args.n, args.full_n, args.d, args.repeats = 300, 400, 64, 2
     device = resolve_device(args.device)
     names = [s for s in args.metrics.split(",") if s]
     unknown = [s for s in names if s not in METRICS]

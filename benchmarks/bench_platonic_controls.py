@@ -3,7 +3,8 @@ default controls (3 untrained-adapter seeds, CCA, Procrustes: 10 more representa
 same resamples and permutations), 200 resamples + 200 permutations, cka + unbiased_cka + mutual_knn.
 Prints both times and their ratio (measured within one run).
 
-    python benchmarks/bench_platonic_controls.py [--n 1000]
+    python benchmarks/bench_platonic_controls.py [--n 1000] [--bootstrap 200] [--permutations 200]
+    python benchmarks/bench_platonic_controls.py --quick     # n = 120, 20 + 20 draws: seconds
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ from analyze.platonic import hypothesis_test  # noqa: E402
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1000, help="rows")
+    ap.add_argument("--bootstrap", type=int, default=200, help="resamples")
+    ap.add_argument("--permutations", type=int, default=200, help="permutations")
+    ap.add_argument("--quick", action="store_true", help="smoke run: --n 120 --bootstrap 20 --permutations 20")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.bootstrap, args.permutations = 120, 20, 20
     rng = np.random.default_rng(0)
     Z = rng.normal(size=(args.n, 8))
 
@@ -38,9 +44,10 @@ def main(argv=None) -> None:
     times = {}
     for label, c in (("without controls", None), ("with controls", controls)):
         t0 = time.perf_counter()
-        hypothesis_test(X, Y, RX, RY, ref, metrics, 10, 200, 200, controls=c)
+        hypothesis_test(X, Y, RX, RY, ref, metrics, 10, args.bootstrap, args.permutations, controls=c)
         times[label] = time.perf_counter() - t0
-        print(f"n = {args.n}, {label}: {times[label]:.1f} s")
+        print(f"n = {args.n}, {args.bootstrap} resamples + {args.permutations} permutations, {label}: "
+              f"{times[label]:.1f} s")
     print(f"ratio: {times['with controls'] / times['without controls']:.1f}x")
 
 

@@ -21,6 +21,7 @@ The machine may be shared: the fit's CPU time (user + sys) next to its wall time
 run was starved; ``--repeats`` alternates the modes and the summary uses each mode's best run.
 
 Usage: python benchmarks/bench_stream_train.py [--pairs 100000] [--cap 25000] [--epochs 3] [--repeats 1]
+       python benchmarks/bench_stream_train.py --quick   # 2,000 pairs, cap 500, 2 epochs: seconds
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 D_IMAGE, D_TEXT = 512, 768  # ResNet-18 and GPT-2 feature widths
-EVAL_PAIRS = 1000  # val and test pairs
+EVAL_PAIRS = 1000  # val and test pairs (100 with --quick)
 SAMPLE_S = 0.02  # RssAnon sampling period, seconds
 
 
@@ -51,7 +52,7 @@ def status_mb(field: str) -> float:
     return float("nan")
 
 
-def make_cache(root: Path, pairs: int, seed: int = 0, block: int = 10_000) -> None:
+def make_cache(root: Path, pairs: int, eval_pairs: int = EVAL_PAIRS, seed: int = 0, block: int = 10_000) -> None:
     """Synthetic image/text entries with a noisy linear relation text = image @ A + noise (each
     split generated in this process, written with ``write_entry``, then dropped)."""
     import numpy as np
@@ -60,7 +61,7 @@ def make_cache(root: Path, pairs: int, seed: int = 0, block: int = 10_000) -> No
 
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(D_IMAGE, D_TEXT)).astype(np.float32) / np.sqrt(D_IMAGE)
-    for split, n in (("train", pairs), ("val", EVAL_PAIRS), ("test", EVAL_PAIRS)):
+    for split, n in (("train", pairs), ("val", eval_pairs), ("test", eval_pairs)):
         ids = [f"{split}{i:07d}" for i in range(n)]
         x = np.empty((n, D_IMAGE), np.float32)
         y = np.empty((n, D_TEXT), np.float32)
@@ -102,14 +103,13 @@ def child(args) -> None:
     steps = args.pairs // cfg.train.batch_size
     train_s = [r["time_s"] for r in res.history[:-1]] or [res.history[-1]["time_s"]]
     print(json.dumps({
-        "mode": args.child, "streamed": res.metrics["streamed"], "threads": torch.get_num_threads(),
+        "mode": args.child, "streamed": res.metrics.streamed, "threads": torch.get_num_threads(),
         "rss_after_import_mb": rss_import, "anon_after_import_mb": anon_import, "peak_rss_mb": status_mb("VmHWM"),
         "peak_rss_anon_mb": max(peak_anon[0], status_mb("RssAnon")),
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "steps_per_s": steps / (sum(train_s) / len(train_s)), "epoch_s": sum(train_s) / len(train_s),
         "fit_wall_s": wall, "fit_cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
-        "test_mean_R": res.metrics["test"]["infonce"]["mean_R"],
-        "cca_mean_R": res.metrics["test"]["cca"]["mean_R"]}))
+        "test_mean_R": res.metrics.adapters["mean_R"], "cca_mean_R": res.metrics.test["cca"]["mean_R"]}))
 
 
 def main() -> None:
@@ -118,15 +118,20 @@ def main() -> None:
     p.add_argument("--cap", type=int, default=25_000, help="train.max_rows_in_memory of the streaming run")
     p.add_argument("--epochs", type=int, default=3, help="epochs per fit (validation only after the last)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating (machine noise)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run: --pairs 2000 --cap 500 "
+                   "--epochs 2, 100 val and test pairs")
     p.add_argument("--child", choices=["memory", "stream"], help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    eval_pairs = EVAL_PAIRS
+    if args.quick:
+        args.pairs, args.cap, args.epochs, eval_pairs = 2000, 500, 2, 100
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        make_cache(Path(tmp), args.pairs)
+        make_cache(Path(tmp), args.pairs, eval_pairs)
         print(f"cache: {args.pairs} train pairs ({D_IMAGE}-d + {D_TEXT}-d float32 = "
               f"{args.pairs * (D_IMAGE + D_TEXT) * 4 / 2**20:.0f} MB of train features), written in "
               f"{time.perf_counter() - t:.1f} s; cap {args.cap} pairs ({args.pairs / args.cap:.1f}x smaller); "

@@ -14,6 +14,7 @@ What it measures, on synthetic features (29,000 train pairs of 512-d "image" and
    its epoch time is EXTRAPOLATED from the mean step time (labelled as such).
 
 Usage: python benchmarks/bench_train.py [--epochs 50] [--naive-steps 300] [--device auto]
+       python benchmarks/bench_train.py --quick     # 1,000 pairs, 2 epochs, 20 naive steps: seconds
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,24 +32,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.cache import entry_path, write_entry
-from pipeline.config import load_config
-from pipeline.runtime import resolve_device
-from train.adapters import AlignModel
-from train.data import load_data
-from train.fit import Trainer, fit_adapters
-from train.optim import make_optimizer
-from train.losses import multi_info_nce
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cache import entry_path, write_entry  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.runtime import resolve_device  # noqa: E402
+from train.adapters import AlignModel  # noqa: E402
+from train.data import load_data  # noqa: E402
+from train.fit import Trainer, fit_adapters  # noqa: E402
+from train.optim import make_optimizer  # noqa: E402
+from train.losses import multi_info_nce  # noqa: E402
 
 SIZES = {"train": 29_000, "val": 1_014, "test": 1_000}  # Flickr30k Karpathy split, one caption per image
+QUICK_SIZES = {"train": 1_000, "val": 100, "test": 100}
 D_IMAGE, D_TEXT = 512, 768  # ResNet-18 and GPT-2 feature widths
 
 
-def make_cache(root: Path, seed: int = 0) -> None:
-    """Synthetic image/text entries with a noisy linear relation text = image @ A + noise."""
+def make_cache(root: Path, sizes: dict[str, int], seed: int = 0) -> None:
+    """Synthetic image/text entries (split -> pairs) with a noisy linear relation text = image @ A + noise."""
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(D_IMAGE, D_TEXT)).astype(np.float32) / np.sqrt(D_IMAGE)
-    for split, n in SIZES.items():
+    for split, n in sizes.items():
         ids = [f"{split}{i:06d}" for i in range(n)]
         x = rng.normal(size=(n, D_IMAGE)).astype(np.float32)
         y = x @ a + 2.0 * rng.normal(size=(n, D_TEXT)).astype(np.float32)
@@ -60,9 +65,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device) -> float:
-    """Measured float32 matmul rate (FLOP/s) of a large square matmul."""
-    n = 8192 if device.type == "cuda" else 2048
+def matmul_peak(device: torch.device, n: int | None = None) -> float:
+    """Measured float32 matmul rate (FLOP/s) of a large square (n x n) matmul."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
@@ -103,15 +108,15 @@ class H5Pairs(Dataset):
         return tuple(torch.from_numpy(np.asarray(f[i], dtype=np.float32)) for f in self.files)
 
 
-def naive_loop(cache: Path, cfg, device: torch.device, steps: int, workers: int) -> float:
-    """Mean seconds per step of the naive loop (after 20 warm-up steps)."""
+def naive_loop(cache: Path, cfg, device: torch.device, steps: int, workers: int, warm: int = 20) -> float:
+    """Mean seconds per step of the naive loop (after ``warm`` warm-up steps)."""
     ds = H5Pairs(entry_path(cache, "synth", "train", "image"), entry_path(cache, "synth", "train", "text"))
     loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     torch.manual_seed(0)
     model = AlignModel({"image": D_IMAGE, "text": D_TEXT}, cfg.train).to(device)
     opt = make_optimizer(model, cfg.train)
-    warm, done, t0 = 20, 0, None
+    done, t0 = 0, None
     while done < steps + warm:
         for x, y in loader:
             if done == warm:
@@ -154,32 +159,38 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
                    help="DataLoader workers of the naive loop")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes for a smoke run: 1,000 train pairs, --epochs 2, --naive-steps 20, 1 worker")
     args = p.parse_args()
+    sizes, warm, side = SIZES, 20, None
+    if args.quick:
+        sizes, warm, side = QUICK_SIZES, 2, 256
+        args.epochs, args.naive_steps, args.workers = 2, 20, 1
     logging.basicConfig(level=logging.ERROR)
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
-        make_cache(cache)
+        make_cache(cache, sizes)
         cfg = load_config(None, options={"data.cache": str(cache), "data.dataset": "synth", "train.image": "image",
                                          "train.text": "text", "train.epochs": args.epochs, "train.reference": "",
                                          "train.device": str(device)})
         tc = cfg.train
-        steps = SIZES["train"] // tc.batch_size
-        peak = matmul_peak(device)
+        steps = sizes["train"] // tc.batch_size
+        peak = matmul_peak(device, side)
         t = time.perf_counter()
         res = fit_adapters(cfg, progress=False)
         fit_s = time.perf_counter() - t
         epoch_s = float(np.mean([r["time_s"] for r in res.history]))
         fast_s = fast_epoch_time(cfg, device, None)
         eager_s = fast_epoch_time(cfg, device, False) if device.type == "cuda" else fast_s
-        naive_step = naive_loop(cache, cfg, device, args.naive_steps, args.workers)
+        naive_step = naive_loop(cache, cfg, device, args.naive_steps, args.workers, warm)
     naive_epoch = naive_step * steps
     rate = step_flops(tc.batch_size, [D_IMAGE, D_TEXT], tc.dim) * steps / fast_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; {SIZES['train']} train pairs ({D_IMAGE}-d / {D_TEXT}-d), batch {tc.batch_size}, "
+    print(f"device: {name}; {sizes['train']} train pairs ({D_IMAGE}-d / {D_TEXT}-d), batch {tc.batch_size}, "
           f"{steps} steps/epoch, linear adapters -> {tc.dim}")
     print(f"fit_adapters, {args.epochs} epochs: {fit_s:.1f} s total; {epoch_s:.3f} s/epoch incl. val eval; "
-          f"test mean_R {res.metrics['test']['infonce']['mean_R']:.3f} (CCA {res.metrics['test']['cca']['mean_R']:.3f})")
+          f"test mean_R {res.metrics.adapters['mean_R']:.3f} (CCA {res.metrics.test['cca']['mean_R']:.3f})")
     print(f"training step only (device-resident): {fast_s:.3f} s/epoch = {1e3 * fast_s / steps:.3f} ms/step"
           + (f" (CUDA graph; eager steps: {1e3 * eager_s / steps:.3f} ms/step)" if device.type == "cuda" else ""))
     print(f"naive HDF5 DataLoader loop ({args.workers} workers): {1e3 * naive_step:.2f} ms/step, "

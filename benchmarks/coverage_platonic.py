@@ -23,6 +23,7 @@ theta_n is the coverage (target 93-97%, binomial standard error printed).
 
     python benchmarks/coverage_platonic.py                    # defaults: a few minutes on 2 cores
     python benchmarks/coverage_platonic.py --samples 1000     # tighter coverage estimates
+    python benchmarks/coverage_platonic.py --quick            # seconds; the numbers mean nothing
 
 Samples are spread over ``--workers`` processes with one thread each (the problems are small:
 threads only contend); sample i uses the random stream (seed, i), so results do not depend
@@ -129,7 +130,11 @@ def main(argv=None) -> None:
     ap.add_argument("--bootstrap", type=int, default=200, help="resamples per interval")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (one thread each)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: --n 60 --samples 6 --population 8 "
+                    "--large 2000 --bootstrap 10 --workers 2")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.samples, args.population, args.large, args.bootstrap, args.workers = 60, 6, 8, 2000, 10, 2
     torch.set_num_threads(1)
     pop = Population(args.seed)
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@ recipe chosen on validation recall only.
     study --config configs/study-small-data-pair2.toml
     python benchmarks/small_data_tables.py reports/small-data/imagefolder/test/studies/small-data \
         reports/small-data-pair2/imagefolder/test/studies/small-data-pair2
+    python benchmarks/small_data_tables.py --quick    # the tables of a generated study folder
 
 Per study, recipe (the ``variant`` axis) and train fraction, over the seeds (mean and the 95%
 t-interval, mean +- t(0.975, m-1) * sd / sqrt(m)): val mean recall of the kept epoch, test mean
@@ -26,9 +27,15 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import sys
+import tempfile
+
 import numpy as np
 
-from study.table import describe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.runs import RunMetrics  # noqa: E402
+from study.table import describe, flat_zeroshot, retrieval_columns  # noqa: E402
 
 BASE = "plain"  # the recipe the paired differences are taken against
 
@@ -126,12 +133,48 @@ def asif(cells: dict, pairs: dict) -> str:
             ", ".join(f"{m * 100:.1f}% at {pairs[f]} pairs" for f, m in sorted(means.items())) + ".")
 
 
+def fake_study(folder: Path, seed: int = 0) -> Path:
+    """A study folder whose cells.csv has the columns a real study writes (made by study.table from
+    generated run metrics and zero-shot results): 2 recipes x 2 train fractions x 3 seeds."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for variant in (BASE, "other"):
+        for fraction in (0.25, 1.0):
+            for s in range(3):
+                recall = {"mean_R": rng.uniform(0.2, 0.6)}
+                metrics = RunMetrics(run=f"{variant}-{fraction}-{s}", test={"infonce": recall, "procrustes": recall},
+                                     val_best={"mean_R": rng.uniform(0.2, 0.6)},
+                                     sizes={"train": {"pairs": int(400 * fraction)}, "test": {"pairs": 100}})
+                zeroshot = {"results": {m: {"top1": rng.uniform(0.1, 0.5)} for m in ("adapters", "procrustes", "relative")},
+                            "chance": {"top1": 0.1, "majority": 0.2}}
+                rows.append({"variant": variant, "train.train_fraction": fraction, "train.seed": s, "status": "done",
+                             **retrieval_columns(metrics), **flat_zeroshot(zeroshot)})
+    folder.mkdir(parents=True)
+    with open(folder / "cells.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("studies", nargs="+", type=Path, help="study folders (with cells.csv)")
+    ap.add_argument("studies", nargs="*", type=Path, help="study folders (with cells.csv)")
+    ap.add_argument("--quick", action="store_true", help="tables of a generated study folder (a smoke run)")
     args = ap.parse_args()
+    if args.quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.studies = [fake_study(Path(tmp) / "generated")]
+            return tables(args.studies)
+    if not args.studies:
+        ap.error("name at least one study folder (or pass --quick)")
+    tables(args.studies)
+
+
+def tables(studies: list[Path]) -> None:
+    """Print every study's table, then the recipe chosen on validation recall."""
     by_variant: dict[str, list[float]] = defaultdict(list)
-    for folder in args.studies:
+    for folder in studies:
         lines, val = table(folder)
         print("\n".join(lines))
         for v, values in val.items():
