@@ -35,7 +35,8 @@ TIMEOUT_S = 600  # per script; each takes seconds of CPU, but CI machines can be
 # script -> lines its quick run must print (regular expressions, searched in stdout): its table's
 # header, and for scripts that print sentences rather than a table, the sentence with the result.
 HEADERS = {
-    "bad_inputs.py": [r"kind\s+cases\s+now", r"replay tests collected"],
+    "bad_inputs.py": [r"kind\s+cases\s+what the user gets", r"replay tests collected"],
+    "bench_aligned.py": [r"measure\s+aligned /s\s+baseline /s\s+ratio\s+goal", r"exactness: max \|embed_images"],
     "bench_distributed_extract.py": [r"procs threads/proc\s+rows compute s\s+items/s\s+wall s\s+max \|diff\|"],
     "bench_extract.py": [r"random models build \(meta device\)",
                          r"encoder\s+precision decode\s+items\s+pipeline/s\s+steady/s\s+bare/s\s+ratio steady ratio"],
@@ -43,7 +44,10 @@ HEADERS = {
     "bench_metrics.py": [r"estimator\s+feature s\s+naive s\s+speed-up", r"metric\s+value\s+time s\s+peak MiB"],
     "bench_platonic_controls.py": [r"with controls: [\d.]+ s", r"ratio: [\d.]+x"],
     "bench_platonic_ties.py": [r"speed-up slow/fast: [\d.]+x; identical scores, deltas and permutation p-values: True"],
+    "bench_search.py": [r"n\s+engine\s+nlist\s+build s\s+memory MiB\s+query peak"],
     "bench_stream_train.py": [r"mode\s+after import\s+peak RSS\s+peak anon\s+steps/s", r"streaming throughput"],
+    "bench_study_parallel.py": [r"study.jobs = 1: \d+ cells", r"speed-up of --jobs 2 over serial: [\d.]+x",
+                                r"overhead per cell: "],
     "bench_train.py": [r"fit_adapters, \d+ epochs:", r"speed-up: [\d.]+x \(training steps\)"],
     "coverage_platonic.py": [r"metric\s+side\s+theta_n\s+MC err\s+coverage\s+mean width"],
     "gpu_check.sh": [r"encoder\s+precision decode\s+items\s+pipeline/s", r"speed-up: [\d.]+x \(training steps\)",
