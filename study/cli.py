@@ -14,7 +14,7 @@ from study.runner import StudyResult, run_study, status_of, summarize_study
 @config_option("study.jobs", "--jobs", type=int, help="Cells run at once on this machine (worker processes; on CUDA "
                "worker i takes GPU i mod count, on CPU each gets cores / jobs threads).")
 @config_option("study.launcher", "--launcher", help="Where the cells run: this machine, or a SLURM job array "
-               "(settings: the [study.slurm] table; needs submitit).")
+               "(settings: the study.slurm table of the config; needs submitit).")
 @click.option("--dry-run", is_flag=True, help="List the cells and which are finished; run nothing.")
 @click.option("--status", "show_status", is_flag=True,
               help="Show what is done, failed, running (who holds each claim) and left; run nothing.")
