@@ -36,7 +36,7 @@ from study.runner import study_dir
 
 DEMO_CONFIG = "configs/demo.toml"
 STUDY_CONFIG = "configs/study-demo.toml"
-FILES = ("README.md", "docs/analyze.md", "docs/studies.md")  # where blocks may be
+FILES = ("README.md", "docs/aligned-model.md", "docs/analyze.md", "docs/studies.md")  # where blocks may be
 FIGURES = {"docs/figures/demo-study-fraction.png": "fraction.png"}  # copied from the study's folder
 MARK = re.compile(r"(<!-- numbers: ([a-z-]+) -->\n)(.*?)(<!-- /numbers: \2 -->)", re.S)
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
@@ -122,6 +122,18 @@ def demo_evaluations(cfg: PipelineConfig) -> str:
     return "\n".join(out) + "\n"
 
 
+def demo_benchmark(cfg: PipelineConfig) -> str:
+    """docs/aligned-model.md: CLIP_benchmark's figures beside the project's on the demo's test split."""
+    bench = _json(output_dir(cfg, "runs", cfg.train.name) / f"benchmark-own-{cfg.analyze.split}.json")
+    out = ["| CLIP_benchmark figure | CLIP_benchmark | project (`metrics.json`, `analyze zeroshot`) | close calls |",
+           "|---|---|---|---|"]
+    for task in ("zeroshot_retrieval", "zeroshot_classification"):
+        for c in bench["results"].get(task, {}).get("compare", []):
+            out.append(f"| {c['figure']} ({c['project_figure']}) | {c['clip_benchmark']:.4f} | {c['project']:.4f} | "
+                       f"{c['close_calls']} |")
+    return "\n".join(out) + "\n"
+
+
 def _study() -> tuple[PipelineConfig, Path]:
     cfg = load_config(STUDY_CONFIG)
     return cfg, study_dir(cfg)
@@ -166,7 +178,7 @@ def study_time(_: PipelineConfig) -> str:
 
 BLOCKS: dict[str, tuple[Callable[[PipelineConfig], str], bool]] = {  # name: (renderer, compared by --check)
     "demo-results": (demo_results, True), "demo-time": (demo_time, False),
-    "demo-evaluations": (demo_evaluations, True), "study-results": (study_results, True),
+    "demo-evaluations": (demo_evaluations, True), "demo-benchmark": (demo_benchmark, True), "study-results": (study_results, True),
     "study-time": (study_time, False)}
 
 
