@@ -56,6 +56,11 @@ class ExtractConfig:
     layers: str = "last"  # last | all (also store the pooled features of every hidden layer)
     on_error: str = "error"  # unreadable image: error | skip (logged, recorded in the cache)
     decode: str = "auto"  # image decoding: auto (gpu when the model runs on CUDA) | cpu (PIL in workers) | gpu (nvJPEG)
+    tokens: str = "none"  # token features too: none | all (every token) | grid:K (image grids average-pooled to K x K,
+    #   + CLS for ViTs; texts keep every real token); part of the entry key (docs/tokens.md)
+    token_dtype: str = "float16"  # stored dtype of token features: float16 | float32
+    max_token_bytes: int = 8_000_000_000  # refuse a token entry whose estimated size (rows x tokens x width x bytes)
+    #   is larger, bytes (Flickr30k with DINOv2-L, every token at 224 px, is about 16e9 at float16)
     encoder_options: dict = field(default_factory=dict)  # per encoder: {"gpt2": {"pooling": "last"}}
 
 
@@ -198,6 +203,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extract.layers": ("last", "all"),
     "extract.on_error": ("error", "skip"),
     "extract.decode": ("auto", "cpu", "gpu"),
+    "extract.token_dtype": ("float16", "float32"),
     "train.schedule": ("constant", "cosine"),
     "train.loss": ("infonce", "vsepp"),
     "train.loss_direction": ("symmetric", "image_to_text"),

@@ -14,13 +14,14 @@ from typing import Any, Callable
 import torch
 
 from extract.encoders.encoder import Encoder
-from extract.encoders.spec import EncoderSpec, UnknownEncoderError, with_overrides
+from extract.encoders.spec import EncoderSpec, EncoderSpecError, UnknownEncoderError, with_overrides
 from pipeline.errors import did_you_mean
 
 REGISTRY: dict[str, EncoderSpec] = {}  # registry name -> spec
 ALIASES: dict[str, str] = {}  # alias -> registry name
 GENERIC: dict[str, Callable[[str], EncoderSpec]] = {}  # "<prefix>" of "<prefix>:<id>" -> spec builder
 LOADERS: dict[str, Callable[[EncoderSpec, Any], Encoder]] = {}  # family -> loader(spec, device) -> Encoder
+TOKEN_FAMILIES: set[str] = set()  # families whose encoders give token states (Encoder.encode_tokens)
 
 
 def register(spec: EncoderSpec) -> EncoderSpec:
@@ -51,11 +52,23 @@ def register_generic(prefix: str, build: Callable[[str], EncoderSpec]) -> None:
     GENERIC[prefix] = build
 
 
-def register_loader(family: str, load: Callable[[EncoderSpec, Any], Encoder]) -> None:
-    """``load(spec, device)`` builds every spec of ``family``: an Encoder in eval mode, frozen, on device."""
+def register_loader(family: str, load: Callable[[EncoderSpec, Any], Encoder], tokens: bool = False) -> None:
+    """``load(spec, device)`` builds every spec of ``family``: an Encoder in eval mode, frozen, on device;
+    ``tokens``: its encoders implement ``Encoder.encode_tokens`` (``extract --tokens``)."""
     if family in LOADERS:
         raise ValueError(f"family {family!r} already has a loader")
     LOADERS[family] = load
+    if tokens:
+        TOKEN_FAMILIES.add(family)
+
+
+def check_tokens(spec: EncoderSpec) -> None:
+    """EncoderSpecError naming the encoder unless its family gives token states."""
+    if spec.family not in TOKEN_FAMILIES:
+        able = sorted(n for n, s in REGISTRY.items() if s.family in TOKEN_FAMILIES and s.modality == spec.modality)
+        raise EncoderSpecError(
+            f"Encoder {spec.name!r} ({spec.family} family) has no token output, so --tokens cannot store its tokens; "
+            f"extract it with --tokens none, or pick another {spec.modality} encoder, one of: {', '.join(able[:6])}.")
 
 
 def _lookup(name: str) -> EncoderSpec:
