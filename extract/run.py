@@ -177,7 +177,7 @@ def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, conte
            "content": content["digest"], "cache_format": CACHE_FORMAT, "precision": cfg.extract.precision,
            "layers": cfg.extract.layers, **extra}
     if token_grid(cfg.extract.tokens) is not None:  # pooled requests keep the keys they always had
-        key.update(tokens=cfg.extract.tokens, token_dtype=cfg.extract.token_dtype)
+        key.update(tokens=cfg.extract.tokens, token_dtype=cfg.extract.token_dtype, token_layout=check_tokens(spec))
     return path, [r.id for r in rows], key
 
 

@@ -56,7 +56,7 @@ def test_tokens_match_the_encoder_and_pooled_features_do_not_change(flickr, tmp_
         np.testing.assert_array_equal(a.features(), b.features())
         assert "tokens" not in a.key and not a.has_tokens
         assert b.key["tokens"] == "grid:2" and b.key["token_dtype"] == "float16"
-        assert {k: v for k, v in b.key.items() if k not in ("tokens", "token_dtype")} == a.key
+        assert {k: v for k, v in b.key.items() if k not in ("tokens", "token_dtype", "token_layout")} == a.key
         enc = load_encoder(get_spec(name))
         if enc.spec.modality == "image":
             tf = image_transform(enc.spec.prep)
@@ -70,6 +70,7 @@ def test_tokens_match_the_encoder_and_pooled_features_do_not_change(flickr, tmp_
     # ViT: CLS + 2 x 2 pooled patches; text: only the real tokens (lengths differ by caption)
     assert set(tok["tiny-dinov2"].token_lengths()) == {5}
     assert tok["tiny-gpt2"].token_width == 32
+    assert [tok[n].key["token_layout"] for n in names] == ["positions", "cls+patches", "text", "text"]
 
 
 def test_a_pooled_entry_is_stale_for_a_token_request(flickr, tmp_path):

@@ -106,7 +106,7 @@ def _generic_hf_image(src: str) -> EncoderSpec:
         config=(("prep_from_processor", True),), description="generic transformers AutoModel image encoder")
 
 
-register_loader("hf-image", _load_hf_image, tokens=True)
+register_loader("hf-image", _load_hf_image, tokens="cls+patches")
 register_generic("hf-image", _generic_hf_image)
 for _size, _dim in (("small", 384), ("base", 768), ("large", 1024), ("giant", 1536)):
     register(EncoderSpec(

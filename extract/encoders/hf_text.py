@@ -56,7 +56,7 @@ def _generic_hf_text(src: str) -> EncoderSpec:
         TextPrep(GENERIC_MAX_TOKENS), description="generic transformers AutoModel text encoder")
 
 
-register_loader("hf-text", _load_hf_text, tokens=True)
+register_loader("hf-text", _load_hf_text, tokens="text")
 register_generic("hf-text", _generic_hf_text)
 
 register(EncoderSpec(

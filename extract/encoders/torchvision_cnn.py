@@ -188,9 +188,9 @@ def _load_efficientnet_lite(spec: EncoderSpec, device) -> Encoder:
 
 
 # --------------------------------------------------------------------------- registration
-register_loader("torchvision", tokens=True, load=_load_torchvision)
-register_loader("tiny-resnet", tokens=True, load=_load_tiny_resnet)
-register_loader("efficientnet-lite", tokens=True, load=_load_efficientnet_lite)
+register_loader("torchvision", tokens="positions", load=_load_torchvision)
+register_loader("tiny-resnet", tokens="positions", load=_load_tiny_resnet)
+register_loader("efficientnet-lite", tokens="positions", load=_load_efficientnet_lite)
 register_generic("torchvision", _generic_torchvision)
 
 RESNET_PREP = ImagePrep(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)  # torchvision's ImageNet recipe
