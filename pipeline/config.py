@@ -64,12 +64,23 @@ class ExtractConfig:
     encoder_options: dict = field(default_factory=dict)  # per encoder: {"gpt2": {"pooling": "last"}}
 
 
+# [train.token]: the branches of train.adapter = "token" (train/tokens.py checks them; docs/tokens.md).
+TOKEN_DEFAULTS = {
+    "vision_local": "token",  # image local tokens: identity | mlp | token (x + MLP(LN(x)) per token), then mean-pooled
+    "vision_cls": "token",  # image global token (CLS; CNNs: mean of the positions): identity | mlp | token
+    "text_local": "token",  # text tokens: identity | mlp | token | patch (share vision_local's weights), mean-pooled
+    "text_global": "mlp",  # after text pooling: identity | mlp (two layers) | token
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     image: str = "resnet18"  # cache entry of the image modality
     text: str = "gpt2"  # cache entry of the text modality
     modalities: dict = field(default_factory=dict)  # more than two: {"audio": "clap"}; adds to image/text
     adapter: str = "linear"  # linear (d -> dim) | mlp (d -> 1024 -> dim) | bottleneck (d -> 256 -> dim) | residual
+    #   | token (token projectors on token entries: train.token, docs/tokens.md)
+    token: dict = field(default_factory=lambda: dict(TOKEN_DEFAULTS))  # adapter = "token": TOKEN_DEFAULTS
     dim: int = 768  # shared space dimension d_e
     hidden: int = 1024  # hidden width of the mlp and residual adapters
     bottleneck: int = 256  # width of the bottleneck adapter
