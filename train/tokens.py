@@ -126,6 +126,18 @@ def pad_tokens(flat: np.ndarray, lengths: np.ndarray, length: int) -> np.ndarray
     return out.reshape(k, length * (w + 1))
 
 
+def pad_token_batch(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Token states (B, T, w) with mask (B, T) (real tokens first, as right-padded batches and
+    token grids are) -> (B, length * (w + 1)) rows laid out as :func:`pad_tokens` lays them out."""
+    b, t, w = tokens.shape
+    keep = min(t, length)
+    out = tokens.new_zeros((b, length, w + 1))
+    m = mask[:, :keep].to(tokens.dtype)
+    out[:, :keep, :w] = tokens[:, :keep] * m.unsqueeze(-1)
+    out[:, :keep, w] = m
+    return out.reshape(b, length * (w + 1))
+
+
 def token_views(entries: Mapping[str, Mapping[str, Entry]]) -> dict[str, dict[str, TokenView]]:
     """split -> modality -> TokenView, L per modality the longest row over every split."""
     try:
