@@ -86,7 +86,9 @@ class TokenView:
         self.entry, self.length, self.width = entry, int(length), entry.token_width
         self.layout = str(entry.key.get("token_layout", "positions"))
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only called for names not found on the view itself
+        if name == "entry":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.entry, name)
 
     def __repr__(self) -> str:
@@ -116,13 +118,14 @@ class TokenView:
 def pad_tokens(flat: np.ndarray, lengths: np.ndarray, length: int) -> np.ndarray:
     """Flat tokens (T, w) of rows with ``lengths`` -> (k, length * (w + 1)) float32: each slot the
     token then 1, padding slots all zero (a row longer than ``length`` keeps its first tokens)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
     k, w = len(lengths), flat.shape[1]
     out = np.zeros((k, length, w + 1), dtype=np.float32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    for i in range(k):
-        n = min(int(lengths[i]), length)
-        out[i, :n, :w] = flat[offsets[i]:offsets[i] + n]
-        out[i, :n, w] = 1.0
+    row = np.repeat(np.arange(k), lengths)  # (T,) the row of each token
+    pos = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # its slot within the row
+    keep = pos < length
+    out[row[keep], pos[keep], :w] = flat[keep]
+    out[row[keep], pos[keep], w] = 1.0
     return out.reshape(k, length * (w + 1))
 
 
