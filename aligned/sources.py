@@ -51,8 +51,9 @@ class Side:
     tokens: dict | None = None
 
     def to_json(self) -> dict:
-        return {"modality": self.modality, "entry": self.entry, "encoder": self.spec.provenance(),
-                "precision": self.precision, "layer": self.layer, "dim": self.dim, "tokens": self.tokens}
+        doc = {"modality": self.modality, "entry": self.entry, "encoder": self.spec.provenance(),
+               "precision": self.precision, "layer": self.layer, "dim": self.dim}
+        return {**doc, "tokens": self.tokens} if self.tokens else doc  # pooled sides: as before (index hashes)
 
 
 def token_side(src: Mapping) -> dict | None:
