@@ -123,7 +123,7 @@ def _encoder(m: str, rec: Mapping, folder: Path, device, where: str) -> tuple[En
                            f"--include-weights) and not on this machine. {exc} Or export the run again with "
                            f"--include-weights.") from None
     _check_loaded(m, enc, rec, bool(included), where)
-    return enc, Side(m, name, spec, str(rec["precision"]), rec["layer"], int(rec["dim"]))
+    return enc, Side(m, name, spec, str(rec["precision"]), rec["layer"], int(rec["dim"]), rec.get("tokens"))
 
 
 def read_folder(folder: str | Path, device: str = "auto") -> tuple[dict, dict, object, object, dict]:

@@ -14,6 +14,10 @@ the dataset's RGB conversion (``extract.datasets.to_rgb``) and the encoder's own
 standardisation (``train.data.Stats``) and the adapter (``train.adapters.AlignModel``). So
 ``embed_images`` / ``embed_texts`` on a split's raw images and captions reproduce its
 ``<entry>@<run>`` entries row for row (tests/test_aligned.py: fp32 on CPU, within 1e-5).
+Token-projector runs (``train.adapter = "token"``) take the same path with the encoder's token
+states (``forward_tokens``), rounded to the entry's token dtype (float16) as extraction stored
+them and padded as training read them (``train.tokens.pad_token_batch``); see docs/tokens.md
+for the tolerance that holds.
 
 Building one: :meth:`AlignedModel.from_run` (a run of a cache), :meth:`AlignedModel.from_pretrained`
 (a folder written by ``aligned.export``; its layout: ``aligned.folder``).
@@ -36,11 +40,12 @@ from aligned.errors import AlignedError
 from aligned.folder import read_folder
 from aligned.inputs import Preprocess, Tokenizer
 from aligned.sources import MODALITIES, Side, locate_run, side_of
-from extract.encoders import Encoder, forward_batch, load_encoder
+from extract.encoders import Encoder, forward_batch, forward_tokens, load_encoder, token_grid
 from pipeline.runtime import autocast, resolve_device
 from train.adapters import MAX_LOGIT_SCALE, AlignModel
 from train.api import load_run
 from train.data import Stats
+from train.tokens import pad_token_batch
 
 
 class AlignedModel(torch.nn.Module):
@@ -61,7 +66,8 @@ class AlignedModel(torch.nn.Module):
         self.adapters, self.stats, self.sides, self.info = adapters, stats, dict(sides), dict(info)
         for m, enc in encoders.items():
             side = self.sides[m]
-            if side.layer is None and enc.dim != side.dim:
+            width = side.tokens["width"] if side.tokens else side.dim
+            if side.layer is None and enc.dim != width:
                 raise AlignedError(f"the {m} encoder {side.entry!r} gives {enc.dim}-d features, but the {m} adapter "
                                    f"was trained on {side.dim}-d ones: the weights found are not the ones the "
                                    f"run's entries were extracted with.")
@@ -143,8 +149,13 @@ class AlignedModel(torch.nn.Module):
 
     def _encode(self, modality: str, encoder: Encoder, batch, normalize: bool) -> torch.Tensor:
         side = self.sides[modality]
-        features, layers = forward_batch(encoder, batch, side.precision, side.layer is not None)
-        x = features if side.layer is None else layers[side.layer]
+        if side.tokens:  # token adapters: the stored token dtype and padding, as training read them
+            _, tokens, mask = forward_tokens(encoder, batch, side.precision, token_grid(side.tokens["grid"]) or 0)
+            tokens = tokens.to(getattr(torch, side.tokens["dtype"])).float()
+            x = pad_token_batch(tokens, mask, side.tokens["length"])
+        else:
+            features, layers = forward_batch(encoder, batch, side.precision, side.layer is not None)
+            x = features if side.layer is None else layers[side.layer]
         out = self.adapters(modality, self.stats.apply(modality, x.float()))
         return F.normalize(out, dim=-1) if normalize else out
 

@@ -38,7 +38,9 @@ class EncoderChangedError(AlignedError):
 class Side:
     """One tower: the cache entry the adapter read (``entry``), the encoder that made it
     (``spec``, checked against the entry's key), the extraction precision, the hidden layer the
-    adapter reads (None = the pooled features) and the adapter's input width ``dim``."""
+    adapter reads (None = the pooled features) and the adapter's input width ``dim``; ``tokens``
+    for token adapters (``train.tokens``): {"width", "layout", "length" (token slots per row),
+    "grid" (``extract.tokens``), "dtype" (the stored token dtype)}, else None."""
 
     modality: str
     entry: str
@@ -46,10 +48,21 @@ class Side:
     precision: str
     layer: int | None
     dim: int
+    tokens: dict | None = None
 
     def to_json(self) -> dict:
-        return {"modality": self.modality, "entry": self.entry, "encoder": self.spec.provenance(),
-                "precision": self.precision, "layer": self.layer, "dim": self.dim}
+        doc = {"modality": self.modality, "entry": self.entry, "encoder": self.spec.provenance(),
+               "precision": self.precision, "layer": self.layer, "dim": self.dim}
+        return {**doc, "tokens": self.tokens} if self.tokens else doc  # pooled sides: as before (index hashes)
+
+
+def token_side(src: Mapping) -> dict | None:
+    """Side.tokens of a run's modality record (adapters.json ``modalities``), None for pooled adapters."""
+    if not src.get("tokens"):
+        return None
+    key, width = src.get("key") or {}, int(src["tokens"]["width"])
+    return {**src["tokens"], "length": int(src["dim"]) // (width + 1), "grid": str(key.get("tokens", "all")),
+            "dtype": str(key.get("token_dtype", "float16"))}
 
 
 def rebuild_spec(name: str, recorded: Mapping, where: str) -> EncoderSpec:
@@ -89,7 +102,7 @@ def side_of(run: Run, modality: str) -> Side:
         raise AlignedError(f"{where}: the {modality} adapter was trained on {name!r}, a {spec.modality} encoder.")
     layer = src.get("layer")
     return Side(modality, name, spec, str(key.get("precision", "fp32")), None if layer is None else int(layer),
-                int(src["dim"]))
+                int(src["dim"]), token_side(src))
 
 
 def locate_run(run: str | Path, cache: str | Path | None = None) -> Path:

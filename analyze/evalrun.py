@@ -29,6 +29,7 @@ from pipeline.runs import ADAPTER_WEIGHTS, find_run, run_name
 from pipeline.errors import PipelineError
 from pipeline.runtime import atomic_write
 from pipeline.join import Pairs, join_pairs
+from train.tokens import TokenView
 from train.api import Run, load_run
 from train.baselines import FROM_MOMENTS, Alignment, LinearMap, pair_moments
 from train.fraction import ids_digest, subset_pairs
@@ -88,6 +89,18 @@ class RunView:
         """The stored hidden layer the run's adapter of ``modality`` reads (None = the features)."""
         return self.run.source(modality).get("layer")
 
+    def token_length(self, modality: str) -> int | None:
+        """Token slots per row the run's token adapter of ``modality`` was trained with (None: the
+        run reads pooled features; ``train.tokens``)."""
+        src = self.run.source(modality)
+        return src["dim"] // (src["tokens"]["width"] + 1) if src.get("tokens") else None
+
+    def _rows(self, entry: Entry, modality: str) -> np.ndarray:
+        """What the run's adapter of ``modality`` reads of every row of ``entry``: padded token rows
+        (token adapters), a hidden layer, or the pooled features."""
+        length = self.token_length(modality)
+        return TokenView(entry, length).features() if length else entry.features(self.layer(modality))
+
     def split(self, split: str) -> SplitPairs:
         """The joined image and caption rows of ``split`` (read once, then kept), from the hidden
         layers the adapters were trained on when the run chose layers; for ``train``, only the
@@ -101,7 +114,7 @@ class RunView:
                 pairs = self.train_pairs(img, pairs)
             self._splits[split] = SplitPairs(
                 split, [str(img.ids[r]) for r in pairs.image_rows], [str(txt.ids[r]) for r in pairs.text_rows],
-                img.features(self.layer("image"))[pairs.image_rows], txt.features(self.layer("text"))[pairs.text_rows],
+                self._rows(img, "image")[pairs.image_rows], self._rows(txt, "text")[pairs.text_rows],
                 pairs.text_to_image,
                 pairs.first_caption)
         return self._splits[split]

@@ -29,11 +29,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from extract.encoders import forward_batch, get_spec, load_encoder
+from extract.encoders import forward_batch, forward_tokens, get_spec, load_encoder
 from extract.labels import class_name
 from pipeline.cache import Entry, EntryWriter, entry_filename, entry_path
 from pipeline.errors import PipelineError
 from pipeline.runtime import resolve_device, utc_now, versions
+from train.tokens import pad_tokens
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,22 @@ def embed_texts(spec, texts: Sequence[str], device: str = "auto", precision: str
         feats, layers = forward_batch(encoder, encoder.tokenize(list(texts[s:s + BATCH])), precision, layer is not None)
         out.append((feats if layer is None else layers[layer]).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+
+
+@torch.no_grad()
+def prompt_tokens(text: Entry, classes: Sequence[str], templates: Sequence[str], length: int,
+                  device: str = "auto") -> np.ndarray:
+    """(C * T, length * (w + 1)) padded token rows of every prompt (``train.tokens.pad_tokens``) by
+    the text entry's encoder, rounded to the entry's token dtype as extraction stores them."""
+    _, texts = prompt_texts(classes, check_templates(templates))
+    encoder = load_encoder(encoder_for(text), resolve_device(device))
+    precision, dtype = str(text.key.get("precision", "fp32")), str(text.key.get("token_dtype", "float16"))
+    rows = []
+    for s in range(0, len(texts), BATCH):
+        _, tokens, mask = forward_tokens(encoder, encoder.tokenize(list(texts[s:s + BATCH])), precision)
+        flat = tokens[mask].to(getattr(torch, dtype)).float().cpu().numpy()
+        rows.append(pad_tokens(flat, mask.sum(1).cpu().numpy(), length))
+    return np.concatenate(rows)
 
 
 def prompt_features(cache: str | Path, dataset: str, text: Entry, classes: Sequence[str],

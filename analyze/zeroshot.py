@@ -34,7 +34,7 @@ from analyze import plots
 from analyze.compare import header, output_dir
 from analyze.evalrun import EvalError, RunView, open_run
 from analyze.matching import relative_representation
-from analyze.prompts import read_templates, prompt_features
+from analyze.prompts import read_templates, prompt_features, prompt_tokens
 from extract.labels import class_name, dataset_classes, image_labels
 from pipeline.config import PipelineConfig
 from pipeline.runtime import write_json
@@ -139,6 +139,8 @@ def _method_scores(rv: RunView, test, prompts: np.ndarray, n_classes: int) -> di
     """method -> (n_images, C) scores: the run's adapters, the baselines, ASIF."""
     out = {"adapters": class_scores(rv.embed("image", test.image),
                                     class_embeddings(rv.embed("text", prompts), n_classes))}
+    if rv.token_length("image") or rv.token_length("text"):  # token runs: no closed-form baselines, no ASIF
+        return out
     for method in rv.baselines:
         out[method] = class_scores(rv.baseline_embed(method, "image", test.image),
                                    class_embeddings(rv.baseline_embed(method, "text", prompts), n_classes))
@@ -182,8 +184,11 @@ def zero_shot(cfg: PipelineConfig, run: str | None = None, templates: str | Path
     test = rv.split(split)
     classes, labels = split_labels(cfg, test)
     t_prompt = time.perf_counter()
-    prompts = prompt_features(d.cache, d.dataset, rv.entry(split, "text"), classes, tpl, cfg.extract.device, force,
-                              rv.layer("text"))
+    if rv.token_length("text"):  # padded token rows of the prompts, computed each time (not cached)
+        prompts = prompt_tokens(rv.entry(split, "text"), classes, tpl, rv.token_length("text"), cfg.extract.device)
+    else:
+        prompts = prompt_features(d.cache, d.dataset, rv.entry(split, "text"), classes, tpl, cfg.extract.device,
+                                  force, rv.layer("text"))
     t_prompt = time.perf_counter() - t_prompt
     results = {m: summarize(S, labels, classes) for m, S in _method_scores(rv, test, prompts, len(classes)).items()}
     out = output_dir(cfg, "runs", rv.name)

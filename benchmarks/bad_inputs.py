@@ -212,6 +212,27 @@ NAMES_RUNS_NUMBERS = [
       "test_safe_names.py::test_a_folder_that_cannot_be_written_is_one_line_naming_it"]),
 ]
 
+# Token features and token projectors (docs/tokens.md).
+TOKENS = [
+    ("--tokens for an encoder without token output (CLIP towers)", "refused before any work, naming the encoder",
+     ["test_tokens_extract.py::test_refusals_before_anything_is_written"]),
+    ("--tokens all whose estimated size exceeds extract.max_token_bytes", "the size printed, then refused with the "
+     "--set to raise it; nothing staged", ["test_tokens_extract.py::test_refusals_before_anything_is_written",
+                                          "test_tokens_extract.py::test_cli_prints_the_estimate_and_the_token_count"]),
+    ("--tokens grid:0 / --tokens with --layers all", "one line naming the forms / the conflict",
+     ["test_tokens_extract.py::test_token_modes_parse", "test_tokens_extract.py::test_refusals_before_anything_is_written"]),
+    ("a pooled entry reused for a token request (and token chunks mixed with pooled ones)",
+     "stale entry naming tokens; --force recomputes", ["test_tokens_extract.py::test_a_pooled_entry_is_stale_for_a_token_request",
+                                                      "test_cache.py::test_token_chunks_must_match_their_rows"]),
+    ("a changed byte in stored tokens", "DamagedEntryError for the rows it covers",
+     ["test_cache.py::test_damaged_tokens_are_refused"]),
+    ("train.adapter = token on a pooled entry (tokens read from a pooled entry)",
+     "one line naming the `extract --tokens` command", ["test_tokens_train.py::test_bad_inputs_are_refused",
+                                                        "test_tokens_extract.py::test_pooled_entries_refuse_token_reads"]),
+    ("train.token typo / patch on unequal widths / patch of an identity projector", "one line naming the key and the fix",
+     ["test_tokens_train.py::test_bad_inputs_are_refused"]),
+]
+
 # Messages and figures that must stay clear (not bad input).
 MESSAGES = [
     ("`analyze pairs` with too few runs for a rank correlation", "says what is missing",
@@ -254,6 +275,7 @@ def main(argv: list[str]) -> int:
     groups = (("kinds of bad input", KINDS), ("kinds of stale or mismatched data", STALE_DATA),
               ("kinds of layer runs, re-extracted sources and labels", SOURCES_AND_LABELS),
               ("kinds of unsafe names, lost runs and wrong numbers", NAMES_RUNS_NUMBERS),
+              ("kinds of bad token input", TOKENS),
               ("messages and figures", MESSAGES))
     nodes = sorted({f"tests/{t}" for _, rows in groups for *_, tests in rows for t in tests})
     start = time.perf_counter()

@@ -55,6 +55,10 @@ def _encoder_options(values: tuple[str, ...]) -> dict | None:
 @config_option("extract.device", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")
 @config_option("extract.workers", "--workers", type=int, help="DataLoader workers; -1 = min(8, cores - 1), 0 for text on CPU.")
 @config_option("extract.layers", "--layers", help="all also stores every hidden layer's pooled features.")
+@config_option("extract.tokens", "--tokens", metavar="none|all|grid:K",
+               help="Also store token features: every token (all) or image token grids average-pooled to K x K "
+                    "(grid:K, plus CLS for ViTs; texts keep every real token); the estimated size is printed first "
+                    "and refused beyond extract.max_token_bytes (docs/tokens.md).")
 @config_option("extract.on_error", "--on-error", help="Unreadable image: stop, or skip it (logged and recorded in the cache).")
 @config_option("extract.decode", "--decode",
                help="Image decoding: auto (JPEGs on the GPU when the model runs on CUDA, else CPU) | cpu (PIL in "
@@ -103,7 +107,8 @@ def main(force, repair, shard_text, merge_only, list_encoders, config_path, over
         return  # torchrun: rank 0 prints the table
     for entry in entries:
         skipped = f", {len(entry.skipped)} skipped" if entry.skipped else ""
-        click.echo(f"{entry.name:24s} {entry.n:7d} x {entry.dim:<5d}{skipped}  {entry.path}")
+        tokens = f"  {entry.token_lengths().sum()} tokens x {entry.token_width}" if entry.has_tokens else ""
+        click.echo(f"{entry.name:24s} {entry.n:7d} x {entry.dim:<5d}{skipped}{tokens}  {entry.path}")
     if shard is not None and shard.count > 1:
         click.echo(f"shard {shard}: its chunks are staged; {len(entries)} entries were finished here. The last "
                    "shard to finish assembles the rest; `extract --merge` (same options) checks and finishes.")

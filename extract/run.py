@@ -40,9 +40,11 @@ import torch
 
 from extract import datasets as D
 from extract.checks import TokenCollisions, warn_duplicate_images
-from extract.encoders import EncoderSpec, forward_batch, get_spec, image_pixels, load_encoder
+from extract.encoders import (EncoderSpec, check_tokens, forward_batch, forward_tokens, get_spec, image_pixels,
+                              load_encoder, token_grid)
 from extract.gpu_decode import CPU, DECODES, GPU_NVJPEG, GpuDecoder, decode_key, effective_decoder, read_jpeg
 from extract.loader import batches, loader_workers, make_loader
+from extract.token_size import check_token_size
 from extract.sharding import (IncompleteExtractionError, Shard, ShardError, Team, describe_missing, shard_totals,
                               team, torchrun_shard)
 from pipeline.cache import (CACHE_FORMAT, FORMATS, Entry, EntryWriter, dataset_dir, entry_filename, entry_path,
@@ -70,8 +72,10 @@ class _Job:
     writer: EntryWriter
     pending: set[int]
     encoder: torch.nn.Module | None = None
-    buffers: dict | None = None  # chunk -> list of (features, layers)
+    buffers: dict | None = None  # chunk -> list of (features, layers, tokens (flat, lengths) | None)
     input_key: str = ""  # which collated input this encoder reads (set once loaded)
+    token_width: int = 0  # width of its token vectors (token extraction: set by check_token_size)
+    token_dtype: str = ""
 
 
 # ----------------------------------------------------------------------------- the request
@@ -102,7 +106,17 @@ def check_request(cfg: PipelineConfig) -> list[EncoderSpec]:
     autocast(resolve_device(x.device), x.precision)  # refuses unknown devices and fp16 on CPU; not entered
     for name in x.encoders:
         entry_filename(name, "cache entry name of --encoder (for a local model: a shorter path, e.g. a symlink)")
-    return resolve_specs(cfg)
+    specs = resolve_specs(cfg)
+    if token_grid(x.tokens) is not None:
+        _one_of("extract.token_dtype", x.token_dtype, CHOICES["extract.token_dtype"])
+        if x.layers == "all":
+            raise ConfigError("extract.layers = all and extract.tokens cannot be combined (one forward pass stores "
+                              "one of them): extract the layers with --tokens none into another --cache.")
+        if x.max_token_bytes < 0:
+            raise ConfigError(f"extract.max_token_bytes must be >= 0, got {x.max_token_bytes}.")
+        for spec in specs:
+            check_tokens(spec)
+    return specs
 
 
 def resolve_specs(cfg: PipelineConfig) -> list[EncoderSpec]:
@@ -162,6 +176,8 @@ def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, conte
            "fingerprint": split.fingerprint(), "data_dir": resolved_data_dir(cfg.data.data_dir),
            "content": content["digest"], "cache_format": CACHE_FORMAT, "precision": cfg.extract.precision,
            "layers": cfg.extract.layers, **extra}
+    if token_grid(cfg.extract.tokens) is not None:  # pooled requests keep the keys they always had
+        key.update(tokens=cfg.extract.tokens, token_dtype=cfg.extract.token_dtype, token_layout=check_tokens(spec))
     return path, [r.id for r in rows], key
 
 
@@ -279,6 +295,8 @@ def _extract_modality(cfg: PipelineConfig, split: D.Split, content: dict, specs:
     jobs = _open_jobs(cfg, split, content, specs, us, force, repair)
     todo = sorted(set().union(*(j.pending for j in jobs)))
     inputs_by = _load_encoders([j for j in jobs if j.pending], us.device) if todo else {}
+    if todo and token_grid(cfg.extract.tokens) is not None:
+        check_token_size(cfg, rows, [j for j in jobs if j.pending], us)
     for job in jobs:  # staging only once the models have loaded: a failed load leaves nothing behind
         job.writer.open()
     note = us.note(len(todo))
@@ -367,7 +385,7 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
             for job in jobs:
                 if chunk in job.pending and batch.rows:
                     job.buffers.setdefault(chunk, []).append(
-                        _forward(job, batch.inputs[job.input_key], x.precision, x.layers == "all"))
+                        _forward(job, batch.inputs[job.input_key], x, x.layers == "all"))
             bar.update(len(batch.rows) + len(batch_skipped))
             done += len(batch.rows) + len(batch_skipped)
             warm = warm or (time.perf_counter(), done)
@@ -385,19 +403,30 @@ def _run_jobs(cfg: PipelineConfig, split: D.Split, rows: Sequence, jobs: list[_J
             "steady_items_per_s": steady, **(decode.stats() if decode else {})}
 
 
-def _forward(job: _Job, batch, precision: str, all_layers: bool):
-    """((b, d) features, [(b, d_k) per layer]) as numpy for one batch of one encoder (uint8
-    pixels from the workers are scaled and normalised on the model's device: ``forward_batch``)."""
-    features, layers = forward_batch(job.encoder, batch, precision, all_layers)
-    return features.cpu().numpy(), [layer.cpu().numpy() for layer in layers or []]
+def _forward(job: _Job, batch, x, all_layers: bool):
+    """((b, d) features, [(b, d_k) per layer], tokens) as numpy for one batch of one encoder (uint8
+    pixels from the workers are scaled and normalised on the model's device: ``forward_batch``);
+    tokens: (flat (t, w) in extract.token_dtype, (b,) lengths) of the real tokens, or None."""
+    grid = token_grid(x.tokens)
+    if grid is None:
+        features, layers = forward_batch(job.encoder, batch, x.precision, all_layers)
+        return features.cpu().numpy(), [layer.cpu().numpy() for layer in layers or []], None
+    features, tokens, mask = forward_tokens(job.encoder, batch, x.precision, grid)
+    flat = tokens[mask].to(getattr(torch, x.token_dtype)).cpu().numpy()
+    return features.cpu().numpy(), [], (flat, mask.sum(1).cpu().numpy())
 
 
 def _flush(job: _Job, chunk: int, skipped: dict[str, str], all_layers: bool) -> None:
     """Stage one finished chunk of one encoder from its buffered batches."""
     parts = job.buffers.pop(chunk, [])
+    tokens = None
     if parts:
         features = np.concatenate([p[0] for p in parts])
         layers = [np.concatenate([p[1][k] for p in parts]) for k in range(len(parts[0][1]))] if all_layers else []
+        if parts[0][2] is not None:
+            tokens = (np.concatenate([p[2][0] for p in parts]), np.concatenate([p[2][1] for p in parts]))
     else:  # every row of the chunk was skipped
         features, layers = np.zeros((0, job.encoder.dim), np.float32), []
-    job.writer.write_chunk(chunk, features, layers, skipped)
+        if job.token_width:
+            tokens = (np.zeros((0, job.token_width), job.token_dtype), np.zeros(0, np.int64))
+    job.writer.write_chunk(chunk, features, layers, skipped, tokens)

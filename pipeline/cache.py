@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.entry import Entry, open_entry, write_file
+from pipeline.entry import TOKEN_DTYPES, Entry, TokenData, open_entry, write_file
 from pipeline.names import safe_name, source_of
 from pipeline.errors import did_you_mean
 from pipeline.integrity import repair_hint
@@ -46,7 +46,7 @@ from pipeline.staging import (PARTIAL_SUFFIX, Chunk, Staging, StagingLostError, 
 from pipeline.storage import (FORMATS, CacheError, DamagedEntryError, OldFormatError, StaleCacheError, backend,
                               locked, orphans, remove, stale_message)
 
-__all__ = ["CACHE_FORMAT", "FORMATS", "PARTIAL_SUFFIX", "AmbiguousDatasetError", "CacheError", "DamagedEntryError",
+__all__ = ["CACHE_FORMAT", "FORMATS", "TOKEN_DTYPES", "TokenData", "PARTIAL_SUFFIX", "AmbiguousDatasetError", "CacheError", "DamagedEntryError",
            "Entry", "EntryWriter", "OldFormatError", "OtherDatasetError", "StaleCacheError", "StagingLostError", "cached_datasets", "dataset_dir",
            "dataset_folder", "entry_filename", "entry_path", "find_entry", "list_entries", "list_splits",
            "open_entry", "resolved_data_dir", "scan_entries", "sibling_path", "split_dir", "staging_folders",
@@ -139,17 +139,18 @@ def find_entry(cache: str | Path, dataset: str, split: str, entry: str, data_dir
 
 def write_entry(path: str | Path, name: str, ids: Sequence[str], features: np.ndarray, key: Mapping,
                 provenance: Mapping, layers: Sequence[np.ndarray] = (), skipped: Sequence[Mapping] = (),
-                chunk_rows: int = 1024, content: Mapping | None = None) -> Entry:
+                chunk_rows: int = 1024, content: Mapping | None = None, tokens: TokenData | None = None) -> Entry:
     """Write a whole entry at once, atomically (temporary name, then rename), under the folder lock.
 
     features: (n, d); layers: optional list of (n, d_k) arrays stored as ``layers/<k>``;
-    content: optional {"ids", "digests"} content hashes of the source split's images.
+    content: optional {"ids", "digests"} content hashes of the source split's images;
+    tokens: optional token vectors of the rows (``TokenData.of(flat, lengths)``).
     """
     path = Path(path)
     backend(path)  # an unknown extension fails before anything is written
     with locked(path):
         _remove_orphans(path)
-        write_file(path, name, ids, features, key, provenance, layers, skipped, chunk_rows, content)
+        write_file(path, name, ids, features, key, provenance, layers, skipped, chunk_rows, content, tokens)
     return open_entry(path)
 
 
@@ -315,9 +316,11 @@ class EntryWriter:
         return [c for c in range(self.num_chunks) if not self._staging.has_chunk(c)]
 
     def write_chunk(self, chunk: int, features: np.ndarray, layers: Sequence[np.ndarray] = (),
-                    skipped: Mapping[str, str] | None = None) -> None:
+                    skipped: Mapping[str, str] | None = None,
+                    tokens: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Stage one chunk. ``features`` holds the chunk's rows in order, minus ``skipped``
-        ({id: reason}) rows, which must belong to the chunk."""
+        ({id: reason}) rows, which must belong to the chunk; ``tokens``: (flat (t, w) in the dtype
+        to store, (m,) tokens per kept row) for token entries."""
         skipped = dict(skipped or {})
         chunk_ids = [self.ids[i] for i in self.rows(chunk)]
         unknown = set(skipped) - set(chunk_ids)
@@ -330,12 +333,26 @@ class EntryWriter:
         bad = first_nonfinite_row(features)
         if bad is not None:
             raise CacheError(f"chunk {chunk}: non-finite features for id {kept[bad]!r} (try --precision fp32).")
+        if tokens is not None:
+            flat, lengths = np.asarray(tokens[0]), np.asarray(tokens[1], dtype=np.int64)
+            if flat.dtype.name not in TOKEN_DTYPES or flat.ndim != 2 or lengths.shape != (len(kept),) \
+                    or int(lengths.sum()) != len(flat):
+                raise CacheError(f"chunk {chunk}: tokens must be flat (t, w) {'/'.join(TOKEN_DTYPES)} with one "
+                                 f"length per kept row ({len(kept)}), got {flat.dtype} {flat.shape}, {lengths.shape}.")
+            bad = first_nonfinite_row(flat)
+            if bad is not None:
+                row = kept[int(np.searchsorted(np.cumsum(lengths), bad, side="right"))]
+                raise CacheError(f"chunk {chunk}: non-finite token values for id {row!r} (beyond the {flat.dtype} "
+                                 "range? try --set extract.token_dtype=float32).")
         if self._finished():  # another process completed the entry meanwhile
             return
         self.open()
         if self.done:
             return
-        self._staging.write_chunk(chunk, Chunk(kept, features, list(layers), skipped))
+        staged = Chunk(kept, features, list(layers), skipped)
+        if tokens is not None:
+            staged.tokens, staged.token_lengths = flat, lengths
+        self._staging.write_chunk(chunk, staged)
 
     def write_note(self, name: str, data: Mapping) -> bool:
         """Store a small JSON record as ``<staging>/note-<name>.json`` (atomically; replaces an
@@ -398,4 +415,17 @@ class EntryWriter:
         for s in staged_skips:
             log.warning("%s: skipped %s (%s)", self.name, s["id"], s["reason"])
         write_file(self.path, self.name, ids, features, self.key, provenance, layers, [*skipped, *staged_skips],
-                   self.chunk_rows, self.content)
+                   self.chunk_rows, self.content, self._staged_tokens(parts))
+
+    def _staged_tokens(self, parts: list[Chunk]) -> TokenData | None:
+        """The staged chunks' tokens, read chunk by chunk while the entry is written (None when
+        none has any; CacheError when only some have)."""
+        with_tokens = [p.token_lengths is not None for p in parts]
+        if not any(with_tokens):
+            return None
+        if not all(with_tokens):
+            raise CacheError(f"Staged chunks of {self.name!r} mix token and pooled chunks; rerun with --force.")
+        first = self._staging.read_tokens(0)
+        lengths = np.concatenate([p.token_lengths for p in parts]).astype(np.int64)
+        reads = lambda: (first if c == 0 else self._staging.read_tokens(c) for c in range(len(parts)))  # noqa: E731
+        return TokenData(lengths, int(first.shape[1]), first.dtype.name, reads)

@@ -56,7 +56,21 @@ class ExtractConfig:
     layers: str = "last"  # last | all (also store the pooled features of every hidden layer)
     on_error: str = "error"  # unreadable image: error | skip (logged, recorded in the cache)
     decode: str = "auto"  # image decoding: auto (gpu when the model runs on CUDA) | cpu (PIL in workers) | gpu (nvJPEG)
+    tokens: str = "none"  # token features too: none | all (every token) | grid:K (image grids average-pooled to K x K,
+    #   + CLS for ViTs; texts keep every real token); part of the entry key (docs/tokens.md)
+    token_dtype: str = "float16"  # stored dtype of token features: float16 | float32
+    max_token_bytes: int = 8_000_000_000  # refuse a token entry whose estimated size (rows x tokens x width x bytes)
+    #   is larger, bytes (Flickr30k with DINOv2-L, every token at 224 px, is about 16e9 at float16)
     encoder_options: dict = field(default_factory=dict)  # per encoder: {"gpt2": {"pooling": "last"}}
+
+
+# [train.token]: the branches of train.adapter = "token" (train/tokens.py checks them; docs/tokens.md).
+TOKEN_DEFAULTS = {
+    "vision_local": "token",  # image local tokens: identity | mlp | token (x + MLP(LN(x)) per token), then mean-pooled
+    "vision_cls": "token",  # image global token (CLS; CNNs: mean of the positions): identity | mlp | token
+    "text_local": "token",  # text tokens: identity | mlp | token | patch (share vision_local's weights), mean-pooled
+    "text_global": "mlp",  # after text pooling: identity | mlp (two layers) | token
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,8 @@ class TrainConfig:
     text: str = "gpt2"  # cache entry of the text modality
     modalities: dict = field(default_factory=dict)  # more than two: {"audio": "clap"}; adds to image/text
     adapter: str = "linear"  # linear (d -> dim) | mlp (d -> 1024 -> dim) | bottleneck (d -> 256 -> dim) | residual
+    #   | token (token projectors on token entries: train.token, docs/tokens.md)
+    token: dict = field(default_factory=lambda: dict(TOKEN_DEFAULTS))  # adapter = "token": TOKEN_DEFAULTS
     dim: int = 768  # shared space dimension d_e
     hidden: int = 1024  # hidden width of the mlp and residual adapters
     bottleneck: int = 256  # width of the bottleneck adapter
@@ -198,6 +214,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extract.layers": ("last", "all"),
     "extract.on_error": ("error", "skip"),
     "extract.decode": ("auto", "cpu", "gpu"),
+    "extract.token_dtype": ("float16", "float32"),
     "train.schedule": ("constant", "cosine"),
     "train.loss": ("infonce", "vsepp"),
     "train.loss_direction": ("symmetric", "image_to_text"),

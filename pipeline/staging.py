@@ -6,7 +6,8 @@ is the first REQUEST_CHARS hex characters of the sha256 of the manifest) holds
     manifest.json       the request this staging belongs to: entry name, key, chunk size, row count
                         and the sha256 of the row ids
     chunk-<c>.npz       chunk c, complete: ``features`` (m, d) float32, ``ids`` (m,) str, ``layer<k>``
-                        (m, d_k) float32, ``skipped`` (1,) str holding JSON {id: reason}
+                        (m, d_k) float32, ``skipped`` (1,) str holding JSON {id: reason}; token
+                        entries also ``tokens`` (t, w) in the stored dtype and ``token_lengths`` (m,)
     note-<name>.json    small records of the processes sharing the work (which shard ran where)
 
 The folder is named by the request, so two extractions of one entry with different requests (say
@@ -81,6 +82,8 @@ class Chunk:
     features: np.ndarray  # (m, d) float32
     layers: list[np.ndarray] = field(default_factory=list)  # (m, d_k) float32 each
     skipped: dict[str, str] = field(default_factory=dict)  # {id: reason}
+    tokens: np.ndarray | None = None  # (t, w) flat tokens of the kept rows (token entries); not read back
+    token_lengths: np.ndarray | None = None  # (m,) tokens per kept row; None without tokens
 
 
 class Staging:
@@ -131,6 +134,9 @@ class Staging:
                   "skipped": np.asarray([canonical_json(staged.skipped)])}
         for k, layer in enumerate(staged.layers):
             arrays[f"layer{k}"] = np.asarray(layer, dtype=np.float32)
+        if staged.token_lengths is not None:
+            arrays["tokens"] = np.asarray(staged.tokens)
+            arrays["token_lengths"] = np.asarray(staged.token_lengths, dtype=np.int64)
 
         def save(tmp: str) -> None:
             with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a name
@@ -144,10 +150,17 @@ class Staging:
             raise self.lost() from None
 
     def read_chunk(self, chunk: int) -> Chunk:
+        """The staged chunk, without its tokens (``read_tokens``: they are read when written out)."""
         with np.load(self.chunk_file(chunk), allow_pickle=False) as z:
             n_layers = sum(1 for k in z.files if k.startswith("layer"))
+            lengths = z["token_lengths"] if "token_lengths" in z.files else None
             return Chunk([str(i) for i in z["ids"]], z["features"], [z[f"layer{k}"] for k in range(n_layers)],
-                         json.loads(str(z["skipped"][0])))
+                         json.loads(str(z["skipped"][0])), token_lengths=lengths)
+
+    def read_tokens(self, chunk: int) -> np.ndarray:
+        """(t, w) flat tokens of a staged chunk, in their stored dtype."""
+        with np.load(self.chunk_file(chunk), allow_pickle=False) as z:
+            return z["tokens"]
 
     # -- notes ---------------------------------------------------------------------------
     def write_note(self, name: str, data: Mapping) -> None:

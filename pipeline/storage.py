@@ -86,10 +86,10 @@ class _H5:
         return np.asarray(group[name].asstr()[()], dtype=str)
 
     @staticmethod
-    def create(group, name: str, shape: tuple[int, int], chunk_rows: int):
-        """An empty (n, d) float32 array stored in blocks of ``chunk_rows`` rows."""
-        chunks = (max(1, min(chunk_rows, shape[0])), shape[1]) if shape[0] else None
-        return group.create_dataset(name, shape=shape, dtype="float32", chunks=chunks)
+    def create(group, name: str, shape: tuple[int, ...], chunk_rows: int, dtype: str = "float32"):
+        """An empty (n, d) (or (n,)) array of ``dtype`` stored in blocks of ``chunk_rows`` rows."""
+        chunks = (max(1, min(chunk_rows, shape[0])), *shape[1:]) if shape[0] else None
+        return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks)
 
     @staticmethod
     def keys(group, name: str) -> list[str]:
@@ -139,10 +139,10 @@ class _Zarr:
         return np.array([str(s) for s in group[name][:]], dtype=str)
 
     @staticmethod
-    def create(group, name: str, shape: tuple[int, int], chunk_rows: int):
-        """An empty (n, d) float32 array stored in blocks of ``chunk_rows`` rows."""
-        chunks = (max(1, min(chunk_rows, shape[0])), max(1, shape[1]))
-        return group.create_array(name, shape=shape, dtype="float32", chunks=chunks)
+    def create(group, name: str, shape: tuple[int, ...], chunk_rows: int, dtype: str = "float32"):
+        """An empty (n, d) (or (n,)) array of ``dtype`` stored in blocks of ``chunk_rows`` rows."""
+        chunks = (max(1, min(chunk_rows, shape[0])), *(max(1, s) for s in shape[1:]))
+        return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks)
 
     @staticmethod
     def keys(group, name: str) -> list[str]:

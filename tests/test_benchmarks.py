@@ -48,6 +48,8 @@ HEADERS = {
     "bench_stream_train.py": [r"mode\s+after import\s+peak RSS\s+peak anon\s+steps/s", r"streaming throughput"],
     "bench_study_parallel.py": [r"study.jobs = 1: \d+ cells", r"speed-up of --jobs 2 over serial: [\d.]+x",
                                 r"overhead per cell: "],
+    "bench_tokens.py": [r"tokens\s+rows\s+items/s\s+bytes/row\s+ratio\s+goal",
+                        r"adapter\s+input width\s+ms/step\s+pairs/s\s+slowdown"],
     "bench_train.py": [r"fit_adapters, \d+ epochs:", r"speed-up: [\d.]+x \(training steps\)"],
     "coverage_platonic.py": [r"metric\s+side\s+theta_n\s+MC err\s+coverage\s+mean width"],
     "gpu_check.sh": [r"encoder\s+precision decode\s+items\s+pipeline/s", r"speed-up: [\d.]+x \(training steps\)",

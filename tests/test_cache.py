@@ -3,8 +3,8 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from pipeline.cache import (CacheError, EntryWriter, StaleCacheError, entry_path, find_entry, list_entries,
-                            open_entry, write_entry)
+from pipeline.cache import (CacheError, DamagedEntryError, EntryWriter, StaleCacheError, TokenData, entry_path,
+                            find_entry, list_entries, open_entry, write_entry)
 from pipeline.join import JoinError, join_pairs, join_rows
 
 KEY = {"entry": "enc", "encoder": {"name": "enc"}, "dataset": "toy", "split": "test"}
@@ -14,22 +14,46 @@ def _ids(n, suffix=""):
     return [f"{1000 + i}{suffix}" for i in range(n)]
 
 
-def _write_all(path, ids, X, chunk_rows, skipped=None, layers=False, key=KEY):
+def _row_tokens(n, width=3, seed=2):
+    """Ragged token vectors of n rows: row r has r % 4 tokens (some rows none), float16."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(r % 4, width)).astype(np.float16) for r in range(n)]
+
+
+def _flat(rows):
+    return (np.concatenate(rows) if rows else np.zeros((0, 3), np.float16)), np.array([len(r) for r in rows])
+
+
+def _write_all(path, ids, X, chunk_rows, skipped=None, layers=False, key=KEY, tokens=None):
     w = EntryWriter(path, "enc", ids, key, chunk_rows=chunk_rows)
     for c in w.pending():
         rows = list(w.rows(c))
         skip = {ids[r]: "bad" for r in rows if skipped and ids[r] in skipped}
         keep = [r for r in rows if ids[r] not in skip]
-        w.write_chunk(c, X[keep], [X[keep] * 2] if layers else [], skip)
+        w.write_chunk(c, X[keep], [X[keep] * 2] if layers else [], skip,
+                      _flat([tokens[r] for r in keep]) if tokens else None)
     return w.finalize({"note": "test"})
 
 
+def _check_tokens(entry, rows):
+    assert entry.has_tokens and entry.token_dtype == "float16" and entry.token_width == 3
+    flat, lengths = entry.tokens()
+    np.testing.assert_array_equal(lengths, [len(r) for r in rows])
+    np.testing.assert_array_equal(flat, _flat(rows)[0])
+    part, part_lengths = entry.tokens(slice(3, 7))
+    np.testing.assert_array_equal(part, _flat(rows[3:7])[0])
+    np.testing.assert_array_equal(part_lengths, [len(r) for r in rows[3:7]])
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["pooled", "tokens"])
 @pytest.mark.parametrize("fmt", ["h5", "zarr"])
-def test_round_trip(tmp_path, fmt):
+def test_round_trip(tmp_path, fmt, tokens):
     ids = _ids(10, "#0") + ["é/ünïcode#1"]
     X = np.random.default_rng(0).normal(size=(11, 5)).astype(np.float32)
     path = entry_path(tmp_path, "toy", "test", "hf-text:org/model", fmt)
-    e = write_entry(path, "hf-text:org/model", ids, X, KEY, {"p": 1}, layers=[X[:, :2], X], skipped=[{"id": "x", "reason": "r"}])
+    rows = _row_tokens(11)
+    e = write_entry(path, "hf-text:org/model", ids, X, KEY, {"p": 1}, layers=[X[:, :2], X], skipped=[{"id": "x", "reason": "r"}],
+                    chunk_rows=4, tokens=TokenData.of(*_flat(rows)) if tokens else None)
     e2 = find_entry(tmp_path, "toy", "test", "hf-text:org/model")
     assert e2.name == "hf-text:org/model" and e2.path.name == f"hf-text--org--model.{fmt}"
     assert list(e2.ids) == ids and e2.dim == 5 and e2.layers == (0, 1)
@@ -40,28 +64,72 @@ def test_round_trip(tmp_path, fmt):
     assert list_entries(tmp_path, "toy", "test") == ["hf-text:org/model"]
     blocks = [b for _, b in e.iter_rows(4)]
     np.testing.assert_array_equal(np.concatenate(blocks), X)
+    if tokens:
+        _check_tokens(e2, rows)
+        e2.verify()
+    else:
+        assert not e2.has_tokens
+        with pytest.raises(CacheError, match="pooled features only.*--tokens grid:4"):
+            e2.tokens()
 
 
+@pytest.mark.parametrize("tokens", [False, True], ids=["pooled", "tokens"])
 @pytest.mark.parametrize("fmt", ["h5", "zarr"])
-def test_resume_after_interruption_equals_uninterrupted(tmp_path, fmt):
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, fmt, tokens):
     ids = _ids(23)
     X = np.random.default_rng(1).normal(size=(23, 4)).astype(np.float32)
-    full = _write_all(entry_path(tmp_path / "a", "toy", "test", "enc", fmt), ids, X, 5, {"1007"}, True)
+    rows = _row_tokens(23) if tokens else None
+    tok = (lambda r: _flat(rows[r])) if tokens else (lambda r: None)
+    full = _write_all(entry_path(tmp_path / "a", "toy", "test", "enc", fmt), ids, X, 5, {"1007"}, True, tokens=rows)
     path = entry_path(tmp_path / "b", "toy", "test", "enc", fmt)
     w = EntryWriter(path, "enc", ids, KEY, chunk_rows=5)
-    w.write_chunk(0, X[0:5], [X[0:5] * 2])
-    w.write_chunk(3, X[15:20], [X[15:20] * 2])
+    w.write_chunk(0, X[0:5], [X[0:5] * 2], tokens=tok(slice(0, 5)))
+    w.write_chunk(3, X[15:20], [X[15:20] * 2], tokens=tok(slice(15, 20)))
     assert w.finalize({}) is None and not path.exists()  # interrupted here
     # a half-written temporary file from a killed process must not count as a chunk
     (w.staging / ".chunk-garbage.npz").write_bytes(b"\x00" * 10)
     w2 = EntryWriter(path, "enc", ids, KEY, chunk_rows=5)
     assert w2.pending() == [1, 2, 4]
-    resumed = _write_all(path, ids, X, 5, {"1007"}, True)
+    resumed = _write_all(path, ids, X, 5, {"1007"}, True, tokens=rows)
     assert list(resumed.ids) == list(full.ids) and "1007" not in resumed.ids
     np.testing.assert_array_equal(resumed.features(), full.features())
+    if tokens:
+        kept = [rows[i] for i in range(23) if ids[i] != "1007"]
+        _check_tokens(resumed, kept)
+        np.testing.assert_array_equal(resumed.tokens()[0], full.tokens()[0])
     np.testing.assert_array_equal(resumed.features(layer=0), full.features(layer=0))
     assert resumed.skipped == full.skipped == ({"id": "1007", "reason": "bad"},)
     assert not w.staging.exists()
+
+
+@pytest.mark.parametrize("fmt", ["h5", "zarr"])
+def test_damaged_tokens_are_refused(tmp_path, fmt):
+    """A changed byte in the stored tokens gives DamagedEntryError for the rows it covers, not wrong numbers."""
+    import h5py
+    import zarr
+
+    ids, rows = _ids(12), _row_tokens(12)
+    path = entry_path(tmp_path, "toy", "test", "enc", fmt)
+    write_entry(path, "enc", ids, np.zeros((12, 2)), KEY, {}, tokens=TokenData.of(*_flat(rows)))
+    if fmt == "h5":
+        with h5py.File(path, "r+") as f:
+            f["tokens"][-1, 0] += 1
+    else:
+        g = zarr.open_group(str(path), mode="r+")
+        g["tokens"][-1, 0] = g["tokens"][-1, 0] + 1
+    e = open_entry(path)
+    with pytest.raises(DamagedEntryError, match="tokens of rows"):
+        e.tokens()
+    with pytest.raises(DamagedEntryError):
+        e.verify()
+
+
+def test_token_chunks_must_match_their_rows(tmp_path):
+    w = EntryWriter(entry_path(tmp_path, "toy", "test", "enc"), "enc", _ids(4), KEY, chunk_rows=4)
+    with pytest.raises(CacheError, match="one length per kept row"):
+        w.write_chunk(0, np.zeros((4, 2)), tokens=(np.zeros((3, 2), np.float16), np.array([1, 1, 1])))
+    with pytest.raises(CacheError, match="non-finite token"):
+        w.write_chunk(0, np.zeros((4, 2)), tokens=(np.full((4, 2), np.inf, np.float16), np.array([1, 1, 1, 1])))
 
 
 def test_stale_entry_is_refused_unless_forced(tmp_path):

@@ -68,6 +68,10 @@ def _assert_same_cache(a, b) -> None:
         y = find_entry(b, "flickr30k", "test", name)
         assert list(x.ids) == list(y.ids) and x.skipped == y.skipped and x.key == y.key
         np.testing.assert_array_equal(x.features(), y.features())
+        assert x.has_tokens == y.has_tokens
+        if x.has_tokens:
+            for u, v in zip(x.tokens(), y.tokens()):
+                np.testing.assert_array_equal(u, v)
 
 
 def test_shard_parse_and_round_robin_ownership(monkeypatch):
@@ -97,10 +101,11 @@ def test_torchrun_ranks_share_the_cores_for_dataloader_workers(monkeypatch):
     assert loader_workers(-1) == 8  # one process: min(8, 16 - 1)
 
 
-def test_shards_then_merge_equal_one_process(flickr, tmp_path):
-    single = extract(_cfg(flickr, tmp_path / "one"))
-    assert single[0].n == 8 and len(single[0].skipped) == 1
-    cfg = _cfg(flickr, tmp_path / "sharded")
+@pytest.mark.parametrize("tokens", ["none", "grid:2"])
+def test_shards_then_merge_equal_one_process(flickr, tmp_path, tokens):
+    single = extract(_cfg(flickr, tmp_path / "one", tokens=tokens))
+    assert single[0].n == 8 and len(single[0].skipped) == 1 and single[0].has_tokens == (tokens != "none")
+    cfg = _cfg(flickr, tmp_path / "sharded", tokens=tokens)
     assert extract(cfg, shard=Shard(0, 2)) == []  # chunks 0, 2, 4 staged; nothing finished yet
     missing = r"chunks 1, 3 \(rows 2-3, 6-7\).*--shard 1/2 \(never started\)"
     with pytest.raises(IncompleteExtractionError, match=missing):
@@ -118,9 +123,10 @@ class _Killed(Exception):
     pass
 
 
-def test_killed_shard_resumes_and_merge_names_what_to_rerun(flickr, tmp_path, monkeypatch):
-    extract(_cfg(flickr, tmp_path / "one"))
-    cfg = _cfg(flickr, tmp_path / "sharded")
+@pytest.mark.parametrize("tokens", ["none", "grid:2"])
+def test_killed_shard_resumes_and_merge_names_what_to_rerun(flickr, tmp_path, monkeypatch, tokens):
+    extract(_cfg(flickr, tmp_path / "one", tokens=tokens))
+    cfg = _cfg(flickr, tmp_path / "sharded", tokens=tokens)
     original = EntryWriter.write_chunk
     written = []
 
@@ -204,12 +210,13 @@ def test_torchrun_ranks_resume_on_their_own(flickr, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_shard_reruns_then_merge_equals_one_process(tmp_path):
+@pytest.mark.parametrize("tokens", ["none", "grid:2"])
+def test_sigkilled_shard_reruns_then_merge_equals_one_process(tmp_path, tokens):
     """A real SIGKILL of one array task mid-way: merge names it, its rerun resumes, merge finishes."""
     data = make_flickr30k(tmp_path / "data", n_per_split=(2, 2, 60))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "extract.cli", "--encoder", "tiny-resnet", "--data-dir", str(data), "--split",
-            "test", "--workers", "0", "--batch-size", "1", "--set", "extract.chunk_rows=1"]
+            "test", "--workers", "0", "--batch-size", "1", "--set", "extract.chunk_rows=1", "--tokens", tokens]
     sharded = base + ["--cache", str(tmp_path / "b")]
     staged = "flickr30k-*/test/tiny-resnet.h5.partial-*/chunk-*.npz"  # the request's staging folder
     proc = subprocess.Popen(sharded + ["--shard", "1/2"], cwd=ROOT, env=env)
@@ -228,5 +235,7 @@ def test_sigkilled_shard_reruns_then_merge_equals_one_process(tmp_path):
     subprocess.run(base + ["--cache", str(tmp_path / "a")], cwd=ROOT, env=env, check=True)
     a = find_entry(tmp_path / "a", "flickr30k", "test", "tiny-resnet")
     b = find_entry(tmp_path / "b", "flickr30k", "test", "tiny-resnet")
-    assert list(a.ids) == list(b.ids)
+    assert list(a.ids) == list(b.ids) and a.key == b.key
     np.testing.assert_array_equal(a.features(), b.features())
+    if tokens != "none":
+        np.testing.assert_array_equal(a.tokens()[0], b.tokens()[0])

@@ -326,3 +326,21 @@ def test_platonic_of_a_layer_run_compares_the_layers_it_read(tiny, tmp_path):
     extract(gpt2, force=True)  # same name and width, other pooling
     with pytest.raises(PipelineError, match="re-extracted since.*encoder"):
         platonic_test(cfg, "deep", kernels=False)
+
+
+def test_zero_shot_and_a_study_of_a_token_run(tiny, tmp_path):
+    """A token-projector run (train.adapter = "token") is evaluated on its token rows: the prompts'
+    tokens go through its text projector; closed-form baselines and ASIF are left out (they read
+    pooled features). The same through a study of pooled vs token variants."""
+    _, cfg = tiny
+    cfg = with_values(cfg, {"data.cache": str(tmp_path / "cache"), "extract.tokens": "grid:2", "train.name": "tok",
+                            "train.adapter": "token", "analyze.out": str(tmp_path / "r")})
+    extract(cfg)
+    fit_adapters(cfg, progress=False)
+    doc = zero_shot(cfg, "tok")
+    assert set(doc["results"]) == {"adapters"} and 0 <= doc["results"]["adapters"]["top1"] <= 1
+    cfg = with_values(cfg, {"study.name": "tok", "study.variants": {"pooled": {"train.adapter": "mlp"},
+                            "token": {"train.token.text_global": "identity"}}, "study.axes": {"train.seed": [0]},
+                            "study.evaluations": ["zeroshot"]})
+    result = run_study(cfg, progress=False)
+    assert result.failed == 0 and result.ran == 2

@@ -89,8 +89,15 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_extraction_resumes_to_the_same_result(flickr, tmp_path, monkeypatch):
-    full = {e.name: e.features() for e in extract(_cfg(flickr, tmp_path / "a", chunk_rows=2, batch_size=1))}
+def _contents(entries):
+    """{name: (features, tokens or None)} of finished entries."""
+    return {e.name: (e.features(), e.tokens()[0] if e.has_tokens else None) for e in entries}
+
+
+@pytest.mark.parametrize("tokens", ["none", "grid:2"])
+def test_interrupted_extraction_resumes_to_the_same_result(flickr, tmp_path, monkeypatch, tokens):
+    opts = dict(chunk_rows=2, batch_size=1, tokens=tokens)
+    full = _contents(extract(_cfg(flickr, tmp_path / "a", **opts)))
     original = EntryWriter.write_chunk
     written = []
 
@@ -102,19 +109,24 @@ def test_interrupted_extraction_resumes_to_the_same_result(flickr, tmp_path, mon
 
     monkeypatch.setattr(EntryWriter, "write_chunk", crash_after_two)
     with pytest.raises(_Interrupt):
-        extract(_cfg(flickr, tmp_path / "b", chunk_rows=2, batch_size=1))
+        extract(_cfg(flickr, tmp_path / "b", **opts))
     monkeypatch.setattr(EntryWriter, "write_chunk", original)
-    resumed = {e.name: e.features() for e in extract(_cfg(flickr, tmp_path / "b", chunk_rows=2, batch_size=1))}
+    resumed = _contents(extract(_cfg(flickr, tmp_path / "b", **opts)))
     for name in full:
-        np.testing.assert_array_equal(resumed[name], full[name])
+        np.testing.assert_array_equal(resumed[name][0], full[name][0])
+        assert (full[name][1] is None) == (tokens == "none")
+        if tokens != "none":
+            np.testing.assert_array_equal(resumed[name][1], full[name][1])
 
 
 @pytest.mark.slow
-def test_kill_9_mid_extraction_then_resume(tmp_path):
+@pytest.mark.parametrize("tokens", ["none", "all"])
+def test_kill_9_mid_extraction_then_resume(tmp_path, tokens):
     """A real SIGKILL while chunks are being written; the rerun finishes and equals a clean run."""
     data = make_flickr30k(tmp_path / "data", n_per_split=(2, 2, 60))
     args = [sys.executable, "-m", "extract.cli", "--encoder", "tiny-resnet", "--data-dir", str(data),
-            "--split", "test", "--workers", "0", "--batch-size", "1", "--set", "extract.chunk_rows=1"]
+            "--split", "test", "--workers", "0", "--batch-size", "1", "--set", "extract.chunk_rows=1",
+            "--tokens", tokens]
     staged = "flickr30k-*/test/tiny-resnet.h5.partial-*/chunk-*.npz"  # the request's staging folder
     proc = subprocess.Popen(args + ["--cache", str(tmp_path / "b")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 120
@@ -129,8 +141,10 @@ def test_kill_9_mid_extraction_then_resume(tmp_path):
     subprocess.run(args + ["--cache", str(tmp_path / "a")], cwd=ROOT, check=True)
     a = find_entry(tmp_path / "a", "flickr30k", "test", "tiny-resnet")
     b = find_entry(tmp_path / "b", "flickr30k", "test", "tiny-resnet")
-    assert list(a.ids) == list(b.ids)
+    assert list(a.ids) == list(b.ids) and a.key == b.key
     np.testing.assert_array_equal(a.features(), b.features())
+    if tokens != "none":
+        np.testing.assert_array_equal(a.tokens()[0], b.tokens()[0])
 
 
 def test_stale_cache_refused_then_forced(flickr, tmp_path):

@@ -7,6 +7,8 @@ Every adapter maps (batch, d_in) -> (batch, dim). The kinds (``ADAPTERS``):
 * ``bottleneck``  d_in -> bottleneck -> dim, GELU in between
 * ``residual``    d_in -> dim, then ``depth`` pre-norm residual MLP blocks
                   (x + W2 GELU(W1 LayerNorm(x)), width ``hidden``), as in FuseMix / Freeze-Align
+* ``token``       token projectors on token entries (``train.tokens``): built for the image and
+                  text modalities together (the text side may share the vision side's weights)
 
 ``AlignModel`` holds one adapter per modality and the InfoNCE temperature.
 """
@@ -22,6 +24,7 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.errors import did_you_mean
 from train.errors import ConfigValueError, out_of_range
+from train.tokens import build_token_adapters
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learnable logit scale 1/tau (so tau >= 0.01)
 
@@ -61,6 +64,7 @@ ADAPTERS: dict[str, Callable[[int, TrainConfig], nn.Module]] = {
     "bottleneck": _two_layer(1),
     "residual": _residual,
 }
+JOINT_ADAPTERS = ("token",)  # built for every modality at once (train.tokens.build_token_adapters)
 
 
 # The adapters' hyperparameters ([train] keys) -> (valid?, the rule in words). A new hyperparameter: its
@@ -76,9 +80,10 @@ HYPERPARAMETERS: dict[str, tuple[Callable[[float], bool], str]] = {
 
 def check_adapter_name(name: str) -> None:
     """ConfigValueError (a PipelineError and ValueError) for a name not in ``ADAPTERS``."""
-    if name not in ADAPTERS:
-        raise ConfigValueError(f"Unknown adapter train.adapter = {name!r}.{did_you_mean(name, ADAPTERS, n=2)} "
-                               f"Choose one of: {', '.join(ADAPTERS)}.")
+    if name not in ADAPTERS and name not in JOINT_ADAPTERS:
+        known = [*ADAPTERS, *JOINT_ADAPTERS]
+        raise ConfigValueError(f"Unknown adapter train.adapter = {name!r}.{did_you_mean(name, known, n=2)} "
+                               f"Choose one of: {', '.join(known)}.")
 
 
 def check_adapter(cfg: TrainConfig) -> None:
@@ -92,6 +97,8 @@ def check_adapter(cfg: TrainConfig) -> None:
 def build_adapter(d_in: int, cfg: TrainConfig) -> nn.Module:
     """An adapter of kind ``cfg.adapter`` mapping (batch, d_in) -> (batch, cfg.dim)."""
     check_adapter_name(cfg.adapter)
+    if cfg.adapter in JOINT_ADAPTERS:
+        raise ConfigValueError(f"train.adapter = {cfg.adapter!r} is built by AlignModel for every modality at once.")
     return ADAPTERS[cfg.adapter](d_in, cfg)
 
 
@@ -103,9 +110,14 @@ class AlignModel(nn.Module):
     temperature is used as given: the clamp applies only to the learnable one.
     """
 
-    def __init__(self, dims: Mapping[str, int], cfg: TrainConfig):
+    def __init__(self, dims: Mapping[str, int], cfg: TrainConfig, tokens: Mapping[str, Mapping] | None = None):
+        """dims: modality -> input width; tokens: modality -> {"width", "layout"} of token
+        entries (``train.tokens.TokenView.info``), for train.adapter = "token"."""
         super().__init__()
-        self.adapters = nn.ModuleDict({m: build_adapter(d, cfg) for m, d in dims.items()})
+        if cfg.adapter == "token":
+            self.adapters = build_token_adapters(dims, cfg, tokens)
+        else:
+            self.adapters = nn.ModuleDict({m: build_adapter(d, cfg) for m, d in dims.items()})
         init = torch.tensor(math.log(1.0 / cfg.temperature), dtype=torch.float32)
         if cfg.learnable_temperature:
             self.log_scale = nn.Parameter(init)

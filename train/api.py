@@ -30,6 +30,7 @@ from pipeline.runtime import atomic_write, resolve_device, write_json
 from train.adapters import AlignModel
 from train.data import Stats, entry_dim
 from train.errors import AdapterMismatchError, TrainError
+from train.tokens import TokenView, token_info
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,12 @@ def describe_sources(entries: Mapping[str, Entry], stats: Stats,
     """modality -> {entry, layer, dim, key, fingerprint, mean, std} (JSON-ready); ``layer`` is the
     stored hidden layer the adapter reads (None = the entry's features), ``dim`` its width."""
     layers = layers or {}
-    return {m: {"entry": e.name, "layer": layers.get(m), "dim": entry_dim(e, layers.get(m)), "key": e.key,
-                "fingerprint": _fingerprint(e), "mean": stats.mean[m].tolist(), "std": stats.std[m].tolist()}
-            for m, e in entries.items()}
+    out = {m: {"entry": e.name, "layer": layers.get(m), "dim": entry_dim(e, layers.get(m)), "key": e.key,
+               "fingerprint": _fingerprint(e), "mean": stats.mean[m].tolist(), "std": stats.std[m].tolist()}
+           for m, e in entries.items()}
+    for m, info in (token_info(entries) or {}).items():  # token adapters: {"width", "layout"} of the tokens
+        out[m]["tokens"] = info
+    return out
 
 
 def save_adapters(run_dir: Path, model: AlignModel, tc: TrainConfig, sources: dict, extra: Mapping) -> str:
@@ -133,6 +137,10 @@ class Run:
                 f"Adapter {modality!r} of run {str(self.run_dir)!r} reads hidden layer {layer} of {src['entry']!r}, "
                 f"which cache entry {entry.name!r} ({entry.path}) does not store; extract it with --layers all.")
         dim = entry_dim(entry, layer)
+        if src.get("tokens"):  # token adapters read the tokens; their width must match
+            if not entry.has_tokens:
+                entry.token_lengths()  # CacheError: pooled features only, with the extract command
+            dim, src = entry.token_width, {**src, "dim": src["tokens"]["width"]}
         enc_a, enc_b = src["key"].get("encoder"), entry.key.get("encoder")
         if entry.name != src["entry"] or dim != src["dim"] or (enc_a and enc_b and enc_a != enc_b):
             changed = sorted(k for k in set(enc_a or {}) | set(enc_b or {}) if (enc_a or {}).get(k) != (enc_b or {}).get(k))
@@ -157,7 +165,10 @@ class Run:
         trained on, if any), after checking its encoder."""
         modality = modality or self.modality_of(entry)
         self.check_entry(modality, entry)
-        return self.embed(modality, entry.features(self.source(modality).get("layer")), normalize)
+        src = self.source(modality)
+        if src.get("tokens"):  # padded token rows of the length the run was trained with
+            entry = TokenView(entry, src["dim"] // (src["tokens"]["width"] + 1))
+        return self.embed(modality, entry.features(src.get("layer")), normalize)
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
@@ -187,7 +198,8 @@ def build_adapters(doc: Mapping, weights: Path, where: str = ADAPTER_JSON) -> tu
     fit it. ``load_run`` uses it, and so does an exported aligned model (``aligned``)."""
     tc = train_config_of(doc, where)
     mods = doc["modalities"]
-    model = AlignModel({m: s["dim"] for m, s in mods.items()}, tc)
+    tokens = {m: s["tokens"] for m, s in mods.items() if s.get("tokens")} or None
+    model = AlignModel({m: s["dim"] for m, s in mods.items()}, tc, tokens)
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own SafetensorError for a damaged or foreign file

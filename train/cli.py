@@ -8,7 +8,7 @@ import click
 
 from pipeline.cli import build_config, config_option, config_options, config_values, friendly_errors
 from pipeline.runs import ADAPTERS_METHOD
-from train.adapters import ADAPTERS
+from train.adapters import ADAPTERS, JOINT_ADAPTERS
 from train.fit import fit_adapters
 from train.losses import loss_label
 from train.outputs import summary_table
@@ -32,7 +32,7 @@ def _modalities(values: tuple[str, ...]) -> dict | None:
 @config_option("train.modalities", "--modality", multiple=True, metavar="NAME=ENTRY",
                help="An extra modality trained into the same space (repeatable); with more than two "
                     "modalities the loss is the mean pairwise InfoNCE on one row per image.")
-@config_option("train.adapter", "--adapter", type=click.Choice(list(ADAPTERS)),
+@config_option("train.adapter", "--adapter", type=click.Choice([*ADAPTERS, *JOINT_ADAPTERS]),
                help="Adapter kind: linear (d->dim), mlp (d->train.hidden->dim), bottleneck "
                    "(d->train.bottleneck->dim), residual (train.depth residual MLP blocks).")
 @config_option("train.dim", "--dim", type=int, help="Shared space dimension d_e.")

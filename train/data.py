@@ -43,6 +43,7 @@ from pipeline.join import join_pairs, join_rows
 from pipeline.runs import check_aligned, modality_entries, source_of
 from train.errors import TrainError
 from train.fraction import ids_digest, subset_train
+from train.tokens import token_views
 from train.stream import (RunningMoments, StreamSplit, check_finite_rows, plan_stream, read_rows,
                           used_row_blocks)
 
@@ -251,6 +252,8 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
     names = modality_entries(tc)
     layers = {m: (layers or {}).get(m) for m in names}
     entries = {s: {m: open_entry_for(cfg, s, e) for m, e in names.items()} for s in splits}
+    if tc.adapter == "token":  # token rows, padded (train.tokens); not standardised
+        entries = token_views(entries)
     joined = {s: _join(entries[s]) for s in splits}
     total = len(joined["train"][0])
     first = next(iter(names))
@@ -285,7 +288,8 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
         read = (lambda lo, hi: read_rows(e, lo, hi)) if stream else (lambda lo, hi: raw["train"][m][lo:hi])
         return used_row_blocks(read, e.n, used[m], max(1, tc.stream_block))
 
-    stats = _stats({m: train_blocks(m) for m in names}, dims, tc.standardize, entries["train"])
+    stats = _stats({m: train_blocks(m) for m in names}, dims, tc.standardize and tc.adapter != "token",
+                   entries["train"])
     out = {}
     for s in splits:
         pairs, retrieval = joined[s]

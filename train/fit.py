@@ -39,6 +39,7 @@ from pipeline.runs import RunMetrics
 from pipeline.runtime import resolve_device, write_json
 from train import outputs
 from train.adapters import MAX_LOGIT_SCALE, AlignModel, check_adapter
+from train.tokens import check_token_config, token_info
 from train.api import describe_sources, save_adapters
 from train.data import SPLITS, SplitData, Stats, TrainData, load_data, open_entry_for
 from train.distributed import Dist, gather_with_grad, setup
@@ -101,7 +102,7 @@ def check_config(tc: TrainConfig) -> None:
                                f"learnable temperature is kept in [{lowest:g}, 1] (CLIP's clamp of the logit scale), so "
                                f"it cannot start there. Start it in [{lowest:g}, 1], or keep it fixed at "
                                f"{tc.temperature:g} (--set train.learnable_temperature=false).")
-    for check in (check_structure, check_layers, check_init):  # small-data options (their own modules)
+    for check in (check_structure, check_layers, check_init, check_token_config):  # their own modules
         check(tc)
     resolve_device(tc.device)  # DeviceError for names torch does not know, or CUDA without CUDA
     runs.check_names(tc)  # the run's name and its aligned entries' names, before any work
@@ -414,7 +415,7 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
             if dist.is_main:
                 write_json(run_dir / runs.CONFIG, {"source": cfg.source, **cfg.to_dict()})
             torch.manual_seed(tc.seed)
-            model = AlignModel(data.dims, tc).to(device)
+            model = AlignModel(data.dims, tc, token_info(data.splits["train"].entries)).to(device)
             apply_init(model, data, tc)  # closed-form start (train.init), same on every rank
             sources = describe_sources(data.splits["train"].entries, data.stats, data.layers)
             meta = {"run": name, "dataset": cfg.data.dataset, "layers": choice.to_json(),
@@ -456,7 +457,8 @@ def _finish(cfg, data, reference, model, history, best, meta, io: _RunIO, device
     train_time = time.perf_counter() - t_start
     model.load_state_dict(best.state)
     sha = io.save(best)
-    test = {runs.ADAPTERS_METHOD: retrieval_metrics(model, data.splits["test"]), **baseline_metrics(data, tc.dim)}
+    test = {runs.ADAPTERS_METHOD: retrieval_metrics(model, data.splits["test"]),  # no closed-form baselines on tokens
+            **({} if tc.adapter == "token" else baseline_metrics(data, tc.dim))}
     tracking = (tracker.summary(next(r for r in history if r["epoch"] == best.epoch)) if tracker is not None
                 else None)
     metrics = RunMetrics(

@@ -37,12 +37,13 @@ Names: registry names (``list_encoders()``); aliases ``dinov2`` -> ``dinov2-base
 "known after load": read ``Encoder.dim`` / ``Encoder.spec``).
 """
 
-from extract.encoders.encoder import Encoder, forward_batch
+from extract.encoders.encoder import TOKEN_MODES, Encoder, forward_batch, forward_tokens, token_grid
 from extract.encoders.preprocess import (BYTE_VOCAB, CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD,
                                          ByteTokenizer, HFTokenizer, image_pixels, image_transform, normalize_pixels,
                                          resize_crop)
-from extract.encoders.registry import (ALIASES, GENERIC, LOADERS, REGISTRY, get_spec, list_encoders, load_encoder,
-                                       register, register_alias, register_generic, register_loader)
+from extract.encoders.registry import (ALIASES, GENERIC, LOADERS, REGISTRY, TOKEN_FAMILIES, check_tokens, get_spec,
+                                       list_encoders, load_encoder, register, register_alias, register_generic,
+                                       register_loader)
 from extract.encoders.spec import EncoderSpec, EncoderSpecError, ImagePrep, TextPrep, UnknownEncoderError
 from extract.encoders.weights import TINY_SEED, WeightsNotFoundError
 
@@ -51,7 +52,8 @@ from extract.encoders import torchvision_cnn, hf_image, clip, hf_text, tiny  # n
 
 __all__ = [
     "ALIASES", "BYTE_VOCAB", "CLIP_MEAN", "CLIP_STD", "GENERIC", "HALF", "IMAGENET_MEAN", "IMAGENET_STD", "LOADERS",
-    "REGISTRY", "TINY_SEED", "ByteTokenizer", "Encoder", "EncoderSpec", "EncoderSpecError", "HFTokenizer",
+    "REGISTRY", "TINY_SEED", "TOKEN_FAMILIES", "TOKEN_MODES", "ByteTokenizer", "Encoder", "check_tokens",
+    "forward_tokens", "token_grid", "EncoderSpec", "EncoderSpecError", "HFTokenizer",
     "ImagePrep", "TextPrep", "UnknownEncoderError", "WeightsNotFoundError", "forward_batch", "get_spec", "image_pixels",
     "image_transform", "list_encoders", "load_encoder", "normalize_pixels", "register", "register_alias",
     "register_generic", "register_loader", "resize_crop",

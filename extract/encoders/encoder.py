@@ -81,6 +81,22 @@ class Encoder(torch.nn.Module):
     def _encode(self, batch, all_layers: bool):  # -> (final (B, D), layers list | None)
         raise NotImplementedError
 
+    def encode_tokens(self, batch, grid: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass: (features (B, dim) float32, exactly as ``encode`` gives them; token
+        states (B, T, w) float32; mask (B, T) bool, True on real tokens). Images: the final
+        feature map's positions (CNNs) or CLS + patch tokens after the final norm (ViTs),
+        average-pooled to a ``grid`` x ``grid`` grid when ``grid`` > 0 (0 = every position);
+        texts: the last hidden state of every real token (``grid`` does not apply)."""
+        batch = self._check_batch(batch)
+        with torch.no_grad():
+            final, tokens, mask = self._encode_tokens(batch, grid)
+        final = final.float()
+        final = F.normalize(final, dim=-1) if self.spec.normalize else final
+        return final, tokens.float(), mask.bool()
+
+    def _encode_tokens(self, batch, grid: int):  # -> (final (B, D), tokens (B, T, w), mask (B, T))
+        raise EncoderSpecError(f"{self.spec.name}: the {self.spec.family!r} family has no token output")
+
     def save_weights(self, folder: Path) -> Path:
         """Write a copy of the loaded weights (safetensors, plus whatever else this family's loader
         reads, e.g. a tokenizer) into ``folder``; returns the path to load it from as the spec's
@@ -105,6 +121,44 @@ def forward_batch(encoder: Encoder, batch, precision: str = "fp32",
         batch = normalize_pixels(batch.to(device, non_blocking=True), encoder.spec.prep)
     with autocast(device, precision):
         return encoder.encode(batch, all_layers)
+
+
+TOKEN_MODES = "none | all | grid:K"  # extract.tokens
+
+
+def token_grid(value: str) -> int | None:
+    """``extract.tokens`` -> None ("none": pooled features only), 0 ("all": every token) or K
+    ("grid:K": image token grids average-pooled to K x K); EncoderSpecError otherwise."""
+    if value == "none":
+        return None
+    if value == "all":
+        return 0
+    head, _, k = str(value).partition(":")
+    if head == "grid" and k.isdigit() and int(k) >= 1:
+        return int(k)
+    raise EncoderSpecError(f"extract.tokens must be {TOKEN_MODES} (K >= 1, e.g. grid:4), got {value!r}.")
+
+
+def grid_tokens(maps: torch.Tensor, grid: int) -> torch.Tensor:
+    """Feature maps (B, C, h, w) -> tokens (B, h*w, C), or average-pooled (``adaptive_avg_pool2d``)
+    to (B, grid*grid, C) when ``grid`` > 0 (a side already at most ``grid`` is kept as it is)."""
+    maps = maps.float()
+    if grid and (maps.shape[2] > grid or maps.shape[3] > grid):
+        maps = F.adaptive_avg_pool2d(maps, (min(grid, maps.shape[2]), min(grid, maps.shape[3])))
+    return maps.flatten(2).transpose(1, 2)
+
+
+def forward_tokens(encoder: Encoder, batch, precision: str = "fp32",
+                   grid: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``forward_batch`` for token extraction: (features (B, dim), tokens (B, T, w), mask (B, T)),
+    inputs prepared and autocast exactly as ``forward_batch`` does (``Encoder.encode_tokens``)."""
+    device = encoder.device
+    if isinstance(batch, Mapping):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    elif torch.is_tensor(batch) and batch.dtype == torch.uint8:
+        batch = normalize_pixels(batch.to(device, non_blocking=True), encoder.spec.prep)
+    with autocast(device, precision):
+        return encoder.encode_tokens(batch, grid)
 
 
 def pool_tokens(h: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, first: int = 1) -> torch.Tensor:

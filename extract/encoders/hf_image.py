@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from extract.encoders.encoder import Encoder, finish, pool_tokens
+import torch
+
+from extract.encoders.encoder import Encoder, finish, grid_tokens, pool_tokens
 from extract.encoders.hf_common import PretrainedCopy, hf_model
 from extract.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from extract.encoders.registry import register, register_alias, register_generic, register_loader
-from extract.encoders.spec import INTERPOLATIONS, EncoderSpec, ImagePrep
+from extract.encoders.spec import INTERPOLATIONS, EncoderSpec, EncoderSpecError, ImagePrep
 from extract.encoders.weights import WeightsNotFoundError, hf_load
 
 
@@ -36,6 +38,24 @@ class HFImageEncoder(PretrainedCopy, Encoder):
         if h.ndim == 4:  # convolutional hidden state (B, C, h, w)
             return h.float().mean(dim=(2, 3))
         return pool_tokens(h, self.spec.pooling, first=self._first_patch)
+
+    def _encode_tokens(self, x, grid):
+        """CLS + patch tokens of the final-normed last hidden state (register tokens left out);
+        with ``grid`` the patch grid (h/p x w/p) average-pooled to grid x grid, CLS kept."""
+        h = self.model(pixel_values=x, **self._kw).last_hidden_state
+        final = self._pool(h)
+        if h.ndim == 4:  # convolutional hidden state: its positions
+            tokens = grid_tokens(h, grid)
+        else:
+            patch = int(self.model.config.patch_size)
+            gh, gw = x.shape[2] // patch, x.shape[3] // patch
+            patches = h[:, self._first_patch:]
+            if patches.shape[1] != gh * gw:
+                raise EncoderSpecError(f"{self.spec.name}: {patches.shape[1]} patch tokens do not form the "
+                                       f"{gh} x {gw} grid of a {x.shape[2]} x {x.shape[3]} input")
+            maps = patches.float().transpose(1, 2).reshape(h.shape[0], h.shape[2], gh, gw)
+            tokens = torch.cat([h[:, :1].float(), grid_tokens(maps, grid)], dim=1)
+        return final, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
     def _encode(self, x, all_layers):
         out = self.model(pixel_values=x, output_hidden_states=all_layers, **self._kw)
@@ -86,7 +106,7 @@ def _generic_hf_image(src: str) -> EncoderSpec:
         config=(("prep_from_processor", True),), description="generic transformers AutoModel image encoder")
 
 
-register_loader("hf-image", _load_hf_image)
+register_loader("hf-image", _load_hf_image, tokens="cls+patches")
 register_generic("hf-image", _generic_hf_image)
 for _size, _dim in (("small", 384), ("base", 768), ("large", 1024), ("giant", 1536)):
     register(EncoderSpec(

@@ -36,6 +36,13 @@ class HFTextEncoder(PretrainedCopy, Encoder):
         return final, [pool_tokens(h, self.spec.pooling, mask) for h in out.hidden_states[1:-1]] + [final]
 
 
+    def _encode_tokens(self, batch, grid):
+        """Tokens: the last hidden state of every real token (the attention mask); ``grid`` does not apply."""
+        mask = batch["attention_mask"]
+        h = self.model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        return pool_tokens(h, self.spec.pooling, mask), h, mask.bool()
+
+
 def _load_hf_text(spec: EncoderSpec, device) -> Encoder:
     from transformers import AutoModel
 
@@ -49,7 +56,7 @@ def _generic_hf_text(src: str) -> EncoderSpec:
         TextPrep(GENERIC_MAX_TOKENS), description="generic transformers AutoModel text encoder")
 
 
-register_loader("hf-text", _load_hf_text)
+register_loader("hf-text", _load_hf_text, tokens="text")
 register_generic("hf-text", _generic_hf_text)
 
 register(EncoderSpec(

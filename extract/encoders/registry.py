@@ -14,13 +14,15 @@ from typing import Any, Callable
 import torch
 
 from extract.encoders.encoder import Encoder
-from extract.encoders.spec import EncoderSpec, UnknownEncoderError, with_overrides
+from extract.encoders.spec import EncoderSpec, EncoderSpecError, UnknownEncoderError, with_overrides
 from pipeline.errors import did_you_mean
 
 REGISTRY: dict[str, EncoderSpec] = {}  # registry name -> spec
 ALIASES: dict[str, str] = {}  # alias -> registry name
 GENERIC: dict[str, Callable[[str], EncoderSpec]] = {}  # "<prefix>" of "<prefix>:<id>" -> spec builder
 LOADERS: dict[str, Callable[[EncoderSpec, Any], Encoder]] = {}  # family -> loader(spec, device) -> Encoder
+TOKEN_FAMILIES: dict[str, str] = {}  # family -> token layout of its encoders (Encoder.encode_tokens): "cls+patches"
+#   (token 0 is CLS, then the patch grid), "positions" (feature-map positions), "text" (real tokens in order)
 
 
 def register(spec: EncoderSpec) -> EncoderSpec:
@@ -51,11 +53,25 @@ def register_generic(prefix: str, build: Callable[[str], EncoderSpec]) -> None:
     GENERIC[prefix] = build
 
 
-def register_loader(family: str, load: Callable[[EncoderSpec, Any], Encoder]) -> None:
-    """``load(spec, device)`` builds every spec of ``family``: an Encoder in eval mode, frozen, on device."""
+def register_loader(family: str, load: Callable[[EncoderSpec, Any], Encoder], tokens: str = "") -> None:
+    """``load(spec, device)`` builds every spec of ``family``: an Encoder in eval mode, frozen, on device;
+    ``tokens``: the token layout when its encoders implement ``Encoder.encode_tokens`` (``extract --tokens``;
+    see TOKEN_FAMILIES), "" when they have no token output."""
     if family in LOADERS:
         raise ValueError(f"family {family!r} already has a loader")
     LOADERS[family] = load
+    if tokens:
+        TOKEN_FAMILIES[family] = tokens
+
+
+def check_tokens(spec: EncoderSpec) -> str:
+    """The token layout of ``spec``'s family; EncoderSpecError naming the encoder when it has none."""
+    if spec.family not in TOKEN_FAMILIES:
+        able = sorted(n for n, s in REGISTRY.items() if s.family in TOKEN_FAMILIES and s.modality == spec.modality)
+        raise EncoderSpecError(
+            f"Encoder {spec.name!r} ({spec.family} family) has no token output, so --tokens cannot store its tokens; "
+            f"extract it with --tokens none, or pick another {spec.modality} encoder, one of: {', '.join(able[:6])}.")
+    return TOKEN_FAMILIES[spec.family]
 
 
 def _lookup(name: str) -> EncoderSpec:

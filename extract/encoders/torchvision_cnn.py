@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from extract.encoders.encoder import Encoder, finish
+from extract.encoders.encoder import Encoder, finish, grid_tokens
 from extract.encoders.preprocess import HALF, IMAGENET_MEAN, IMAGENET_STD
 from extract.encoders.registry import register, register_generic, register_loader
 from extract.encoders.spec import INTERPOLATIONS, EncoderSpec, EncoderSpecError, ImagePrep, UnknownEncoderError
@@ -42,7 +42,8 @@ class CNNEncoder(Encoder):
             self.dim = int(self._encode(probe, False)[0].shape[1])
         self.spec = spec if spec.dim == self.dim else dataclasses.replace(spec, dim=self.dim)
 
-    def _encode(self, x, all_layers):
+    def _stage_maps(self, x) -> list[torch.Tensor]:
+        """Each stage's output (B, C, h, w) for one forward pass of the trunk."""
         captured: list[torch.Tensor] = []
         hooks = [m.register_forward_hook(lambda _m, _i, out: captured.append(out)) for m in self._stages]
         try:
@@ -50,8 +51,19 @@ class CNNEncoder(Encoder):
         finally:
             for h in hooks:
                 h.remove()
+        return captured
+
+    def _encode(self, x, all_layers):
+        captured = self._stage_maps(x)
         pooled = [o.float().mean(dim=(2, 3)) for o in (captured if all_layers else captured[-1:])]
         return pooled[-1], pooled
+
+    def _encode_tokens(self, x, grid):
+        """Tokens: the positions of the last stage's feature map (B, C, h, w) -> (B, h*w, C)."""
+        maps = self._stage_maps(x)[-1]
+        tokens = grid_tokens(maps, grid)
+        return maps.float().mean(dim=(2, 3)), tokens, torch.ones(tokens.shape[:2], dtype=torch.bool,
+                                                                  device=tokens.device)
 
     def save_weights(self, folder: Path) -> Path:
         """``model.safetensors``: the state dict this family's loader reads from a local file (a
@@ -176,9 +188,9 @@ def _load_efficientnet_lite(spec: EncoderSpec, device) -> Encoder:
 
 
 # --------------------------------------------------------------------------- registration
-register_loader("torchvision", _load_torchvision)
-register_loader("tiny-resnet", _load_tiny_resnet)
-register_loader("efficientnet-lite", _load_efficientnet_lite)
+register_loader("torchvision", tokens="positions", load=_load_torchvision)
+register_loader("tiny-resnet", tokens="positions", load=_load_tiny_resnet)
+register_loader("efficientnet-lite", tokens="positions", load=_load_efficientnet_lite)
 register_generic("torchvision", _generic_torchvision)
 
 RESNET_PREP = ImagePrep(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)  # torchvision's ImageNet recipe
