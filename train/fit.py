@@ -44,7 +44,7 @@ from train.data import SPLITS, SplitData, Stats, TrainData, load_data, open_entr
 from train.distributed import Dist, gather_with_grad, setup
 from train.errors import ConfigValueError, TrainError, TrainingDiverged, out_of_range
 from train.evaluate import Reference, baseline_metrics, check_finite, load_reference, retrieval_metrics, split_sizes
-from train.losses import DIRECTIONS, LOSSES, loss_label, multi_info_nce, pair_loss
+from train.losses import DIRECTIONS, LOSSES, check_loss, loss_label, multi_info_nce, pair_loss
 from train.optim import SCHEDULES, lr_schedule, make_optimizer
 from train.stream import StreamSplit
 from train.tracking import Tracker, check_track_metrics, make_tracker
@@ -86,6 +86,10 @@ def check_config(tc: TrainConfig) -> None:
         if value not in allowed:
             raise ConfigValueError(f"Unknown train.{key} = {value!r}.{did_you_mean(value, allowed)} "
                                    f"Use one of: {', '.join(allowed)}.")
+    try:
+        check_loss(tc.loss, tc.loss_direction)  # combinations: the sigmoid loss has no direction
+    except ValueError as exc:
+        raise ConfigValueError(str(exc)) from None
     rules = [("margin", tc.margin >= 0, ">= 0"), ("epochs", tc.epochs >= 1, ">= 1"), ("batch_size", tc.batch_size >= 2, ">= 2"),
              ("lr", tc.lr > 0, "> 0"), ("temperature", tc.temperature > 0, "> 0"),
              ("mixup", tc.mixup >= 0, ">= 0"), ("eval_every", tc.eval_every >= 1, ">= 1"),
@@ -170,7 +174,7 @@ class Trainer:
         self.graph = (self.device.type == "cuda" and not self.dist.enabled) if graph is None else graph
         if self.graph and self.dist.enabled:
             raise TrainError("CUDA graphs are not supported with several processes; use graph=False.")
-        self.loss = pair_loss(tc)  # (a, b, logit_scale) -> scalar: train.loss, loss_direction, normalize
+        self.loss = pair_loss(tc, model.logit_bias)  # (a, b, logit_scale) -> scalar: train.loss, loss_direction, normalize
         self.opt = make_optimizer(model, tc, capturable=self.graph)
         self.lr_at = lr_schedule(tc, self.steps_per_epoch)
         self.step_count = 0
@@ -209,7 +213,7 @@ class Trainer:
         loss = self.batch_loss()
         loss.backward()
         self.opt.step()
-        if self.tc.learnable_temperature:
+        if self.model.learnable_scale:  # learnable_temperature, or the sigmoid loss's scale
             self.model.clamp_temperature()
         self.total += loss.detach()
 
@@ -344,6 +348,8 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
         loss = float(trainer.epoch(gen, rng))
         row = {"epoch": epoch, "train_loss": loss, "lr": trainer.lr,
                "temperature": model.temperature()}
+        if model.logit_bias is not None:  # the sigmoid loss's learnt bias
+            row["logit_bias"] = float(model.logit_bias.detach())
         if _diverged(loss, first, min(tc.batch_size, train.n_pairs)) or not check_finite(model):
             history.append(row)
             if dist.is_main:
