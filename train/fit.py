@@ -52,6 +52,7 @@ from train.wandb_log import check_settings, open_logger
 from train.init import apply_init, check_init
 from train.layers import check_layers, choose_layers
 from train.structure import StructureTerm, check_structure
+from train.subset import read_subset
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ def check_config(tc: TrainConfig) -> None:
                                f"{tc.temperature:g} (--set train.learnable_temperature=false).")
     for check in (check_structure, check_layers, check_init):  # small-data options (their own modules)
         check(tc)
+    if tc.subset:
+        read_subset(tc.subset)  # the file exists and reads as a subset (its ids are checked with the data)
     resolve_device(tc.device)  # DeviceError for names torch does not know, or CUDA without CUDA
     runs.check_names(tc)  # the run's name and its aligned entries' names, before any work
 
@@ -417,14 +420,17 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
         final = runs.run_dir(cfg.data.cache, name)
         run_dir = runs.staging_dir(cfg.data.cache, name) if dist.is_main else final  # only rank 0 writes
         try:
+            subset = {"subset": data.subset.record()} if data.subset is not None else {}
             if dist.is_main:
-                write_json(run_dir / runs.CONFIG, {"source": cfg.source, **cfg.to_dict()})
+                write_json(run_dir / runs.CONFIG, {"source": cfg.source, **cfg.to_dict(), **subset})
+                if data.subset is not None:  # the evaluation of the run reads this copy (train.subset)
+                    (run_dir / runs.SUBSET).write_text(data.subset.text, encoding="utf-8")
             torch.manual_seed(tc.seed)
             model = AlignModel(data.dims, tc).to(device)
             apply_init(model, data, tc)  # closed-form start (train.init), same on every rank
             sources = describe_sources(data.splits["train"].entries, data.stats, data.layers)
             meta = {"run": name, "dataset": cfg.data.dataset, "layers": choice.to_json(),
-                    "train_images": data.train_images}
+                    "train_images": data.train_images, **subset}
             if dist.enabled:
                 meta["processes"] = dist.world_size
 
