@@ -155,5 +155,6 @@ def subset_text(rows: Iterable[tuple[str, str, float]], source: dict) -> str:
 def write_subset(path: str | Path, rows: Iterable[tuple[str, str, float]], source: dict) -> Path:
     """Write a subset file whole (an interrupted write leaves the previous file)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, subset_text(rows, source).encode("utf-8"))
     return path
