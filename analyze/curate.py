@@ -351,6 +351,22 @@ def curate(cfg: PipelineConfig, req: CurateRequest) -> CurateResult:
                         [req.concepts[c] for c in order], len(pairs.text_rows), source)
 
 
+def random_subset(cfg: PipelineConfig, n: int, seed: int, split: str = "train") -> tuple[list[tuple[str, str, float]], dict]:
+    """The control of a curated subset: ``n`` pool pairs drawn uniformly without replacement
+    (generator seeded by ``seed``), as (id, "random", 0.0) rows in pool order, and the header's
+    provenance."""
+    image = find_entry(cfg.data.cache, cfg.data.dataset, split, cfg.train.image, cfg.data.data_dir)
+    text = find_entry(cfg.data.cache, cfg.data.dataset, split, cfg.train.text, cfg.data.data_dir)
+    pairs = join_pairs(image, text)
+    if not 1 <= n <= len(pairs.text_rows):
+        raise CurateError(f"A random subset of {n} pairs from a pool of {len(pairs.text_rows)}: give 1 to "
+                          f"{len(pairs.text_rows)}.")
+    picked = np.sort(np.random.default_rng([int(seed), 0xC0A7]).choice(len(pairs.text_rows), n, replace=False))
+    rows = [(str(text.ids[r]), "random", 0.0) for r in pairs.text_rows[picked]]
+    return rows, {"dataset": cfg.data.dataset, "split": split, "data_dir": str(cfg.data.data_dir), "image": image.name,
+                  "text": text.name, "random": {"n": n, "seed": int(seed)}}
+
+
 # ----------------------------------------------------------------------------- outputs
 def coverage_lines(result: CurateResult, per_concept: int) -> list[str]:
     """The answer first (pairs chosen, concepts covered, concepts matching nothing), then one row

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from analyze.curate import BLOCK, CurateError, CurateRequest, coverage_lines, curate, read_concepts
+from analyze.curate import BLOCK, CurateError, CurateRequest, coverage_lines, curate, random_subset, read_concepts
 from analyze.plots import concept_counts
 from analyze.prompts import read_templates
 from pipeline.cli import build_config, config_option, config_options, config_values, friendly_errors
@@ -47,11 +47,15 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Subset file to write (CSV: id, concept, score); the figure goes next to it as .png. "
                    "Required. [default: none]")
+@click.option("--random-seeds", default="", metavar="S[,S...]",
+              help="Also write the control: as many pool pairs drawn at random, one file per seed, "
+                   "<out>.random-<S>.csv. [default: none]")
 @config_option("data.cache", "--cache", help="Feature-cache folder.")
 @config_option("data.dataset", "--dataset", help="Dataset whose cached split is the pool.")
 @config_options
 @friendly_errors
-def main(concepts_path, concept_images, per_concept, total, floor, top_k, split, run, templates, out_path, **kw):
+def main(concepts_path, concept_images, per_concept, total, floor, top_k, split, run, templates, out_path,
+         random_seeds, **kw):
     """Choose up to N pairs per concept from a cached split, rarest concepts first (Freeze-Align's
     concept-balanced curation), and write them as a subset file for train.subset."""
     missing = [o for o, v in (("--concepts", concepts_path), ("--per-concept", per_concept), ("--out", out_path))
@@ -59,6 +63,10 @@ def main(concepts_path, concept_images, per_concept, total, floor, top_k, split,
     if missing:
         raise CurateError(f"curate needs {', '.join(missing)}: curate --config CFG --concepts FILE --per-concept N "
                           f"--out SUBSET.csv.")
+    try:
+        seeds = [int(x) for x in random_seeds.split(",") if x.strip()]
+    except ValueError:
+        raise CurateError(f"--random-seeds {random_seeds!r}: give integers separated by commas, e.g. 0,1,2.") from None
     path, overrides, verbose = kw.pop("config_path"), kw.pop("overrides"), kw.pop("verbose")
     cfg = build_config(path, overrides, config_values(kw), verbose)
     req = CurateRequest(read_concepts(concepts_path), per_concept, total, floor, top_k, split, run, concept_images,
@@ -70,6 +78,9 @@ def main(concepts_path, concept_images, per_concept, total, floor, top_k, split,
     figure = concept_counts(result.before, result.after, f"pairs per concept: pool vs curated "
                             f"(N = {per_concept}{f', M = {total}' if total else ''})", Path(out).with_suffix(".png"))
     click.echo(f"subset: {out}")
+    for seed in seeds:
+        rows, source = random_subset(cfg, len(result.rows), seed, split)
+        click.echo(f"random subset: {write_subset(Path(out).with_suffix(f'.random-{seed}.csv'), rows, source)}")
     click.echo(f"figure: {figure}")
 
 

@@ -107,7 +107,7 @@ def test_the_command_writes_subset_and_figure_and_fit_adapters_trains_on_it(pool
     args = ["--cache", cfg.data.cache, "--dataset", "imagefolder", "--set", f"data.data_dir={cfg.data.data_dir}",
             "--set", "train.image=tiny-resnet", "--set", "train.text=tiny-gpt2", "--set", "extract.device=cpu",
             "--concepts", str(tmp / "concepts.txt"), "--templates", str(tmp / "templates.txt"),
-            "--per-concept", "2", "--total", "6", "--out", str(out)]
+            "--per-concept", "2", "--total", "6", "--out", str(out), "--random-seeds", "0,1"]
     res = CliRunner().invoke(curate_cli, args)
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
@@ -117,6 +117,9 @@ def test_the_command_writes_subset_and_figure_and_fit_adapters_trains_on_it(pool
     subset = read_subset(out)
     assert len(subset.ids) == 6 and subset.source["dataset"] == "imagefolder" and subset.source["per_concept"] == 2
     assert [truth[i] for i in subset.ids] == list(subset.concepts)
+    controls = [read_subset(tmp / "out" / f"subset.random-{s}.csv") for s in (0, 1)]
+    assert all(len(c.ids) == 6 and c.source["random"]["seed"] == s for s, c in enumerate(controls))
+    assert controls[0].ids != controls[1].ids
     run = fit_adapters(load_config(None, options={**_train_opts(cfg), "train.subset": str(out), "train.name": "cur"}),
                        progress=False)
     assert json.loads((run.run_dir / "adapters.json").read_text())["train_images"]["n"] == 6
