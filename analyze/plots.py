@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from pipeline.plotting import literal_text  # noqa: E402
 
@@ -246,7 +247,10 @@ def concept_counts(before: Mapping[str, int], after: Mapping[str, int], title: s
     ax.barh(y - 0.2, a, height=0.4, color="tab:blue", label="curated")
     positive = np.concatenate([b[b > 0], a[a > 0]])
     if positive.size and positive.max() > 30 * positive.min():
-        ax.set_xscale("log")
+        ax.set_xscale("log")  # tick labels as plain numbers: mathtext is off (pipeline.plotting)
+        ax.set_xlim(left=0.5)  # a count of 1 still shows as a bar
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yticks(y, [n if len(n) <= 24 else n[:23] + "…" for n in names], fontsize=6)
     ax.set_ylim(-0.7, len(names) - 0.3)
     ax.set_xlabel("pairs", fontsize=8)

@@ -153,3 +153,18 @@ def test_concept_images_give_image_prototypes(pool, tmp_path):
 def test_bad_command_lines_are_one_line(args, message, tmp_path):
     res = CliRunner().invoke(curate_cli, args + ["--cache", str(tmp_path)])
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+
+
+def test_curate_through_a_run_scores_in_its_shared_space(pool, tmp_path):
+    tmp, cfg, truth = pool
+    fit_adapters(load_config(None, options={**_train_opts(cfg), "train.name": "space"}), progress=False)
+    folder = tmp_path / "imgs" / "cat"
+    folder.mkdir(parents=True)
+    from PIL import Image
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "a.png")
+    res = curate(cfg, CurateRequest(CONCEPTS, per_concept=2, templates=(TEMPLATE,), run="space",
+                                    concept_images=str(tmp_path / "imgs")))
+    assert res.source["run"] == "space" and 1 <= len(res.rows) <= 8
+    assert len({i for i, *_ in res.rows}) == len(res.rows)  # each pair once
+    text_only = curate(cfg, CurateRequest(CONCEPTS, per_concept=2, templates=(TEMPLATE,), run="space"))
+    assert all(s == pytest.approx(1.0, abs=1e-5) for *_, s in text_only.rows)  # a caption equal to its prompt
