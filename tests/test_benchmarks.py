@@ -51,6 +51,8 @@ HEADERS = {
     "bench_train.py": [r"fit_adapters, \d+ epochs:", r"speed-up: [\d.]+x \(training steps\)"],
     "curation_accuracy.py": [r"top-1 nearest prototype over the whole pool: [\d.]+",
                              r"per-concept\s+chosen\s+accuracy\s+covered\s+full\s+time s"],
+    "curation_tables.py": [r"\| train set \| pairs \| cells \| mean R \|", r"\| curated - random \|",
+                           r"\| loss \| cells \| mean R \|"],
     "coverage_platonic.py": [r"metric\s+side\s+theta_n\s+MC err\s+coverage\s+mean width"],
     "gpu_check.sh": [r"encoder\s+precision decode\s+items\s+pipeline/s", r"speed-up: [\d.]+x \(training steps\)",
                      r"every step passed"],
