@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from aligned import AlignedModel
+from aligned.export import export
 from extract.run import extract
 from pipeline.config import ConfigError, TrainConfig, load_config
 from tests.fixtures import make_imagefolder
@@ -102,3 +103,7 @@ def test_a_sigmoid_run_saves_its_bias_and_the_aligned_model_exposes_it(tmp_path)
     assert float(model.logit_bias) == pytest.approx(bias)
     img, txt, scale, b = model(torch.zeros(1, 3, 32, 32), model.tokenizer(["a cat"]))
     assert float(b) == pytest.approx(bias) and img.shape == txt.shape == (1, 8)
+    out = export("sig", tmp_path / "model", cache=tmp_path / "cache")
+    assert json.loads((out / "config.json").read_text())["logit_bias"] == pytest.approx(bias)
+    assert float(AlignedModel.from_pretrained(out, device="cpu").logit_bias) == pytest.approx(bias)
+    assert "sigmoid (SigLIP) loss, learnt temperature" in (out / "README.md").read_text()

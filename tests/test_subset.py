@@ -122,3 +122,15 @@ def test_a_hand_written_subset_has_no_provenance_and_reads(tmp_path):
     assert s.ids == ("A", "B") and s.concepts == ("cat", "dog") and s.source == {}
     mask = s.mask(["A", "B", "C"], ["A#0", "B#0", "C#0"], "the split")
     np.testing.assert_array_equal(mask, [True, True, False])
+
+
+def test_a_study_retrains_when_its_subset_file_is_edited_in_place(setup, tmp_path):
+    from study.grid import train_hash
+    tmp, cache, path, cfg, res = setup
+    copy = _subset(tmp_path / "s.csv", [f"train{i:04d}" for i in range(20)])
+    cfg2 = tiny_cfg(cache, subset=str(copy), reference="")
+    before = train_hash(cfg2)
+    run = json.loads((res.run_dir / "config.json").read_text())
+    assert train_hash(cfg) == train_hash(run)  # the run's config.json records the file it trained on
+    _subset(copy, [f"train{i:04d}" for i in range(21)])
+    assert train_hash(cfg2) != before
