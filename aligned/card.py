@@ -23,6 +23,7 @@ from typing import Mapping
 
 from extract.encoders import EncoderSpec
 from pipeline.runs import ADAPTERS_METHOD, RECALL_COLUMNS, RunFolder
+from train.losses import loss_label
 
 SIDES = ("image", "text")
 
@@ -122,6 +123,17 @@ def _weights_line(e: Mapping) -> str:
     return f"not included; loaded from {w['source']} at export; to get them: {w['get']}"
 
 
+def _objective(config: Mapping) -> str:
+    """The training objective in words, e.g. "symmetric InfoNCE, temperature 0.07" or, for a sigmoid-loss
+    run, "sigmoid (SigLIP) loss, learnt temperature 0.071 and bias -9.79"."""
+    tc = config["adapters"]["train"]
+    if tc.get("loss") == "sigmoid":
+        bias = config.get("logit_bias")
+        return (f"sigmoid (SigLIP) loss, learnt temperature {config['temperature']:.4g}"
+                + ("" if bias is None else f" and bias {bias:.4g}"))
+    return f"{loss_label(tc.get('loss', 'infonce'), tc.get('loss_direction', 'symmetric'))}, temperature {config['temperature']:.4g}"
+
+
 def model_card(config: Mapping, run: RunFolder, reports: Path | None, adapters_mtime: float) -> str:
     """README.md text for an export's ``config`` (config.json), its run and analysis folder."""
     enc, tc = config["encoders"], config["adapters"]["train"]
@@ -146,7 +158,7 @@ tags: [image-text-retrieval, feature-extraction, frozen-encoders, platonic-align
 # Aligned model `{config['run']}`: {enc['image']['entry']} + {enc['text']['entry']}
 
 Two frozen encoders and the adapters of run `{config['run']}`, trained by `fit-adapters` to map both into one
-{config['dim']}-d space (symmetric InfoNCE, temperature {config['temperature']:.4g}). Written by
+{config['dim']}-d space ({_objective(config)}). Written by
 `aligned-export`; every file is listed with its sha256 in `SHA256SUMS`.
 
 ## Use

@@ -73,6 +73,7 @@ def export(run: str | Path, out_dir: str | Path, cache: str | Path | None = None
         shutil.copyfile(run_path / ADAPTER_WEIGHTS, staging / ADAPTERS)
         config = {"model_type": MODEL_TYPE, "format": FORMAT, "run": model.info["run"], "dim": model.dim,
                   "temperature": model.adapters.temperature(), "logit_scale": float(model.logit_scale),
+                  **({} if model.logit_bias is None else {"logit_bias": float(model.logit_bias)}),
                   "encoders": {m: _encoder_record(model, m, staging, include_weights) for m in MODALITIES},
                   "adapters": model.info["adapters"],
                   "exported": {"created": utc_now(), "run_dir": str(run_path), "versions": versions(),

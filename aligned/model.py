@@ -52,7 +52,8 @@ class AlignedModel(torch.nn.Module):
     """Image and text encoders with their run's adapters: new images and sentences -> (N, dim)
     vectors in the run's shared space. open_clip / CLIP shaped: ``preprocess``, ``tokenizer``,
     ``encode_image``, ``encode_text`` (``normalize=False`` by default), ``logit_scale`` (log of
-    1/tau: ``logit_scale.exp()`` multiplies cosine similarities), ``forward(image, text)``.
+    1/tau: ``logit_scale.exp()`` multiplies cosine similarities), ``logit_bias`` (sigmoid-loss
+    runs; else None), ``forward(image, text)``.
 
     Attributes: image_encoder, text_encoder (frozen ``extract.encoders.Encoder``), adapters (the
     run's ``AlignModel``), stats (train-split standardisation), sides (modality -> ``Side``:
@@ -128,6 +129,12 @@ class AlignedModel(torch.nn.Module):
         """log(1/tau), the run's temperature (CLIP's convention: ``logit_scale.exp()`` <= 100)."""
         return self.adapters.log_scale.clamp(max=math.log(MAX_LOGIT_SCALE))
 
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        """The learnt logit bias b of a sigmoid-loss (SigLIP) run, else None (open_clip's SigLIP
+        models: P(match) = sigmoid(logit_scale.exp() * img @ txt.T + logit_bias))."""
+        return self.adapters.logit_bias
+
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, crop, crop) images -> (B, dim) float32 embeddings. ``image``: stacked
         ``preprocess`` outputs (float), or uint8 pixels from ``preprocess.pixels`` (normalised on
@@ -142,9 +149,12 @@ class AlignedModel(torch.nn.Module):
 
     def forward(self, image: torch.Tensor | None = None, text: Mapping | None = None):
         """open_clip's forward: (image features, text features, logit_scale.exp()), features
-        L2-normalised; a side not given is None."""
+        L2-normalised; a side not given is None. A sigmoid-loss run adds its ``logit_bias`` as a
+        fourth element, as open_clip's SigLIP models do."""
         img = self.encode_image(image, normalize=True) if image is not None else None
         txt = self.encode_text(text, normalize=True) if text is not None else None
+        if self.logit_bias is not None:
+            return img, txt, self.logit_scale.exp(), self.logit_bias
         return img, txt, self.logit_scale.exp()
 
     def _encode(self, modality: str, encoder: Encoder, batch, normalize: bool) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from analyze.compare import output_dir
 from pipeline.cache import Entry, find_entry
 from pipeline.config import PipelineConfig
-from pipeline.runs import ADAPTER_WEIGHTS, find_run, run_name
+from pipeline.runs import ADAPTER_WEIGHTS, SUBSET, find_run, run_name
 from pipeline.errors import PipelineError
 from pipeline.runtime import atomic_write
 from pipeline.join import Pairs, join_pairs
@@ -33,6 +33,7 @@ from train.tokens import TokenView
 from train.api import Run, load_run
 from train.baselines import FROM_MOMENTS, Alignment, LinearMap, pair_moments
 from train.fraction import ids_digest, subset_pairs
+from train.subset import Subset, SubsetError, read_subset
 
 MODALITIES = ("image", "text")
 BASELINES_FILE = "baselines.npz"  # fitted baselines, next to the run's analysis outputs
@@ -111,7 +112,7 @@ class RunView:
                 self.run.check_entry(m, e)
             pairs = join_pairs(img, txt)
             if split == "train":
-                pairs = self.train_pairs(img, pairs)
+                pairs = self.train_pairs(img, pairs, txt)
             self._splits[split] = SplitPairs(
                 split, [str(img.ids[r]) for r in pairs.image_rows], [str(txt.ids[r]) for r in pairs.text_rows],
                 self._rows(img, "image")[pairs.image_rows], self._rows(txt, "text")[pairs.text_rows],
@@ -119,11 +120,13 @@ class RunView:
                 pairs.first_caption)
         return self._splits[split]
 
-    def train_pairs(self, image: Entry, pairs: Pairs) -> Pairs:
-        """The run's train pairs among the joined train ``pairs``: its ``train_fraction`` subset,
-        cut as fit-adapters cut it; EvalError when they are not the ids the run recorded."""
+    def train_pairs(self, image: Entry, pairs: Pairs, text: Entry | None = None) -> Pairs:
+        """The run's train pairs among the joined train ``pairs`` (of ``image`` and the caption
+        entry ``text``): its ``train.subset`` (the copy in the run folder) and ``train_fraction``
+        subset, cut as fit-adapters cut them; EvalError when they are not the ids the run recorded."""
         tc = self.run.train
-        kept = subset_pairs(image, pairs, tc.train_fraction, tc.seed)
+        subset = self.subset()
+        kept = subset_pairs(image, pairs, tc.train_fraction, tc.seed, subset, text)
         recorded = self.run.config.get("train_images")
         if recorded:
             got = ids_digest(np.asarray(image.ids)[kept.image_rows])
@@ -133,6 +136,24 @@ class RunView:
                                 f"{tc.train_fraction:g}, seed {tc.seed} (the train entries changed since). Rerun "
                                 f"fit-adapters --name {self.name} so that its baselines are fitted on its own pairs.")
         return kept
+
+    def subset(self) -> Subset | None:
+        """The subset file the run trained on (its copy in the run folder), None without one;
+        EvalError when the copy is missing or is not the file the run recorded."""
+        recorded = self.run.config.get("subset")
+        if not recorded:
+            return None
+        copy = self.path / SUBSET
+        try:
+            subset = read_subset(copy)
+        except SubsetError as exc:
+            raise EvalError(f"Run {self.name!r} trained on a subset, but its copy cannot be read ({exc}). Rerun "
+                            f"fit-adapters --name {self.name} --set train.subset=FILE.") from None
+        if subset.sha256 != recorded.get("sha256"):
+            raise EvalError(f"Run {self.name!r}: {copy} (sha256 {subset.sha256[:12]}) is not the subset the run "
+                            f"trained on (sha256 {str(recorded.get('sha256'))[:12]}): the file was edited. Rerun "
+                            f"fit-adapters --name {self.name} --set train.subset=FILE.")
+        return subset
 
     def embed(self, modality: str, features: np.ndarray) -> np.ndarray:
         """(n, d_modality) raw features -> (n, dim) L2-normalised adapter outputs, float64."""
@@ -150,7 +171,8 @@ class RunView:
         path = output_dir(self.cfg, "runs", self.name) / BASELINES_FILE
         tc = self.run.train
         stamp = json.dumps({"sha256": self.sha256, "train": [str(self.entry("train", m).path) for m in MODALITIES],
-                            "pairs": {"train_fraction": tc.train_fraction, "seed": tc.seed, "rule": 2},
+                            "pairs": {"train_fraction": tc.train_fraction, "seed": tc.seed, "rule": 2,
+                                      "subset": (self.run.config.get("subset") or {}).get("sha256")},
                             "mtime": [self.entry("train", m).path.stat().st_mtime for m in MODALITIES]})
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:

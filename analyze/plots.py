@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from pipeline.plotting import literal_text  # noqa: E402
 
@@ -226,6 +227,36 @@ def scatter(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(_wrap(title, 5.5, 12), fontsize=12)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+@literal_text
+def concept_counts(before: Mapping[str, int], after: Mapping[str, int], title: str, path: str | Path,
+                   width_px: int = PAGE_PX // 2) -> Path:
+    """Pairs per concept before (the pool's candidates) and after curation (chosen): one row of
+    two horizontal bars per concept, in the order given, drawn ``width_px`` wide (half a report
+    page: the size it is shown at) and 0.18 inch per concept tall; the x axis is logarithmic when
+    the counts span more than 30x."""
+    names = list(before)
+    inches = width_px / DPI
+    fig, ax = plt.subplots(figsize=(inches, 0.9 + 0.18 * max(len(names), 3)))
+    y = np.arange(len(names))[::-1]
+    b = np.array([before[n] for n in names], dtype=float)
+    a = np.array([after.get(n, 0) for n in names], dtype=float)
+    ax.barh(y + 0.2, b, height=0.4, color="#bdbdbd", label="pool (candidates)")
+    ax.barh(y - 0.2, a, height=0.4, color="tab:blue", label="curated")
+    positive = np.concatenate([b[b > 0], a[a > 0]])
+    if positive.size and positive.max() > 30 * positive.min():
+        ax.set_xscale("log")  # tick labels as plain numbers: mathtext is off (pipeline.plotting)
+        ax.set_xlim(left=0.5)  # a count of 1 still shows as a bar
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks(y, [n if len(n) <= 24 else n[:23] + "…" for n in names], fontsize=6)
+    ax.set_ylim(-0.7, len(names) - 0.3)
+    ax.set_xlabel("pairs", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(_wrap(title, inches - 0.5, 9), fontsize=9)
     return _save(fig, path)
 
 

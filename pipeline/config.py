@@ -94,15 +94,20 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up length in epochs
     temperature: float = 0.07  # InfoNCE temperature tau (initial value when learnable)
     learnable_temperature: bool = False  # learn log(1/tau), clamped at 1/tau <= 100 as CLIP does
-    loss: str = "infonce"  # infonce | vsepp (hinge on the hardest negative, VSE++; margin below)
+    loss: str = "infonce"  # infonce | vsepp (hinge on the hardest negative, VSE++; margin below) | sigmoid (SigLIP)
     loss_direction: str = "symmetric"  # symmetric | image_to_text (the proposal's one-directional sum)
     normalize: bool = True  # loss on L2-normalised embeddings; false = raw inner products / tau (the proposal)
     margin: float = 0.2  # VSE++ hinge margin (loss = "vsepp" only)
+    sigmoid_scale: float = 10.0  # sigmoid loss: initial logit scale t = exp(t'), SigLIP's t' = log 10; learnt,
+    #   in [1, 100] (loss = "sigmoid" only; it replaces temperature / learnable_temperature there)
+    sigmoid_bias: float = -10.0  # sigmoid loss: initial logit bias b (SigLIP: -10); learnt, saved with the run
     mixup: float = 0.0  # latent mixup alpha (0 = off); one lambda ~ Beta(alpha, alpha) for both modalities
     standardize: bool = True  # z-score inputs with train-split mean/std (saved with the adapters)
     seed: int = 0  # seeds init, batch order and mixup
     train_fraction: float = 1.0  # share of the train images used, in (0, 1]: a seeded, nested subset
     #   (the first round(f * n) of a permutation of the image ids seeded by train.seed)
+    subset: str = ""  # CSV (id, concept, score; `curate` writes one) of the train pair ids kept; "" = all.
+    #   Applied before train_fraction; its sha256 is recorded with the run (adapters.json, config.json)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     reference: str = "dinov2"  # cache entry used for the per-epoch CKA curve ("" = none)
     name: str = ""  # run name; "" = <image>-<text>-<adapter>
@@ -216,7 +221,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extract.decode": ("auto", "cpu", "gpu"),
     "extract.token_dtype": ("float16", "float32"),
     "train.schedule": ("constant", "cosine"),
-    "train.loss": ("infonce", "vsepp"),
+    "train.loss": ("infonce", "vsepp", "sigmoid"),
     "train.loss_direction": ("symmetric", "image_to_text"),
     "train.init": ("random", "procrustes", "cca"),
     "analyze.duplicates": ("drop", "keep"),

@@ -8,6 +8,7 @@ A run is one training of adapters. Its folder is ``<cache>/runs/<name>`` and hol
     history.csv            one row per epoch: loss, lr, temperature, val recall, val CKA
     metrics.json           a :class:`RunMetrics` record: test recall per method, best epoch, sizes
     curves.png             loss, recall and CKA curves over epochs
+    subset.csv             a copy of the train.subset file the run trained on (only with a subset)
 
 A run also writes, next to each source entry in the cache, an *aligned entry* named
 ``<encoder>@<run>`` (:func:`aligned_name`; :func:`source_of` parses it back). The name of a run
@@ -58,6 +59,7 @@ RUNS_DIR = "runs"  # run folders live in <cache>/runs/<name>/
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_JSON = "adapters.json"
 CONFIG = "config.json"
+SUBSET = "subset.csv"  # copy of train.subset (train.subset): what evaluating the run re-reads
 HISTORY = "history.csv"
 METRICS = "metrics.json"
 CURVES = "curves.png"

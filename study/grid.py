@@ -34,6 +34,7 @@ from pipeline.errors import PipelineError, did_you_mean
 from pipeline.names import safe_name
 from pipeline.runs import check_names
 from pipeline.runtime import dumps_json
+from train.subset import read_subset
 
 STUDY_SECTION = "study"
 FIXED_KEYS = ("train.name",)  # the study sets these itself
@@ -132,11 +133,28 @@ def config_hash(config: PipelineConfig | Mapping, sections=CELL_SECTIONS) -> str
     is a PipelineConfig or its ``to_dict()`` tree (e.g. a run's config.json: the same JSON)."""
     tree = config.to_dict() if isinstance(config, PipelineConfig) else config
     tree = {s: dict(v) for s, v in tree.items() if s in sections and isinstance(v, Mapping)}
+    digest = _subset_digest(config, tree)
+    if digest:  # a train.subset file edited in place is another training
+        tree["train"]["subset_sha256"] = digest
     for key in EXECUTION_KEYS:
         section, name = key.split(".")
         if section in tree:
             tree[section].pop(name, None)
     return hashlib.sha256(dumps_json(tree, indent=None, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _subset_digest(config: PipelineConfig | Mapping, tree: Mapping) -> str | None:
+    """The sha256 of the ``train.subset`` file: read now for a PipelineConfig, as recorded for a
+    run's config.json (``subset``); None without a subset (or an unreadable file: its cell's
+    check reports it)."""
+    if not (tree.get("train") or {}).get("subset"):
+        return None
+    if isinstance(config, PipelineConfig):
+        try:
+            return read_subset(tree["train"]["subset"]).sha256
+        except PipelineError:
+            return None
+    return (config.get("subset") or {}).get("sha256")
 
 
 def train_hash(config: PipelineConfig | Mapping) -> str:

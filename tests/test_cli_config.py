@@ -12,6 +12,7 @@ import pytest
 
 from aligned.cli import main as export_cli
 from analyze.cli import main as analyze_cli
+from analyze.curate_cli import main as curate_cli
 from extract.cli import main as extract_cli
 from pipeline.config import CHOICES, ConfigError, config_default
 from search.cli import main as search_cli
@@ -24,7 +25,8 @@ LEGACY = re.compile(r"\[(?:config: )?(?:data|extract|train|analyze|study)\.[a-z_
 
 
 def _commands():
-    commands = [("extract", extract_cli), ("fit-adapters", fit_cli), ("study", study_cli), ("export", export_cli)]
+    commands = [("extract", extract_cli), ("fit-adapters", fit_cli), ("study", study_cli), ("export", export_cli),
+                ("curate", curate_cli)]
     commands += [(f"analyze {n}", c) for n, c in analyze_cli.commands.items()]
     return commands + [(f"search {n}", c) for n, c in search_cli.commands.items()]
 

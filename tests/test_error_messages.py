@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from analyze.cli import main as analyze_cli
+from analyze.curate_cli import main as curate_cli
 from extract.cli import main as extract_cli
 from extract.run import extract
 from pipeline.config import load_config
@@ -32,7 +33,8 @@ def _options(command: click.Command) -> set[str]:
     return {o for p in command.params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts} | {"--help"}
 
 
-COMMANDS = {"extract": _options(extract_cli), "fit-adapters": _options(fit_cli), "study": _options(study_cli)}
+COMMANDS = {"extract": _options(extract_cli), "fit-adapters": _options(fit_cli), "study": _options(study_cli),
+            "curate": _options(curate_cli)}
 COMMANDS.update({f"analyze {n}": _options(c) for n, c in analyze_cli.commands.items()})
 COMMANDS["analyze"] = set().union(*(v for k, v in COMMANDS.items() if k.startswith("analyze ")))
 ANY = set().union(*COMMANDS.values())

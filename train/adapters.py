@@ -10,7 +10,8 @@ Every adapter maps (batch, d_in) -> (batch, dim). The kinds (``ADAPTERS``):
 * ``token``       token projectors on token entries (``train.tokens``): built for the image and
                   text modalities together (the text side may share the vision side's weights)
 
-``AlignModel`` holds one adapter per modality and the InfoNCE temperature.
+``AlignModel`` holds one adapter per modality and the InfoNCE temperature (with the sigmoid
+loss: its learnt scale and bias).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ HYPERPARAMETERS: dict[str, tuple[Callable[[float], bool], str]] = {
     "bottleneck": (lambda v: v >= 1, ">= 1"),
     "depth": (lambda v: v >= 0, ">= 0"),
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "sigmoid_scale": (lambda v: 1 <= v <= MAX_LOGIT_SCALE, f"in [1, {MAX_LOGIT_SCALE:g}] (the learnt scale's clamp)"),
 }
 
 
@@ -108,6 +110,11 @@ class AlignModel(nn.Module):
     ``log_scale`` holds log(1/tau); it is a parameter only when the temperature is learnable
     (then clamped to 1/tau <= ``MAX_LOGIT_SCALE`` after each step, as CLIP does). A fixed
     temperature is used as given: the clamp applies only to the learnable one.
+
+    With ``loss = "sigmoid"`` (SigLIP) both the scale and a bias are learnt: ``log_scale`` starts
+    at log(``sigmoid_scale``) (SigLIP's t' = log 10) and ``logit_bias`` (a scalar parameter, in
+    the state dict, so saved with the run) at ``sigmoid_bias`` (-10); ``temperature`` and
+    ``learnable_temperature`` are not used. Other losses have ``logit_bias = None``.
     """
 
     def __init__(self, dims: Mapping[str, int], cfg: TrainConfig, tokens: Mapping[str, Mapping] | None = None):
@@ -118,11 +125,19 @@ class AlignModel(nn.Module):
             self.adapters = build_token_adapters(dims, cfg, tokens)
         else:
             self.adapters = nn.ModuleDict({m: build_adapter(d, cfg) for m, d in dims.items()})
-        init = torch.tensor(math.log(1.0 / cfg.temperature), dtype=torch.float32)
-        if cfg.learnable_temperature:
+        sigmoid = cfg.loss == "sigmoid"
+        scale = cfg.sigmoid_scale if sigmoid else 1.0 / cfg.temperature
+        init = torch.tensor(math.log(scale), dtype=torch.float32)
+        if cfg.learnable_temperature or sigmoid:
             self.log_scale = nn.Parameter(init)
         else:
             self.register_buffer("log_scale", init)
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.sigmoid_bias))) if sigmoid else None
+
+    @property
+    def learnable_scale(self) -> bool:
+        """True when the logit scale is trained (then clamped after each step)."""
+        return isinstance(self.log_scale, nn.Parameter)
 
     @property
     def modalities(self) -> list[str]:
@@ -131,7 +146,7 @@ class AlignModel(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         """Scalar tensor 1/tau (a learnable one never above ``MAX_LOGIT_SCALE``)."""
         scale = self.log_scale.exp()
-        return scale.clamp(max=MAX_LOGIT_SCALE) if isinstance(self.log_scale, nn.Parameter) else scale
+        return scale.clamp(max=MAX_LOGIT_SCALE) if self.learnable_scale else scale
 
     def temperature(self) -> float:
         """Current tau = 1 / logit scale."""

@@ -18,9 +18,9 @@ split is a ``train.stream.StreamSplit`` instead: its features are read from the 
 windows during training (see that module). Val and test stay in memory (they are small:
 about 1,000 images each for Flickr30k and COCO's Karpathy split).
 
-``train.train_fraction`` < 1 keeps a seeded, nested subset of the train pairs (by image id;
-``train.fraction``) before anything else, so the statistics, the baselines and streaming all see
-only the kept pairs.
+``train.subset`` (a file of pair ids: ``train.subset``) and ``train.train_fraction`` < 1 (a
+seeded, nested subset of those pairs, by image id; ``train.fraction``) cut the train pairs
+before anything else, so the statistics, the baselines and streaming all see only the kept pairs.
 
 Standardisation statistics (per-column mean and std over the distinct rows each modality
 contributes to the train pairs) are accumulated exactly in float64 over blocks of
@@ -43,9 +43,10 @@ from pipeline.join import join_pairs, join_rows
 from pipeline.runs import check_aligned, modality_entries, source_of
 from train.errors import TrainError
 from train.fraction import ids_digest, subset_train
-from train.tokens import token_views
 from train.stream import (RunningMoments, StreamSplit, check_finite_rows, plan_stream, read_rows,
                           used_row_blocks)
+from train.subset import Subset, read_subset
+from train.tokens import token_views
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class TrainData:
     layers: dict[str, int | None] = field(default_factory=dict)
     train_pairs_total: int = 0  # train pairs before train.train_fraction was applied
     train_images: dict = field(default_factory=dict)  # {"n", "sha256"} of the kept train image ids (ids_digest)
+    subset: Subset | None = None  # the train.subset file read (None: no subset)
 
     @property
     def modalities(self) -> list[str]:
@@ -256,21 +258,26 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
         entries = token_views(entries)
     joined = {s: _join(entries[s]) for s in splits}
     total = len(joined["train"][0])
-    first = next(iter(names))
-    joined["train"] = subset_train(entries["train"][first], joined["train"], tc.train_fraction, tc.seed)
-    if tc.train_fraction != 1.0:
-        log.info("train.train_fraction = %g: %d of %d train pairs", tc.train_fraction, len(joined["train"][0]), total)
+    first, last = next(iter(names)), list(names)[-1]
+    subset = load_subset(cfg)
+    joined["train"] = subset_train(entries["train"][first], joined["train"], tc.train_fraction, tc.seed, subset,
+                                   entries["train"][last], f"the train split of {cfg.data.dataset!r} ({cfg.data.cache})")
+    if tc.train_fraction != 1.0 or subset is not None:
+        log.info("train.subset = %r, train.train_fraction = %g: %d of %d train pairs", tc.subset, tc.train_fraction,
+                 len(joined["train"][0]), total)
     dims = {m: entry_dim(e, layers[m]) for m, e in entries["train"].items()}
     for s in splits:
         _check_dims(s, entries[s], dims, layers)
     train_pairs = joined["train"][0]
     train_images = ids_digest(np.asarray(entries["train"][first].ids)[train_pairs[:, 0]])
     if train_images["n"] < MIN_TRAIN_IMAGES:
-        kept = (f"train.train_fraction = {tc.train_fraction:g} keeps {train_images['n']} train image(s) "
-                f"({len(train_pairs)} of {total} pairs)" if tc.train_fraction != 1.0
-                else f"the train split has {train_images['n']} image(s)")
+        cuts = ([f"train.subset = {tc.subset!r}"] if subset is not None else []) + (
+            [f"train.train_fraction = {tc.train_fraction:g}"] if tc.train_fraction != 1.0 else [])
+        kept = (f"{' and '.join(cuts)} keep{'s' if len(cuts) == 1 else ''} {train_images['n']} train image(s) "
+                f"({len(train_pairs)} of {total} pairs)" if cuts else f"the train split has {train_images['n']} image(s)")
         raise TrainError(f"{kept}; training (InfoNCE needs negatives) and the closed-form baselines need at least "
-                         f"{MIN_TRAIN_IMAGES} train images. Raise train.train_fraction or add train data.")
+                         f"{MIN_TRAIN_IMAGES} train images. Raise train.train_fraction, use a larger subset or add "
+                         f"train data.")
     if stream is None:
         stream = 0 < tc.max_rows_in_memory < len(train_pairs)
     if stream and tc.max_rows_in_memory <= 0:
@@ -307,4 +314,13 @@ def load_data(cfg: PipelineConfig, device: torch.device, *, splits: tuple[str, .
         out[s] = SplitData(s, list(names), feats, torch.as_tensor(pairs, dtype=torch.long, device=device),
                            ret, entries[s])
         raw[s] = None
-    return TrainData(out, stats, dims, layers, total, train_images)
+    return TrainData(out, stats, dims, layers, total, train_images, subset)
+
+
+def load_subset(cfg: PipelineConfig) -> Subset | None:
+    """The ``train.subset`` file, checked against the config's dataset (None when unset)."""
+    if not cfg.train.subset:
+        return None
+    subset = read_subset(cfg.train.subset)
+    subset.check_dataset(cfg.data.dataset)
+    return subset

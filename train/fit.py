@@ -45,7 +45,7 @@ from train.data import SPLITS, SplitData, Stats, TrainData, load_data, open_entr
 from train.distributed import Dist, gather_with_grad, setup
 from train.errors import ConfigValueError, TrainError, TrainingDiverged, out_of_range
 from train.evaluate import Reference, baseline_metrics, check_finite, load_reference, retrieval_metrics, split_sizes
-from train.losses import DIRECTIONS, LOSSES, loss_label, multi_info_nce, pair_loss
+from train.losses import DIRECTIONS, LOSSES, check_loss, loss_label, multi_info_nce, pair_loss
 from train.optim import SCHEDULES, lr_schedule, make_optimizer
 from train.stream import StreamSplit
 from train.tracking import Tracker, check_track_metrics, make_tracker
@@ -53,6 +53,7 @@ from train.wandb_log import check_settings, open_logger
 from train.init import apply_init, check_init
 from train.layers import check_layers, choose_layers
 from train.structure import StructureTerm, check_structure
+from train.subset import read_subset
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ def check_config(tc: TrainConfig) -> None:
         if value not in allowed:
             raise ConfigValueError(f"Unknown train.{key} = {value!r}.{did_you_mean(value, allowed)} "
                                    f"Use one of: {', '.join(allowed)}.")
+    try:
+        check_loss(tc.loss, tc.loss_direction)  # combinations: the sigmoid loss has no direction
+    except ValueError as exc:
+        raise ConfigValueError(str(exc)) from None
     rules = [("margin", tc.margin >= 0, ">= 0"), ("epochs", tc.epochs >= 1, ">= 1"), ("batch_size", tc.batch_size >= 2, ">= 2"),
              ("lr", tc.lr > 0, "> 0"), ("temperature", tc.temperature > 0, "> 0"),
              ("mixup", tc.mixup >= 0, ">= 0"), ("eval_every", tc.eval_every >= 1, ">= 1"),
@@ -104,6 +109,8 @@ def check_config(tc: TrainConfig) -> None:
                                f"{tc.temperature:g} (--set train.learnable_temperature=false).")
     for check in (check_structure, check_layers, check_init, check_token_config):  # their own modules
         check(tc)
+    if tc.subset:
+        read_subset(tc.subset)  # the file exists and reads as a subset (its ids are checked with the data)
     resolve_device(tc.device)  # DeviceError for names torch does not know, or CUDA without CUDA
     runs.check_names(tc)  # the run's name and its aligned entries' names, before any work
 
@@ -171,7 +178,7 @@ class Trainer:
         self.graph = (self.device.type == "cuda" and not self.dist.enabled) if graph is None else graph
         if self.graph and self.dist.enabled:
             raise TrainError("CUDA graphs are not supported with several processes; use graph=False.")
-        self.loss = pair_loss(tc)  # (a, b, logit_scale) -> scalar: train.loss, loss_direction, normalize
+        self.loss = pair_loss(tc, model.logit_bias)  # (a, b, logit_scale) -> scalar: train.loss, loss_direction, normalize
         self.opt = make_optimizer(model, tc, capturable=self.graph)
         self.lr_at = lr_schedule(tc, self.steps_per_epoch)
         self.step_count = 0
@@ -210,7 +217,7 @@ class Trainer:
         loss = self.batch_loss()
         loss.backward()
         self.opt.step()
-        if self.tc.learnable_temperature:
+        if self.model.learnable_scale:  # learnable_temperature, or the sigmoid loss's scale
             self.model.clamp_temperature()
         self.total += loss.detach()
 
@@ -345,6 +352,8 @@ def _train(model: AlignModel, data: TrainData, reference: Reference | None, tc: 
         loss = float(trainer.epoch(gen, rng))
         row = {"epoch": epoch, "train_loss": loss, "lr": trainer.lr,
                "temperature": model.temperature()}
+        if model.logit_bias is not None:  # the sigmoid loss's learnt bias
+            row["logit_bias"] = float(model.logit_bias.detach())
         if _diverged(loss, first, min(tc.batch_size, train.n_pairs)) or not check_finite(model):
             history.append(row)
             if dist.is_main:
@@ -412,14 +421,17 @@ def _fit(cfg: PipelineConfig, dist: Dist, device: torch.device, require_referenc
         final = runs.run_dir(cfg.data.cache, name)
         run_dir = runs.staging_dir(cfg.data.cache, name) if dist.is_main else final  # only rank 0 writes
         try:
+            subset = {"subset": data.subset.record()} if data.subset is not None else {}
             if dist.is_main:
-                write_json(run_dir / runs.CONFIG, {"source": cfg.source, **cfg.to_dict()})
+                write_json(run_dir / runs.CONFIG, {"source": cfg.source, **cfg.to_dict(), **subset})
+                if data.subset is not None:  # the evaluation of the run reads this copy (train.subset)
+                    (run_dir / runs.SUBSET).write_text(data.subset.text, encoding="utf-8")
             torch.manual_seed(tc.seed)
             model = AlignModel(data.dims, tc, token_info(data.splits["train"].entries)).to(device)
             apply_init(model, data, tc)  # closed-form start (train.init), same on every rank
             sources = describe_sources(data.splits["train"].entries, data.stats, data.layers)
             meta = {"run": name, "dataset": cfg.data.dataset, "layers": choice.to_json(),
-                    "train_images": data.train_images}
+                    "train_images": data.train_images, **subset}
             if dist.enabled:
                 meta["processes"] = dist.world_size
 

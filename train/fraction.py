@@ -10,9 +10,12 @@ so for one seed the 25% subset lies inside the 50% subset, which lies inside 100
 permutation depends only on the ids and the seed (not on row order), and it comes from its own
 generator, so the subset does not shift the training generator's draws.
 
+A ``train.subset`` file (``train.subset``) is applied first: the fraction is then taken of the
+subset's images (``train_mask``).
+
 fit-adapters (``subset_train``) and the evaluation of a run (``subset_pairs``: ``analyze
 zeroshot``, ``analyze matching``, whose baselines, ASIF anchors and local-CKA base are the run's
-train pairs) cut the split with the same ``pair_mask``; ``ids_digest`` of the kept image ids is
+train pairs) cut the split with the same ``train_mask``; ``ids_digest`` of the kept image ids is
 recorded in adapters.json (``train_images``) and checked when a run is evaluated.
 """
 
@@ -25,6 +28,7 @@ import numpy as np
 from pipeline.integrity import strings_digest
 from pipeline.join import Pairs, image_id
 from train.errors import TrainError
+from train.subset import Subset
 
 if TYPE_CHECKING:
     from pipeline.cache import Entry
@@ -72,23 +76,43 @@ def subset_split(pairs: np.ndarray, retrieval: Mapping[tuple[str, str], tuple], 
     return pairs[mask], out
 
 
-def subset_train(first: "Entry", joined: tuple[np.ndarray, dict], fraction: float, seed: int
+def train_mask(image_ids, row_ids, fraction: float, seed: int, subset: Subset | None = None,
+               where: str = "the train split") -> np.ndarray:
+    """(n_pairs,) bool: the run's train pairs. ``image_ids`` / ``row_ids``: one per pair (its
+    image's id, its caption row's id). The pairs ``subset`` names (all when None), then
+    ``fraction`` of their images (``pair_mask`` on the kept pairs)."""
+    image_ids = np.asarray(image_ids, dtype=object)
+    mask = (subset.mask(image_ids, row_ids, where) if subset is not None
+            else np.ones(len(image_ids), dtype=bool))
+    if fraction != 1.0:
+        mask[mask] = pair_mask(image_ids[mask], fraction, seed)
+    return mask
+
+
+def subset_train(first: "Entry", joined: tuple[np.ndarray, dict], fraction: float, seed: int,
+                 subset: Subset | None = None, rows: "Entry | None" = None, where: str = "the train split"
                  ) -> tuple[np.ndarray, dict]:
-    """``train.data``'s joined train split (pairs, retrieval) cut to ``fraction``; ``first`` is
-    the cache entry of the first modality (its row ids name the pairs' images)."""
+    """``train.data``'s joined train split (pairs, retrieval) cut to ``subset`` and ``fraction``;
+    ``first`` is the cache entry of the first modality (its row ids name the pairs' images),
+    ``rows`` the last one (its row ids name the pairs: the caption rows; default ``first``)."""
     pairs, retrieval = joined
-    if fraction == 1.0:
+    if fraction == 1.0 and subset is None:
         return pairs, retrieval
-    mask = pair_mask(np.asarray(first.ids)[pairs[:, 0]], fraction, seed)
-    return subset_split(pairs, retrieval, mask)
+    image_ids = np.asarray(first.ids)[pairs[:, 0]]
+    row_ids = image_ids if rows is None else np.asarray(rows.ids)[pairs[:, -1]]
+    return subset_split(pairs, retrieval, train_mask(image_ids, row_ids, fraction, seed, subset, where))
 
 
-def subset_pairs(image: "Entry", pairs: Pairs, fraction: float, seed: int) -> Pairs:
-    """The train pairs (``pipeline.join.join_pairs`` of ``image`` and a caption entry) that a run
-    with ``train_fraction`` = fraction and ``seed`` trained on: ``subset_train``'s rule."""
-    if fraction == 1.0:
+def subset_pairs(image: "Entry", pairs: Pairs, fraction: float, seed: int, subset: Subset | None = None,
+                 text: "Entry | None" = None) -> Pairs:
+    """The train pairs (``pipeline.join.join_pairs`` of ``image`` and the caption entry ``text``)
+    that a run with ``train_fraction`` = fraction, ``seed`` and ``subset`` trained on:
+    ``subset_train``'s rule (``text`` is needed with a subset: its row ids name the pairs)."""
+    if fraction == 1.0 and subset is None:
         return pairs
-    mask = pair_mask(np.asarray(image.ids)[pairs.image_rows[pairs.text_to_image]], fraction, seed)
+    image_ids = np.asarray(image.ids)[pairs.image_rows[pairs.text_to_image]]
+    row_ids = image_ids if text is None else np.asarray(text.ids)[pairs.text_rows]
+    mask = train_mask(image_ids, row_ids, fraction, seed, subset)
     retrieval = {("image", "text"): (pairs.image_rows, pairs.text_rows, pairs.text_to_image)}
     _, cut = subset_split(np.zeros((len(mask), 0)), retrieval, mask)
     return Pairs(*(np.asarray(x, dtype=np.int64) for x in cut[("image", "text")]))

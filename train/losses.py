@@ -1,11 +1,13 @@
-"""Contrastive losses between paired embeddings: InfoNCE (the CLIP loss, the default) and the
-VSE++ hinge loss with the hardest negative, each symmetric or one-directional, on
-L2-normalised embeddings (default) or on raw inner products.
+"""Contrastive losses between paired embeddings: InfoNCE (the CLIP loss, the default), the
+VSE++ hinge loss with the hardest negative (each symmetric or one-directional) and SigLIP's
+pairwise sigmoid loss (symmetric by construction), on L2-normalised embeddings (default) or on
+raw inner products.
 
-Options (``[train]``): ``loss`` ("infonce" | "vsepp"), ``loss_direction`` ("symmetric" |
+Options (``[train]``): ``loss`` ("infonce" | "vsepp" | "sigmoid"), ``loss_direction`` ("symmetric" |
 "image_to_text", the proposal's one-directional sum: image queries, caption candidates),
 ``normalize`` (false = the proposal's raw inner products <W_x x, W_y y> / tau) and ``margin``
-(VSE++). ``pair_loss(tc)`` turns them into one function; ``multi_info_nce`` averages it over
+(VSE++), ``sigmoid_scale`` / ``sigmoid_bias`` (the sigmoid loss's initial scale and bias, both
+learnt: ``train.adapters.AlignModel``). ``pair_loss(tc, bias)`` turns them into one function; ``multi_info_nce`` averages it over
 every pair of modalities (the first of a pair plays the image).
 """
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from pipeline.config import CHOICES
 from pipeline.errors import did_you_mean
 
-LOSSES = CHOICES["train.loss"]  # infonce, vsepp
+LOSSES = CHOICES["train.loss"]  # infonce, vsepp, sigmoid
 DIRECTIONS = CHOICES["train.loss_direction"]  # symmetric, image_to_text
 
 PairLoss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | float"], torch.Tensor]  # (a, b, logit_scale)
@@ -43,7 +45,7 @@ def _check_direction(direction: str) -> None:
 def loss_label(loss: str = "infonce", direction: str = "symmetric", normalize: bool = True) -> str:
     """How tables and figures name a training objective, e.g. "symmetric InfoNCE" (the default),
     "image_to_text VSE++ on raw inner products"."""
-    name = {"infonce": "InfoNCE", "vsepp": "VSE++"}.get(loss, loss)
+    name = {"infonce": "InfoNCE", "vsepp": "VSE++", "sigmoid": "sigmoid (SigLIP)"}.get(loss, loss)
     return f"{direction} {name}" + ("" if normalize else " on raw inner products")
 
 
@@ -87,10 +89,42 @@ def vsepp(a: torch.Tensor, b: torch.Tensor, margin: float = 0.2, normalize: bool
     return loss.mean()
 
 
-def pair_loss(tc) -> PairLoss:
+def sigmoid_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float,
+                 logit_bias: torch.Tensor | float, normalize: bool = True) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, eq. 1 and Algorithm 1).
+
+    a, b: (batch, dim), row i of ``a`` paired with row i of ``b``; logits_ij = t <a_i, b_j> + bias
+    with t = ``logit_scale`` (rows L2-normalised first when ``normalize``), label z_ij = +1 on the
+    diagonal, -1 elsewhere. Returns the scalar -1/batch sum_ij log sigmoid(z_ij logits_ij): every
+    (image, caption) pair is its own binary problem, so the loss has no direction (it is the same
+    with a and b swapped). SigLIP starts at t = 10, bias = -10 (``train.sigmoid_scale``,
+    ``train.sigmoid_bias``): the heavy negative bias offsets the batch - 1 negatives per row.
+    """
+    logits = logit_scale * _similarities(a, b, normalize) + logit_bias  # (batch, batch)
+    labels = 2.0 * torch.eye(a.shape[0], dtype=logits.dtype, device=logits.device) - 1.0
+    return -F.logsigmoid(labels * logits).sum() / a.shape[0]
+
+
+def check_loss(loss: str, direction: str) -> None:
+    """ValueError for an unknown loss or direction, or a direction the loss cannot take."""
+    if loss not in LOSSES:
+        raise ValueError(f"Unknown loss {loss!r}.{did_you_mean(str(loss), LOSSES)} Use one of: {', '.join(LOSSES)}.")
+    _check_direction(direction)
+    if loss == "sigmoid" and direction != "symmetric":
+        raise ValueError(f"train.loss = \"sigmoid\" with train.loss_direction = {direction!r}: the sigmoid loss scores "
+                         f"every (image, caption) pair on its own, so it has no query direction. Drop "
+                         f"train.loss_direction (symmetric), or use train.loss = \"infonce\" for a one-directional loss.")
+
+
+def pair_loss(tc, logit_bias: torch.Tensor | float | None = None) -> PairLoss:
     """The configured loss as ``f(a, b, logit_scale)`` from a TrainConfig (``loss``,
-    ``loss_direction``, ``normalize``, ``margin``); VSE++ ignores the logit scale."""
-    _check_direction(tc.loss_direction)
+    ``loss_direction``, ``normalize``, ``margin``); VSE++ ignores the logit scale. The sigmoid
+    loss adds ``logit_bias`` (the model's learnt ``AlignModel.logit_bias``; default: the config's
+    ``sigmoid_bias``)."""
+    check_loss(tc.loss, tc.loss_direction)
+    if tc.loss == "sigmoid":
+        bias = tc.sigmoid_bias if logit_bias is None else logit_bias
+        return partial(sigmoid_loss, logit_bias=bias, normalize=tc.normalize)
     if tc.loss == "infonce":
         return partial(info_nce, normalize=tc.normalize, direction=tc.loss_direction)
     if tc.loss == "vsepp":
