@@ -49,6 +49,7 @@ from pipeline.cache import (CACHE_FORMAT, FORMATS, Entry, EntryWriter, dataset_d
                             open_entry, resolved_data_dir, staging_folders)
 from pipeline.config import CHOICES, ConfigError, PipelineConfig
 from pipeline.errors import did_you_mean
+from pipeline.languages import entry_name
 from pipeline.progress import Progress
 from pipeline.runtime import PRECISIONS, autocast, resolve_device, utc_now, versions
 
@@ -147,6 +148,20 @@ def _content(cfg: PipelineConfig, split: D.Split, us: Team | None = None) -> dic
     return {"ids": split.ids, "digests": digests, "digest": D.content_digest(split.ids, digests)}
 
 
+def _split_for(cfg: PipelineConfig, split: D.Split, modality: str) -> D.Split:
+    """The split as ``modality``'s entries see it: text in ``data.language`` (``Split.in_language``:
+    only the images with captions in it; LanguageError listing the languages present otherwise)."""
+    return split if modality == "image" else split.in_language(cfg.data.language, cfg.data.default_language)
+
+
+def entry_name_of(cfg: PipelineConfig, spec: EncoderSpec) -> str:
+    """The cache entry name of ``spec`` under ``cfg``: its name, ``<name>.lang-<code>`` for text in
+    a language other than ``data.default_language`` (``pipeline.languages.entry_name``)."""
+    if spec.modality == "image":
+        return spec.name
+    return entry_name(spec.name, cfg.data.language, cfg.data.default_language)
+
+
 def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, content: dict, decoder: str = CPU):
     """(path, row ids, key) of one encoder's entry for one split; the key is what makes it stale:
     the encoder, the request options, and the data (the split's fingerprint of ids, file names and
@@ -155,10 +170,14 @@ def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, conte
     if spec.modality == "image":
         rows, extra = split.items, decode_key(decoder)
     else:
+        split = _split_for(cfg, split, "text")
         rows, extra = split.caption_rows(cfg.data.captions), {"captions": cfg.data.captions}
-    path = entry_path(cfg.data.cache, cfg.data.dataset, split.name, spec.name, cfg.extract.format,
+        if split.language is not None:  # default-language keys stay as they were
+            extra.update(language=split.language, language_fingerprint=split.language_fingerprint)
+    name = entry_name_of(cfg, spec)
+    path = entry_path(cfg.data.cache, cfg.data.dataset, split.name, name, cfg.extract.format,
                       cfg.data.data_dir, write=True)
-    key = {"entry": spec.name, "encoder": spec.provenance(), "dataset": cfg.data.dataset, "split": split.name,
+    key = {"entry": name, "encoder": spec.provenance(), "dataset": cfg.data.dataset, "split": split.name,
            "fingerprint": split.fingerprint(), "data_dir": resolved_data_dir(cfg.data.data_dir),
            "content": content["digest"], "cache_format": CACHE_FORMAT, "precision": cfg.extract.precision,
            "layers": cfg.extract.layers, **extra}
@@ -169,7 +188,7 @@ def _writer(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, content: dic
             repair: bool = False, decoder: str = CPU) -> EntryWriter:
     path, ids, key = _entry_request(cfg, split, spec, content, decoder)
     record = {"ids": content["ids"], "digests": content["digests"]}
-    return EntryWriter(path, spec.name, ids, key, cfg.extract.chunk_rows, force, repair, record)
+    return EntryWriter(path, key["entry"], ids, key, cfg.extract.chunk_rows, force, repair, record)
 
 
 def _provenance(cfg: PipelineConfig, split: D.Split, device: torch.device | str) -> dict:
@@ -243,7 +262,7 @@ def merge(cfg: PipelineConfig) -> list[Entry]:
                 continue
             writer = _writer(cfg, split, spec, content, decoder=decoder)
             notes = writer.notes()
-            entry = writer.finalize(_multi_provenance(cfg, split, notes), _skipped(split))
+            entry = writer.finalize(_multi_provenance(cfg, split, notes), _skipped(_split_for(cfg, split, spec.modality)))
             if entry is None:
                 problems.append(f"{where}: {describe_missing(writer, writer.pending(), notes)}")
             else:
@@ -275,6 +294,7 @@ def _extract_modality(cfg: PipelineConfig, split: D.Split, content: dict, specs:
                       force: bool, repair: bool) -> list[Entry]:
     """Compute this process's chunks of every encoder of one modality, then assemble the entries
     whose chunks are all staged; returns the finished ones."""
+    split = _split_for(cfg, split, specs[0].modality)
     rows = split.items if specs[0].modality == "image" else split.caption_rows(cfg.data.captions)
     jobs = _open_jobs(cfg, split, content, specs, us, force, repair)
     todo = sorted(set().union(*(j.pending for j in jobs)))
