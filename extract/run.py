@@ -40,7 +40,7 @@ import torch
 
 from extract import datasets as D
 from extract.checks import TokenCollisions, warn_duplicate_images
-from extract.encoders import EncoderSpec, forward_batch, get_spec, image_pixels, load_encoder
+from extract.encoders import EncoderSpec, forward_batch, get_spec, has_layers, image_pixels, load_encoder
 from extract.gpu_decode import CPU, DECODES, GPU_NVJPEG, GpuDecoder, decode_key, effective_decoder, read_jpeg
 from extract.loader import batches, loader_workers, make_loader
 from extract.sharding import (IncompleteExtractionError, Shard, ShardError, Team, describe_missing, shard_totals,
@@ -103,7 +103,13 @@ def check_request(cfg: PipelineConfig) -> list[EncoderSpec]:
     autocast(resolve_device(x.device), x.precision)  # refuses unknown devices and fp16 on CPU; not entered
     for name in x.encoders:
         entry_filename(name, "cache entry name of --encoder (for a local model: a shorter path, e.g. a symlink)")
-    return resolve_specs(cfg)
+    specs = resolve_specs(cfg)
+    flat = [s.name for s in specs if not has_layers(s)]
+    if x.layers == "all" and flat:
+        raise ConfigError(f"--layers all: {', '.join(flat)} {'has' if len(flat) == 1 else 'have'} no hidden layers "
+                          f"(sentence vectors only, no torch graph); extract {'it' if len(flat) == 1 else 'them'} in a "
+                          f"separate run with --layers last.")
+    return specs
 
 
 def resolve_specs(cfg: PipelineConfig) -> list[EncoderSpec]:

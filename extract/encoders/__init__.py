@@ -24,7 +24,8 @@ Where things live
 * One module per family, registering its entries next to its loader: ``torchvision_cnn``
   (``resnet18``, ``mobilenet_v2``, ``efficientnet_lite0``, ``torchvision:<model>``),
   ``hf_image`` (``dinov2-*``, ``hf-image:<id>``), ``clip`` (``clip-vit-b32-{image,text}``),
-  ``hf_text`` (``gpt2``, ``distilbert``, sentence encoders, ``hf-text:<id>``) and ``tiny`` (the
+  ``hf_text`` (``gpt2``, ``distilbert``, sentence encoders, ``hf-text:<id>``), ``numpy_text``
+  (``use-multilingual-v3``: numpy, sentence vectors only) and ``tiny`` (the
   ``tiny-*`` random test models, one per family).
 
 Adding an encoder to a family is one ``register(EncoderSpec(...))`` line in its module; a new
@@ -41,18 +42,18 @@ from extract.encoders.encoder import Encoder, forward_batch
 from extract.encoders.preprocess import (BYTE_VOCAB, CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD,
                                          ByteTokenizer, HFTokenizer, image_pixels, image_transform, normalize_pixels,
                                          resize_crop)
-from extract.encoders.registry import (ALIASES, GENERIC, LOADERS, REGISTRY, get_spec, list_encoders, load_encoder,
-                                       register, register_alias, register_generic, register_loader)
+from extract.encoders.registry import (ALIASES, GENERIC, LOADERS, REGISTRY, get_spec, has_layers, has_tokens,
+                                       list_encoders, load_encoder, register, register_alias, register_generic, register_loader)
 from extract.encoders.spec import EncoderSpec, EncoderSpecError, ImagePrep, TextPrep, UnknownEncoderError
 from extract.encoders.weights import TINY_SEED, WeightsNotFoundError
 
 # Families: importing a module registers its loader and entries (order = registry order).
-from extract.encoders import torchvision_cnn, hf_image, clip, hf_text, tiny  # noqa: F401
+from extract.encoders import torchvision_cnn, hf_image, clip, hf_text, numpy_text, tiny  # noqa: F401
 
 __all__ = [
     "ALIASES", "BYTE_VOCAB", "CLIP_MEAN", "CLIP_STD", "GENERIC", "HALF", "IMAGENET_MEAN", "IMAGENET_STD", "LOADERS",
     "REGISTRY", "TINY_SEED", "ByteTokenizer", "Encoder", "EncoderSpec", "EncoderSpecError", "HFTokenizer",
-    "ImagePrep", "TextPrep", "UnknownEncoderError", "WeightsNotFoundError", "forward_batch", "get_spec", "image_pixels",
+    "ImagePrep", "TextPrep", "UnknownEncoderError", "WeightsNotFoundError", "forward_batch", "get_spec", "has_layers", "has_tokens", "image_pixels",
     "image_transform", "list_encoders", "load_encoder", "normalize_pixels", "register", "register_alias",
     "register_generic", "register_loader", "resize_crop",
 ]
