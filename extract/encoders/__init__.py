@@ -25,7 +25,8 @@ Where things live
   (``resnet18``, ``mobilenet_v2``, ``efficientnet_lite0``, ``torchvision:<model>``),
   ``hf_image`` (``dinov2-*``, ``hf-image:<id>``), ``clip`` (``clip-vit-b32-{image,text}``),
   ``hf_text`` (``gpt2``, ``distilbert``, sentence encoders, ``hf-text:<id>``), ``numpy_text``
-  (``use-multilingual-v3``: numpy, sentence vectors only) and ``tiny`` (the
+  (``use-multilingual-v3``: numpy, sentence vectors only), ``hf_decoder`` (``smollm2-135m``, GGUF)
+  and ``tiny`` (the
   ``tiny-*`` random test models, one per family).
 
 Adding an encoder to a family is one ``register(EncoderSpec(...))`` line in its module; a new
@@ -48,7 +49,7 @@ from extract.encoders.spec import EncoderSpec, EncoderSpecError, ImagePrep, Text
 from extract.encoders.weights import TINY_SEED, WeightsNotFoundError
 
 # Families: importing a module registers its loader and entries (order = registry order).
-from extract.encoders import torchvision_cnn, hf_image, clip, hf_text, numpy_text, tiny  # noqa: F401
+from extract.encoders import torchvision_cnn, hf_image, clip, hf_text, hf_decoder, numpy_text, tiny  # noqa: F401
 
 __all__ = [
     "ALIASES", "BYTE_VOCAB", "CLIP_MEAN", "CLIP_STD", "GENERIC", "HALF", "IMAGENET_MEAN", "IMAGENET_STD", "LOADERS",
