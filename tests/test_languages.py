@@ -112,3 +112,17 @@ def test_multi30k_translation_files_for_flickr30k(tmp_path):
     (m30k / "bad.de").write_text("only one line\n")
     with pytest.raises(D.DatasetError, match="aligned line by line"):
         D.load_split("flickr30k", data, "test", translations="multi30k/bad.de=multi30k/test.txt")
+
+
+def test_tuxpaint_keeps_translations_as_caption_columns(tmp_path):
+    from demo.tuxpaint import prepare_tuxpaint, read_summary, read_translations
+    from tests.fixtures import make_tuxpaint_tree
+
+    txt = tmp_path / "x.txt"
+    txt.write_text("A cat.\npt_BR.utf8=Um  gato.\npt-br.utf8=duplicate\nen.utf8=A cat.\nsr@latin.utf8=Mačka\nzz9.utf8=?\n")
+    assert read_translations(txt) == {"pt-br": "Um gato.", "sr-latin": "Mačka"}
+    out = prepare_tuxpaint(make_tuxpaint_tree(tmp_path / "tree"), tmp_path / "ds", fractions=(1.0, 0.0, 0.0))
+    split = D.load_split("imagefolder", out, "train")
+    assert split.language_coverage() == {"en": (4, 4), "de": (2, 4), "fr": (1, 4)}
+    assert split.in_language("fr").items[0].captions == ("Un chat.",)
+    assert read_summary(out)["languages"] == {"de": 2, "fr": 1}
