@@ -210,6 +210,19 @@ NAMES_RUNS_NUMBERS = [
       "test_one_line_errors.py::test_weights_that_are_not_a_checkpoint_are_one_line_naming_the_file",
       "test_safe_names.py::test_names_too_long_for_a_file_are_one_line_errors_before_any_work",
       "test_safe_names.py::test_a_folder_that_cannot_be_written_is_one_line_naming_it"]),
+    # 18
+    ("a caption language the data does not have; pt_BR vs pt-br", "one line naming the languages present with "
+     "coverage; codes normalised (one language)",
+     ["test_languages.py::test_codes_are_normalised",
+      "test_languages.py::test_imagefolder_reads_caption_columns_and_coverage"]),
+    ("text entries of two languages joined", "refused like two caption policies",
+     ["test_languages.py::test_language_entries_keep_default_keys_and_join_with_images"]),
+    ("zero-shot in a language without templates or class names", "refused; never English templates in disguise",
+     ["test_languages_eval.py::test_english_run_evaluated_per_language"]),
+    ("a truncated GGUF file; a numpy-only encoder asked for --layers all", "one line naming the file / the encoder",
+     ["test_decoder_encoders.py::test_truncated_gguf_is_one_line",
+      "test_numpy_encoders.py::test_extract_resume_and_layers_all_refused",
+      "test_numpy_encoders.py::test_tiny_numpy_encoder_batches_equal_single_rows"]),
 ]
 
 # Messages and figures that must stay clear (not bad input).
