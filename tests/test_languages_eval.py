@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from analyze.cli import main as analyze_cli
 from extract.cli import main as extract_cli
+from extract.run import extract
 from tests.fixtures import _image, write_metadata
 from train.cli import main as fit_cli
 
@@ -100,3 +101,23 @@ permutations = 10
     assert res.exit_code == 0, res.output
     report = next((tmp_path / "reports").rglob("report.md")).read_text()
     assert "## Languages" in report and "| pt-br | 3 / 8 |" in report
+
+
+def test_demo_languages_tables_over_seeds(tmp_path, monkeypatch):
+    from demo.languages import languages_of, run, tables
+    from pipeline.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    data = _data(tmp_path / "data")
+    (tmp_path / "prompts.toml").write_text(PROMPTS)
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.data_dir={data}", f"data.cache={tmp_path / 'c'}",
+                             "data.label_from=dir", "extract.workers=0", "extract.device=cpu", "train.dim=8",
+                             "train.epochs=1", "train.batch_size=8", "train.image=tiny-resnet", "train.reference=",
+                             'extract.encoders=["tiny-resnet", "tiny-bert", "tiny-numpy-sentence"]',
+                             f"analyze.out={tmp_path / 'r'}"])
+    extract(cfg)
+    assert languages_of(cfg, "coverage:0.8") == ["de", "en"] and languages_of(cfg, "pt_BR") == ["pt-br"]
+    result = run(cfg, ["tiny-bert", "tiny-numpy-sentence"], [0, 1], ["en", "de"], "prompts.toml")
+    assert result["n"] == {"en": 8, "de": 8} and len(result["tiny-numpy-sentence"]["de"]["zs_top1"]) == 2
+    text = tables(result, ["tiny-bert", "tiny-numpy-sentence"])
+    assert "| de | 8 |" in text and "zs_top1" in text
