@@ -92,6 +92,10 @@ def test_language_entries_keep_default_keys_and_join_with_images(tmp_path):
         join_rows([img, en, pt])
     with pytest.raises(LanguageError, match="no captions in language 'ja'.*pt-br 3/6"):
         extract(_cfg(tmp_path, root, "ja", ("tiny-bert",)))
+    from analyze.compare import default_entries  # analyses see the entries of data.language only
+
+    assert default_entries(_cfg(tmp_path, root)) == ["tiny-bert", "tiny-resnet"]
+    assert default_entries(_cfg(tmp_path, root, "pt_BR")) == ["tiny-bert", "tiny-bert.lang-pt-br", "tiny-resnet"]
 
 
 def test_multi30k_translation_files_for_flickr30k(tmp_path):
