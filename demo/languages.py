@@ -31,6 +31,8 @@ from train.fit import fit_adapters
 
 log = logging.getLogger(__name__)
 FIGURES = ("i2t_R@1", "i2t_R@10", "t2i_R@1", "t2i_R@10", "zs_top1")  # columns of the tables
+USE_LANGUAGES = ("ar", "de", "en", "es", "fr", "it", "ja", "ko", "nl", "pl", "pt", "pt-br", "ru", "th", "tr", "zh-cn",
+                 "zh-tw")  # use-multilingual-v3's 16 training languages, in Tux Paint's codes (pt-br counted as pt)
 
 
 def languages_of(cfg, spec: str) -> list[str]:
@@ -88,6 +90,22 @@ def tables(result: dict, texts: list[str]) -> str:
     return "\n".join(lines)
 
 
+def summary(result: dict, texts: list[str]) -> str:
+    """Markdown: per encoder, the mean over languages (and seeds) of each retrieval figure, for
+    the languages use-multilingual-v3 was trained on and for the others."""
+    groups = {"USE-m3 languages": [l for l in result["n"] if l in USE_LANGUAGES],
+              "other languages": [l for l in result["n"] if l not in USE_LANGUAGES]}
+    lines = ["\n| languages | count | " + " | ".join(f"{t} {f}" for t in texts for f in ("i2t_R@10", "t2i_R@10")) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in texts for _ in range(2)) + " |"]
+    for group, langs in groups.items():
+        if not langs:
+            continue
+        cells = [f"{sum(sum(result[t][l][f]) / len(result[t][l][f]) for l in langs) / len(langs):.3f}"
+                 for t in texts for f in ("i2t_R@10", "t2i_R@10")]
+        lines.append(f"| {group} | {len(langs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/languages.toml", help="pipeline config (default: %(default)s)")
@@ -96,15 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--languages", default="en,de,fr,es,ja,ru", help="codes, or coverage:F (default: %(default)s)")
     ap.add_argument("--prompts", default=None, help="zero-shot prompts file (default: none)")
     ap.add_argument("--json", default=None, help="also write the per-seed values here (default: none)")
+    ap.add_argument("--from-json", default=None, help="only print the tables of a saved --json file (default: none)")
     args = ap.parse_args(argv)
+    texts = [t for t in args.text.split(",") if t]
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        print(tables(result, texts))
+        print(summary(result, texts))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config)
-    texts = [t for t in args.text.split(",") if t]
     langs = languages_of(cfg, args.languages)
     result = run(cfg, texts, [int(s) for s in args.seeds.split(",")], langs, args.prompts)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(tables(result, texts))
+    print(summary(result, texts))
     return 0
 
 

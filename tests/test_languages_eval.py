@@ -121,3 +121,6 @@ def test_demo_languages_tables_over_seeds(tmp_path, monkeypatch):
     assert result["n"] == {"en": 8, "de": 8} and len(result["tiny-numpy-sentence"]["de"]["zs_top1"]) == 2
     text = tables(result, ["tiny-bert", "tiny-numpy-sentence"])
     assert "| de | 8 |" in text and "zs_top1" in text
+    from demo.languages import summary
+
+    assert "| USE-m3 languages | 2 |" in summary(result, ["tiny-bert", "tiny-numpy-sentence"])
