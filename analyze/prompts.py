@@ -3,6 +3,8 @@ encoder and cached like any feature entry.
 
 Templates: ``DEFAULT_TEMPLATES`` (a short CLIP-style set), or a file with one template per line
 holding ``{}`` where the class name goes (blank lines and lines starting with ``#`` ignored).
+Other languages: a TOML prompts file with templates and class names per language
+(:func:`language_prompts`, docs/languages.md).
 
 Cache: ``<cache>/prompts/<dataset>/<text entry>.h5``, written by ``pipeline.cache.EntryWriter``
 (atomic, locked). Row ``<label>#<t>`` holds class ``label`` in template ``t``; the entry's
@@ -23,6 +25,7 @@ import json
 import logging
 import string
 import time
+import tomllib
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +36,7 @@ from extract.encoders import forward_batch, forward_tokens, get_spec, load_encod
 from extract.labels import class_name
 from pipeline.cache import Entry, EntryWriter, entry_filename, entry_path
 from pipeline.errors import PipelineError
+from pipeline.languages import normalize
 from pipeline.runtime import resolve_device, utc_now, versions
 from train.tokens import pad_tokens
 
@@ -72,10 +76,55 @@ def check_templates(templates: Sequence[str], where: str = "templates") -> tuple
     return tuple(templates)
 
 
-def prompt_texts(classes: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(ids, texts): C * T prompts, class-major (row c * T + t = class c in template t)."""
+def prompt_texts(classes: Sequence[str], templates: Sequence[str],
+                 names: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """(ids, texts): C * T prompts, class-major (row c * T + t = class c in template t); ``names``:
+    the classes' names in the prompts' language (default: ``class_name`` of each class)."""
     ids = [f"{c}#{t}" for c in classes for t in range(len(templates))]
-    return ids, [tpl.format(class_name(c)) for c in classes for tpl in templates]
+    shown = list(names) if names is not None else [class_name(c) for c in classes]
+    return ids, [tpl.format(n) for n in shown for tpl in templates]
+
+
+def read_prompts_file(path: str | Path) -> dict[str, dict]:
+    """{language: {"templates": (...), "classes": {class: name}}} of a prompts file (codes normalised)."""
+    path = Path(path)
+    try:
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PromptError(f"prompts file {str(path)!r} is not readable TOML ({exc}); see docs/languages.md.") from None
+    out = {}
+    for lang, table in tree.items():
+        code = normalize(lang, f"prompts file {path}")
+        if not isinstance(table, dict) or not isinstance(table.get("templates", []), list):
+            raise PromptError(f"{path} [{lang}]: expected templates = [\"...{{}}...\"] and classes = {{ name = \"...\" }}.")
+        out[code] = {"templates": check_templates(tuple(table.get("templates", ())), f"{path} [{lang}]"),
+                     "classes": {str(k): str(v) for k, v in dict(table.get("classes", {})).items()}}
+    return out
+
+
+def language_prompts(path: str | Path | None, language: str, default: str, classes: Sequence[str]
+                     ) -> tuple[tuple[str, ...], list[str] | None]:
+    """(templates, class names or None = the classes' own names) for zero-shot in ``language``."""
+    language = normalize(language, "--language")
+    if path is None:
+        if language == normalize(default):
+            return DEFAULT_TEMPLATES, None
+        raise PromptError(f"zero-shot in {language!r} needs templates and class names in {language}: pass "
+                          f"--prompts FILE (a TOML table [{language}], see docs/languages.md); English templates are "
+                          f"never used for another language.")
+    tables = read_prompts_file(path)
+    if language not in tables:
+        raise PromptError(f"prompts file {path} has no templates for {language!r} (it has: "
+                          f"{', '.join(sorted(tables)) or 'none'}); add a table [{language}].")
+    names = tables[language]["classes"]
+    if not names and language == normalize(default):
+        return tables[language]["templates"], None
+    missing = [c for c in classes if c not in names]
+    if missing:
+        raise PromptError(f"prompts file {path} [{language}] has no name for {len(missing)} of {len(classes)} classes "
+                          f"(first: {', '.join(missing[:5])}); add them under classes.")
+    return tables[language]["templates"], [names[c] for c in classes]
+
 
 
 def prompt_entry_path(cache: str | Path, dataset: str, text_entry: str) -> Path:
@@ -129,19 +178,23 @@ def prompt_tokens(text: Entry, classes: Sequence[str], templates: Sequence[str],
 
 def prompt_features(cache: str | Path, dataset: str, text: Entry, classes: Sequence[str],
                     templates: Sequence[str], device: str = "auto", force: bool = False,
-                    layer: int | None = None) -> np.ndarray:
+                    layer: int | None = None, names: Sequence[str] | None = None,
+                    language: str | None = None) -> np.ndarray:
     """(C * T, d_text) features of every class in every template (row order of ``prompt_texts``),
     from the cache, else computed by the text entry's encoder and cached; ``layer``: the stored
     hidden layer a run's text adapter reads (None = the pooled features), cached apart. A cached
     entry made for other classes, templates or another encoder is refused (StaleCacheError)
-    unless ``force``."""
+    unless ``force``. ``names`` / ``language``: class names and the language of prompts that are
+    not the default language's (cached apart, as ``<entry>.lang-<code>``)."""
     templates = check_templates(templates)
-    ids, texts = prompt_texts(classes, templates)
+    ids, texts = prompt_texts(classes, templates, names)
     precision = str(text.key.get("precision", "fp32"))
     key = {"entry": text.name, "kind": "zeroshot-prompts", "encoder": text.key.get("encoder"), "dataset": dataset,
            "classes": list(classes), "templates": list(templates), "precision": precision,
-           **({} if layer is None else {"layer": int(layer)})}
-    name = text.name if layer is None else f"{text.name}.layer{int(layer)}"
+           **({} if layer is None else {"layer": int(layer)}),
+           **({} if language is None else {"language": language, "names": list(names or classes)})}
+    name = text.name if language is None else f"{text.name}.lang-{language}"
+    name = name if layer is None else f"{name}.layer{int(layer)}"
     path = prompt_entry_path(cache, dataset, name)
     writer = EntryWriter(path, name, ids, key, chunk_rows=max(1, len(ids)), force=force)
     if writer.pending():

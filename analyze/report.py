@@ -25,8 +25,8 @@ from typing import Sequence
 from analyze import display
 from analyze.document import Document, _fmt  # Document: re-exported for study.report
 from analyze.compare import compare_entries, data_dir_of, default_entries, output_dir
-from analyze.evalreport import (section_benchmark, section_costs, section_gallery, section_matching, section_zeroshot,
-                                training_free_rows)
+from analyze.evalreport import (section_benchmark, section_costs, section_gallery, section_languages, section_matching,
+                                section_zeroshot, training_free_rows)
 from analyze.pairs import modality
 from analyze.platonic import SIDES, TERMS, platonic_test
 from analyze.summary import (answer_lines, chance_recall, chance_row, recall_cell,  # noqa: F401 (chance_recall:
@@ -337,6 +337,7 @@ def build_report(cfg: PipelineConfig, run: str | None = None) -> ReportFiles:
     section_platonic(doc, cfg, result, why)
     section_retrieval(doc, cfg, info)
     section_zeroshot(doc, cfg, run)
+    section_languages(doc, cfg, run)
     section_training(doc, info)
     section_matching(doc, cfg, run)
     section_benchmark(doc, cfg, run)

@@ -34,9 +34,10 @@ from analyze import plots
 from analyze.compare import header, output_dir
 from analyze.evalrun import EvalError, RunView, open_run
 from analyze.matching import relative_representation
-from analyze.prompts import read_templates, prompt_features, prompt_tokens
+from analyze.prompts import language_prompts, prompt_features, prompt_tokens, read_templates
 from extract.labels import class_name, dataset_classes, image_labels
 from pipeline.config import PipelineConfig
+from pipeline.languages import normalize
 from pipeline.runtime import write_json
 from train.retrieval import cosine_scores
 
@@ -171,32 +172,44 @@ def split_labels(cfg: PipelineConfig, test) -> tuple[list[str], np.ndarray]:
 
 
 def zero_shot(cfg: PipelineConfig, run: str | None = None, templates: str | Path | None = None,
-              force: bool = False) -> dict:
+              force: bool = False, language: str | None = None, prompts: str | Path | None = None) -> dict:
     """``analyze zeroshot``: zero-shot accuracy of a run (and the baselines, and ASIF) on the
     images of ``analyze.split``. templates: a template file (None = the default set); force:
-    recompute the cached prompt features. Writes ``runs/<run>/zeroshot.json`` and
+    recompute the cached prompt features; language / prompts: prompts in another language, with
+    templates and class names from the TOML file ``prompts`` (``prompts.language_prompts``:
+    refused for a language it has no templates for). Writes ``runs/<run>/zeroshot.json`` (for a
+    language other than data.default_language ``zeroshot-<code>.json``) and
     ``zeroshot-confusion.png``; returns the JSON document (plus ``out``)."""
     t0 = time.perf_counter()
-    tpl = read_templates(templates)  # checked before any work
     d, split = cfg.data, cfg.analyze.split
+    code = normalize(language if language is not None else d.default_language, "--language")
+    other = code != normalize(d.default_language, "data.default_language")
+    if prompts is not None and templates is not None:
+        raise EvalError("pass --templates (one language) or --prompts (templates per language), not both.")
+    tpl = read_templates(templates) if prompts is None and not other else None  # checked before any work
     dataset_classes(d.dataset, d.data_dir, d.label_from, {"on_empty": d.on_empty, "missing": d.missing})  # refuses
     rv = open_run(cfg, run)  # duplicate display names before the run is opened
     test = rv.split(split)
     classes, labels = split_labels(cfg, test)
+    names = None
+    prompts_file = prompts
+    if tpl is None:
+        tpl, names = language_prompts(prompts_file, code, d.default_language, classes)
     t_prompt = time.perf_counter()
     if rv.token_length("text"):  # padded token rows of the prompts, computed each time (not cached)
-        prompts = prompt_tokens(rv.entry(split, "text"), classes, tpl, rv.token_length("text"), cfg.extract.device)
+        prompts = prompt_tokens(rv.entry(split, "text"), classes, tpl, rv.token_length("text"), cfg.extract.device,
+                                names)
     else:
         prompts = prompt_features(d.cache, d.dataset, rv.entry(split, "text"), classes, tpl, cfg.extract.device,
-                                  force, rv.layer("text"))
+                                  force, rv.layer("text"), names, code if prompts_file is not None or other else None)
     t_prompt = time.perf_counter() - t_prompt
     results = {m: summarize(S, labels, classes) for m, S in _method_scores(rv, test, prompts, len(classes)).items()}
     out = output_dir(cfg, "runs", rv.name)
     doc = {**header(cfg, "zeroshot"), "run": rv.name, "run_sha256": rv.sha256, "n": int(len(labels)),
            "classes": classes, "class_names": [class_name(c) for c in classes], "label_from": d.label_from,
-           "templates": list(tpl), "chance": chance(labels, len(classes)), "results": results,
+           "templates": list(tpl), "language": code, "prompt_class_names": names, "chance": chance(labels, len(classes)), "results": results,
            "prompt_seconds": t_prompt, "seconds": time.perf_counter() - t0, "figures": {}}
-    if len(classes) <= FIGURE_MAX_CLASSES:
+    if len(classes) <= FIGURE_MAX_CLASSES and not other:
         conf = np.asarray(results["adapters"]["confusion"], dtype=float)
         rows = conf / np.maximum(conf.sum(axis=1, keepdims=True), 1)
         rows[conf.sum(axis=1) == 0] = np.nan
@@ -204,5 +217,5 @@ def zero_shot(cfg: PipelineConfig, run: str | None = None, templates: str | Path
             rows, doc["class_names"], doc["class_names"], f"Zero-shot confusion, run {rv.name} ({split}, n={len(labels)}; "
             f"rows: true class, share of its images)", out / "zeroshot-confusion.png",
             xlabel="predicted", ylabel="true", vmin=0, vmax=1).name
-    write_json(out / OUTPUT, doc)
+    write_json(out / (f"zeroshot-{code}.json" if other or prompts_file is not None else OUTPUT), doc)
     return {**doc, "out": out}

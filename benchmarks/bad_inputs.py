@@ -81,20 +81,6 @@ KINDS = [
       "test_knn_ties.py::test_no_fallback_and_identical_test_results_on_duplicate_rows"]),
     ("CLIP checkpoint whose projection size differs from the spec", "EncoderSpecError naming both sizes",
      ["test_encoder_specs.py::test_clip_tower_with_another_projection_size_is_refused"]),
-    ("train.loss = sigmoid with a one-directional loss_direction, or sigmoid_scale outside [1, 100]",
-     "one line before any work, saying why and the fix",
-     ["test_sigmoid_loss.py::test_pair_loss_builds_the_sigmoid_loss_and_refuses_a_direction"]),
-    ("a concept list with blank lines or repeated names", "refused, naming the lines",
-     ["test_curate.py::test_read_concepts_refuses_blank_lines_and_repeats",
-      "test_curate.py::test_bad_command_lines_are_one_line"]),
-    ("concepts that no pool pair matches", "listed under the coverage table's answer; none at all: one line",
-     ["test_curate.py::test_curate_assigns_each_pair_its_concept_and_reports_the_unmatched",
-      "test_curate.py::test_the_command_writes_subset_and_figure_and_fit_adapters_trains_on_it"]),
-    ("train.subset ids not in the train split, a subset of another dataset or split, a malformed line",
-     "refused before training, naming the ids, the dataset or the line",
-     ["test_subset.py::test_ids_not_in_the_train_split_are_named",
-      "test_subset.py::test_a_subset_of_another_dataset_or_split_is_refused",
-      "test_subset.py::test_bad_subset_files_are_refused_naming_the_line"]),
 ]
 
 # Stale or mismatched data reused by the report, studies and training.
@@ -224,11 +210,44 @@ NAMES_RUNS_NUMBERS = [
       "test_one_line_errors.py::test_weights_that_are_not_a_checkpoint_are_one_line_naming_the_file",
       "test_safe_names.py::test_names_too_long_for_a_file_are_one_line_errors_before_any_work",
       "test_safe_names.py::test_a_folder_that_cannot_be_written_is_one_line_naming_it"]),
-    # 18
+]
+
+# Curated training subsets and the sigmoid loss (docs/curation.md).
+CURATION = [
+    ("train.loss = sigmoid with a one-directional loss_direction, or sigmoid_scale outside [1, 100]",
+     "one line before any work, saying why and the fix",
+     ["test_sigmoid_loss.py::test_pair_loss_builds_the_sigmoid_loss_and_refuses_a_direction"]),
+    ("a concept list with blank lines or repeated names", "refused, naming the lines",
+     ["test_curate.py::test_read_concepts_refuses_blank_lines_and_repeats",
+      "test_curate.py::test_bad_command_lines_are_one_line"]),
+    ("concepts that no pool pair matches", "listed under the coverage table's answer; none at all: one line",
+     ["test_curate.py::test_curate_assigns_each_pair_its_concept_and_reports_the_unmatched",
+      "test_curate.py::test_the_command_writes_subset_and_figure_and_fit_adapters_trains_on_it"]),
+    ("train.subset ids not in the train split, a subset of another dataset or split, a malformed line",
+     "refused before training, naming the ids, the dataset or the line",
+     ["test_subset.py::test_ids_not_in_the_train_split_are_named",
+      "test_subset.py::test_a_subset_of_another_dataset_or_split_is_refused",
+      "test_subset.py::test_bad_subset_files_are_refused_naming_the_line"]),
     ("baselines of a train.subset run fitted on every train pair; its subset file edited later",
      "refitted on the run's copy of the subset; an edited copy refused",
      ["test_subset.py::test_a_run_trains_on_exactly_the_listed_pairs",
       "test_subset.py::test_an_edited_copy_is_refused_at_evaluation"]),
+]
+
+# Caption languages and the numpy / GGUF text encoders (docs/languages.md).
+LANGUAGES = [
+    ("a caption language the data does not have; pt_BR vs pt-br", "one line naming the languages present with "
+     "coverage; codes normalised (one language)",
+     ["test_languages.py::test_codes_are_normalised",
+      "test_languages.py::test_imagefolder_reads_caption_columns_and_coverage"]),
+    ("text entries of two languages joined", "refused like two caption policies",
+     ["test_languages.py::test_language_entries_keep_default_keys_and_join_with_images"]),
+    ("zero-shot in a language without templates or class names", "refused; never English templates in disguise",
+     ["test_languages_eval.py::test_english_run_evaluated_per_language"]),
+    ("a truncated GGUF file; a numpy-only encoder asked for --layers all", "one line naming the file / the encoder",
+     ["test_decoder_encoders.py::test_truncated_gguf_is_one_line",
+      "test_numpy_encoders.py::test_extract_resume_and_layers_all_refused",
+      "test_numpy_encoders.py::test_tiny_numpy_encoder_batches_equal_single_rows"]),
 ]
 
 # Token features and token projectors (docs/tokens.md).
@@ -294,7 +313,9 @@ def main(argv: list[str]) -> int:
     groups = (("kinds of bad input", KINDS), ("kinds of stale or mismatched data", STALE_DATA),
               ("kinds of layer runs, re-extracted sources and labels", SOURCES_AND_LABELS),
               ("kinds of unsafe names, lost runs and wrong numbers", NAMES_RUNS_NUMBERS),
+              ("kinds of bad curation, subset and loss input", CURATION),
               ("kinds of bad token input", TOKENS),
+              ("kinds of bad language and text-encoder input", LANGUAGES),
               ("messages and figures", MESSAGES))
     nodes = sorted({f"tests/{t}" for _, rows in groups for *_, tests in rows for t in tests})
     start = time.perf_counter()

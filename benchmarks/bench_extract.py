@@ -15,7 +15,8 @@ smallest per-row cosine).
     .venv/bin/python benchmarks/bench_extract.py --device cuda      # the GPU table (docs/performance.md)
     .venv/bin/python benchmarks/bench_extract.py --quick            # seconds: tiny encoders, 16 images
 
-CPU defaults use the real offline weights (mobilenet_v2, all-minilm-l6-v2; see README); pass
+CPU defaults use the real offline weights (mobilenet_v2; all-minilm-l6-v2, use-multilingual-v3 and
+smollm2-135m; see README), and report each encoder's load time and peak memory in a fresh process; pass
 --image tiny-resnet --text tiny-gpt2 to run without them. --device cuda defaults to random-weight
 models of real sizes (ResNet-18, MobileNetV2, DINOv2-small/base; GPT-2 small, MiniLM-L6 with the
 byte tokenizer), 2048 images, batch 256, decode cpu and gpu. --quick (a smoke run, any device):
@@ -87,7 +88,7 @@ def bare_forward(name: str, data_dir: Path, n: int, batch_size: int, precision: 
         batch = torch.randn(batch_size, 3, size, size, device=device)
     else:
         captions = [c for line in (data_dir / "test" / "metadata.jsonl").open() for c in json.loads(line)["caption"]]
-        batch = {k: v.to(device) for k, v in enc.tokenize(captions[:batch_size]).items()}
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in enc.tokenize(captions[:batch_size]).items()}
     steps = max(1, n // batch_size) if enc.spec.modality == "image" else max(1, 5 * n // batch_size)
     with torch.inference_mode(), autocast(device, precision):
         enc(batch).float().cpu()
@@ -194,8 +195,26 @@ RANDOM_MODELS = {"random-dinov2-base": register_random_dinov2_base, "random-gpt2
 # --device cuda defaults (the issue's models): (image encoders, text encoders, images, batch size)
 CUDA_DEFAULTS = ("random-resnet18,random-mobilenet_v2,random-dinov2-small,random-dinov2-base",
                  "random-gpt2,random-minilm", 2048, 256)
-CPU_DEFAULTS = ("mobilenet_v2", "all-minilm-l6-v2", 256, 32)
-QUICK_DEFAULTS = ("tiny-resnet", "tiny-gpt2", 16, 8)
+CPU_DEFAULTS = ("mobilenet_v2", "all-minilm-l6-v2,use-multilingual-v3,smollm2-135m", 256, 32)
+QUICK_DEFAULTS = ("tiny-resnet", "tiny-gpt2,tiny-numpy-sentence,tiny-llama", 16, 8)
+LOAD_PROBE = """import json, resource, sys, time
+t0 = time.perf_counter()
+from extract.encoders import load_encoder
+t1 = time.perf_counter()
+enc = load_encoder(sys.argv[1], sys.argv[2])
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""  # run in a fresh process per encoder: its load time and peak memory, apart from every other model
+
+
+def load_cost(name: str, device) -> dict:
+    """{"import_s", "load_s", "peak_rss_mib"} of loading ``name`` in a fresh Python process."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", LOAD_PROBE, name, str(device)], capture_output=True, text=True,
+                         cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)}, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _options() -> argparse.Namespace:
@@ -293,6 +312,12 @@ def main() -> None:
             print(_row(row))
         print("pipeline = whole loop incl. DataLoader start-up; steady = after the first batch "
               "(as bare, which excludes a warm-up batch); decode - = text (tokenised in the workers)")
+        names = [n for n in (args.image + "," + args.text).split(",") if n and n not in RANDOM_MODELS]
+        print(f"\n{'encoder':22s} {'load s':>7s} {'peak RSS MiB':>12s}  (fresh process each; import of the package "
+              f"excluded)")
+        for name in names[-2:] if args.quick else names:
+            cost = load_cost(name, args.device)
+            print(f"{name:22s} {cost['load_s']:7.1f} {cost['peak_rss_mib']:12.0f}")
         for (name, precision, decode), a in feats.items():
             if precision == "bf16" and (name, "fp32", decode) in feats:
                 print(f"{name} decode {decode}: bf16 vs fp32: {_agreement(feats[name, 'fp32', decode], a)}")

@@ -21,7 +21,9 @@ What :func:`prepare_tuxpaint` does:
 - split by image: the pairs are ordered by sha256("<seed>:<relative path>") and cut at the
   fractions (exact sizes, independent of file-system listing order);
 - writes ``out_dir/{train,val,test}/<category>/.../NAME.png`` and one ``metadata.jsonl`` per split
-  (``file_name``, ``caption``), so ``load_split("imagefolder", out_dir, "train")`` reads it; image
+  (``file_name``, ``caption``, and ``caption_<lang>`` for each translation the txt holds:
+  ``de.utf8=...`` -> ``caption_de``, ``pt_BR.utf8=...`` -> ``caption_pt-br``; docs/languages.md), so
+  ``load_split("imagefolder", out_dir, "train")`` reads it; image
   ids are the stamp paths without extension, e.g. ``animals/mammals/tiger``;
 - writes the marker ``tuxpaint_dataset.json`` last (source, parameters, summary counts); a rerun
   with the same source and parameters returns at once; changed parameters rebuild the folder.
@@ -50,6 +52,7 @@ from typing import BinaryIO, Iterator
 from PIL import Image
 
 from extract.datasets import DatasetError, pad_square, to_rgb
+from pipeline.languages import CAPTION_PREFIX, LanguageError, normalize
 from pipeline.runtime import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ DEFAULT_SIZE = 256  # px, maximum side of the square output images (smaller ones
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test fractions of the pairs
 SPLIT_NAMES = ("train", "val", "test")
 MARKER = "tuxpaint_dataset.json"  # written last; records source, parameters and summary
-FORMAT_VERSION = 1  # bump when the output changes for the same inputs
+FORMAT_VERSION = 2  # bump when the output changes for the same inputs (2: caption_<lang> translations)
 _TRANSLATION = re.compile(r"^[A-Za-z]{2,3}(_[A-Za-z]{2,3})?(@\w+)?\.utf-?8\s*=", re.IGNORECASE)
 _TAR_MODES = {"data.tar": "r|", "data.tar.gz": "r|gz", "data.tar.xz": "r|xz", "data.tar.bz2": "r|bz2"}
 
@@ -202,6 +205,33 @@ def read_description(txt: Path) -> tuple[str | None, bool]:
     return None, fallback
 
 
+def read_translations(txt: Path) -> dict[str, str]:
+    """The translations of a stamp's description, {language: text}: every ``xx.utf8=...`` line
+    (``pt_BR.utf8`` -> ``pt-br``, ``sr@latin.utf8`` -> ``sr-latin``; ``pipeline.languages.normalize``),
+    whitespace collapsed, empty ones and plain ``en`` (the first line is English) left out; the first
+    of two spellings of one code wins."""
+    data = txt.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not _TRANSLATION.match(line):
+            continue
+        code, _, value = line.partition("=")
+        value = " ".join(value.split())
+        try:
+            lang = normalize(code.strip())
+        except LanguageError:
+            log.info("%s: ignoring translation with unknown language code %r", txt, code)
+            continue
+        if value and lang != "en":
+            out.setdefault(lang, value)
+    return out
+
+
 def _find_stamps(root: Path) -> Path:
     for cand in (root / STAMPS_SUBDIR, root / "stamps", root):
         if cand.is_dir() and any(cand.rglob("*.png")):
@@ -227,8 +257,8 @@ def _source_record(src: Path) -> dict:
     return {"kind": "dir", "name": src.name, "listing_sha256": h.hexdigest()}
 
 
-def _collect(stamps: Path) -> tuple[list[tuple[str, Path, str]], Counter]:
-    """(relative path without .png, png path, caption) for every usable stamp, and skip counts."""
+def _collect(stamps: Path) -> tuple[list[tuple[str, Path, str, dict]], Counter]:
+    """(relative path without .png, png path, caption, translations) for every usable stamp, and skip counts."""
     pairs, counts = [], Counter()
     for png in sorted(stamps.rglob("*.png")):
         rel = png.relative_to(stamps).with_suffix("").as_posix()
@@ -253,7 +283,7 @@ def _collect(stamps: Path) -> tuple[list[tuple[str, Path, str]], Counter]:
             counts["no English line in txt"] += 1
             log.warning("skipping %s: no English line in %s", rel, txt.name)
             continue
-        pairs.append((rel, png, caption))
+        pairs.append((rel, png, caption, read_translations(txt)))
     return pairs, counts
 
 
@@ -278,11 +308,12 @@ def _convert(png: Path, size: int) -> Image.Image:
 # --------------------------------------------------------------------------- writing the dataset
 
 
-def _write_dataset(build: Path, pairs: list[tuple[str, Path, str]], split_of: dict[str, str], size: int,
+def _write_dataset(build: Path, pairs: list[tuple[str, Path, str, dict]], split_of: dict[str, str], size: int,
                    skipped: Counter) -> dict:
     """Images and one metadata.jsonl per split into ``build``; returns the summary."""
     rows: dict[str, list[dict]] = {s: [] for s in SPLIT_NAMES}
-    for rel, png, caption in pairs:
+    languages: Counter = Counter()
+    for rel, png, caption, translations in pairs:
         try:
             img = _convert(png, size)
         except Exception as exc:
@@ -293,7 +324,9 @@ def _write_dataset(build: Path, pairs: list[tuple[str, Path, str]], split_of: di
         dest = build / split / f"{rel}.png"
         dest.parent.mkdir(parents=True, exist_ok=True)
         img.save(dest)
-        rows[split].append({"file_name": f"{rel}.png", "caption": caption})
+        rows[split].append({"file_name": f"{rel}.png", "caption": caption,
+                            **{f"{CAPTION_PREFIX}{lang}": t for lang, t in sorted(translations.items())}})
+        languages.update(translations.keys())
     for split, split_rows in rows.items():
         if split_rows:
             atomic_write(build / split / "metadata.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows))
@@ -302,6 +335,7 @@ def _write_dataset(build: Path, pairs: list[tuple[str, Path, str]], split_of: di
         "pairs": len(captions),
         "distinct_captions": len(set(captions)),
         "splits": {s: len(rs) for s, rs in rows.items()},
+        "languages": dict(languages.most_common()),  # stamps with a caption in each other language
         "skipped": dict(sorted(skipped.items())),
     }
 
@@ -361,7 +395,7 @@ def prepare_tuxpaint(
         pairs, skipped = _collect(stamps)
         if not pairs:
             raise DatasetError(f"no usable stamp (PNG with an English description) under {stamps}.")
-        split_of = _assign_splits([r for r, _, _ in pairs], seed, fractions)
+        split_of = _assign_splits([p[0] for p in pairs], seed, fractions)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:

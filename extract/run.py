@@ -40,8 +40,8 @@ import torch
 
 from extract import datasets as D
 from extract.checks import TokenCollisions, warn_duplicate_images
-from extract.encoders import (EncoderSpec, check_tokens, forward_batch, forward_tokens, get_spec, image_pixels,
-                              load_encoder, token_grid)
+from extract.encoders import (EncoderSpec, check_tokens, forward_batch, forward_tokens, get_spec, has_layers,
+                              image_pixels, load_encoder, token_grid)
 from extract.gpu_decode import CPU, DECODES, GPU_NVJPEG, GpuDecoder, decode_key, effective_decoder, read_jpeg
 from extract.loader import batches, loader_workers, make_loader
 from extract.token_size import check_token_size
@@ -51,6 +51,7 @@ from pipeline.cache import (CACHE_FORMAT, FORMATS, Entry, EntryWriter, dataset_d
                             open_entry, resolved_data_dir, staging_folders)
 from pipeline.config import CHOICES, ConfigError, PipelineConfig
 from pipeline.errors import did_you_mean
+from pipeline.languages import entry_name
 from pipeline.progress import Progress
 from pipeline.runtime import PRECISIONS, autocast, resolve_device, utc_now, versions
 
@@ -107,6 +108,11 @@ def check_request(cfg: PipelineConfig) -> list[EncoderSpec]:
     for name in x.encoders:
         entry_filename(name, "cache entry name of --encoder (for a local model: a shorter path, e.g. a symlink)")
     specs = resolve_specs(cfg)
+    flat = [s.name for s in specs if not has_layers(s)]
+    if x.layers == "all" and flat:
+        raise ConfigError(f"--layers all: {', '.join(flat)} {'has' if len(flat) == 1 else 'have'} no hidden layers "
+                          f"(sentence vectors only, no torch graph); extract {'it' if len(flat) == 1 else 'them'} in a "
+                          f"separate run with --layers last.")
     if token_grid(x.tokens) is not None:
         _one_of("extract.token_dtype", x.token_dtype, CHOICES["extract.token_dtype"])
         if x.layers == "all":
@@ -161,6 +167,20 @@ def _content(cfg: PipelineConfig, split: D.Split, us: Team | None = None) -> dic
     return {"ids": split.ids, "digests": digests, "digest": D.content_digest(split.ids, digests)}
 
 
+def _split_for(cfg: PipelineConfig, split: D.Split, modality: str) -> D.Split:
+    """The split as ``modality``'s entries see it: text in ``data.language`` (``Split.in_language``:
+    only the images with captions in it; LanguageError listing the languages present otherwise)."""
+    return split if modality == "image" else split.in_language(cfg.data.language, cfg.data.default_language)
+
+
+def entry_name_of(cfg: PipelineConfig, spec: EncoderSpec) -> str:
+    """The cache entry name of ``spec`` under ``cfg``: its name, ``<name>.lang-<code>`` for text in
+    a language other than ``data.default_language`` (``pipeline.languages.entry_name``)."""
+    if spec.modality == "image":
+        return spec.name
+    return entry_name(spec.name, cfg.data.language, cfg.data.default_language)
+
+
 def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, content: dict, decoder: str = CPU):
     """(path, row ids, key) of one encoder's entry for one split; the key is what makes it stale:
     the encoder, the request options, and the data (the split's fingerprint of ids, file names and
@@ -169,10 +189,14 @@ def _entry_request(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, conte
     if spec.modality == "image":
         rows, extra = split.items, decode_key(decoder)
     else:
+        split = _split_for(cfg, split, "text")
         rows, extra = split.caption_rows(cfg.data.captions), {"captions": cfg.data.captions}
-    path = entry_path(cfg.data.cache, cfg.data.dataset, split.name, spec.name, cfg.extract.format,
+        if split.language is not None:  # default-language keys stay as they were
+            extra.update(language=split.language, language_fingerprint=split.language_fingerprint)
+    name = entry_name_of(cfg, spec)
+    path = entry_path(cfg.data.cache, cfg.data.dataset, split.name, name, cfg.extract.format,
                       cfg.data.data_dir, write=True)
-    key = {"entry": spec.name, "encoder": spec.provenance(), "dataset": cfg.data.dataset, "split": split.name,
+    key = {"entry": name, "encoder": spec.provenance(), "dataset": cfg.data.dataset, "split": split.name,
            "fingerprint": split.fingerprint(), "data_dir": resolved_data_dir(cfg.data.data_dir),
            "content": content["digest"], "cache_format": CACHE_FORMAT, "precision": cfg.extract.precision,
            "layers": cfg.extract.layers, **extra}
@@ -185,7 +209,7 @@ def _writer(cfg: PipelineConfig, split: D.Split, spec: EncoderSpec, content: dic
             repair: bool = False, decoder: str = CPU) -> EntryWriter:
     path, ids, key = _entry_request(cfg, split, spec, content, decoder)
     record = {"ids": content["ids"], "digests": content["digests"]}
-    return EntryWriter(path, spec.name, ids, key, cfg.extract.chunk_rows, force, repair, record)
+    return EntryWriter(path, key["entry"], ids, key, cfg.extract.chunk_rows, force, repair, record)
 
 
 def _provenance(cfg: PipelineConfig, split: D.Split, device: torch.device | str) -> dict:
@@ -259,7 +283,7 @@ def merge(cfg: PipelineConfig) -> list[Entry]:
                 continue
             writer = _writer(cfg, split, spec, content, decoder=decoder)
             notes = writer.notes()
-            entry = writer.finalize(_multi_provenance(cfg, split, notes), _skipped(split))
+            entry = writer.finalize(_multi_provenance(cfg, split, notes), _skipped(_split_for(cfg, split, spec.modality)))
             if entry is None:
                 problems.append(f"{where}: {describe_missing(writer, writer.pending(), notes)}")
             else:
@@ -291,6 +315,7 @@ def _extract_modality(cfg: PipelineConfig, split: D.Split, content: dict, specs:
                       force: bool, repair: bool) -> list[Entry]:
     """Compute this process's chunks of every encoder of one modality, then assemble the entries
     whose chunks are all staged; returns the finished ones."""
+    split = _split_for(cfg, split, specs[0].modality)
     rows = split.items if specs[0].modality == "image" else split.caption_rows(cfg.data.captions)
     jobs = _open_jobs(cfg, split, content, specs, us, force, repair)
     todo = sorted(set().union(*(j.pending for j in jobs)))

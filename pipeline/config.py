@@ -41,6 +41,8 @@ class DataConfig:
     #   (imagefolder), {"restval": "train"} (coco); README: Datasets
     cache: str = "cache"  # feature-cache directory: <cache>/<format>-<data folder>-<hash>/<split>/<entry>.h5|.zarr
     label_from: str = "label"  # zero-shot class labels: a metadata column (imagefolder) | dir (first folder of file_name)
+    language: str = "en"  # caption language extract and training read: caption_<lang> columns (docs/languages.md)
+    default_language: str = "en"  # the language of the plain caption column; its entries keep their old names
 
 
 @dataclass(frozen=True)

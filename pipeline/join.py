@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.cache import Entry
 from pipeline.errors import PipelineError
+from pipeline.languages import check_one_language
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ def _describe(data: dict) -> str:
 
 def check_same_data(entries: Sequence[Entry]) -> None:
     """JoinError naming both entries and both data sources unless every entry that records its
-    data records the same (dataset, data folder, split, fingerprint, content)."""
+    data records the same (dataset, data folder, split, fingerprint, content); LanguageError when
+    text entries of different caption languages are joined (``pipeline.languages``)."""
+    check_one_language(entries)
     known = [(e, e.data) for e in entries if e.data is not None]
     for e, data in known[1:]:
         first, ref = known[0]

@@ -422,7 +422,7 @@ def test_argument_errors(flickr, tmp_path):
     with pytest.raises(DatasetError, match=r"unknown dataset format 'flickr30'; .*Did you mean: flickr30k"):
         load_split("flickr30", flickr, "train")
     with pytest.raises(DatasetError, match=r"unknown option 'caption_column' for dataset 'flickr30k'; allowed: on_empty, missing "
-                       r"\(--set data\.on_empty=\.\.\.\) and image_dir \(--set data\.options\.image_dir=\.\.\.\)\.$"):
+                       r"\(--set data\.on_empty=\.\.\.\) and image_dir, translations \(--set data\.options\.image_dir=\.\.\.\)\.$"):
         load_split("flickr30k", flickr, "train", caption_column="x")
     with pytest.raises(DatasetError, match=r"on_empty='drop'"):
         load_split("flickr30k", flickr, "train", on_empty="drop")

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.cache import Entry
 from pipeline.config import TrainConfig
+from pipeline.languages import base_entry
 from pipeline.runs import ADAPTER_JSON, ADAPTER_WEIGHTS, file_sha256, verify_run
 from pipeline.runtime import atomic_write, resolve_device, write_json
 from train.adapters import AlignModel
@@ -129,7 +130,8 @@ class Run:
 
     def check_entry(self, modality: str, entry: Entry) -> None:
         """Error unless ``entry`` comes from the encoder (and has the layer) this modality's
-        adapter was trained on."""
+        adapter was trained on; that encoder's entry of another caption language
+        (``<entry>.lang-<code>``, ``pipeline.languages``) is the same encoder."""
         src = self.source(modality)
         layer = src.get("layer")
         if layer is not None and layer not in entry.layers:
@@ -142,11 +144,11 @@ class Run:
                 entry.token_lengths()  # CacheError: pooled features only, with the extract command
             dim, src = entry.token_width, {**src, "dim": src["tokens"]["width"]}
         enc_a, enc_b = src["key"].get("encoder"), entry.key.get("encoder")
-        if entry.name != src["entry"] or dim != src["dim"] or (enc_a and enc_b and enc_a != enc_b):
+        if base_entry(entry.name) != src["entry"] or dim != src["dim"] or (enc_a and enc_b and enc_a != enc_b):
             changed = sorted(k for k in set(enc_a or {}) | set(enc_b or {}) if (enc_a or {}).get(k) != (enc_b or {}).get(k))
             what = (f"; its encoder settings changed since training ({', '.join(changed)}): it was re-extracted. "
                     f"Retrain the run, or re-extract with the settings it was trained on" if changed and
-                    entry.name == src["entry"] and dim == src["dim"] else "")
+                    base_entry(entry.name) == src["entry"] and dim == src["dim"] else "")
             raise AdapterMismatchError(
                 f"Cache entry {entry.name!r} ({dim}-d, {entry.path}) is not the encoder adapter "
                 f"{modality!r} of run {str(self.run_dir)!r} was trained on ({src['entry']!r}, {src['dim']}-d){what}.")

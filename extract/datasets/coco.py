@@ -11,6 +11,8 @@ as part of ``train`` (113,287 images, the training set of most COCO retrieval pa
 ``fit-adapters`` trains on them: ``extract --dataset coco --set data.options.restval=train``.
 With ``"train"`` there is no split ``restval``. The fingerprint of such a train split differs from
 the plain one, so a cache extracted one way reads as stale the other way.
+
+Translated captions (Multi30k's German ones, say): option ``translations`` (``translations.py``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 
 from .karpathy import karpathy_splits, read_karpathy
 from .loading import Format, Source, finish, image_root, option_hint
+from . import translations
 from .split import DatasetError, Split
 
 KARPATHY_FILE = "dataset_coco.json"
@@ -55,6 +58,7 @@ def load(source: Source, split: str) -> Split:
                       records[0].rel if records else None)
     for r in records:
         r.path = os.path.join(root, r.rel)
+    translations.attach(records, dict(source.options), source.data_dir)
     return finish(source, split, records, str(path), root)
 
 
@@ -68,7 +72,7 @@ def splits(source: Source) -> list[str]:
 
 FORMAT = Format(
     name="coco",
-    options=("image_dir", "restval"),
+    options=("image_dir", "restval", translations.OPTION),
     what_to_get=(
         f"It needs the Karpathy split file {KARPATHY_FILE} (caption_datasets.zip) and the COCO 2014 image "
         "folders train2014/ and val2014/ (cocodataset.org)."

@@ -6,6 +6,8 @@ split lists ``train.txt`` / ``val.txt`` / ``test.txt`` (one image id per line, t
 Entities convention; the token file alone holds no split information). Images in
 ``flickr30k-images/`` (or ``images/``, or ``data_dir`` itself; option ``image_dir``).
 Image id = file name stem (``"1000092795"``). Splits: train, val, test (29,000 / 1,014 / 1,000).
+
+Translated captions (Multi30k's German ones, say): option ``translations`` (``translations.py``).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .karpathy import karpathy_splits, read_karpathy
 from .loading import (
     Format, Record, Source, finish, image_root, read_text, safe_relpath, stem, strip_image_ext, unknown_split,
 )
+from . import translations
 from .split import DatasetError, listed
 
 KARPATHY_FILE = "dataset_flickr30k.json"
@@ -100,6 +103,7 @@ def load(source: Source, split: str):
     root = image_root(data_dir, source.options.get("image_dir"), IMAGE_FOLDERS, records[0].rel if records else None)
     for r in records:
         r.path = os.path.join(root, r.rel)
+    translations.attach(records, dict(source.options), source.data_dir)
     return finish(source, split, records, str(where), root)
 
 
@@ -118,7 +122,7 @@ def splits(source: Source) -> list[str]:
 
 FORMAT = Format(
     name="flickr30k",
-    options=("image_dir",),
+    options=("image_dir", translations.OPTION),
     what_to_get=(
         f"It needs the Karpathy split file {KARPATHY_FILE} (from Karpathy's caption_datasets.zip) and the images "
         "in flickr30k-images/ (the Flickr30k request form, or the Hugging Face dataset nlphuji/flickr30k via "

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import did_you_mean
+from pipeline.languages import column_language
 
 from .loading import IMAGE_EXTENSIONS, Format, Record, Source, captions_from_cell, finish, norm_split, split_name
-from .loading import strip_image_ext, unknown_split
+from .loading import add_translations, strip_image_ext, unknown_split
 from .split import HF_ROW_PREFIX, DatasetError, Split, option_hint
 
 ID_COLUMNS = ("filename", "img_id")  # id columns tried when option id_column is not given
@@ -115,7 +116,8 @@ def load(source: Source, split: str) -> Split:
     obj, where = _open(source)
     ds, rows = _split_rows(source, obj, where, split)
     image_col, caption_col, id_col = _columns(source, ds.column_names, where)
-    table = ds.select_columns([caption_col, id_col]).to_dict()
+    lang_cols = [c for c in ds.column_names if column_language(c) and c != caption_col]
+    table = ds.select_columns([caption_col, id_col, *lang_cols]).to_dict()
     records = []
     for r in rows:
         at = f"{where} row {r}"
@@ -128,6 +130,7 @@ def load(source: Source, split: str) -> Split:
         caps = captions_from_cell(table[caption_col][r], at)
         key = f"{HF_ROW_PREFIX}{r}"
         records.append(Record(img_id, key, key, caps, list(range(len(caps))), at))
+        add_translations(records[-1], {c: table[c][r] for c in lang_cols}, caption_col, at)
     images = ds.select_columns([image_col]).with_format("arrow")
     return finish(source, split, records, where, None, check_files=False, hf_images=images)
 

@@ -14,6 +14,10 @@ read as ``val``). Image files without a metadata row are ignored.
 File names must stay inside the folder (no absolute paths, no ``..``, no symlinks leading out) and
 may not contain ``#`` (caption ids are ``<image id>#<k>``). Image id = ``file_name`` without its
 extension, ``/`` kept (``"dogs/rex"``).
+
+Languages: a column ``caption_<lang>`` (``caption_de``, ``caption_pt_BR`` = ``caption_pt-br``) holds
+that language's captions (string or list); a row without the column, or with an empty cell, has
+no caption in it. ``caption`` holds ``data.default_language`` (docs/languages.md).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from typing import Any, Iterable
 from pipeline.errors import did_you_mean
 
 from .loading import Format, Record, Source, captions_from_cell, finish, read_text, safe_relpath, split_name
-from .loading import strip_image_ext, unknown_split
+from .loading import add_translations, strip_image_ext, unknown_split
 from .split import DatasetError, Split, option_hint
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # metadata file names, in a split folder or the root
@@ -180,7 +184,8 @@ def load(source: Source, split: str) -> Split:
     root = folder.resolve()
     root_prefix = os.path.join(str(root), "")  # "<root>/"
     by_rel: dict[str, Record] = {}
-    for where, name, cell, _ in rows:
+    column = source.options.get("caption_column")
+    for where, name, cell, row in rows:
         rel = safe_relpath(name, where)
         r = by_rel.get(rel)
         if r is None:
@@ -190,6 +195,7 @@ def load(source: Source, split: str) -> Split:
                 raise DatasetError(f"{where}: {name!r} resolves outside {root} (symlink to {real}); copy the file into the folder.")
             r = by_rel[rel] = Record(strip_image_ext(rel), rel, path, [], [], where)
         caps = captions_from_cell(cell, where)
+        add_translations(r, row, column or _caption_key(row, None, where), where)
         r.ks += list(range(len(r.captions), len(r.captions) + len(caps)))
         r.captions += caps
     return finish(source, split, list(by_rel.values()), str(meta), root)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.errors import did_you_mean
+from pipeline.languages import column_language
 from pipeline.names import safe_name
 
 from .split import CAPTION_ID_SEPARATOR, DatasetError, Item, Split, listed, option_hint
@@ -81,6 +82,7 @@ class Record:
     captions: list[str]
     ks: list[int]
     where: str  # "file line 3", "file images[12]", ...
+    translations: dict[str, list[str]] = field(default_factory=dict)  # language -> captions (other languages)
 
 
 # --------------------------------------------------------------------------- split names
@@ -217,9 +219,29 @@ def finish(source: Source, split: str, records: list[Record], where: str, root: 
     records.sort(key=lambda r: r.id)
     ks = {r.id: tuple(r.ks) for r in records if r.ks != list(range(len(r.captions)))}
     return Split(
-        source.dataset, split, [Item(r.id, r.path, tuple(r.captions)) for r in records], where,
+        source.dataset, split, [Item(r.id, r.path, tuple(r.captions), _translations(r)) for r in records], where,
         image_root=root, rel_images=[r.rel for r in records], caption_ks=ks, skipped=skipped, hf_images=hf_images,
     )
+
+
+def _translations(r: Record) -> tuple:
+    return tuple((lang, tuple(c for c in caps if c.strip())) for lang, caps in sorted(r.translations.items())
+                 if any(c.strip() for c in caps))
+
+
+def add_translations(record: Record, row: Mapping[str, Any], caption_column: str, where: str) -> None:
+    """The ``caption_<lang>`` cells of a metadata row into ``record.translations`` (a missing, None
+    or empty cell: the row lacks that language; two spellings of one code are one language)."""
+    for column, cell in row.items():
+        lang = column_language(column)
+        if lang is None or column == caption_column or cell is None or cell == "":
+            continue
+        if isinstance(cell, str) and cell.lstrip().startswith("["):
+            try:
+                cell = json.loads(cell)
+            except json.JSONDecodeError:
+                pass
+        record.translations.setdefault(lang, []).extend(captions_from_cell(cell, f"{where} column {column}"))
 
 
 def _check_ids(records: list[Record], where: str) -> None:

@@ -21,6 +21,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from pipeline.config import CHOICES
 from pipeline.errors import PipelineError, did_you_mean
+from pipeline.languages import absent_error, normalize
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,15 @@ class Item:
 
     id: stable image id (Flickr30k/COCO: file name stem; imagefolder: file_name without extension).
     image: absolute path of the image file, or ``"hf-row:<row>"`` for hf datasets.
-    captions: the image's captions, stripped, in file order.
+    captions: the image's captions (the default language), stripped, in file order.
+    translations: ((language code, captions), ...) of the other languages the image has
+      (``caption_<lang>`` columns, a translated-captions file); not in the fingerprint.
     """
 
     id: str
     image: str
     captions: tuple[str, ...]
+    translations: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,8 @@ class Split:
         self.dataset, self.name, self.items, self.source = dataset, name, list(items), source
         self.image_root = None if image_root is None else str(image_root)
         self.skipped = list(skipped or [])
+        self.language: str | None = None  # set by in_language: the language of the captions (None = default)
+        self.language_fingerprint: str | None = None  # in_language: digest of the translated captions
         self._caption_ks = dict(caption_ks or {})  # only for items whose ks are not 0..n-1
         self._hf_images = hf_images  # datasets.Dataset with one image column, arrow format
         if rel_images is None:
@@ -214,6 +220,38 @@ class Split:
             caption_ks={it.id: self._caption_ks[it.id] for it in items if it.id in self._caption_ks},
             skipped=self.skipped, hf_images=self._hf_images,
         )
+
+    def language_coverage(self, default: str = "en") -> dict[str, tuple[int, int]]:
+        """{language: (images with a caption in it, images)}; the plain captions count as ``default``."""
+        default, n = normalize(default, "data.default_language"), len(self.items)
+        counts = Counter(lang for it in self.items for lang, caps in it.translations if caps and lang != default)
+        return {default: (sum(1 for it in self.items if it.captions), n), **{k: (v, n) for k, v in counts.items()}}
+
+    def in_language(self, language: str, default: str = "en") -> "Split":
+        """The split as a text entry in ``language`` sees it: ``self`` for the default language;
+        else the images that have captions in it, with those captions, and the others recorded in
+        ``skipped`` ("no caption in <language>"), so joins with the image entries drop them with
+        a warning. Its ``fingerprint()`` stays this split's (the same images and data);
+        ``language_fingerprint`` covers the translated captions. LanguageError naming the
+        languages present and their coverage when no image has ``language``."""
+        language, default = normalize(language, "data.language"), normalize(default, "data.default_language")
+        if language == default or language == self.language:
+            return self
+        items, missing = [], []
+        for it in self.items:
+            caps = next((c for lang, c in it.translations if lang == language), ())
+            if caps:
+                items.append(Item(it.id, it.image, tuple(caps)))
+            else:
+                missing.append((it.id, f"no caption in language {language!r}"))
+        if not items:
+            raise absent_error(language, self.language_coverage(default), f"{self.dataset} split {self.name!r}")
+        out = Split(self.dataset, self.name, items, self.source, image_root=self.image_root,
+                    rel_images=[self._rel.get(it.id) or self._relative(it.image) for it in items],
+                    skipped=self.skipped + missing, hf_images=self._hf_images)
+        out.language, out.language_fingerprint = language, out._compute_fingerprint()
+        out._fingerprint = self.fingerprint()
+        return out
 
     def load_image(self, i: int) -> Image.Image:
         """Decode item i to an RGB PIL image (see :func:`to_rgb`). Raises ImageError, never returns garbage."""

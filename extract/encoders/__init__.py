@@ -24,7 +24,9 @@ Where things live
 * One module per family, registering its entries next to its loader: ``torchvision_cnn``
   (``resnet18``, ``mobilenet_v2``, ``efficientnet_lite0``, ``torchvision:<model>``),
   ``hf_image`` (``dinov2-*``, ``hf-image:<id>``), ``clip`` (``clip-vit-b32-{image,text}``),
-  ``hf_text`` (``gpt2``, ``distilbert``, sentence encoders, ``hf-text:<id>``) and ``tiny`` (the
+  ``hf_text`` (``gpt2``, ``distilbert``, sentence encoders, ``hf-text:<id>``), ``numpy_text``
+  (``use-multilingual-v3``: numpy, sentence vectors only), ``hf_decoder`` (``smollm2-135m``, GGUF)
+  and ``tiny`` (the
   ``tiny-*`` random test models, one per family).
 
 Adding an encoder to a family is one ``register(EncoderSpec(...))`` line in its module; a new
@@ -42,18 +44,18 @@ from extract.encoders.preprocess import (BYTE_VOCAB, CLIP_MEAN, CLIP_STD, HALF, 
                                          ByteTokenizer, HFTokenizer, image_pixels, image_transform, normalize_pixels,
                                          resize_crop)
 from extract.encoders.registry import (ALIASES, GENERIC, LOADERS, REGISTRY, TOKEN_FAMILIES, check_tokens, get_spec,
-                                       list_encoders, load_encoder, register, register_alias, register_generic,
-                                       register_loader)
+                                       has_layers, list_encoders, load_encoder, register, register_alias,
+                                       register_generic, register_loader)
 from extract.encoders.spec import EncoderSpec, EncoderSpecError, ImagePrep, TextPrep, UnknownEncoderError
 from extract.encoders.weights import TINY_SEED, WeightsNotFoundError
 
 # Families: importing a module registers its loader and entries (order = registry order).
-from extract.encoders import torchvision_cnn, hf_image, clip, hf_text, tiny  # noqa: F401
+from extract.encoders import torchvision_cnn, hf_image, clip, hf_text, hf_decoder, numpy_text, tiny  # noqa: F401
 
 __all__ = [
     "ALIASES", "BYTE_VOCAB", "CLIP_MEAN", "CLIP_STD", "GENERIC", "HALF", "IMAGENET_MEAN", "IMAGENET_STD", "LOADERS",
     "REGISTRY", "TINY_SEED", "TOKEN_FAMILIES", "TOKEN_MODES", "ByteTokenizer", "Encoder", "check_tokens",
-    "forward_tokens", "token_grid", "EncoderSpec", "EncoderSpecError", "HFTokenizer",
+    "forward_tokens", "token_grid", "EncoderSpec", "EncoderSpecError", "HFTokenizer", "has_layers",
     "ImagePrep", "TextPrep", "UnknownEncoderError", "WeightsNotFoundError", "forward_batch", "get_spec", "image_pixels",
     "image_transform", "list_encoders", "load_encoder", "normalize_pixels", "register", "register_alias",
     "register_generic", "register_loader", "resize_crop",

@@ -116,7 +116,7 @@ def forward_batch(encoder: Encoder, batch, precision: str = "fp32",
     and ``aligned.AlignedModel`` both call this, so their features are computed the same way."""
     device = encoder.device
     if isinstance(batch, Mapping):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     elif torch.is_tensor(batch) and batch.dtype == torch.uint8:
         batch = normalize_pixels(batch.to(device, non_blocking=True), encoder.spec.prep)
     with autocast(device, precision):

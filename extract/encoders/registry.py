@@ -105,6 +105,12 @@ def get_spec(name: str, **overrides) -> EncoderSpec:
     return with_overrides(_lookup(name), overrides)
 
 
+def has_layers(spec: EncoderSpec) -> bool:
+    """Whether the encoder has hidden layers (``extract --layers all``): False for the numpy
+    sentence encoders (``config["outputs"] = "sentence"``: sentence vectors only)."""
+    return dict(spec.config).get("outputs") != "sentence"
+
+
 def list_encoders(include_tiny: bool = True) -> list[str]:
     """Sorted registry names (aliases and generic names excluded); tiny = randomly initialised test models."""
     return sorted(n for n, s in REGISTRY.items() if include_tiny or s.weights != "random")
