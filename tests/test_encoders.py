@@ -18,12 +18,12 @@ from PIL import Image
 from extract import encoders as E
 from extract.encoders import (
     ALIASES, LOADERS, REGISTRY, ImagePrep, TextPrep, UnknownEncoderError, WeightsNotFoundError,
-    get_spec, has_layers, has_tokens, image_transform, list_encoders, load_encoder,
+    get_spec, has_layers, image_transform, list_encoders, load_encoder,
 )
 
 TINY = sorted(set(list_encoders()) - set(list_encoders(include_tiny=False)))
 REAL = list_encoders(include_tiny=False)
-TINY_TEXT = [n for n in TINY if REGISTRY[n].modality == "text" and has_tokens(REGISTRY[n])]  # token models
+TINY_TEXT = [n for n in TINY if REGISTRY[n].modality == "text" and has_layers(REGISTRY[n])]  # models with a tokenizer and layers
 TINY_IMAGE = [n for n in TINY if REGISTRY[n].modality == "image"]
 TEXTS = ["a", "A dog runs across the grass.", "x" * 100, "Zwei Männer 🙂 reden."]  # short, normal, too long, utf-8
 

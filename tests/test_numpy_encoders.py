@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.encoders import EncoderSpecError, REGISTRY, has_layers, has_tokens, load_encoder
+from extract.encoders import REGISTRY, TOKEN_FAMILIES, EncoderSpecError, has_layers, load_encoder
 from extract.run import extract
 from pipeline.cache import find_entry
 from pipeline.config import ConfigError, load_config
@@ -23,8 +23,8 @@ def _cfg(tmp_path, root, *extra):
 
 def test_registry_says_sentence_only():
     for name in ("use-multilingual-v3", "tiny-numpy-sentence"):
-        assert not has_layers(REGISTRY[name]) and not has_tokens(REGISTRY[name])
-    assert has_layers(REGISTRY["tiny-gpt2"]) and has_tokens(REGISTRY["tiny-bert"])
+        assert not has_layers(REGISTRY[name]) and REGISTRY[name].family not in TOKEN_FAMILIES
+    assert has_layers(REGISTRY["tiny-gpt2"]) and REGISTRY["tiny-bert"].family in TOKEN_FAMILIES
 
 
 def test_tiny_numpy_encoder_batches_equal_single_rows():
