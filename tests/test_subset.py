@@ -134,3 +134,12 @@ def test_a_study_retrains_when_its_subset_file_is_edited_in_place(setup, tmp_pat
     assert train_hash(cfg) == train_hash(run)  # the run's config.json records the file it trained on
     _subset(copy, [f"train{i:04d}" for i in range(21)])
     assert train_hash(cfg2) != before
+
+
+def test_a_streamed_train_split_keeps_the_same_subset(setup):
+    tmp, cache, path, cfg, res = setup
+    streamed = fit_adapters(tiny_cfg(cache, subset=str(path), epochs=1, name="substream", reference="",
+                                     max_rows_in_memory=64, stream_block=16), progress=False)
+    assert streamed.metrics.streamed and streamed.metrics.sizes["train"]["pairs"] == 70
+    a = json.loads((streamed.run_dir / "adapters.json").read_text())["train_images"]
+    assert a == json.loads((res.run_dir / "adapters.json").read_text())["train_images"]
