@@ -162,10 +162,11 @@ def embed_texts(spec, texts: Sequence[str], device: str = "auto", precision: str
 
 @torch.no_grad()
 def prompt_tokens(text: Entry, classes: Sequence[str], templates: Sequence[str], length: int,
-                  device: str = "auto") -> np.ndarray:
+                  device: str = "auto", names: Sequence[str] | None = None) -> np.ndarray:
     """(C * T, length * (w + 1)) padded token rows of every prompt (``train.tokens.pad_tokens``) by
-    the text entry's encoder, rounded to the entry's token dtype as extraction stores them."""
-    _, texts = prompt_texts(classes, check_templates(templates))
+    the text entry's encoder, rounded to the entry's token dtype as extraction stores them;
+    ``names``: class names in the prompts' language (None = the classes' own names)."""
+    _, texts = prompt_texts(classes, check_templates(templates), names)
     encoder = load_encoder(encoder_for(text), resolve_device(device))
     precision, dtype = str(text.key.get("precision", "fp32")), str(text.key.get("token_dtype", "float16"))
     rows = []
