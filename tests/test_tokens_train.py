@@ -139,3 +139,30 @@ def test_bad_inputs_are_refused(cache):
     with pytest.raises(ConfigValueError, match="image tokens are 512-wide, text tokens 32-wide"):
         build_token_adapters({"image": 513, "text": 33}, _cfg(cache, token={"text_local": "patch"}).train,
                              {"image": {"width": 512, "layout": "positions"}, "text": {"width": 32, "layout": "text"}})
+
+
+def _ddp_worker(rank: int, world: int, init: str, base: dict) -> None:
+    """One rank of the 2-process token run (spawned; gloo over a file:// rendezvous)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        res = fit_adapters(_cfg(base, name="ddp-tok", batch_size=8, mixup=0.5), progress=False)
+        assert res.metrics.processes == world
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_one(cache, tmp_path):
+    """Token projectors under 2-process DDP (gloo, CPU) train the weights one process trains."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", cache), nprocs=2)
+    one = fit_adapters(_cfg(cache, name="one-tok", batch_size=8, mixup=0.5), progress=False)
+    runs = Path(cache["data.cache"]) / "runs"
+    w1, w2 = (load_file(str(runs / name / "adapters.safetensors")) for name in ("one-tok", "ddp-tok"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
