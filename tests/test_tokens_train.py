@@ -1,6 +1,7 @@
 """Token projectors (``train.adapter = "token"``, train/tokens.py) on tiny token caches: every
 Table-1 branch trains and writes pooled aligned entries, streaming equals the in-memory run,
-padding is masked, ``patch`` shares one set of weights, and the bad inputs are refused."""
+2-process DDP equals one process, padding is masked, ``patch`` shares one set of weights, and
+the bad inputs are refused."""
 
 import functools
 from pathlib import Path
