@@ -22,7 +22,7 @@ from train.tokens import build_token_adapters, pad_tokens, token_settings
 from tests.fixtures import make_flickr30k
 
 ROOT = Path(__file__).resolve().parents[1]
-IDENTITY = {k: "identity" for k in TOKEN_DEFAULTS}
+IDENTITY = {k: "identity" for k in TOKEN_DEFAULTS if k != "pooling"}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,9 @@ def _aligned(cfg, result, split="test"):
     {"vision_cls": "identity", "text_local": "identity", "text_global": "mlp"},
     {"vision_cls": "identity", "text_local": "patch", "text_global": "identity"},
     {"vision_local": "mlp", "vision_cls": "mlp", "text_local": "mlp", "text_global": "token"},
-    IDENTITY,
-], ids=["default", "vtoken-tid", "vtoken-tmlp", "patch", "all-mlp", "identity"])
+    {**IDENTITY, "pooling": "mean"},
+    {"pooling": "attention"},
+], ids=["default", "vtoken-tid", "vtoken-tmlp", "patch", "all-mlp", "identity", "attention"])
 def test_every_branch_trains_and_writes_pooled_entries(cache, branches):
     cfg = _cfg(cache, token=branches, name=f"tok-{len(branches)}-{'-'.join(branches.values())}")
     res = fit_adapters(cfg, progress=False)
@@ -106,9 +107,10 @@ def test_token_adapters_with_other_losses_and_options(cache, extra):
     assert np.isfinite(res.history[-1]["train_loss"])
 
 
-def test_padding_is_masked():
+@pytest.mark.parametrize("pool", ["mean", "attention"])
+def test_padding_is_masked(pool):
     """A row's output does not depend on how much padding follows it."""
-    cfg = _cfg({"data.cache": "unused"}).train
+    cfg = _cfg({"data.cache": "unused"}, token={"pooling": pool}).train
     from train.adapters import AlignModel
 
     torch.manual_seed(0)
@@ -117,6 +119,8 @@ def test_padding_is_masked():
     rng = np.random.default_rng(0)
     flat, lengths = rng.normal(size=(7, 8)).astype(np.float32), np.array([3, 4])
     short, long = pad_tokens(flat, lengths, 4), pad_tokens(flat, lengths, 9)
+    if pool == "attention":  # a query away from 0, so that the weights are not uniform
+        torch.nn.init.normal_(model.adapters["text"].pool.query)
     with torch.no_grad():
         a = model("text", torch.from_numpy(short))
         b = model("text", torch.from_numpy(long))
