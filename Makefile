@@ -99,6 +99,7 @@ bench: install $(TUX_DEB)
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_aligned.py
 	$(BIN)/python benchmarks/bench_study_parallel.py
+	$(BIN)/python benchmarks/bench_tokens.py --data-dir data/tuxpaint
 
 clean:
 	rm -rf $(VENV) build *.egg-info

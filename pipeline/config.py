@@ -72,6 +72,7 @@ TOKEN_DEFAULTS = {
     "vision_cls": "token",  # image global token (CLS; CNNs: mean of the positions): identity | mlp | token
     "text_local": "token",  # text tokens: identity | mlp | token | patch (share vision_local's weights), mean-pooled
     "text_global": "mlp",  # after text pooling: identity | mlp (two layers) | token
+    "pooling": "mean",  # local tokens -> one vector: mean (over real tokens) | attention (a learned query per side)
 }
 
 

@@ -1,6 +1,7 @@
 """Token projectors (``train.adapter = "token"``, train/tokens.py) on tiny token caches: every
 Table-1 branch trains and writes pooled aligned entries, streaming equals the in-memory run,
-padding is masked, ``patch`` shares one set of weights, and the bad inputs are refused."""
+2-process DDP equals one process, padding is masked, ``patch`` shares one set of weights, and
+the bad inputs are refused."""
 
 import functools
 from pathlib import Path
@@ -21,7 +22,7 @@ from train.tokens import build_token_adapters, pad_tokens, token_settings
 from tests.fixtures import make_flickr30k
 
 ROOT = Path(__file__).resolve().parents[1]
-IDENTITY = {k: "identity" for k in TOKEN_DEFAULTS}
+IDENTITY = {k: "identity" for k in TOKEN_DEFAULTS if k != "pooling"}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,9 @@ def _aligned(cfg, result, split="test"):
     {"vision_cls": "identity", "text_local": "identity", "text_global": "mlp"},
     {"vision_cls": "identity", "text_local": "patch", "text_global": "identity"},
     {"vision_local": "mlp", "vision_cls": "mlp", "text_local": "mlp", "text_global": "token"},
-    IDENTITY,
-], ids=["default", "vtoken-tid", "vtoken-tmlp", "patch", "all-mlp", "identity"])
+    {**IDENTITY, "pooling": "mean"},
+    {"pooling": "attention"},
+], ids=["default", "vtoken-tid", "vtoken-tmlp", "patch", "all-mlp", "identity", "attention"])
 def test_every_branch_trains_and_writes_pooled_entries(cache, branches):
     cfg = _cfg(cache, token=branches, name=f"tok-{len(branches)}-{'-'.join(branches.values())}")
     res = fit_adapters(cfg, progress=False)
@@ -105,9 +107,10 @@ def test_token_adapters_with_other_losses_and_options(cache, extra):
     assert np.isfinite(res.history[-1]["train_loss"])
 
 
-def test_padding_is_masked():
+@pytest.mark.parametrize("pool", ["mean", "attention"])
+def test_padding_is_masked(pool):
     """A row's output does not depend on how much padding follows it."""
-    cfg = _cfg({"data.cache": "unused"}).train
+    cfg = _cfg({"data.cache": "unused"}, token={"pooling": pool}).train
     from train.adapters import AlignModel
 
     torch.manual_seed(0)
@@ -116,6 +119,8 @@ def test_padding_is_masked():
     rng = np.random.default_rng(0)
     flat, lengths = rng.normal(size=(7, 8)).astype(np.float32), np.array([3, 4])
     short, long = pad_tokens(flat, lengths, 4), pad_tokens(flat, lengths, 9)
+    if pool == "attention":  # a query away from 0, so that the weights are not uniform
+        torch.nn.init.normal_(model.adapters["text"].pool.query)
     with torch.no_grad():
         a = model("text", torch.from_numpy(short))
         b = model("text", torch.from_numpy(long))
@@ -139,3 +144,30 @@ def test_bad_inputs_are_refused(cache):
     with pytest.raises(ConfigValueError, match="image tokens are 512-wide, text tokens 32-wide"):
         build_token_adapters({"image": 513, "text": 33}, _cfg(cache, token={"text_local": "patch"}).train,
                              {"image": {"width": 512, "layout": "positions"}, "text": {"width": 32, "layout": "text"}})
+
+
+def _ddp_worker(rank: int, world: int, init: str, base: dict) -> None:
+    """One rank of the 2-process token run (spawned; gloo over a file:// rendezvous)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        res = fit_adapters(_cfg(base, name="ddp-tok", batch_size=8, mixup=0.5), progress=False)
+        assert res.metrics.processes == world
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_one(cache, tmp_path):
+    """Token projectors under 2-process DDP (gloo, CPU) train the weights one process trains."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", cache), nprocs=2)
+    one = fit_adapters(_cfg(cache, name="one-tok", batch_size=8, mixup=0.5), progress=False)
+    runs = Path(cache["data.cache"]) / "runs"
+    w1, w2 = (load_file(str(runs / name / "adapters.safetensors")) for name in ("one-tok", "ddp-tok"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)

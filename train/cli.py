@@ -34,7 +34,8 @@ def _modalities(values: tuple[str, ...]) -> dict | None:
                     "modalities the loss is the mean pairwise InfoNCE on one row per image.")
 @config_option("train.adapter", "--adapter", type=click.Choice([*ADAPTERS, *JOINT_ADAPTERS]),
                help="Adapter kind: linear (d->dim), mlp (d->train.hidden->dim), bottleneck "
-                   "(d->train.bottleneck->dim), residual (train.depth residual MLP blocks).")
+                   "(d->train.bottleneck->dim), residual (train.depth residual MLP blocks), token (token projectors on "
+                    "token entries, train.token.*: docs/tokens.md).")
 @config_option("train.dim", "--dim", type=int, help="Shared space dimension d_e.")
 @config_option("train.epochs", "--epochs", type=int, help="Passes over the train split.")
 @config_option("train.batch_size", "--batch-size", type=int, help="Pairs per step; InfoNCE negatives = batch - 1.")

@@ -25,8 +25,9 @@ Branches (``train.token``: vision_local, vision_cls, text_local, text_global), e
 * ``patch``     text_local only: the vision side's local projector itself (shared weights; the
                 two encoders' token widths must be equal)
 
-Pooling: the mean over real tokens (the mask), the simplest choice that ignores padding;
-Freeze-Align's attention pooling is not implemented. The final Linear to ``train.dim`` is always
+Pooling (``train.token.pooling``): ``mean``, the mean over real tokens (the mask), the simplest
+choice that ignores padding (the default); or ``attention``: softmax(t_i . q / sqrt(w)) over the real
+tokens with a learned query q per side, initialised at 0 (so training starts from the mean). The final Linear to ``train.dim`` is always
 there (identity branches still need a map into the shared space). Inputs are not standardised
 (the statistics are mean 0, std 1): the token projector normalises each token itself.
 """
@@ -45,6 +46,7 @@ from pipeline.errors import did_you_mean
 from train.errors import ConfigValueError, TrainError
 
 BRANCHES = ("identity", "mlp", "token", "patch")
+POOLINGS = ("mean", "attention")
 SIDES = {"image": "vision", "text": "text"}  # modality -> the side its branches are named after
 GLOBAL_LAYOUT = "cls+patches"  # token 0 is the global (CLS) token
 
@@ -57,7 +59,7 @@ def token_settings(tc) -> dict[str, str]:
         if key not in TOKEN_DEFAULTS:
             raise ConfigValueError(f"Unknown key train.token.{key}.{did_you_mean(key, TOKEN_DEFAULTS)} "
                                    f"Known: {', '.join(TOKEN_DEFAULTS)}.")
-        allowed = BRANCHES if key == "text_local" else BRANCHES[:3]
+        allowed = POOLINGS if key == "pooling" else BRANCHES if key == "text_local" else BRANCHES[:3]
         if value not in allowed:
             raise ConfigValueError(f"train.token.{key} = {value!r} must be one of {', '.join(allowed)}."
                                    f"{did_you_mean(str(value), allowed)}")
@@ -170,6 +172,25 @@ def masked_mean(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- modules
+class AttentionPool(nn.Module):
+    """(B, L, w), (B, L) -> (B, w): softmax(t . q / sqrt(w)) over real tokens; q starts at 0 (the mean)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(width))
+        self.scale = width ** -0.5
+
+    def forward(self, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = (t @ self.query * self.scale).masked_fill(~mask, -1e30)
+        weights = torch.softmax(scores, dim=1) * mask.to(t.dtype)  # a row without tokens pools to 0
+        return (weights.unsqueeze(-1) * t).sum(1)
+
+
+def pooling(kind: str, width: int) -> nn.Module | None:
+    """None for the masked mean (a function, no parameters), else an AttentionPool."""
+    return AttentionPool(width) if kind == "attention" else None
+
+
 class TokenProjector(nn.Module):
     """Freeze-Align's token projector, applied to each token: x + MLP(LayerNorm(x)), (..., w) -> (..., w)."""
 
@@ -199,6 +220,7 @@ class VisionTokens(nn.Module):
         self.width, self.has_cls = width, layout == GLOBAL_LAYOUT
         self.local = branch(settings["vision_local"], width, tc)
         self.cls = branch(settings["vision_cls"], width, tc)
+        self.pool = pooling(settings["pooling"], width)
         self.out = nn.Linear(width, tc.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +229,9 @@ class VisionTokens(nn.Module):
             g, t, mask = t[:, 0], t[:, 1:], mask[:, 1:]
         else:
             g = masked_mean(t, mask)
-        return self.out(masked_mean(self.local(t), mask) + self.cls(g))
+        local = self.local(t)
+        pooled = masked_mean(local, mask) if self.pool is None else self.pool(local, mask)
+        return self.out(pooled + self.cls(g))
 
 
 class TextTokens(nn.Module):
@@ -219,12 +243,14 @@ class TextTokens(nn.Module):
         self._shared = [shared] if shared is not None else []  # a list: not registered twice (one copy saved)
         self.local = nn.Identity() if shared is not None else branch(settings["text_local"], width, tc)
         self.glob = branch(settings["text_global"], width, tc)
+        self.pool = pooling(settings["pooling"], width)
         self.out = nn.Linear(width, tc.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, mask = unpack(x, self.width)
-        local = self._shared[0] if self._shared else self.local
-        return self.out(self.glob(masked_mean(local(t), mask)))
+        local = (self._shared[0] if self._shared else self.local)(t)
+        pooled = masked_mean(local, mask) if self.pool is None else self.pool(local, mask)
+        return self.out(self.glob(pooled))
 
 
 def build_token_adapters(dims: Mapping[str, int], tc, tokens: Mapping[str, Mapping] | None) -> nn.ModuleDict:
