@@ -79,7 +79,7 @@ def test_pair_loss_builds_the_sigmoid_loss_and_refuses_a_direction():
 def test_align_model_learns_scale_and_bias_only_for_the_sigmoid_loss():
     m = AlignModel({"image": 3, "text": 4}, dataclasses.replace(SIGMOID, dim=2, sigmoid_scale=10.0, sigmoid_bias=-10.0))
     assert isinstance(m.logit_bias, torch.nn.Parameter) and float(m.logit_bias.detach()) == -10.0
-    assert m.learnable_scale and float(m.logit_scale()) == pytest.approx(10.0)
+    assert m.learnable_scale and float(m.logit_scale().detach()) == pytest.approx(10.0)
     assert {"log_scale", "logit_bias"} <= set(m.state_dict())
     plain = AlignModel({"image": 3, "text": 4}, dataclasses.replace(TrainConfig(), dim=2))
     assert plain.logit_bias is None and not plain.learnable_scale and "logit_bias" not in plain.state_dict()
