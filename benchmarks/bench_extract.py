@@ -198,12 +198,17 @@ CUDA_DEFAULTS = ("random-resnet18,random-mobilenet_v2,random-dinov2-small,random
 CPU_DEFAULTS = ("mobilenet_v2", "all-minilm-l6-v2,use-multilingual-v3,smollm2-135m", 256, 32)
 QUICK_DEFAULTS = ("tiny-resnet", "tiny-gpt2,tiny-numpy-sentence,tiny-llama", 16, 8)
 LOAD_PROBE = """import json, resource, sys, time
+def peak():  # VmHWM: this process's own peak (ru_maxrss survives execve, so it would report the parent's)
+    try:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
 from extract.encoders import load_encoder
-t1 = time.perf_counter()
+t1, imported = time.perf_counter(), peak()
 enc = load_encoder(sys.argv[1], sys.argv[2])
 t2 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "import_rss_mib": imported, "peak_rss_mib": peak()}))
 """  # run in a fresh process per encoder: its load time and peak memory, apart from every other model
 
 
@@ -313,11 +318,11 @@ def main() -> None:
         print("pipeline = whole loop incl. DataLoader start-up; steady = after the first batch "
               "(as bare, which excludes a warm-up batch); decode - = text (tokenised in the workers)")
         names = [n for n in (args.image + "," + args.text).split(",") if n and n not in RANDOM_MODELS]
-        print(f"\n{'encoder':22s} {'load s':>7s} {'peak RSS MiB':>12s}  (fresh process each; import of the package "
-              f"excluded)")
+        print(f"\n{'encoder':22s} {'load s':>7s} {'peak RSS MiB':>12s} {'after import':>12s}  (fresh process each; "
+              f"load s excludes the imports)")
         for name in names[-2:] if args.quick else names:
             cost = load_cost(name, args.device)
-            print(f"{name:22s} {cost['load_s']:7.1f} {cost['peak_rss_mib']:12.0f}")
+            print(f"{name:22s} {cost['load_s']:7.1f} {cost['peak_rss_mib']:12.0f} {cost['import_rss_mib']:12.0f}")
         for (name, precision, decode), a in feats.items():
             if precision == "bf16" and (name, "fp32", decode) in feats:
                 print(f"{name} decode {decode}: bf16 vs fp32: {_agreement(feats[name, 'fp32', decode], a)}")

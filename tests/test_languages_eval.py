@@ -124,3 +124,25 @@ def test_demo_languages_tables_over_seeds(tmp_path, monkeypatch):
     from demo.languages import summary
 
     assert "| USE-m3 languages | 2 |" in summary(result, ["tiny-bert", "tiny-numpy-sentence"])
+
+
+def test_fit_adapters_in_another_language_reads_its_entries(tmp_path):
+    import pytest
+
+    from pipeline.config import load_config, with_values
+    from train.data import TrainError
+    from train.fit import fit_adapters
+
+    data = _data(tmp_path / "data")
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.data_dir={data}", f"data.cache={tmp_path / 'c'}",
+                             "extract.workers=0", "extract.device=cpu", "train.dim=8", "train.epochs=1",
+                             "train.batch_size=8", "train.image=tiny-resnet", "train.text=tiny-bert", "train.reference=",
+                             'extract.encoders=["tiny-resnet", "tiny-bert"]', "train.name=de"])
+    extract(cfg)
+    de = with_values(cfg, {"data.language": "de"})
+    with pytest.raises(TrainError, match="only the default language's captions of 'tiny-bert'.*data.language=de"):
+        fit_adapters(de, progress=False)
+    extract(with_values(de, {"extract.encoders": ["tiny-bert"]}))
+    run = fit_adapters(de, progress=False)
+    doc = json.loads((run.run_dir / "adapters.json").read_text())
+    assert doc["modalities"]["text"]["entry"] == "tiny-bert.lang-de"

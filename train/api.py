@@ -144,11 +144,11 @@ class Run:
                 entry.token_lengths()  # CacheError: pooled features only, with the extract command
             dim, src = entry.token_width, {**src, "dim": src["tokens"]["width"]}
         enc_a, enc_b = src["key"].get("encoder"), entry.key.get("encoder")
-        if base_entry(entry.name) != src["entry"] or dim != src["dim"] or (enc_a and enc_b and enc_a != enc_b):
+        if base_entry(entry.name) != base_entry(src["entry"]) or dim != src["dim"] or (enc_a and enc_b and enc_a != enc_b):
             changed = sorted(k for k in set(enc_a or {}) | set(enc_b or {}) if (enc_a or {}).get(k) != (enc_b or {}).get(k))
             what = (f"; its encoder settings changed since training ({', '.join(changed)}): it was re-extracted. "
                     f"Retrain the run, or re-extract with the settings it was trained on" if changed and
-                    base_entry(entry.name) == src["entry"] and dim == src["dim"] else "")
+                    base_entry(entry.name) == base_entry(src["entry"]) and dim == src["dim"] else "")
             raise AdapterMismatchError(
                 f"Cache entry {entry.name!r} ({dim}-d, {entry.path}) is not the encoder adapter "
                 f"{modality!r} of run {str(self.run_dir)!r} was trained on ({src['entry']!r}, {src['dim']}-d){what}.")

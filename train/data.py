@@ -40,6 +40,7 @@ from pipeline.cache import (AmbiguousDatasetError, CacheError, DamagedEntryError
                             OtherDatasetError, find_entry)
 from pipeline.config import PipelineConfig
 from pipeline.join import join_pairs, join_rows
+from pipeline.languages import ENTRY_MARK, entry_name
 from pipeline.runs import check_aligned, modality_entries, source_of
 from train.errors import TrainError
 from train.fraction import ids_digest, subset_train
@@ -56,7 +57,25 @@ MIN_TRAIN_IMAGES = 2  # fewest distinct train images fit-adapters trains on (a p
 
 
 def open_entry_for(cfg: PipelineConfig, split: str, entry: str) -> Entry:
-    """The cache entry of one split, with an error naming the split and the command to run."""
+    """The cache entry of one split, with an error naming the split and the command to run. Under
+    a ``data.language`` other than the default, a text encoder's entry is its ``<entry>.lang-<code>``
+    (``pipeline.languages``): an error when only the default language's captions are cached."""
+    plain_name = ENTRY_MARK not in entry and "@" not in entry  # not already a language or aligned entry
+    name = entry_name(entry, cfg.data.language, cfg.data.default_language) if plain_name else entry
+    if name == entry:
+        return _open_entry(cfg, split, entry)
+    try:
+        return _open_entry(cfg, split, name)
+    except TrainError:
+        plain = _open_entry(cfg, split, entry)
+        if (plain.key.get("encoder") or {}).get("modality") == "image":
+            return plain
+        raise TrainError(f"data.language = {cfg.data.language!r}, but split {split!r} has only the default "
+                         f"language's captions of {entry!r}. Extract them: extract --encoder {entry} --split "
+                         f"{split} --set data.language={cfg.data.language}.") from None
+
+
+def _open_entry(cfg: PipelineConfig, split: str, entry: str) -> Entry:
     try:
         e = find_entry(cfg.data.cache, cfg.data.dataset, split, entry, cfg.data.data_dir)
     except (AmbiguousDatasetError, DamagedEntryError, OldFormatError, OtherDatasetError):

@@ -20,6 +20,7 @@ naming it (checked with ``gguf.GGUFReader`` before transformers reads it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -100,11 +101,29 @@ def _load_decoder(spec: EncoderSpec, device) -> Encoder:
     check_gguf(path)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # "Converting and de-quantizing GGUF tensors" bars are noise here
+    hf_logging.disable_progress_bar()
     folder, name = os.path.dirname(path), os.path.basename(path)
-    tok = HFTokenizer(AutoTokenizer.from_pretrained(folder, gguf_file=name), spec.prep.max_tokens)
-    model = AutoModel.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with _quiet_gguf():
+        tok = HFTokenizer(AutoTokenizer.from_pretrained(folder, gguf_file=name), spec.prep.max_tokens)
+        model = AutoModel.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return finish(DecoderTextEncoder(spec, model, tok, f"gguf:{path}"), device)
+
+
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers' GGUF reader draws a tqdm bar ("Converting and de-quantizing GGUF tensors")
+    that ignores its own progress-bar switch; it is silenced while the model loads."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another transformers layout: keep its bar
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 register_loader("hf-decoder", _load_decoder)
