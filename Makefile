@@ -40,11 +40,13 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
 	  echo "warning: could not install chromium chromium-driver: the browser test will be skipped (a failure in CI)"
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), whole files per worker (module fixtures are built once).
+TEST_WORKERS ?= 2
 test: install browser $(TUX_DEB)
-	TUXPAINT_DEB=$(TUX_DEB) $(BIN)/pytest -q
+	TUXPAINT_DEB=$(TUX_DEB) $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 demo: install $(TUX_DEB)
 	$(BIN)/python -m demo.timing start --config configs/demo.toml
