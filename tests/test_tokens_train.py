@@ -155,6 +155,7 @@ def _ddp_worker(rank: int, world: int, init: str, base: dict) -> None:
     try:
         res = fit_adapters(_cfg(base, name="ddp-tok", batch_size=8, mixup=0.5), progress=False)
         assert res.metrics.processes == world
+        dist.barrier()  # both ranks are done with the group before either tears it down
     finally:
         dist.destroy_process_group()
 

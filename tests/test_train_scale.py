@@ -274,6 +274,7 @@ def _ddp_worker(rank: int, world: int, init: str, cache: str, out: str) -> None:
         grads = batch_gradients(Path(cache), Dist(rank, world))
         if rank == 0:
             torch.save(grads, Path(out) / "grads.pt")
+        dist.barrier()  # both ranks are done with the group before either tears it down
     finally:
         dist.destroy_process_group()
 
