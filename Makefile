@@ -61,7 +61,7 @@ demo: install $(TUX_DEB)
 	$(BIN)/aligned-export --config configs/demo.toml reports/demo/model
 	$(BIN)/python -m demo.timing stop --config configs/demo.toml
 
-# 27 cells (configs/study-demo.toml): extraction is shared with `make demo`; prints the path of study.html.
+# 36 cells (configs/study-demo.toml): extraction is shared with `make demo`; prints the path of study.html.
 # Two worker processes (--jobs 2; docs/studies.md "Measured": faster than serial on 2 cores).
 study: install $(TUX_DEB)
 	$(BIN)/python -m demo.tuxpaint $(TUX_DEB) data/tuxpaint

@@ -1,6 +1,6 @@
 """Benchmark: a study's cells serial vs ``--jobs 2``, and what claims and heartbeats cost per cell.
 
-Default: the demo study (``configs/study-demo.toml``: 27 cells, 27 trainings; needs ``make demo``
+Default: the demo study (``configs/study-demo.toml``: 36 cells, 36 trainings; needs ``make demo``
 first, for its cache and the Tux Paint data) on a temporary copy of its cache (so every cell trains
 afresh and the user's cache is not touched), run twice in this one process, in fresh study
 folders: serial (``study.jobs = 1``) and ``study.jobs = 2``. Printed: each wall time, the ratio,

@@ -152,7 +152,8 @@ def study_results(_: PipelineConfig) -> str:
     except OSError:
         raise Missing(str(folder / "summary.csv")) from None
     f = lambda r, c: float(r[c]) if r.get(c) not in (None, "") else float("nan")  # noqa: E731
-    head = ["adapter", "fraction", "mean recall", "Δ unbiased CKA, image", "Δ mutual kNN, image", "Δ linear CKA, image",
+    recipe = "variant" if cfg.study.variants else "train.adapter"  # the study's leading axis
+    head = ["recipe" if cfg.study.variants else "adapter", "fraction", "mean recall", "Δ unbiased CKA, image", "Δ mutual kNN, image", "Δ linear CKA, image",
             "Δ unbiased CKA, text"]
     out = [f"Mean (95% t-interval over {len(cfg.study.axes.get(cfg.study.repeat, [])) or 'the'} "
            f"{cfg.study.repeat.split('.')[-1]}s) per setting; Δ = after − mean(before image, before text) on the test "
@@ -161,14 +162,15 @@ def study_results(_: PipelineConfig) -> str:
     for r in rows:
         cells = [interval(f(r, f"{c}.mean"), f(r, f"{c}.lo95"), f(r, f"{c}.hi95"), signed=".delta_" in c)
                  for c in ("mean_R", *STUDY_COLUMNS)]
-        out.append(f"| {r['train.adapter']} | {float(r['train.train_fraction']):g} | " + " | ".join(cells) + " |")
+        out.append(f"| {r[recipe]} | {float(r['train.train_fraction']):g} | " + " | ".join(cells) + " |")
     out += ["", "Its answers (study.html):", ""] + [f"> {line}  " for a in doc.get("answers", []) for line in a.split("\n")]
     return "\n".join(out) + "\n"
 
 
 def study_time(_: PipelineConfig) -> str:
     cfg, folder = _study()
-    cells = [_json(p) for p in sorted((folder / "cells").glob("*.json"))]
+    current = {c["cell_id"] for c in _json(folder / "study.json").get("cells", [])}  # not a changed grid's old cells
+    cells = [_json(p) for p in sorted((folder / "cells").glob("*.json")) if p.stem in current]
     if not cells:
         raise Missing(str(folder / "cells"))
     seconds = sum(c.get("seconds", 0.0) for c in cells)
