@@ -25,21 +25,9 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.errors import did_you_mean
 from train.errors import ConfigValueError, out_of_range
-from train.tokens import build_token_adapters
+from train.tokens import ResidualBlock, build_token_adapters
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learnable logit scale 1/tau (so tau >= 0.01)
-
-
-class ResidualBlock(nn.Module):
-    """Pre-norm residual MLP block: (batch, dim) -> (batch, dim)."""
-
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp(self.norm(x))
 
 
 def _linear(d_in: int, cfg: TrainConfig) -> nn.Module:

@@ -191,8 +191,9 @@ def pooling(kind: str, width: int) -> nn.Module | None:
     return AttentionPool(width) if kind == "attention" else None
 
 
-class TokenProjector(nn.Module):
-    """Freeze-Align's token projector, applied to each token: x + MLP(LayerNorm(x)), (..., w) -> (..., w)."""
+class ResidualBlock(nn.Module):
+    """Pre-norm residual MLP block x + MLP(LayerNorm(x)), (..., w) -> (..., w): the ``residual``
+    adapter's blocks (train.adapters) and, applied to each token, Freeze-Align's token projector."""
 
     def __init__(self, width: int, hidden: int, dropout: float):
         super().__init__()
@@ -204,12 +205,12 @@ class TokenProjector(nn.Module):
 
 
 def branch(kind: str, width: int, tc) -> nn.Module:
-    """identity | mlp (w -> hidden -> w) | token (TokenProjector)."""
+    """identity | mlp (w -> hidden -> w) | token (a ResidualBlock on each token)."""
     if kind == "identity":
         return nn.Identity()
     if kind == "mlp":
         return nn.Sequential(nn.Linear(width, tc.hidden), nn.GELU(), nn.Dropout(tc.dropout), nn.Linear(tc.hidden, width))
-    return TokenProjector(width, tc.hidden, tc.dropout)
+    return ResidualBlock(width, tc.hidden, tc.dropout)
 
 
 class VisionTokens(nn.Module):
